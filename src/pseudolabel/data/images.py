@@ -1,0 +1,120 @@
+"""Image folders: listing, checks, and the one decode function used for training and labelling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pseudolabel.errors import PseudoLabelError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_images(root: Path) -> list[Path]:
+    """Every image file under `root` (any depth), sorted, hidden files and folders skipped."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and _visible(p, root)
+    )
+
+
+def class_names_from(folder: Path, what: str = "training") -> list[str]:
+    """Sorted class-folder names of a labelled folder; errors name the path and the fix."""
+    if not folder.is_dir():
+        raise PseudoLabelError(
+            f"{folder}: {what} folder not found. Create it with one sub-folder per class "
+            "(or run `dvc repro ingest` for the demo data)."
+        )
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise PseudoLabelError(
+            f"{folder}: no class folders. Put the images of each class in {folder}/<class name>/."
+        )
+    empty = [name for name in classes if not list_images(folder / name)]
+    if empty:
+        raise PseudoLabelError(
+            f"{folder}: class folder(s) {', '.join(empty)} contain no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder."
+        )
+    return classes
+
+
+def require_images(folder: Path, what: str) -> list[Path]:
+    """The images under `folder`, or an error that says the folder is missing or empty."""
+    if not folder.is_dir():
+        raise PseudoLabelError(f"{folder}: {what} folder not found. Create it and add images.")
+    images = list_images(folder)
+    if not images:
+        raise PseudoLabelError(
+            f"{folder}: {what} folder has no images ({', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return images
+
+
+def decode_image(path: tf.Tensor, image_size: Sequence[int], channels: int) -> tf.Tensor:
+    """File -> float32 (H, W, C) with raw 0..255 values; the model does its own scaling."""
+    raw = tf.io.read_file(path)
+    image = tf.io.decode_image(raw, channels=channels, expand_animations=False)
+    image = tf.image.resize(image, tuple(image_size), method="bilinear")
+    return tf.ensure_shape(image, (*image_size, channels))
+
+
+def labelled_files(folder: Path, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Paths and integer labels of a class-folder tree, in the given class order."""
+    present = class_names_from(folder, what=folder.name)
+    unknown = sorted(set(present) - set(class_names))
+    if unknown:
+        raise PseudoLabelError(
+            f"{folder}: class folder(s) {', '.join(unknown)} are not among the model's classes "
+            f"({', '.join(class_names)})."
+        )
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        if (folder / name).is_dir():
+            for path in list_images(folder / name):
+                paths.append(str(path))
+                labels.append(label)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def labelled_dataset(
+    paths: Sequence[str],
+    labels: np.ndarray,
+    num_classes: int,
+    image_size: Sequence[int],
+    channels: int,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """(image, one-hot label) batches decoded in parallel; one-hot so label smoothing works."""
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(
+        lambda p, y: (decode_image(p, image_size, channels), tf.one_hot(y, num_classes)),
+        num_parallel_calls=AUTOTUNE,
+    )
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def path_image_dataset(
+    paths: Sequence[str], image_size: Sequence[int], channels: int, batch_size: int
+) -> tf.data.Dataset:
+    """(path, image) batches; files that fail to decode are dropped, so callers see which."""
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    ds = ds.map(
+        lambda p: (p, decode_image(p, image_size, channels)),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    ).ignore_errors()
+    return ds.batch(batch_size).prefetch(AUTOTUNE)

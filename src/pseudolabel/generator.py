@@ -1,0 +1,134 @@
+"""The seed's Python API, as a thin facade over the pipeline's own functions.
+
+    from pseudolabel import PseudoLabelGenerator
+    gen = PseudoLabelGenerator(model_path="models/teacher.keras")
+    gen.generate_pseudolabel_data(plot_confidences=True, threshold=0.8, move_images=True)
+
+Differences from the seed, on purpose: images are *copied* (never moved) into
+`pseudo_data_path`, which is rebuilt from scratch on each call; the model's pixel scaling comes
+from its metadata (or `input_scale`), never from a hard-coded guess.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import pandas as pd
+
+from pseudolabel import labeling, merging, plots
+from pseudolabel.config import check_threshold
+from pseudolabel.data.images import class_names_from
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.models import io as model_io
+
+log = logging.getLogger(__name__)
+
+
+class PseudoLabelGenerator:
+    """Label unlabelled images with a trained model, plot confidences, build a merged set."""
+
+    def __init__(
+        self,
+        model_path: str | Path = "model.h5",
+        train_data_path: str | Path = "data/image_dataset/train",
+        unlabeled_path: str | Path = "data/unlabeled",
+        pseudo_data_path: str | Path = "data/train_ssl",
+        output_folder: str | Path = "outputs",
+        csv_filename: str = "data.csv",
+        class_names: list[str] | None = None,
+        input_scale: str = "0-255",
+    ) -> None:
+        """Paths as in the seed. `class_names` defaults to the model's metadata, else to the
+        sorted train folder names; `input_scale` ("0-255", "0-1", "-1-1") is only used for a
+        model without metadata (one not trained by this project)."""
+        self.model_path = Path(model_path)
+        self.train_data_path = Path(train_data_path)
+        self.unlabeled_path = Path(unlabeled_path)
+        self.pseudo_data_path = Path(pseudo_data_path)
+        self.output_folder = Path(output_folder)
+        self.csv_path = self.output_folder / csv_filename
+        self.class_names = list(class_names) if class_names else None
+        self.input_scale = input_scale
+        self.threshold: float | None = None
+        self._model: tuple[keras.Model, model_io.ModelMeta] | None = None
+
+    def _teacher(self) -> tuple[keras.Model, model_io.ModelMeta]:
+        if self._model is None:
+            meta = model_io.read_meta(self.model_path)
+            if meta is not None:
+                if self.class_names and self.class_names != meta.class_names:
+                    raise PseudoLabelError(
+                        f"class_names {self.class_names} differ from {self.model_path}'s "
+                        f"metadata {meta.class_names}."
+                    )
+                self._model = model_io.load(self.model_path, meta)
+            else:
+                names = self.class_names or class_names_from(self.train_data_path)
+                foreign = model_io.load_foreign(self.model_path)
+                self._model = model_io.adopt(foreign, names, self.input_scale, str(self.model_path))
+        return self._model
+
+    def _predictions(self) -> pd.DataFrame:
+        if not self.csv_path.is_file():
+            raise PseudoLabelError(
+                f"{self.csv_path}: no pseudo-labels yet; call generate_pseudolabel_data() first."
+            )
+        return labeling.read_csv(self.csv_path)
+
+    def generate_pseudolabel_data(
+        self,
+        plot_confidences: bool = False,
+        threshold: float | None = None,
+        move_images: bool = False,
+        batch_size: int = 32,
+    ) -> pd.DataFrame:
+        """Predict every unlabelled image into the CSV; optionally plot and build the merged set.
+
+        The CSV never depends on `threshold`; it only marks the charts and selects images.
+        """
+        check_threshold(threshold)
+        if batch_size < 1:
+            raise PseudoLabelError(f"batch_size={batch_size} is invalid: use 1 or more.")
+        if move_images:  # check the merge's inputs before any work, not after labelling
+            class_names_from(self.train_data_path)
+        self.threshold = threshold
+        model, meta = self._teacher()
+        predictions, failed = labeling.predict_folder(model, meta, self.unlabeled_path, batch_size)
+        labeling.write_csv(predictions, self.csv_path)
+        if failed:
+            errors = pd.DataFrame({"path": failed, "reason": "cannot be decoded"})
+            labeling.write_csv(errors, self.csv_path.with_name("errors.csv"))
+        log.info("wrote %d pseudo-labels to %s", len(predictions), self.csv_path)
+        if plot_confidences:
+            self.plot_confidence_scores()
+        if move_images:
+            self.move_unlabeled_images(threshold)
+        return predictions
+
+    def plot_confidence_scores(self, per_class: bool = True, overall: bool = True) -> list[Path]:
+        """Save the confidence charts into `output_folder`; returns the files written."""
+        predictions = self._predictions()
+        written = []
+        if overall:
+            fig = plots.confidence_overview(predictions, self.threshold)
+            written.append(plots.save(fig, self.output_folder / "confidence.png"))
+        if per_class:
+            names = self.class_names or self._teacher()[1].class_names
+            fig = plots.confidence_per_class(predictions, names, self.threshold)
+            written.append(plots.save(fig, self.output_folder / "confidence_per_class.png"))
+        return written
+
+    def move_unlabeled_images(self, threshold: float | None = None) -> dict[str, dict[str, int]]:
+        """Build `pseudo_data_path/<class>/` from copies of the train images and of the
+        unlabelled images whose confidence is >= threshold (all when None). Originals stay."""
+        check_threshold(threshold)
+        predictions = self._predictions()
+        class_names = self.class_names or class_names_from(self.train_data_path)
+        accepted = merging.select(predictions, threshold)
+        counts = merging.build_merged(
+            self.train_data_path, self.unlabeled_path, accepted, self.pseudo_data_path, class_names
+        )
+        log.info("copied %d pseudo-labelled images into %s", len(accepted), self.pseudo_data_path)
+        return counts

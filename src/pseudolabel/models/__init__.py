@@ -1,0 +1,1 @@
+"""Model builders and model files with their metadata."""

@@ -1,0 +1,31 @@
+"""Helpers every stage uses."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pseudolabel.data.images import class_names_from
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.paths import Paths
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def labelled_classes(paths: Paths) -> list[str]:
+    """Class names from the train folder; val must hold the same classes."""
+    class_names = class_names_from(paths.train, "training")
+    val_classes = class_names_from(paths.val, "validation")
+    if val_classes != class_names:
+        raise PseudoLabelError(
+            f"{paths.val}: classes {val_classes} differ from {paths.train}: {class_names}; "
+            "give val/ one folder per training class."
+        )
+    return class_names

@@ -1,0 +1,147 @@
+"""train_teacher and train_student: fit a model from class folders, or import the user's."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import pandas as pd
+
+from pseudolabel import labeling, plots, tracking, training
+from pseudolabel.config import to_dict
+from pseudolabel.data.images import labelled_dataset, labelled_files
+from pseudolabel.models import io as model_io
+from pseudolabel.models.builders import build_model
+from pseudolabel.paths import Paths
+from pseudolabel.stages.common import labelled_classes, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) -> dict[str, Any]:
+    """Train the teacher or the student from a class-folder tree; save model, metadata, metrics."""
+    role_cfg = cfg[role]
+    class_names = labelled_classes(paths)
+    train_files, train_labels = labelled_files(train_dir, class_names)
+    val_files, val_labels = labelled_files(paths.val, class_names)
+    size, channels = list(cfg.data.image_size), cfg.data.channels
+    keras.utils.set_random_seed(cfg.seed)
+    batch = role_cfg.train.batch_size
+    train_ds = labelled_dataset(
+        train_files,
+        train_labels,
+        len(class_names),
+        size,
+        channels,
+        batch,
+        shuffle=True,
+        seed=cfg.seed,
+    )
+    val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
+    model = build_model(
+        role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
+    )
+    history_csv = paths.plots / "train" / f"{role}.csv"
+    params = {
+        "seed": cfg.seed,
+        "data": to_dict(cfg.data),
+        role: to_dict(role_cfg),
+        "train_images": len(train_files),
+        "val_images": len(val_files),
+    }
+    with tracking.start_run(cfg, f"train_{role}", params, {"role": role, **tags}) as run:
+        steps = labeling.batches(len(train_files), batch)
+        history = training.fit(
+            model,
+            train_ds,
+            val_ds,
+            role_cfg.train,
+            steps,
+            history_csv,
+            callbacks=[mlflow.keras.MlflowCallback()],
+        )
+        val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
+        meta = model_io.ModelMeta(
+            class_names,
+            size,
+            channels,
+            run_id=run.info.run_id,
+            extra={"role": role, **{k: str(v) for k, v in tags.items()}},
+        )
+        model_path = paths.model(role)
+        model_io.save(model, model_path, meta)
+        metrics = {
+            "val_accuracy": float(val_accuracy),
+            "val_loss": float(val_loss),
+            "epochs": len(history.epoch),
+            "train_images": len(train_files),
+            "params": int(model.count_params()),
+        }
+        mlflow.log_metrics(
+            {"best_val_accuracy": metrics["val_accuracy"], "best_val_loss": metrics["val_loss"]}
+        )
+        mlflow.log_figure(
+            plots.training_curves(pd.read_csv(history_csv), f"{role} training"),
+            f"{role}_training_curves.png",
+        )
+        mlflow.log_artifact(str(model_path), "model")
+        mlflow.log_artifact(str(model_io.meta_path(model_path)), "model")
+    write_json(paths.metrics / f"{role}.json", metrics)
+    log.info("%s: val_accuracy=%.4f after %d epochs", role, val_accuracy, len(history.epoch))
+    return metrics
+
+
+def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
+    """Adopt the user's model as the teacher: validate it and save it with our metadata."""
+    class_names = labelled_classes(paths)
+    source = Path(cfg.teacher.path)
+    model, meta = model_io.adopt(
+        model_io.load_foreign(source), class_names, cfg.teacher.input_scale, str(source)
+    )
+    with tracking.start_run(
+        cfg,
+        "train_teacher",
+        {"teacher": to_dict(cfg.teacher)},
+        {"role": "teacher", "imported_from": source},
+    ) as run:
+        meta.run_id = run.info.run_id
+        val_files, val_labels = labelled_files(paths.val, class_names)
+        val_ds = labelled_dataset(
+            val_files, val_labels, len(class_names), meta.image_size, meta.channels, 256
+        )
+        model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+        val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
+        model_io.save(model, paths.model("teacher"), meta)
+        mlflow.log_metrics({"best_val_accuracy": val_accuracy, "best_val_loss": val_loss})
+    metrics = {
+        "val_accuracy": float(val_accuracy),
+        "val_loss": float(val_loss),
+        "epochs": 0,
+        "train_images": 0,
+        "params": int(model.count_params()),
+    }
+    write_json(paths.metrics / "teacher.json", metrics)
+    return metrics
+
+
+def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
+    if cfg.teacher.path:
+        return import_teacher(cfg, paths)
+    return _train(cfg, "teacher", paths.train, paths, tags={})
+
+
+def train_student(cfg, paths: Paths = Paths()) -> dict[str, Any]:
+    """The larger, noised student on the merged set, tagged with the pseudo-label set it used."""
+    teacher_meta = model_io.read_meta(paths.model("teacher"))
+    merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
+    tags = {
+        "teacher_run_id": teacher_meta.run_id if teacher_meta else None,
+        "pseudo_label_csv_md5": tracking.md5(paths.csv),
+        "threshold": cfg.pseudo_label.threshold,
+        "pseudo_labeled": merge_metrics["pseudo_labeled"],
+    }
+    return _train(cfg, "student", paths.merged, paths, tags)

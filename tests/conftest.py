@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny digits project, built once per session through the real stages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from pseudolabel.config import compose  # noqa: E402
+from pseudolabel.paths import Paths  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg():
+    """The `experiment=smoke` config: digits, tiny models, two epochs."""
+    return compose(["+experiment=smoke"])
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory, smoke_cfg) -> Paths:
+    """A project root with the digits layout written by the ingest stage."""
+    from pseudolabel.stages import ingest
+
+    paths = Paths(tmp_path_factory.mktemp("digits"))
+    ingest(smoke_cfg, paths)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, smoke_cfg, tracking_uri) -> Paths:
+    """Every stage run once, in order, on digits (what `dvc repro` runs, without DVC)."""
+    from pseudolabel.stages import STAGES
+
+    paths = Paths(tmp_path_factory.mktemp("pipeline"))
+    for stage in STAGES.values():
+        stage(smoke_cfg, paths)
+    return paths

@@ -1,0 +1,80 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from pseudolabel.data import sources
+from pseudolabel.data.images import class_names_from, list_images, require_images
+from pseudolabel.data.ingest import split_indices
+from pseudolabel.errors import PseudoLabelError
+
+
+def _write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + b"".join(
+        struct.pack(">I", n) for n in array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_debian_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 12)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    source = sources.fashion_mnist(tmp_path)
+    assert source.train_images.shape == (30, 28, 28) and source.test_images.shape == (12, 28, 28)
+    assert list(source.train_labels[:3]) == [0, 1, 2]
+    assert source.class_names[0] == "tshirt_top" and len(source.class_names) == 10
+
+
+def test_missing_fashion_mnist_names_both_fixes(tmp_path, monkeypatch):
+    import keras
+
+    def offline():
+        raise OSError("no network")
+
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
+    with pytest.raises(PseudoLabelError, match="apt-get install dataset-fashion-mnist"):
+        sources.fashion_mnist(tmp_path)
+
+
+def test_split_is_balanced_seeded_and_disjoint():
+    source = sources.digits()
+    split = split_indices(source, 5, 3, 4, 300, seed=1)
+    again = split_indices(source, 5, 3, 4, 300, seed=1)
+    assert np.array_equal(split.unlabeled, again.unlabeled)
+    parts = [split.train, split.val, split.test, split.unlabeled]
+    assert sum(map(len, parts)) == len(np.unique(np.concatenate(parts)))  # no overlap
+    assert np.bincount(source.train_labels[split.train]).tolist() == [5] * 10
+    assert len(split.unlabeled) == 300
+
+
+def test_split_asks_for_too_much():
+    with pytest.raises(PseudoLabelError, match="data.unlabeled"):
+        split_indices(sources.digits(), 10, 10, 10, 5000, seed=0)
+
+
+def test_ingest_writes_the_seed_layout(digits_data, smoke_cfg):
+    for part in ("train", "val", "test"):
+        assert class_names_from(digits_data.labeled / part) == [f"digit_{i}" for i in range(10)]
+    assert len(list_images(digits_data.train)) == 10 * smoke_cfg.data.train_per_class
+    unlabeled = list_images(digits_data.unlabeled)
+    assert len(unlabeled) == smoke_cfg.data.unlabeled
+    # Unlabelled file names must not leak the class.
+    assert all(p.parent == digits_data.unlabeled and "digit" not in p.name for p in unlabeled)
+
+
+def test_bad_folders_are_clear_errors(tmp_path):
+    with pytest.raises(PseudoLabelError, match="not found"):
+        class_names_from(tmp_path / "missing")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(PseudoLabelError, match="no class folders"):
+        class_names_from(tmp_path / "train")
+    (tmp_path / "train" / "cat").mkdir()
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    with pytest.raises(PseudoLabelError, match="cat"):
+        class_names_from(tmp_path / "train")
+    with pytest.raises(PseudoLabelError, match="no images"):
+        require_images(tmp_path / "train", "unlabelled")

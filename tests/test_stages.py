@@ -1,0 +1,142 @@
+"""The six stages on digits, run in order by the `pipeline` fixture; then their outputs."""
+
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pseudolabel.data.images import class_names_from, list_images
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.models import io as model_io
+from pseudolabel.paths import Paths
+from pseudolabel.stages import STAGES, merge, pseudo_label, train_teacher
+from pseudolabel.tracking import md5
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_every_stage_writes_its_outputs(pipeline, smoke_cfg):
+    for rel in ("models/teacher.keras", "models/teacher.json", "models/student.keras",
+                "models/student.json", "outputs/data.csv", "outputs/errors.csv",
+                "outputs/plots/confidence.png", "outputs/plots/confidence_per_class.png",
+                "outputs/selection/confidence.png", "plots/train/teacher.csv",
+                "plots/train/student.csv", "plots/evaluate/teacher_confusion.csv",
+                "plots/evaluate/student_confusion.csv"):  # fmt: skip
+        assert (pipeline.root / rel).is_file(), rel
+    for name in ("ingest", "teacher", "pseudo_label", "merge", "student", "evaluation"):
+        assert (pipeline.metrics / f"{name}.json").is_file(), name
+
+
+def test_csv_has_one_row_per_unlabelled_image_with_class_names(pipeline, smoke_cfg):
+    frame = pd.read_csv(pipeline.csv)
+    assert len(frame) == smoke_cfg.data.unlabeled
+    assert set(frame["label"]) <= set(class_names_from(pipeline.train))
+    assert frame["path"].tolist() == sorted(frame["path"])
+    probs = frame.filter(like="prob_").to_numpy()
+    assert probs.shape[1] == 10 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert np.allclose(probs.max(axis=1), frame["confidence"], atol=1e-6)
+
+
+def test_merge_counts_match_the_threshold(pipeline, smoke_cfg):
+    frame = pd.read_csv(pipeline.csv)
+    merged = _json(pipeline.metrics / "merge.json")
+    kept = int((frame["confidence"] >= smoke_cfg.pseudo_label.threshold).sum())
+    assert merged["pseudo_labeled"] == kept
+    assert len(list_images(pipeline.merged)) == kept + merged["labeled"]
+
+
+def test_models_carry_metadata_and_the_student_is_larger(pipeline, smoke_cfg):
+    sizes = {}
+    for role in ("teacher", "student"):
+        model, meta = model_io.load(pipeline.model(role))
+        assert meta.class_names == class_names_from(pipeline.train)
+        assert meta.image_size == list(smoke_cfg.data.image_size) and meta.run_id
+        assert meta.input_scale == "0-255"
+        sizes[role] = model.count_params()
+    assert sizes["student"] > sizes["teacher"]
+
+
+def test_evaluation_metrics(pipeline):
+    evaluation = _json(pipeline.metrics / "evaluation.json")
+    assert 0 <= evaluation["teacher_accuracy"] <= 1 and 0 <= evaluation["student_accuracy"] <= 1
+    gain = evaluation["student_accuracy"] - evaluation["teacher_accuracy"]
+    assert evaluation["gain"] == pytest.approx(gain, abs=1e-6)
+    confusion = pd.read_csv(pipeline.plots / "evaluate" / "student_confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert len(confusion) == evaluation["test_images"]
+
+
+def test_mlflow_has_four_linked_runs(pipeline, smoke_cfg, tracking_uri):
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(
+        experiment_names=[smoke_cfg.tracking.experiment], output_format="list"
+    )
+    by_stage = {run.data.tags["stage"]: run for run in runs}
+    assert {"train_teacher", "pseudo_label", "train_student", "evaluate"} <= set(by_stage)
+    teacher, labelling = by_stage["train_teacher"], by_stage["pseudo_label"]
+    student, evaluation = by_stage["train_student"], by_stage["evaluate"]
+    csv_md5 = md5(pipeline.csv)
+    assert student.data.tags["pseudo_label_csv_md5"] == csv_md5
+    assert labelling.data.tags["pseudo_label_csv_md5"] == csv_md5
+    assert student.data.tags["teacher_run_id"] == teacher.info.run_id
+    assert float(student.data.tags["threshold"]) == smoke_cfg.pseudo_label.threshold
+    assert evaluation.data.tags["student_run_id"] == student.info.run_id
+    # Same metric names on teacher and student, one value per epoch.
+    client = mlflow.MlflowClient()
+    for run in (teacher, student):
+        assert {"accuracy", "val_accuracy", "test_accuracy"} <= set(run.data.metrics)
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert len(history) == len(
+            pd.read_csv(pipeline.plots / "train" / f"{run.data.tags['role']}.csv")
+        )
+    artifacts = {a.path for a in client.list_artifacts(labelling.info.run_id)}
+    assert "data.csv" in artifacts and "plots" in artifacts
+
+
+def test_threshold_out_of_range_stops_merge_before_writing(pipeline, smoke_cfg):
+    from pseudolabel.config import to_dict, validate
+
+    with pytest.raises(PseudoLabelError, match="threshold"):
+        validate({**to_dict(smoke_cfg), "pseudo_label": {"threshold": 1.5}})
+
+
+def test_missing_inputs_stop_with_the_path(tmp_path, smoke_cfg, pipeline):
+    empty = Paths(tmp_path)
+    with pytest.raises(PseudoLabelError, match="image_dataset/train"):
+        train_teacher(smoke_cfg, empty)
+    with pytest.raises(PseudoLabelError, match="unlabeled"):
+        pseudo_label(smoke_cfg, empty)
+    with pytest.raises(PseudoLabelError, match="teacher"):
+        merge(smoke_cfg, empty)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_teacher_with_wrong_output_size_is_refused(tmp_path, pipeline, smoke_cfg):
+    inputs = keras.Input((8, 8, 1))
+    wrong = keras.Model(
+        inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inputs))
+    )
+    model_io.save(wrong, tmp_path / "models" / "teacher.keras",
+                  model_io.ModelMeta(["a", "b", "c", "d"], [8, 8], 1))  # fmt: skip
+    paths = Paths(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "unlabeled").symlink_to(pipeline.unlabeled)
+    with pytest.raises(PseudoLabelError, match="predicts 3 classes"):
+        pseudo_label(smoke_cfg, paths)
+    assert not paths.csv.exists()
+
+
+def test_stage_registry_matches_dvc_yaml():
+    import yaml
+
+    from tests.conftest import REPO
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert list(dvc["stages"]) == list(STAGES)
+    for name, stage in dvc["stages"].items():
+        assert stage["cmd"] == f"pseudolabel {name}"
