@@ -96,5 +96,6 @@ def test_merge_refuses_a_hand_edited_csv(tmp_path, path, label, match):
 
 def test_merge_refuses_to_write_over_its_inputs(digits_data):
     with pytest.raises(PseudoLabelError, match="overlaps"):
-        build_merged(digits_data.train, digits_data.unlabeled, _frame([], [], []),
-                     digits_data.train, CLASSES)  # fmt: skip
+        build_merged(
+            digits_data.train, digits_data.unlabeled, _frame([], [], []), digits_data.train, CLASSES
+        )

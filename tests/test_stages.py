@@ -21,12 +21,21 @@ def _json(path):
 
 
 def test_every_stage_writes_its_outputs(pipeline, smoke_cfg):
-    for rel in ("models/teacher.keras", "models/teacher.json", "models/student.keras",
-                "models/student.json", "outputs/data.csv", "outputs/errors.csv",
-                "outputs/plots/confidence.png", "outputs/plots/confidence_per_class.png",
-                "outputs/selection/confidence.png", "plots/train/teacher.csv",
-                "plots/train/student.csv", "plots/evaluate/teacher_confusion.csv",
-                "plots/evaluate/student_confusion.csv"):  # fmt: skip
+    for rel in (
+        "models/teacher.keras",
+        "models/teacher.json",
+        "models/student.keras",
+        "models/student.json",
+        "outputs/data.csv",
+        "outputs/errors.csv",
+        "outputs/plots/confidence.png",
+        "outputs/plots/confidence_per_class.png",
+        "outputs/selection/confidence.png",
+        "plots/train/teacher.csv",
+        "plots/train/student.csv",
+        "plots/evaluate/teacher_confusion.csv",
+        "plots/evaluate/student_confusion.csv",
+    ):
         assert (pipeline.root / rel).is_file(), rel
     for name in ("ingest", "teacher", "pseudo_label", "merge", "student", "evaluation"):
         assert (pipeline.metrics / f"{name}.json").is_file(), name
@@ -121,8 +130,11 @@ def test_teacher_with_wrong_output_size_is_refused(tmp_path, pipeline, smoke_cfg
     wrong = keras.Model(
         inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inputs))
     )
-    model_io.save(wrong, tmp_path / "models" / "teacher.keras",
-                  model_io.ModelMeta(["a", "b", "c", "d"], [8, 8], 1))  # fmt: skip
+    model_io.save(
+        wrong,
+        tmp_path / "models" / "teacher.keras",
+        model_io.ModelMeta(["a", "b", "c", "d"], [8, 8], 1),
+    )
     paths = Paths(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "unlabeled").symlink_to(pipeline.unlabeled)

@@ -64,6 +64,9 @@ class TrainConfig:
     learning_rate: float = 1e-3
     patience: int = 8
     label_smoothing: float = 0.0
+    # Student only: the share of each batch drawn from the labelled images (the rest from the
+    # pseudo-labelled ones); None samples the merged set uniformly.
+    labeled_fraction: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -164,6 +167,9 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
             fail(f"{role}.model.dropout", model.dropout, "use a rate in [0, 1)")
         if train.epochs < 1 or train.batch_size < 1:
             fail(f"{role}.train", f"epochs={train.epochs}, batch_size={train.batch_size}", ">= 1")
+        fraction = train.labeled_fraction
+        if fraction is not None and not 0.0 < fraction < 1.0:
+            fail(f"{role}.train.labeled_fraction", fraction, "use a share in (0, 1), or null")
         if train.learning_rate <= 0:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
     if cfg.pseudo_label.batch_size < 1:

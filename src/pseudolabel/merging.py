@@ -61,6 +61,9 @@ def _guard(out_dir: Path, *sources: Path) -> None:
             )
 
 
+MANIFEST = "manifest.csv"
+
+
 def build_merged(
     train_dir: Path,
     unlabeled_dir: Path,
@@ -70,29 +73,49 @@ def build_merged(
 ) -> dict[str, dict[str, int]]:
     """Copy the labelled train images and the accepted unlabelled ones into `out_dir/<class>/`.
 
-    The folder is rebuilt from scratch; originals are only read. Returns per-class counts.
+    The folder is rebuilt from scratch; originals are only read. Beside the class folders,
+    `manifest.csv` says where each copy came from (labelled or pseudo-labelled, with the
+    teacher's confidence). Returns per-class counts.
     """
     _guard(out_dir, train_dir, unlabeled_dir)
     check_rows(accepted, unlabeled_dir, class_names)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    jobs: list[tuple[Path, Path]] = []
+    jobs: list[tuple[Path, Path, str, str, float]] = []  # src, folder, name, source, confidence
     counts = {name: {"labeled": 0, "pseudo": 0} for name in class_names}
     for name in class_names:
         (out_dir / name).mkdir(parents=True)
         for src in list_images(train_dir / name):
-            jobs.append((src, out_dir / name))
+            jobs.append((src, out_dir / name, src.name, "labeled", float("nan")))
             counts[name]["labeled"] += 1
-    for rel, label in zip(accepted["path"], accepted["label"], strict=True):
-        jobs.append((unlabeled_dir / rel, out_dir / label))
-        counts[label]["pseudo"] += 1
-    n_labeled = sum(c["labeled"] for c in counts.values())
-    for i, (src, folder) in enumerate(tqdm(jobs, desc="merge: copying", unit="img", mininterval=2)):
-        # Pseudo-labelled files are named after their path under data/unlabeled (any depth).
-        name = (
-            src.name
-            if i < n_labeled
-            else "u__" + str(src.relative_to(unlabeled_dir)).replace("/", "__")
+    for rel, label, conf in zip(
+        accepted["path"], accepted["label"], accepted["confidence"], strict=True
+    ):
+        # Named after the path under the unlabelled folder (any depth), flattened.
+        jobs.append(
+            (
+                unlabeled_dir / rel,
+                out_dir / label,
+                "u__" + rel.replace("/", "__"),
+                "pseudo",
+                float(conf),
+            )
         )
-        shutil.copyfile(src, _unique(folder, name))
+        counts[label]["pseudo"] += 1
+    rows = []
+    for src, folder, name, source, conf in tqdm(
+        jobs, desc="merge: copying", unit="img", mininterval=2
+    ):
+        target = _unique(folder, name)
+        shutil.copyfile(src, target)
+        rows.append((f"{folder.name}/{target.name}", folder.name, source, conf))
+    manifest = pd.DataFrame(rows, columns=["file", "label", "source", "confidence"])
+    manifest.to_csv(out_dir / MANIFEST, index=False, float_format="%.6f")
     return counts
+
+
+def read_manifest(merged_dir: Path) -> pd.DataFrame:
+    path = merged_dir / MANIFEST
+    if not path.is_file():
+        raise PseudoLabelError(f"{path}: merge manifest not found; run the merge stage.")
+    return pd.read_csv(path, dtype={"file": str, "label": str, "source": str})

@@ -39,10 +39,13 @@ def fit(
         keras.callbacks.CSVLogger(str(history_csv)),
         *callbacks,
     ]
+    endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
     return model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=train_cfg.epochs,
+        steps_per_epoch=steps_per_epoch if endless else None,
+        shuffle=False,  # tf.data shuffles; Keras cannot shuffle a Dataset
         callbacks=all_callbacks,
         # A progress bar on a terminal, one line per epoch in logs (dvc repro, CI).
         verbose=1 if sys.stdout.isatty() else 2,

@@ -107,6 +107,31 @@ def labelled_dataset(
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
+def mixed_dataset(
+    groups: Sequence[tuple[Sequence[str], np.ndarray]],
+    weights: Sequence[float],
+    num_classes: int,
+    image_size: Sequence[int],
+    channels: int,
+    batch_size: int,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Endless (image, one-hot) batches drawing from each group with the given probability:
+    e.g. labelled and pseudo-labelled images at a fixed ratio per batch."""
+    parts = [
+        tf.data.Dataset.from_tensor_slices((list(paths), labels))
+        .shuffle(len(paths), seed=seed + i, reshuffle_each_iteration=True)
+        .repeat()
+        for i, (paths, labels) in enumerate(groups)
+    ]
+    ds = tf.data.Dataset.sample_from_datasets(parts, weights=list(weights), seed=seed)
+    ds = ds.map(
+        lambda p, y: (decode_image(p, image_size, channels), tf.one_hot(y, num_classes)),
+        num_parallel_calls=AUTOTUNE,
+    )
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
 def path_image_dataset(
     paths: Sequence[str], image_size: Sequence[int], channels: int, batch_size: int
 ) -> tf.data.Dataset:

@@ -9,17 +9,47 @@ from typing import Any
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 
-from pseudolabel import labeling, plots, tracking, training
+from pseudolabel import labeling, merging, plots, tracking, training
 from pseudolabel.config import to_dict
-from pseudolabel.data.images import labelled_dataset, labelled_files
+from pseudolabel.data.images import labelled_dataset, labelled_files, mixed_dataset
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import build_model
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import labelled_classes, write_json
 
 log = logging.getLogger(__name__)
+
+
+def _training_data(train_cfg, train_dir, files, labels, class_names, size, channels, seed):
+    """Shuffled batches of the training folder; for a student with `labeled_fraction`, an
+    endless stream with that share of labelled images in each batch (see the merge manifest)."""
+    fraction = train_cfg.labeled_fraction
+    n = len(class_names)
+    if fraction is None or train_dir.joinpath(merging.MANIFEST).exists() is False:
+        return labelled_dataset(
+            files, labels, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
+        )
+    manifest = merging.read_manifest(train_dir)
+    index = {name: i for i, name in enumerate(class_names)}
+    groups = []
+    for source in ("labeled", "pseudo"):
+        rows = manifest[manifest["source"] == source]
+        groups.append(
+            (
+                [str(train_dir / f) for f in rows["file"]],
+                np.array([index[label] for label in rows["label"]], dtype=np.int64),
+            )
+        )
+    if not len(groups[1][0]):  # no pseudo-label passed the threshold: labelled images only
+        return labelled_dataset(
+            *groups[0], n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
+        )
+    return mixed_dataset(
+        groups, [fraction, 1.0 - fraction], n, size, channels, train_cfg.batch_size, seed
+    )
 
 
 def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) -> dict[str, Any]:
@@ -31,15 +61,8 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
     size, channels = list(cfg.data.image_size), cfg.data.channels
     keras.utils.set_random_seed(cfg.seed)
     batch = role_cfg.train.batch_size
-    train_ds = labelled_dataset(
-        train_files,
-        train_labels,
-        len(class_names),
-        size,
-        channels,
-        batch,
-        shuffle=True,
-        seed=cfg.seed,
+    train_ds = _training_data(
+        role_cfg.train, train_dir, train_files, train_labels, class_names, size, channels, cfg.seed
     )
     val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
     model = build_model(
