@@ -33,6 +33,7 @@ demo: setup fashion-mnist
 	dvc metrics show
 
 test: setup
+	ruff check
 	@rc=0; pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi; \
 	exit $$rc
@@ -41,12 +42,12 @@ ui: setup
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 lint: setup
-	ruff check src tests benchmarks
-	ruff format --check src tests benchmarks
+	ruff check
+	ruff format --check
 
 format: setup
-	ruff format src tests benchmarks
-	ruff check --fix src tests benchmarks
+	ruff format
+	ruff check --fix
 
 # Recompose params.yaml from conf/ after editing conf/ (DVC does this itself on `dvc exp run`).
 params: setup
