@@ -30,7 +30,7 @@ fashion-mnist:
 
 demo: setup fashion-mnist
 	time dvc repro
-	dvc metrics show
+	dvc metrics show metrics/evaluation.json
 
 test: setup
 	ruff check
