@@ -1,13 +1,108 @@
-"""Fit a model with Keras: cosine learning-rate decay, early stopping on val, a CSV history."""
+"""Fit a model with Keras: cosine learning-rate decay, early stopping on val with the best
+weights restored, a CSV history. A pretrained backbone trains in two phases, as in transfer
+learning: the head on the frozen backbone, then fine-tuning from a chosen layer at a lower
+learning rate with BatchNorm frozen."""
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.models.builders import backbone_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "train" (everything), "head" (backbone frozen) or "fine_tune"
+    epochs: int
+    learning_rate: float
+
+
+def phases(model: keras.Model, model_cfg, train_cfg) -> list[Phase]:
+    """One phase for a model trained from scratch; head then fine-tuning for pretrained ones."""
+    pretrained = model_cfg is not None and model_cfg.weights and backbone_of(model) is not None
+    if not pretrained:
+        return [Phase("train", train_cfg.epochs, train_cfg.learning_rate)]
+    out = [Phase("head", train_cfg.epochs, train_cfg.learning_rate)]
+    if model_cfg.fine_tune_epochs:
+        lr = train_cfg.learning_rate * model_cfg.fine_tune_lr_factor
+        out.append(Phase("fine_tune", model_cfg.fine_tune_epochs, lr))
+    return out
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Python, NumPy and TensorFlow seeds; optionally deterministic (slower) TF ops."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+@contextmanager
+def precision(mixed: bool) -> Iterator[None]:
+    """Build models under mixed_float16 when asked and a GPU is there; float32 otherwise."""
+    if mixed and not tf.config.list_physical_devices("GPU"):
+        log.warning("train.mixed_precision: no GPU found, training in float32")
+        mixed = False
+    if not mixed:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """n_images / (n_classes * count) per class, as scikit-learn's "balanced"."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes)
+    return {i: float(len(labels) / (num_classes * c)) if c else 1.0 for i, c in enumerate(counts)}
+
+
+def fine_tune_start(backbone: keras.Model, from_layer: str | None) -> int:
+    """Index of the first backbone layer that fine-tuning trains (a name or its start)."""
+    if not from_layer:
+        return 0
+    for i, layer in enumerate(backbone.layers):
+        if layer.name == from_layer or layer.name.startswith(from_layer):
+            return i
+    raise PseudoLabelError(
+        f"model.fine_tune_from={from_layer!r}: no layer of {backbone.name} has that name or "
+        f"starts with it; use e.g. block6a or top_conv (model.summary() lists the layers)."
+    )
+
+
+def set_trainable(model: keras.Model, phase: Phase, start: int) -> None:
+    backbone = backbone_of(model)
+    if backbone is None or phase.name == "train":
+        return
+    backbone.trainable = phase.name == "fine_tune"
+    if phase.name == "fine_tune":
+        for i, layer in enumerate(backbone.layers):
+            # Frozen BatchNorm layers run in inference mode: their ImageNet statistics stay.
+            layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _merge(histories: Sequence[keras.callbacks.History]) -> keras.callbacks.History:
+    merged = keras.callbacks.History()
+    merged.epoch, merged.history = [], {}
+    for history in histories:
+        merged.epoch += history.epoch
+        for key, values in history.history.items():
+            merged.history.setdefault(key, []).extend(values)
+    return merged
 
 
 def fit(
@@ -18,35 +113,65 @@ def fit(
     steps_per_epoch: int,
     history_csv: Path,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    model_cfg=None,
+    class_weight: dict[int, float] | None = None,
 ) -> keras.callbacks.History:
-    """Compile and fit; the best val-accuracy weights are restored at the end."""
+    """Compile and fit, phase by phase; the best val-accuracy weights are restored at the end."""
+    plan = phases(model, model_cfg, train_cfg)
+    backbone = backbone_of(model)
+    start = fine_tune_start(backbone, model_cfg.fine_tune_from) if len(plan) > 1 else 0
+    history_csv.parent.mkdir(parents=True, exist_ok=True)
+    endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
+    histories: list[keras.callbacks.History] = []
+    best: tuple[float, list] | None = None
+    for phase in plan:
+        set_trainable(model, phase, start)
+        _compile(model, phase, train_cfg, steps_per_epoch)
+        done = sum(len(h.epoch) for h in histories)
+        log.info(
+            "phase %s: %d epochs at learning rate %g, %d trainable weights",
+            phase.name,
+            phase.epochs,
+            phase.learning_rate,
+            len(model.trainable_weights),
+        )
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=done,
+            epochs=done + phase.epochs,
+            steps_per_epoch=steps_per_epoch if endless else None,
+            shuffle=False,  # tf.data shuffles; Keras cannot shuffle a Dataset
+            class_weight=class_weight,
+            callbacks=[
+                keras.callbacks.EarlyStopping(
+                    monitor="val_accuracy",
+                    mode="max",
+                    patience=train_cfg.patience,
+                    restore_best_weights=True,
+                ),
+                keras.callbacks.CSVLogger(str(history_csv), append=done > 0),
+                *callbacks,
+            ],
+            # A progress bar on a terminal, one line per epoch in logs (dvc repro, CI).
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        histories.append(history)
+        score = max(history.history["val_accuracy"])
+        if best is not None and score < best[0]:
+            log.info("phase %s did not beat val %.4f: keeping earlier weights", phase.name, best[0])
+            model.set_weights(best[1])
+        else:
+            best = (score, model.get_weights())
+    return _merge(histories)
+
+
+def _compile(model: keras.Model, phase: Phase, train_cfg, steps_per_epoch: int) -> None:
     schedule = keras.optimizers.schedules.CosineDecay(
-        train_cfg.learning_rate, decay_steps=max(1, train_cfg.epochs * steps_per_epoch)
+        phase.learning_rate, decay_steps=max(1, phase.epochs * steps_per_epoch)
     )
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
         metrics=["accuracy"],
-    )
-    history_csv.parent.mkdir(parents=True, exist_ok=True)
-    all_callbacks = [
-        keras.callbacks.EarlyStopping(
-            monitor="val_accuracy",
-            mode="max",
-            patience=train_cfg.patience,
-            restore_best_weights=True,
-        ),
-        keras.callbacks.CSVLogger(str(history_csv)),
-        *callbacks,
-    ]
-    endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
-    return model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=train_cfg.epochs,
-        steps_per_epoch=steps_per_epoch if endless else None,
-        shuffle=False,  # tf.data shuffles; Keras cannot shuffle a Dataset
-        callbacks=all_callbacks,
-        # A progress bar on a terminal, one line per epoch in logs (dvc repro, CI).
-        verbose=1 if sys.stdout.isatty() else 2,
     )

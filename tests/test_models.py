@@ -1,0 +1,382 @@
+"""The model zoo, transfer learning through the train stage, and importing the user's teacher."""
+
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pseudolabel import training
+from pseudolabel.config import CONF_DIR, KERAS_PREPROCESSING, MODEL_NAMES, compose
+from pseudolabel.data.images import labelled_files, path_image_dataset
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.models import io as model_io
+from pseudolabel.models.builders import BACKBONES, backbone_of, build_model
+from pseudolabel.paths import Paths
+from pseudolabel.stages import train_teacher
+
+BIG = {"efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnetv2_m"}
+BIG |= {"efficientnetv2_l"}
+
+
+def _cfg(*overrides):
+    return compose(["+experiment=smoke", *overrides])
+
+
+def _zoo_cfg(name, *overrides):
+    """A zoo model at 32 px, random weights, on the smoke config's 8x8 grey digits."""
+    weights = [] if name == "small_cnn" else ["teacher.model.weights=null"]
+    return _cfg(
+        f"model@teacher.model={name}", *weights, "teacher.model.input_size=[32,32]", *overrides
+    )
+
+
+def _build(cfg, image_size=(8, 8), channels=1):
+    model = cfg.teacher.model
+    return build_model(model, cfg.teacher.train.augment, 10, image_size, channels, "teacher")
+
+
+def _raw_pixels(shape, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, shape).astype("float32")
+
+
+def test_zoo_names_configs_and_builders_agree():
+    assert set(MODEL_NAMES) == {"small_cnn", *BACKBONES}
+    assert {p.stem for p in (CONF_DIR / "model").glob("*.yaml")} >= set(MODEL_NAMES)
+    for module in KERAS_PREPROCESSING:  # every named input_scale is a keras.applications one
+        assert callable(getattr(keras.applications, module).preprocess_input), module
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in MODEL_NAMES],
+)
+def test_every_zoo_model_builds_and_predicts_from_raw_pixels(name):
+    keras.backend.clear_session()
+    model = _build(_zoo_cfg(name))
+    probs = np.asarray(model(_raw_pixels((2, 8, 8, 1)), training=False))  # eager: no tracing
+    assert probs.shape == (2, 10) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    names = [layer.name for layer in model.layers]
+    assert "resize" in names  # 8x8 images resized to 32x32 inside the model
+    backbone = backbone_of(model)
+    if name == "small_cnn":
+        assert backbone is None and "rescale" in names
+    else:
+        # keras.applications scales pixels itself: no second rescaling outside it.
+        assert "rescale" not in names and "grey_to_rgb" in names
+        assert isinstance(backbone.layers[1], keras.layers.Rescaling)
+        assert backbone.input_shape == (None, 32, 32, 3)
+    keras.backend.clear_session()
+
+
+def test_head_and_stochastic_depth_options():
+    model = _build(
+        _zoo_cfg(
+            "efficientnet_b0",
+            "teacher.model.hidden_units=16",
+            "teacher.model.pooling=max",
+            "teacher.model.drop_connect_rate=0.4",
+        )
+    )
+    assert model.get_layer("hidden").units == 16
+    assert isinstance(model.get_layer("pool"), keras.layers.GlobalMaxPooling2D)
+    drops = [la.rate for la in backbone_of(model).layers if la.name.endswith("drop")]
+    # keras' 0.2 schedule, rising over the blocks, scaled to 0.4.
+    assert 0.3 < max(drops) < 0.4 and min(drops) > 0
+
+
+def test_noise_layers_act_only_while_training():
+    cfg = _cfg(
+        "teacher.train.augment.randaugment_ops=2",
+        "teacher.train.augment.randaugment_magnitude=0.8",
+        "teacher.train.augment.erasing=1.0",
+    )
+    model = _build(cfg)
+    classes = {type(layer).__name__ for layer in model.layers}
+    assert {"RandAugment", "RandomErasing", "RandomFlip"} <= classes
+    x = _raw_pixels((4, 8, 8, 1))
+    augmented = keras.Model(model.input, model.get_layer("rescale").input)
+    np.testing.assert_array_equal(augmented(x, training=False), x)
+    assert not np.allclose(augmented(x, training=True), x)
+
+
+def test_bad_model_settings_are_clear_errors():
+    with pytest.raises(PseudoLabelError, match="efficientnet_b0, efficientnet_b1"):
+        _cfg("teacher.model.name=efficientnet_b9")
+    with pytest.raises(PseudoLabelError, match=r"at least 32x32 pixels, got 16x16"):
+        _zoo_cfg("efficientnet_b0", "teacher.model.input_size=[16,16]")
+    # No input_size: the data's 8x8 images are too small for the backbone.
+    with pytest.raises(PseudoLabelError, match=r"input_size=\[32,32\]"):
+        _cfg("model@teacher.model=efficientnet_b0", "teacher.model.input_size=null")
+    with pytest.raises(PseudoLabelError, match="randaugment_magnitude"):
+        _cfg("student.train.augment.randaugment_magnitude=2")
+    with pytest.raises(PseudoLabelError, match="no pretrained weights"):
+        _cfg("++teacher.model.weights=imagenet")
+
+
+def test_imagenet_weights_unavailable_say_how_to_provide_them(monkeypatch):
+    """What happens offline: keras' get_file cannot download the weights file."""
+    from keras.src.utils import file_utils
+
+    def offline(fname=None, origin=None, **_):
+        raise Exception(f"URL fetch failure on {origin}: None -- Name or service not known")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    cfg = _zoo_cfg("efficientnet_b0", "teacher.model.weights=imagenet")
+    with pytest.raises(PseudoLabelError) as err:
+        _build(cfg)
+    message = str(err.value)
+    assert "efficientnetb0_notop.h5" in message and "~/.keras/models/" in message
+    assert "teacher.model.weights=null" in message
+
+
+def test_class_weights_and_mixed_precision_on_cpu():
+    weights = training.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+    assert weights == {0: 4 / 9, 1: 4 / 3, 2: 1.0}
+    with training.precision(True):  # no GPU here: stays float32, with a warning
+        assert keras.config.dtype_policy().name == "float32"
+    # What precision(True) does on a GPU; pixel layers (noise, resize) must stay float32.
+    cfg = _cfg("teacher.train.augment.randaugment_ops=2", "teacher.train.augment.erasing=0.5")
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = _build(cfg)
+        model.compile(optimizer="adam", loss="categorical_crossentropy")
+        labels = keras.utils.to_categorical(np.arange(8) % 10, 10)
+        model.fit(_raw_pixels((8, 8, 8, 1)), labels, batch_size=8, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.dtype_policy.name == "mixed_float16" and model.output.dtype == "float32"
+
+
+# --- training through the stage function ------------------------------------------------------
+
+
+def _paths(tmp_path, digits_data):
+    return Paths(tmp_path, data_root=digits_data.root)
+
+
+def _run(tracking_uri, paths):
+    mlflow.set_tracking_uri(tracking_uri)
+    run_id = model_io.read_meta(paths.model("teacher")).run_id
+    return mlflow.get_run(run_id), mlflow.MlflowClient()
+
+
+def _logged_model_signature(run):
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+    assert len(models) == 1
+    return mlflow.models.get_model_info(models[0].model_uri).signature
+
+
+def test_small_cnn_trains_one_epoch_through_the_stage(tmp_path, digits_data, tracking_uri):
+    paths = _paths(tmp_path, digits_data)
+    cfg = _cfg("teacher.model.input_size=[32,32]", "teacher.train.epochs=1")
+    metrics = train_teacher(cfg, paths)
+    assert metrics["epochs"] == 1
+    model, meta = model_io.load(paths.model("teacher"))
+    assert meta.image_size == [8, 8] and meta.channels == 1 and meta.input_scale == "0-255"
+    run, client = _run(tracking_uri, paths)
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 1
+    signature = _logged_model_signature(run)
+    assert signature.inputs.inputs[0].shape == (-1, 8, 8, 1)
+    assert signature.outputs.inputs[0].shape == (-1, 10)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "teacher_training_curves.png" in artifacts
+
+
+def test_efficientnet_transfer_learning_in_two_phases(tmp_path, digits_data, tracking_uri):
+    """B0 at 32 px from a weights file (as with ImageNet's): head, then fine-tuning."""
+    keras.backend.clear_session()
+    weights = tmp_path / "b0_notop.weights.h5"
+    keras.applications.EfficientNetB0(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    ).save_weights(weights)
+    paths = _paths(tmp_path, digits_data)
+    cfg = _zoo_cfg(
+        "efficientnet_b0",
+        f"teacher.model.weights={weights}",
+        "teacher.model.fine_tune_epochs=1",
+        "teacher.model.fine_tune_from=block6a",
+        "teacher.train.epochs=1",
+        "teacher.train.batch_size=25",  # 100 images: no partial batch to trace again
+    )
+    metrics = train_teacher(cfg, paths)
+    assert metrics["epochs"] == 2
+    history = pd.read_csv(paths.plots / "train" / "teacher.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    run, client = _run(tracking_uri, paths)
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+    assert run.data.params["optimizer_name"] == "adam"  # phase 1 logged, phase 2 no clash
+    model, meta = model_io.load(paths.model("teacher"))
+    backbone = backbone_of(model)
+    start = training.fine_tune_start(backbone, "block6a")
+    assert start > 0
+    for i, layer in enumerate(backbone.layers):
+        if not layer.weights:
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization) or i < start:
+            assert not layer.trainable, layer.name
+        else:
+            assert layer.trainable, layer.name
+    # The labeller's decoding (raw 8x8 grey pixels) is all the saved model needs.
+    files, _ = labelled_files(digits_data.val, meta.class_names)
+    _, images = next(iter(path_image_dataset(files[:4], meta.image_size, meta.channels, 4)))
+    assert model.predict(images, verbose=0).shape == (4, 10)
+    keras.backend.clear_session()
+
+
+def test_unknown_fine_tune_layer_is_a_clear_error(tmp_path, digits_data, tracking_uri):
+    weights = tmp_path / "b0.weights.h5"
+    keras.applications.EfficientNetB0(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    ).save_weights(weights)
+    cfg = _zoo_cfg(
+        "efficientnet_b0",
+        f"teacher.model.weights={weights}",
+        "teacher.model.fine_tune_epochs=1",
+        "teacher.model.fine_tune_from=block99",
+    )
+    with pytest.raises(PseudoLabelError, match="block99.*block6a"):
+        train_teacher(cfg, _paths(tmp_path, digits_data))
+
+
+# --- the user's own teacher -------------------------------------------------------------------
+
+
+def _foreign(inputs, x):
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(x))
+    return keras.Model(inputs, outputs)
+
+
+def _project_vs_own(paths, digits_data, own_predict, scale):
+    """Predictions of the imported teacher on the pipeline's raw pixels vs the foreign model's
+    own on correctly scaled pixels (decoded independently with PIL)."""
+    model, meta = model_io.load(paths.model("teacher"))
+    files, _ = labelled_files(digits_data.val, meta.class_names)
+    files = files[:6]
+    _, raw = next(iter(path_image_dataset(files, meta.image_size, meta.channels, 6)))
+    pil = np.stack([np.asarray(keras.utils.load_img(f, color_mode="grayscale")) for f in files])
+    expected = own_predict(scale(pil[..., None].astype("float32")))
+    np.testing.assert_allclose(model.predict(raw, verbose=0), expected, atol=1e-5)
+    return meta
+
+
+def test_foreign_h5_with_outside_preprocessing(tmp_path, digits_data, tracking_uri):
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 1))
+    foreign = _foreign(inputs, inputs)  # trained elsewhere on pixels / 255
+    foreign.save(tmp_path / "model.h5")
+    paths = _paths(tmp_path, digits_data)
+    cfg = _cfg(f"teacher.path={tmp_path / 'model.h5'}", "teacher.input_scale=0-1")
+    metrics = train_teacher(cfg, paths)
+    assert metrics["epochs"] == 0 and 0 <= metrics["val_accuracy"] <= 1
+    meta = _project_vs_own(
+        paths, digits_data, lambda x: foreign.predict(x, verbose=0), lambda x: x / 255.0
+    )
+    assert meta.input_scale == "0-255" and meta.extra["source_input_scale"] == "0-1"
+    run, _ = _run(tracking_uri, paths)
+    assert run.data.tags["input_scale"] == "0-1"
+    assert _logged_model_signature(run).inputs.inputs[0].shape == (-1, 8, 8, 1)
+    # Without an input scale the project cannot know it, and says so.
+    with pytest.raises(PseudoLabelError, match="teacher.input_scale"):
+        train_teacher(_cfg(f"teacher.path={tmp_path / 'model.h5'}"), paths)
+
+
+def test_own_rescaling_layer_is_detected(tmp_path, digits_data, tracking_uri):
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((8, 8, 1))
+    foreign = _foreign(inputs, keras.layers.Rescaling(1 / 255.0)(inputs))
+    foreign.save(tmp_path / "model.keras")
+    paths = _paths(tmp_path, digits_data)
+    train_teacher(_cfg(f"teacher.path={tmp_path / 'model.keras'}"), paths)  # input_scale auto
+    _project_vs_own(paths, digits_data, lambda x: foreign.predict(x, verbose=0), lambda x: x)
+    with pytest.raises(PseudoLabelError, match="scale them twice"):
+        train_teacher(
+            _cfg(f"teacher.path={tmp_path / 'model.keras'}", "teacher.input_scale=0-1"), paths
+        )
+
+
+def test_saved_model_folder_import(tmp_path, digits_data, tracking_uri):
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 1))
+    foreign = _foreign(inputs, inputs)  # expects pixels in [-1, 1]
+    foreign.export(tmp_path / "saved_model", verbose=False)
+    paths = _paths(tmp_path, digits_data)
+    folder = tmp_path / "saved_model"
+    with pytest.raises(PseudoLabelError, match="teacher.input_scale"):
+        train_teacher(_cfg(f"teacher.path={folder}"), paths)  # a graph: nothing to detect
+    train_teacher(_cfg(f"teacher.path={folder}", "teacher.input_scale=-1-1"), paths)
+    meta = _project_vs_own(
+        paths, digits_data, lambda x: foreign.predict(x, verbose=0), lambda x: x / 127.5 - 1.0
+    )
+    assert meta.safe_mode is False  # the saved teacher wraps the folder (TFSMLayer)
+
+
+def test_lambda_layer_needs_explicit_opt_in(tmp_path, digits_data, tracking_uri):
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((8, 8, 1))
+    foreign = _foreign(inputs, keras.layers.Lambda(lambda t: t / 255.0)(inputs))
+    foreign.save(tmp_path / "lambda.keras")
+    paths = _paths(tmp_path, digits_data)
+    path = tmp_path / "lambda.keras"
+    with pytest.raises(PseudoLabelError, match="teacher.allow_unsafe=true"):
+        train_teacher(_cfg(f"teacher.path={path}", "teacher.input_scale=0-255"), paths)
+    assert not paths.model("teacher").exists()
+    cfg = _cfg(f"teacher.path={path}", "teacher.input_scale=0-255", "teacher.allow_unsafe=true")
+    train_teacher(cfg, paths)
+    meta = json.loads(model_io.meta_path(paths.model("teacher")).read_text())
+    assert meta["safe_mode"] is False  # the labeller may load it again, as the user allowed
+    _project_vs_own(paths, digits_data, lambda x: foreign.predict(x, verbose=0), lambda x: x)
+
+
+def test_teacher_class_names_from_config_give_the_output_order(tmp_path, digits_data):
+    inputs = keras.Input((8, 8, 1))
+    foreign = _foreign(inputs, keras.layers.Rescaling(1 / 255.0)(inputs))
+    foreign.save(tmp_path / "model.keras")
+    names = [f"digit_{i}" for i in range(9, -1, -1)]
+    cfg = _cfg(
+        f"teacher.path={tmp_path / 'model.keras'}", f"teacher.class_names=[{','.join(names)}]"
+    )
+    paths = _paths(tmp_path, digits_data)
+    train_teacher(cfg, paths)
+    assert model_io.read_meta(paths.model("teacher")).class_names == names
+    bad = _cfg(f"teacher.path={tmp_path / 'model.keras'}", "teacher.class_names=[a,b]")
+    with pytest.raises(PseudoLabelError, match="class folders"):
+        train_teacher(bad, paths)
+
+
+def test_bad_teacher_files_are_clear_errors(tmp_path):
+    with pytest.raises(PseudoLabelError, match="not found"):
+        model_io.load_foreign(tmp_path / "missing.h5")
+    with pytest.raises(PseudoLabelError, match="not a SavedModel"):
+        model_io.load_foreign(tmp_path)
+    corrupt = tmp_path / "model.h5"
+    corrupt.write_bytes(b"not a model")
+    with pytest.raises(PseudoLabelError, match="cannot load this model"):
+        model_io.load_foreign(corrupt)
+    inputs = keras.Input((8, 8, 1))
+    logits = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+    with pytest.raises(PseudoLabelError, match="not probabilities"):
+        model_io.adopt(logits, [str(i) for i in range(10)], "0-255", "logits.keras")
+    with pytest.raises(PseudoLabelError, match="predicts 10 classes but there are 3"):
+        model_io.adopt(logits, ["a", "b", "c"], "0-255", "logits.keras")
+
+
+@pytest.mark.parametrize("module", ["resnet50", "mobilenet_v2", "densenet", "efficientnet"])
+def test_named_keras_preprocessing_matches_keras(module, tmp_path):
+    """A named input_scale runs keras.applications' own preprocess_input inside the model."""
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Softmax()(keras.layers.Flatten()(inputs)))
+    wrapped, meta = model_io.adopt(model, [str(i) for i in range(192)], module, "m")
+    model_io.save(wrapped, tmp_path / "t.keras", meta)
+    reloaded, _ = model_io.load(tmp_path / "t.keras")  # safe mode: the layer is registered
+    x = _raw_pixels((2, 8, 8, 3))
+    preprocess = getattr(keras.applications, module).preprocess_input
+    expected = model.predict(preprocess(x.copy()), verbose=0)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-7)
