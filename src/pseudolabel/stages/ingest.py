@@ -1,12 +1,16 @@
-"""ingest: build the seed's folder layout from a built-in source."""
+"""ingest: build the seed's folder layout from a built-in source or from the user's folders."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+import mlflow
+
+from pseudolabel import tracking
+from pseudolabel.data import folder, sources
 from pseudolabel.data import ingest as ingest_lib
-from pseudolabel.data import sources
+from pseudolabel.data.validate import REASONS
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import write_json
 
@@ -15,6 +19,8 @@ log = logging.getLogger(__name__)
 
 def ingest(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """Build data/image_dataset/{train,val,test}/<class>/ and data/unlabeled/ from a source."""
+    if cfg.data.source == "folder":
+        return _ingest_folder(cfg, paths)
     data = cfg.data
     source = sources.load(data.source, data.idx_dir)
     split = ingest_lib.split_indices(
@@ -26,7 +32,52 @@ def ingest(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         cfg.seed,
     )
     counts = ingest_lib.write_layout(source, split, paths.labeled, paths.unlabeled)
+    folder.Report(paths.ingest_report).close()  # generated images: nothing to report
     summary = {part: sum(per_class.values()) for part, per_class in counts.items()}
     write_json(paths.metrics / "ingest.json", {"images": summary, "per_class": counts})
     log.info("ingest: %s", summary)
+    return summary
+
+
+def _ingest_folder(cfg, paths: Paths) -> dict[str, Any]:
+    """Check the user's folders, write the view and the report; counts to metrics and MLflow."""
+    data = cfg.data
+    params = {
+        f"data.{k}": data[k]
+        for k in ("source", "labeled_root", "unlabeled_root", "link", "min_size")
+    }
+    params.update({"data.near_duplicates": data.near_duplicates, "seed": cfg.seed})
+    with tracking.start_run(cfg, "ingest", params):
+        try:
+            outcome = folder.ingest_folder(
+                data,
+                cfg.seed,
+                paths.labeled,
+                paths.unlabeled,
+                paths.ingest_report,
+                paths.ingest_cache,
+            )
+        finally:
+            if paths.ingest_report.is_file():
+                mlflow.log_artifact(str(paths.ingest_report))
+        summary = {
+            **{part: sum(pc.values()) for part, pc in outcome.per_class.items()},
+            "unlabeled": outcome.unlabeled,
+        }
+        reported = {reason: outcome.reasons.get(reason, 0) for reason in REASONS}
+        mlflow.log_metrics(
+            {
+                **{f"images.{k}": v for k, v in summary.items()},
+                **{f"reported.{k}": v for k, v in reported.items()},
+                "converted_to_png": outcome.converted,
+            }
+        )
+    metrics = {
+        "images": summary,
+        "per_class": outcome.per_class,
+        "reported": reported,
+        "converted_to_png": outcome.converted,
+    }
+    write_json(paths.metrics / "ingest.json", metrics)
+    log.info("ingest: %s; reported %s", summary, {k: v for k, v in reported.items() if v})
     return summary

@@ -1,0 +1,214 @@
+"""One user file at a time: can training use it, decoded exactly as training decodes it?
+
+`check_file` never writes: it reads the bytes once, hashes them (exact duplicates), decodes them
+with `tf.io.decode_image(..., expand_animations=False)` like `images.decode_image`, and computes a
+64-bit difference hash (near duplicates). The result names a reason when the file is unusable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+from pseudolabel.data.images import IMAGE_EXTENSIONS
+
+# Reason ids (CSV / metrics keys) -> what they mean. Files with these are left out of the view,
+# except the warning, which is reported and kept.
+REASONS = {
+    "zero_byte": "empty file (0 bytes)",
+    "not_an_image": "not an image file",
+    "unsupported_format": "an image format TensorFlow does not decode (use JPEG/PNG/BMP/GIF/WebP)",
+    "corrupt": "truncated or corrupt image that TensorFlow cannot decode",
+    "too_small": "smaller than data.min_size",
+    "symlink_outside": "symbolic link pointing outside its folder",
+    "unreadable": "cannot be read (permissions, broken or looping link)",
+    "leak_duplicate": "unlabelled copy of a val/test image (excluded: it would leak the test set)",
+    "leak_near_duplicate": "unlabelled near-copy of a val/test image (excluded: leak)",
+    "duplicate": "duplicate inside the unlabelled folder (the first copy is kept)",
+    "warning_train_duplicate": "warning: train image identical to a val/test image (kept)",
+}
+WARNINGS = ("warning_train_duplicate",)
+
+# Magic bytes of the formats TensorFlow's decode_image reads.
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+_EXTENSION = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp"}
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What one file is: usable (reason None) or why not, plus what dedup and the view need."""
+
+    path: str
+    size: int = 0
+    mtime_ns: int = 0
+    reason: str | None = None
+    detail: str = ""
+    sha256: str = ""
+    height: int = 0
+    width: int = 0
+    dhash: int | None = None  # perceptual hash, signed 64-bit; only with near_duplicates
+    fmt: str = ""
+    # TensorFlow decodes it only as RGB (GIF/BMP/WebP/CMYK JPEG with channels=1): the view then
+    # holds a PNG converted by TensorFlow, so training and labelling decode the same pixels.
+    convert: bool = False
+
+
+def sniff(head: bytes) -> str | None:
+    """The format TensorFlow would recognise from the first bytes, or None."""
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def view_name(name: str, check: FileCheck) -> str:
+    """File name in the normalised view: a PNG when converted; an image extension always."""
+    if check.convert:
+        return name + ".png"
+    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+        return name
+    return name + _EXTENSION[check.fmt]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    height: int
+    width: int
+    dhash: int | None  # 64-bit difference hash as a signed int (SQLite's INTEGER)
+    converted: bool  # decoded as RGB and converted to grey (see FileCheck.convert)
+
+
+def _decode(raw: bytes, channels: int) -> np.ndarray:
+    return tf.io.decode_image(raw, channels=channels, expand_animations=False).numpy()
+
+
+def difference_hash(grey: np.ndarray) -> int:
+    """64-bit dHash of a grey (H, W, 1) uint8 image, as a signed int (SQLite's INTEGER)."""
+    small = Image.fromarray(grey[..., 0]).resize((9, 8), Image.Resampling.BOX)
+    pixels = np.asarray(small, dtype=np.int16)
+    packed = np.packbits((pixels[:, 1:] > pixels[:, :-1]).ravel()).tobytes()
+    return int(np.frombuffer(packed, dtype=">i8")[0])
+
+
+def fingerprint(raw: bytes, channels: int, perceptual: bool = True) -> Fingerprint:
+    """Size (and perceptual hash) of image bytes as training decodes them; raises
+    tf.errors.OpError when TensorFlow cannot decode them. Eager ops: a tf.function call costs
+    more than decoding a small image."""
+    converted = False
+    try:
+        image = _decode(raw, channels)
+    except tf.errors.OpError:
+        if channels != 1:
+            raise
+        image, converted = _decode(raw, 3), True
+    dhash = None
+    if perceptual:
+        grey = image if image.shape[-1] == 1 else tf.image.rgb_to_grayscale(image).numpy()
+        dhash = difference_hash(grey)
+    return Fingerprint(int(image.shape[0]), int(image.shape[1]), dhash, converted)
+
+
+def encode_png(raw: bytes, channels: int) -> bytes:
+    """The PNG the view holds for a converted file: TensorFlow's RGB decode, made grey."""
+    rgb = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    image = tf.image.rgb_to_grayscale(rgb) if channels == 1 else rgb
+    return tf.io.encode_png(image).numpy()
+
+
+def _unidentified_reason(raw: bytes) -> str:
+    """A file with no TensorFlow image signature: another image format, or not an image."""
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            return "unsupported_format" if img.format else "not_an_image"
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "not_an_image"
+
+
+def _symlink_problem(path: Path, root: Path) -> FileCheck | None:
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        return FileCheck(str(path), reason="unreadable", detail=f"broken link: {exc}")
+    if not target.is_relative_to(root.resolve()):
+        return FileCheck(str(path), reason="symlink_outside", detail=f"-> {target}")
+    return None
+
+
+def check_file(path: Path, root: Path, channels: int, perceptual: bool = False) -> FileCheck:
+    """Check one file under `root` (the user folder it belongs to); never raises for bad data.
+    `perceptual`: also compute the perceptual hash (for near-duplicate checks)."""
+    path_str = str(path)
+    if path.is_symlink():
+        problem = _symlink_problem(path, root)
+        if problem:
+            return problem
+    try:
+        stat = path.stat()
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        return FileCheck(path_str, reason="unreadable", detail=exc.strerror or str(exc))
+    base = {"path": path_str, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if not raw:
+        return FileCheck(**base, reason="zero_byte")
+    fmt = sniff(raw[:16])
+    if fmt is None:
+        return FileCheck(**base, reason=_unidentified_reason(raw))
+    try:
+        found = fingerprint(raw, channels, perceptual)
+    except tf.errors.OpError as exc:
+        detail = exc.message.strip().splitlines()[-1][:200] if exc.message else ""
+        return FileCheck(**base, reason="corrupt", detail=f"{fmt}: {detail}", fmt=fmt)
+    return FileCheck(
+        **base,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        height=found.height,
+        width=found.width,
+        dhash=found.dhash,
+        fmt=fmt,
+        convert=found.converted,
+    )
+
+
+def hamming_min(values: np.ndarray, value: int) -> int:
+    """Smallest bit distance between `value` and any 64-bit hash in `values` (int64)."""
+    if values.size == 0:
+        return 64
+    differing = values.astype(np.int64) ^ np.int64(value)
+    return int(np.unpackbits(differing.view(np.uint8).reshape(-1, 8), axis=1).sum(1).min())
+
+
+def is_visible(name: str) -> bool:
+    """Hidden files and folders (.DS_Store, .ipynb_checkpoints, dot-files) are ignored."""
+    return not name.startswith(".")
+
+
+def walk_files(root: Path):
+    """Every visible file (and file symlink) under `root`, any depth, in a stable order; a
+    streaming walk, so memory does not grow with the number of files."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if is_visible(d))
+        for name in sorted(files):
+            if is_visible(name):
+                yield Path(folder) / name
+        for name in dirs:
+            # os.walk lists a symlinked folder but does not enter it: one that points elsewhere
+            # is yielded so that it is reported, not silently skipped.
+            link = Path(folder) / name
+            if link.is_symlink() and _symlink_problem(link, root):
+                yield link
