@@ -1,10 +1,18 @@
-"""Teacher predictions on unlabelled images -> one CSV row per image (threshold-free)."""
+"""Teacher predictions on unlabelled images -> one CSV row per image (threshold-free).
+
+Images are decoded in parallel by `tf.data` and prefetched while the model runs. With a
+`partial_dir`, raw predictions are flushed there in chunks, so a run killed at any point and
+started again continues where it stopped and writes the same CSV, byte for byte.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import keras
@@ -12,57 +20,185 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pseudolabel.calibration import apply_temperature
 from pseudolabel.data.images import path_image_dataset, require_images
+from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models.io import ModelMeta
 
 log = logging.getLogger(__name__)
 
 PROB_PREFIX = "prob_"
+SCORE_COLUMNS = ["confidence", "raw_confidence", "margin", "entropy"]
+CHUNK_SIZE = 4096
 
 
 def prob_columns(class_names: list[str]) -> list[str]:
     return [f"{PROB_PREFIX}{name}" for name in class_names]
 
 
+def probabilities(frame: pd.DataFrame, class_names: list[str], what: str = "CSV") -> np.ndarray:
+    """The per-class probability columns as an array; an error names the missing columns."""
+    missing = [c for c in prob_columns(class_names) if c not in frame.columns]
+    if missing:
+        raise PseudoLabelError(
+            f"{what} lacks probability column(s) {', '.join(missing)}; re-run the pseudo_label "
+            "stage (it writes one prob_<class> column per class)."
+        )
+    return frame[prob_columns(class_names)].to_numpy(dtype=np.float64)
+
+
+def _relative(path: str, root: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _fingerprint(model: keras.Model, meta: ModelMeta, relative: list[str], batch_size: int) -> str:
+    """What a partial run depends on: the model's weights, its input, the files, the batching."""
+    digest = hashlib.md5()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    header = [meta.class_names, meta.image_size, meta.channels, meta.input_scale, batch_size]
+    digest.update(json.dumps(header).encode())
+    digest.update("\n".join(relative).encode())
+    return digest.hexdigest()
+
+
+class _Chunks:
+    """Raw predictions flushed to numbered .npz files, each written atomically."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = folder
+        stamp = folder / "fingerprint"
+        if folder.is_dir() and (
+            not stamp.is_file() or stamp.read_text(encoding="utf-8") != fingerprint
+        ):
+            log.info("%s belongs to another model or file list; starting afresh", folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint, encoding="utf-8")
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("chunk-*.npz"))
+
+    def load(self) -> tuple[list[str], list[np.ndarray], int]:
+        """Paths and probabilities saved so far, and the index of the first file still to do."""
+        paths: list[str] = []
+        probs: list[np.ndarray] = []
+        end = 0
+        for chunk in self.files():
+            with np.load(chunk) as saved:
+                paths.extend(saved["paths"].tolist())
+                probs.append(saved["probs"])
+                end = int(saved["end"])
+        return paths, probs, end
+
+    def save(self, paths: list[str], probs: np.ndarray, end: int) -> None:
+        target = self.folder / f"chunk-{len(self.files()):06d}.npz"
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, paths=np.asarray(paths, dtype=str), probs=probs, end=end)
+        os.replace(tmp, target)
+
+
+def _predict(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Probabilities for one batch; a short last batch is padded to the full size so the
+    compiled predict function is never traced again for a new shape."""
+    short = batch_size - len(images)
+    if short > 0:
+        images = np.pad(images, [(0, short)] + [(0, 0)] * (images.ndim - 1))
+    return np.asarray(model.predict_on_batch(images), np.float32)[: batch_size - short]
+
+
 def predict_folder(
-    model: keras.Model, meta: ModelMeta, unlabeled_dir: Path, batch_size: int
+    model: keras.Model,
+    meta: ModelMeta,
+    unlabeled_dir: Path,
+    batch_size: int,
+    temperature: float = 1.0,
+    partial_dir: Path | None = None,
+    chunk_size: int = CHUNK_SIZE,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Predict every image under `unlabeled_dir`, streamed in batches with a progress bar.
 
-    Returns the predictions (sorted by path, relative to `unlabeled_dir`) and the relative paths
-    of files that could not be decoded.
+    Returns the predictions (sorted by path, relative to `unlabeled_dir`, probabilities scaled by
+    `temperature`) and the relative paths of files that could not be decoded. With
+    `partial_dir`, results are flushed there every `chunk_size` images and a later call resumes
+    from them; the folder is removed once the predictions are complete.
     """
-    files = require_images(unlabeled_dir, "unlabelled")
-    ds = path_image_dataset([str(f) for f in files], meta.image_size, meta.channels, batch_size)
-    seen: list[str] = []
-    probs: list[np.ndarray] = []
-    with tqdm(total=len(files), desc="pseudo-label", unit="img", mininterval=2) as bar:
-        for path_batch, image_batch in ds:
-            probs.append(np.asarray(model.predict_on_batch(image_batch), dtype=np.float64))
-            seen.extend(p.decode() for p in path_batch.numpy())
-            bar.update(len(path_batch))
+    files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
     root = str(unlabeled_dir)
-    relative = [os.path.relpath(p, root).replace(os.sep, "/") for p in seen]
-    failed = sorted(
-        os.path.relpath(str(f), root).replace(os.sep, "/") for f in set(map(str, files)) - set(seen)
+    relative = [_relative(f, root) for f in files]
+    position = {f: i for i, f in enumerate(files)}
+    chunks = (
+        _Chunks(partial_dir, _fingerprint(model, meta, relative, batch_size))
+        if partial_dir is not None
+        else None
     )
+    seen, probs, start = chunks.load() if chunks else ([], [], 0)
+    if start:
+        log.info("resuming after %d of %d images (%s)", start, len(files), partial_dir)
+    pending_paths: list[str] = []
+    pending_probs: list[np.ndarray] = []
+    end = start
+
+    def flush() -> None:
+        if pending_paths:
+            block = np.concatenate(pending_probs)
+            if chunks:
+                chunks.save(pending_paths, block, end)
+            seen.extend(pending_paths)
+            probs.append(block)
+            pending_paths.clear()
+            pending_probs.clear()
+
+    ds = path_image_dataset(files[start:], meta.image_size, meta.channels, batch_size)
+    with tqdm(
+        total=len(files), initial=start, desc="pseudo-label", unit="img", mininterval=2
+    ) as bar:
+        for path_batch, image_batch in ds:
+            batch_paths = [p.decode() for p in path_batch.numpy()]
+            pending_probs.append(_predict(model, image_batch.numpy(), batch_size))
+            pending_paths.extend(_relative(p, root) for p in batch_paths)
+            new_end = position[batch_paths[-1]] + 1
+            bar.update(new_end - end)
+            end = new_end
+            if len(pending_paths) >= chunk_size:
+                flush()
+    end = len(files)
+    flush()
+    bar.close()
+    done = set(seen)
+    failed = [rel for rel in relative if rel not in done]
     if failed:
         log.warning("%d unlabelled file(s) could not be decoded and were skipped", len(failed))
-    return to_frame(
-        relative,
-        np.concatenate(probs) if probs else np.zeros((0, meta.num_classes)),
-        meta.class_names,
-    ), failed
+    raw = np.concatenate(probs) if probs else np.zeros((0, meta.num_classes), np.float32)
+    frame = to_frame(seen, apply_temperature(raw, temperature), meta.class_names, raw)
+    if chunks:
+        shutil.rmtree(partial_dir)
+    return frame, failed
 
 
-def to_frame(paths: list[str], probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    """path, label (class name), confidence (top-1), then one probability column per class."""
+def to_frame(
+    paths: list[str],
+    probs: np.ndarray,
+    class_names: list[str],
+    raw_probs: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """path, label, confidence (top-1 of `probs`), raw_confidence (top-1 of `raw_probs`, the
+    uncalibrated output), margin (top-1 minus top-2), entropy, then one probability per class."""
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(paths), len(class_names))
+    raw = probs if raw_probs is None else np.asarray(raw_probs, np.float64).reshape(probs.shape)
+    ranked = np.sort(probs, axis=1)
     top = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     frame = pd.DataFrame(
         {
             "path": paths,
             "label": [class_names[i] for i in top],
-            "confidence": probs.max(axis=1) if len(probs) else np.zeros(0),
+            "confidence": ranked[:, -1] if len(probs) else np.zeros(0),
+            "raw_confidence": raw.max(axis=1) if len(probs) else np.zeros(0),
+            "margin": (ranked[:, -1] - ranked[:, -2])
+            if len(probs) and len(class_names) > 1
+            else np.zeros(len(probs)),
+            "entropy": -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1),
         }
     )
     frame[prob_columns(class_names)] = probs
@@ -78,7 +214,14 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"path": str, "label": str})
+    """The pseudo-label CSV; an error says which required column is missing."""
+    frame = pd.read_csv(path, dtype={"path": str, "label": str})
+    missing = [c for c in ("path", "label", "confidence") if c not in frame.columns]
+    if missing:
+        raise PseudoLabelError(
+            f"{path}: column(s) {', '.join(missing)} missing; re-run the pseudo_label stage."
+        )
+    return frame
 
 
 def batches(n: int, batch_size: int) -> int:

@@ -112,3 +112,143 @@ def confusion(matrix: np.ndarray, class_names: list[str], title: str) -> Figure:
     ax.set(xlabel="predicted", ylabel="actual", title=title)
     fig.tight_layout()
     return fig
+
+
+def reliability_diagram(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> Figure:
+    """Accuracy against confidence per bin on val, raw and calibrated (from
+    `calibration.reliability`); the diagonal is perfect calibration."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, table, title in ((axes[0], before, "raw softmax"), (axes[1], after, "calibrated")):
+        width = 1.0 / len(table["lower"])
+        filled = table["count"] > 0
+        ax.bar(
+            table["lower"][filled],
+            table["accuracy"][filled],
+            width=width,
+            align="edge",
+            edgecolor="black",
+            color="tab:blue",
+            label="accuracy",
+        )
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.plot(table["confidence"][filled], table["accuracy"][filled], "o", color="tab:red")
+        ax.set(xlabel="confidence", xlim=(0, 1), ylim=(0, 1), title=title)
+    axes[0].set_ylabel("val accuracy")
+    axes[0].legend(loc="upper left")
+    fig.suptitle("Reliability on the labelled val set")
+    fig.tight_layout()
+    return fig
+
+
+def threshold_analysis(
+    table: pd.DataFrame,
+    class_names: list[str],
+    threshold: float | None,
+    recommended: float | None,
+    target: float,
+) -> Figure:
+    """Coverage (overall and per class) and estimated precision against the threshold, with
+    the configured and the recommended thresholds marked."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    x = table["threshold"]
+    for name in class_names:
+        ax.plot(x, table[f"coverage_{name}"], color="tab:blue", alpha=0.25, linewidth=0.8)
+    ax.plot(x, table["coverage"], color="tab:blue", linewidth=2.2, label="coverage (unlabelled)")
+    ax.plot([], [], color="tab:blue", alpha=0.35, linewidth=0.8, label="coverage per class")
+    ax.plot(
+        x, table["precision"], color="tab:green", linewidth=2.2, label="precision (val estimate)"
+    )
+    ax.axhline(target, color="tab:green", linestyle=":", linewidth=1, label=f"target {target:g}")
+    if threshold is not None:
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"configured {threshold:g}")
+    if recommended is not None:
+        ax.axvline(
+            recommended, color="tab:green", linestyle="--", label=f"recommended {recommended:g}"
+        )
+    ax.set(
+        xlabel="confidence threshold",
+        ylabel="share",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title="Images kept vs. precision to expect",
+    )
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _thumb(ax, image: np.ndarray | None, caption: str) -> None:
+    ax.axis("off")
+    if image is not None:
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=7)
+
+
+def qa_grid(
+    name: str,
+    accepted: list[tuple[np.ndarray, float]],
+    rejected: list[tuple[np.ndarray, float]],
+    columns: int,
+    totals: tuple[int, int] | None = None,
+) -> Figure:
+    """Two rows for class `name`: the least confident accepted images (does rubbish get in?)
+    and the most confident rejected ones (is good data left out?), with their confidences.
+    `totals`: how many images of the class were accepted and rejected in all."""
+    fig, axes = plt.subplots(2, columns, figsize=(1.2 * columns, 3.0), squeeze=False)
+    for row, items in enumerate((accepted, rejected)):
+        for col in range(columns):
+            image, conf = items[col] if col < len(items) else (None, 0.0)
+            _thumb(axes[row, col], image, f"{conf:.2f}")
+    axes[0, 0].text(
+        -0.1,
+        0.5,
+        "accepted,\nleast sure",
+        transform=axes[0, 0].transAxes,
+        ha="right",
+        va="center",
+        fontsize=8,
+    )
+    axes[1, 0].text(
+        -0.1,
+        0.5,
+        "rejected,\nmost sure",
+        transform=axes[1, 0].transAxes,
+        ha="right",
+        va="center",
+        fontsize=8,
+    )
+    kept, left = totals or (len(accepted), len(rejected))
+    fig.suptitle(f"{name}: {kept:,} accepted, {left:,} rejected", fontsize=9)
+    return fig
+
+
+SWEEP_PANELS = {
+    "student_accuracy": "student test accuracy",
+    "gain": "gain over the teacher",
+    "kept_fraction": "coverage (kept fraction)",
+    "estimated_precision": "estimated precision (val)",
+}
+
+
+def sweep_summary(table: pd.DataFrame, swept: str) -> Figure:
+    """One panel per summary metric (those present in `table`) against the swept value."""
+    panels = [c for c in SWEEP_PANELS if c in table and table[c].notna().any()]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.6 * max(1, len(panels)), 3.2))
+    axes = np.atleast_1d(axes)
+    numeric = pd.to_numeric(table[swept], errors="coerce")
+    ordered = table.assign(_x=numeric).sort_values("_x" if numeric.notna().all() else swept)
+    x = ordered["_x"] if numeric.notna().all() else np.arange(len(ordered))
+    for ax, column in zip(axes, panels, strict=False):
+        ax.plot(x, ordered[column], marker="o")
+        if column == "student_accuracy" and "teacher_accuracy" in ordered:
+            ax.axhline(ordered["teacher_accuracy"].mean(), color="grey", ls="--", label="teacher")
+            ax.legend(fontsize=8)
+        if column == "gain":
+            ax.axhline(0.0, color="grey", lw=0.8)
+        if not numeric.notna().all():
+            ax.set_xticks(x, ordered[swept].astype(str), rotation=30)
+        ax.set_title(SWEEP_PANELS[column], fontsize=10)
+        ax.set_xlabel(swept)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -86,6 +86,11 @@ def labelled_files(folder: Path, class_names: Sequence[str]) -> tuple[list[str],
     return paths, np.asarray(labels, dtype=np.int64)
 
 
+def _target(y: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """One-hot for a class index; a probability vector (a soft label) passes through."""
+    return tf.one_hot(y, num_classes) if y.shape.rank == 0 else tf.cast(y, tf.float32)
+
+
 def labelled_dataset(
     paths: Sequence[str],
     labels: np.ndarray,
@@ -101,7 +106,7 @@ def labelled_dataset(
     if shuffle:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(
-        lambda p, y: (decode_image(p, image_size, channels), tf.one_hot(y, num_classes)),
+        lambda p, y: (decode_image(p, image_size, channels), _target(y, num_classes)),
         num_parallel_calls=AUTOTUNE,
     )
     return ds.batch(batch_size).prefetch(AUTOTUNE)
@@ -126,7 +131,7 @@ def mixed_dataset(
     ]
     ds = tf.data.Dataset.sample_from_datasets(parts, weights=list(weights), seed=seed)
     ds = ds.map(
-        lambda p, y: (decode_image(p, image_size, channels), tf.one_hot(y, num_classes)),
+        lambda p, y: (decode_image(p, image_size, channels), _target(y, num_classes)),
         num_parallel_calls=AUTOTUNE,
     )
     return ds.batch(batch_size).prefetch(AUTOTUNE)

@@ -1,41 +1,121 @@
-"""pseudo_label: the teacher's predictions for every unlabelled image (no threshold)."""
+"""pseudo_label: the teacher's calibrated predictions for every unlabelled image (no threshold).
+
+Everything here is threshold-free, so changing the threshold or the selection never re-runs it:
+the CSV, the temperature fitted on val, the reliability diagram, and the threshold-analysis
+table (coverage and estimated precision for every threshold) that `merge` marks up.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
+import keras
 import mlflow
+import numpy as np
 import pandas as pd
+import yaml
 
-from pseudolabel import labeling, plots, tracking
-from pseudolabel.data.images import require_images
+from pseudolabel import calibration, labeling, plots, thresholds, tracking
+from pseudolabel.data.images import labelled_dataset, labelled_files, require_images
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import write_json
 
 log = logging.getLogger(__name__)
 
+PARTIAL = ".data.csv.partial"
+
+
+def analysis_csv(paths: Paths) -> Path:
+    """The threshold-analysis table (`dvc plots show` renders it)."""
+    return paths.plots / "pseudo_label" / "threshold_analysis.csv"
+
+
+def _val_probabilities(
+    model: keras.Model, meta: model_io.ModelMeta, paths: Paths, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's raw probabilities on the labelled val set, and the true labels."""
+    files, labels = labelled_files(paths.val, meta.class_names)
+    ds = labelled_dataset(
+        files, labels, meta.num_classes, meta.image_size, meta.channels, batch_size
+    )
+    return np.asarray(model.predict(ds, verbose=0), dtype=np.float64), labels
+
+
+def unlabeled_dvc_hash(paths: Paths) -> str | None:
+    """The unlabelled folder's DVC hash: from dvc.lock if it is there, else computed the way
+    DVC does, or None with a log line if neither works."""
+    for base in dict.fromkeys((paths.root, paths.data_root or paths.root)):
+        lock = base / "dvc.lock"
+        if not lock.is_file():
+            continue
+        rel = Path(os.path.relpath(paths.unlabeled, base)).as_posix()
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                if out.get("path") == rel and out.get("md5"):
+                    return out["md5"]
+    try:
+        return tracking.dvc_hash(paths.unlabeled)
+    except Exception as exc:  # an optional tag: never fail the labelling for it
+        log.info("unlabelled data's DVC hash not tagged (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+def _class_indices(labels: pd.Series, class_names: list[str]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(class_names)}
+    return labels.map(index).to_numpy(dtype=np.int64)
+
 
 def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """Teacher predictions for every unlabelled image -> outputs/data.csv (no threshold)."""
+    pl = cfg.pseudo_label
     require_images(paths.unlabeled, "unlabelled")
     model, meta = model_io.load(paths.model("teacher"))
+    val_raw, val_true = _val_probabilities(model, meta, paths, pl.batch_size)
+    fitted = (
+        calibration.fit_temperature(val_raw, val_true)
+        if pl.calibrate
+        else calibration.measure(val_raw, val_true)
+    )
     with tracking.start_run(
         cfg,
         "pseudo_label",
-        {"pseudo_label.batch_size": cfg.pseudo_label.batch_size},
+        {f"pseudo_label.{key}": pl[key] for key in ("batch_size", "chunk_size", "calibrate")},
         {"teacher_run_id": meta.run_id},
     ):
         predictions, failed = labeling.predict_folder(
-            model, meta, paths.unlabeled, cfg.pseudo_label.batch_size
+            model,
+            meta,
+            paths.unlabeled,
+            pl.batch_size,
+            temperature=fitted.temperature,
+            partial_dir=paths.outputs / PARTIAL,
+            chunk_size=pl.chunk_size,
         )
         labeling.write_csv(predictions, paths.csv)
         errors = pd.DataFrame({"path": failed, "reason": "cannot be decoded"})
         labeling.write_csv(errors, paths.outputs / "errors.csv")
+        val_probs = calibration.apply_temperature(val_raw, fitted.temperature)
+        table = thresholds.analysis_table(
+            predictions["confidence"].to_numpy(),
+            _class_indices(predictions["label"], meta.class_names),
+            val_probs.max(axis=1),
+            val_probs.argmax(axis=1),
+            val_true,
+            meta.class_names,
+        )
+        labeling.write_csv(table, analysis_csv(paths))
         figures = {
             "confidence.png": plots.confidence_overview(predictions),
             "confidence_per_class.png": plots.confidence_per_class(predictions, meta.class_names),
+            "reliability.png": plots.reliability_diagram(
+                calibration.reliability(val_raw, val_true),
+                calibration.reliability(val_probs, val_true),
+            ),
         }
         for name, fig in figures.items():
             plots.save(fig, paths.outputs / "plots" / name)
@@ -44,6 +124,8 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             "images": len(predictions),
             "failed": len(failed),
             "mean_confidence": round(float(conf.mean()), 6),
+            "mean_raw_confidence": round(float(predictions["raw_confidence"].mean()), 6),
+            "calibration": fitted.metrics(),
             "fraction_at_least": {
                 f"{t:g}": round(float((conf >= t).mean()), 6) for t in (0.5, 0.7, 0.8, 0.9, 0.95)
             },
@@ -54,9 +136,13 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         mlflow.log_metrics(
             tracking.flatten({k: v for k, v in metrics.items() if k != "predicted_per_class"})
         )
-        csv_md5 = tracking.md5(paths.csv)
-        mlflow.set_tag("pseudo_label_csv_md5", csv_md5)
+        mlflow.log_metrics({f"predicted.{k}": v for k, v in metrics["predicted_per_class"].items()})
+        mlflow.set_tag(tracking.CSV_TAG, tracking.md5(paths.csv))
+        data_hash = unlabeled_dvc_hash(paths)
+        if data_hash:
+            mlflow.set_tag(tracking.UNLABELED_TAG, data_hash)
         mlflow.log_artifact(str(paths.csv))
+        mlflow.log_artifact(str(analysis_csv(paths)))
         mlflow.log_artifacts(str(paths.outputs / "plots"), "plots")
     write_json(paths.metrics / "pseudo_label.json", metrics)
     log.info("pseudo_label: %d images labelled, %d failed", len(predictions), len(failed))

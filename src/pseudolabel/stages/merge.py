@@ -1,22 +1,62 @@
-"""merge: copies of the labelled images plus the selected pseudo-labelled ones."""
+"""merge: copies of the labelled images plus the selected pseudo-labelled ones.
+
+Everything that depends on the threshold or the selection lives here, so changing them re-runs
+only this stage: the selection, the threshold-analysis figure with the configured and the
+recommended threshold, the charts with the threshold line, and the visual QA grids.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
-from pseudolabel import labeling, merging, plots
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pseudolabel import labeling, merging, plots, thresholds, tracking
+from pseudolabel.config import to_dict
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import write_json
+from pseudolabel.stages.label import analysis_csv
 
 log = logging.getLogger(__name__)
 
 
+def _images(rows: pd.DataFrame, root: Path) -> list[tuple[np.ndarray, float]]:
+    return [
+        (np.asarray(Image.open(root / rel)), float(conf))
+        for rel, conf in zip(rows["path"], rows["confidence"], strict=True)
+    ]
+
+
+def qa_grids(
+    predictions: pd.DataFrame,
+    accepted: pd.DataFrame,
+    class_names: list[str],
+    unlabeled_dir: Path,
+    out_dir: Path,
+    n: int,
+) -> list[Path]:
+    """One PNG per class: its least confident accepted and most confident rejected images."""
+    written = []
+    for name in class_names:
+        low, high, totals = merging.qa_examples(predictions, accepted, name, n)
+        fig = plots.qa_grid(
+            name, _images(low, unlabeled_dir), _images(high, unlabeled_dir), n, totals
+        )
+        written.append(plots.save(fig, out_dir / f"{name}.png"))
+    return written
+
+
 def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
-    """data/train_ssl/<class>/: copies of the labelled images plus the confident pseudo-labels."""
-    threshold = cfg.pseudo_label.threshold
+    """data/train_ssl/<class>/: copies of the labelled images plus the selected pseudo-labels."""
+    pl = cfg.pseudo_label
+    threshold = pl.threshold
     meta = model_io.read_meta(paths.model("teacher"))
     if meta is None:
         raise PseudoLabelError(
@@ -26,30 +66,71 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         raise PseudoLabelError(
             f"{paths.csv}: pseudo-label CSV not found; run the pseudo_label stage."
         )
+    class_names = meta.class_names
     predictions = labeling.read_csv(paths.csv)
-    accepted = merging.select(predictions, threshold)
-    counts = merging.build_merged(
-        paths.train, paths.unlabeled, accepted, paths.merged, meta.class_names
+    merging.check_rows(predictions, paths.unlabeled, class_names)  # before writing anything
+    table = pd.read_csv(analysis_csv(paths)) if analysis_csv(paths).is_file() else None
+    recommended = thresholds.recommend(table, pl.target_precision) if table is not None else None
+    per_class = None
+    if pl.selection == "per_class":
+        configured = to_dict(pl.per_class_threshold) if pl.per_class_threshold else None
+        per_class = thresholds.class_thresholds(
+            class_names, configured, threshold, table, pl.target_precision
+        )
+    accepted = merging.choose(
+        predictions, pl.selection, class_names, threshold, per_class, pl.top_k, pl.duplicate
     )
-    for name, fig in {
+    counts = merging.build_merged(paths.train, paths.unlabeled, accepted, paths.merged, class_names)
+    out = paths.outputs / "selection"
+    figures = {
         "confidence.png": plots.confidence_overview(predictions, threshold),
-        "confidence_per_class.png": plots.confidence_per_class(
-            predictions, meta.class_names, threshold
-        ),
-    }.items():
-        plots.save(fig, paths.outputs / "selection" / name)
+        "confidence_per_class.png": plots.confidence_per_class(predictions, class_names, threshold),
+    }
+    if table is not None:
+        figures["threshold_analysis.png"] = plots.threshold_analysis(
+            table, class_names, threshold, recommended, pl.target_precision
+        )
+    for name, fig in figures.items():
+        plots.save(fig, out / name)
+    qa_grids(predictions, accepted, class_names, paths.unlabeled, out / "qa", pl.qa_images)
     metrics = {
         "threshold": threshold,
+        "selection": pl.selection,
+        "recommended_threshold": recommended,
+        "target_precision": pl.target_precision,
+        "class_thresholds": per_class,
         "pseudo_labeled": len(accepted),
         "kept_fraction": round(len(accepted) / max(1, len(predictions)), 6),
         "labeled": sum(c["labeled"] for c in counts.values()),
         "per_class": counts,
     }
+    csv_md5 = tracking.md5(paths.csv)
+    tracking.configure(cfg)
+    labelling = tracking.find_labelling_run(csv_md5, mlflow.MlflowClient())
+    tags = {tracking.CSV_TAG: csv_md5}
+    if labelling:  # shown nested under the labelling run in the MLflow UI
+        parent = labelling.info.run_id
+        tags |= {"mlflow.parentRunId": parent, "pseudo_label_run_id": parent}
+    params = {f"pseudo_label.{k}": v for k, v in to_dict(pl).items()}
+    with tracking.start_run(cfg, "merge", params, tags):
+        mlflow.log_metrics(
+            {
+                "pseudo_labeled": len(accepted),
+                "kept_fraction": metrics["kept_fraction"],
+                **({"recommended_threshold": recommended} if recommended is not None else {}),
+                **{f"kept.{name}": c["pseudo"] for name, c in counts.items()},
+            }
+        )
+        mlflow.log_artifacts(str(out), "selection")
+        if table is not None:
+            mlflow.log_artifact(str(analysis_csv(paths)))
     write_json(paths.metrics / "merge.json", metrics)
     log.info(
-        "merge: kept %d of %d pseudo-labels at threshold %s",
+        "merge (%s): kept %d of %d pseudo-labels; recommended threshold %s for precision %g",
+        pl.selection,
         len(accepted),
         len(predictions),
-        threshold,
+        recommended,
+        pl.target_precision,
     )
     return metrics

@@ -1,0 +1,297 @@
+"""Pseudo-labels people can trust: calibration, threshold analysis, selection, QA, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pseudolabel import calibration, merging, thresholds, tracking
+from pseudolabel.config import to_dict, to_yaml, validate
+from pseudolabel.data.images import list_images
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.labeling import prob_columns, read_csv
+from pseudolabel.paths import Paths
+from pseudolabel.stages import merge, pseudo_label
+from pseudolabel.stages.label import PARTIAL, analysis_csv
+from pseudolabel.stages.train import _training_data
+
+CLASSES = [f"digit_{i}" for i in range(10)]
+
+
+def _cfg(smoke_cfg, **pseudo_label):
+    raw = to_dict(smoke_cfg)
+    raw["pseudo_label"].update(pseudo_label)
+    return validate(raw)
+
+
+def _project(pipeline, tmp_path) -> Paths:
+    """A project root that reads the pipeline's data, teacher and CSV and writes its own merge."""
+    paths = Paths(tmp_path / "project")
+    (paths.root / "data").mkdir(parents=True)
+    os.symlink(pipeline.labeled.resolve(), paths.labeled)
+    os.symlink(pipeline.unlabeled.resolve(), paths.unlabeled)
+    os.symlink(pipeline.models.resolve(), paths.models)
+    paths.outputs.mkdir()
+    shutil.copy(pipeline.csv, paths.csv)
+    analysis_csv(paths).parent.mkdir(parents=True)
+    shutil.copy(analysis_csv(pipeline), analysis_csv(paths))
+    return paths
+
+
+# --- selection strategies ---------------------------------------------------------------
+
+
+def test_global_threshold_and_null(pipeline):
+    frame = read_csv(pipeline.csv)
+    kept = merging.choose(frame, "threshold", CLASSES, threshold=0.6)
+    assert (kept["confidence"] >= 0.6).all()
+    assert len(kept) == int((frame["confidence"] >= 0.6).sum())
+    assert len(merging.choose(frame, "threshold", CLASSES, threshold=None)) == len(frame)
+
+
+def test_per_class_thresholds_configured_and_derived(pipeline):
+    frame = read_csv(pipeline.csv)
+    limits = thresholds.class_thresholds(CLASSES, {"digit_0": 0.95}, 0.2, None, 0.9)
+    assert limits["digit_0"] == 0.95 and limits["digit_5"] == 0.2
+    kept = merging.choose(frame, "per_class", CLASSES, thresholds=limits)
+    assert (kept["confidence"] >= kept["label"].map(limits.get).astype(float)).all()
+    rejected = frame.drop(kept.index)
+    assert (rejected["confidence"] < rejected["label"].map(limits.get).astype(float)).all()
+
+    table = pd.read_csv(analysis_csv(pipeline))
+    derived = thresholds.class_thresholds(CLASSES, None, None, table, 0.9)
+    for name, limit in derived.items():
+        reached = table.loc[table[f"precision_{name}"] >= 0.9, "threshold"]
+        assert limit == (reached.min() if len(reached) else 1.0)
+    with pytest.raises(PseudoLabelError, match="unknown class"):
+        thresholds.class_thresholds(CLASSES, {"cat": 0.5}, None, table, 0.9)
+
+
+def test_topk_is_class_balanced_and_duplicates_rare_classes(pipeline):
+    frame = read_csv(pipeline.csv)
+    per_class = frame["label"].value_counts()
+    k = int(per_class.median())
+    kept = merging.choose(frame, "topk", CLASSES, k=k)
+    for name in CLASSES:
+        mine, theirs = kept[kept["label"] == name], frame[frame["label"] == name]
+        assert len(mine) == min(k, len(theirs))
+        if len(theirs) > k:  # the most confident ones
+            assert mine["confidence"].min() >= theirs.drop(mine.index)["confidence"].max()
+    k = int(per_class.max()) + 1  # every class is now rare: its images are repeated up to k
+    padded = merging.choose(frame, "topk", CLASSES, k=k, duplicate=True)
+    counts = padded["label"].value_counts()
+    assert all(counts[name] == k for name in per_class.index)
+    assert set(padded["path"]) == set(frame["path"])
+    assert padded["path"].duplicated().any()
+    with pytest.raises(PseudoLabelError, match="top_k=0"):
+        merging.choose(frame, "topk", CLASSES, k=0)
+    with pytest.raises(PseudoLabelError, match="unknown"):
+        merging.choose(frame, "random", CLASSES)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"selection": "random"}, "selection"),
+        ({"target_precision": 0.0}, "target_precision"),
+        ({"target_precision": 1.5}, "target_precision"),
+        ({"top_k": 0}, "top_k"),
+        ({"per_class_threshold": {"digit_1": 2.0}}, "per_class_threshold"),
+    ],
+)
+def test_bad_selection_config_is_one_clear_error(smoke_cfg, override, key):
+    with pytest.raises(PseudoLabelError, match=key):
+        _cfg(smoke_cfg, **override)
+
+
+def test_merge_topk_writes_soft_targets_qa_grids_and_analysis(pipeline, smoke_cfg, tmp_path):
+    paths = _project(pipeline, tmp_path)
+    cfg = _cfg(smoke_cfg, selection="topk", top_k=30, duplicate=True, qa_images=4)
+    metrics = merge(cfg, paths)
+    predicted = read_csv(paths.csv)["label"].value_counts()
+    assert all(metrics["per_class"][name]["pseudo"] == 30 for name in predicted.index)
+    manifest = merging.read_manifest(paths.merged)
+    pseudo = manifest[manifest["source"] == "pseudo"]
+    assert len(pseudo) == 30 * len(predicted)
+    assert np.allclose(pseudo[prob_columns(CLASSES)].sum(axis=1), 1.0, atol=1e-4)
+    selection = paths.outputs / "selection"
+    assert sorted(p.stem for p in (selection / "qa").glob("*.png")) == CLASSES
+    assert (selection / "threshold_analysis.png").is_file()
+    assert 0.0 <= (metrics["recommended_threshold"] or 0.0) <= 1.0
+
+
+def test_soft_labels_feed_probability_vectors(pipeline, smoke_cfg, tmp_path):
+    paths = _project(pipeline, tmp_path)
+    merge(_cfg(smoke_cfg, threshold=None), paths)
+    raw = to_dict(smoke_cfg)
+    raw["student"]["soft_labels"] = True
+    raw["student"]["train"]["labeled_fraction"] = None
+    cfg = validate(raw)
+    files = [str(p) for p in list_images(paths.merged)]
+    ds = _training_data(cfg.student.train, paths.merged, files, None, CLASSES, [8, 8], 1, 0)
+    targets = np.concatenate([y.numpy() for _, y in ds])
+    assert targets.shape == (len(files), 10)
+    assert np.allclose(targets.sum(axis=1), 1.0, atol=1e-5)
+    assert (targets.max(axis=1) < 0.999).any()  # soft, not one-hot
+
+    manifest = merging.read_manifest(paths.merged)
+    manifest.drop(columns=prob_columns(CLASSES)).to_csv(paths.merged / merging.MANIFEST)
+    with pytest.raises(PseudoLabelError, match="probability column"):
+        _training_data(cfg.student.train, paths.merged, files, None, CLASSES, [8, 8], 1, 0)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [({"path": "../../escape.png"}, "not a file inside"), ({"label": "cat"}, "unknown class")],
+)
+def test_hand_edited_csv_is_refused_before_writing(pipeline, smoke_cfg, tmp_path, edit, message):
+    paths = _project(pipeline, tmp_path)
+    frame = read_csv(paths.csv)
+    for column, value in edit.items():
+        frame.loc[0, column] = value
+    frame.to_csv(paths.csv, index=False)
+    with pytest.raises(PseudoLabelError, match=message):
+        merge(smoke_cfg, paths)
+    assert not paths.merged.exists() and not (paths.outputs / "selection").exists()
+
+
+# --- calibration and threshold analysis ---------------------------------------------------
+
+
+def test_temperature_scaling_fixes_overconfidence():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 2000)
+    logits = rng.normal(size=(2000, 4))
+    logits[np.arange(2000), labels] += 1.0
+    overconfident = calibration.apply_temperature(
+        np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 0.25
+    )
+    fitted = calibration.fit_temperature(overconfident, labels)
+    assert fitted.temperature == pytest.approx(4.0, rel=0.2)
+    assert fitted.nll_after < fitted.nll_before and fitted.ece_after < fitted.ece_before
+
+
+def test_calibration_lowers_or_keeps_val_nll(pipeline):
+    metrics = json.loads((pipeline.metrics / "pseudo_label.json").read_text())["calibration"]
+    assert metrics["nll_after"] <= metrics["nll_before"] + 1e-9
+    frame = read_csv(pipeline.csv)
+    assert {"raw_confidence", "margin", "entropy"} <= set(frame.columns)
+    assert (pipeline.outputs / "plots" / "reliability.png").is_file()
+
+
+def test_threshold_analysis_is_consistent(pipeline):
+    table = pd.read_csv(analysis_csv(pipeline))
+    frame = read_csv(pipeline.csv)
+    assert list(table["threshold"]) == list(thresholds.THRESHOLDS)
+    assert table["coverage"].iloc[0] == 1.0
+    assert (np.diff(table["coverage"]) <= 1e-12).all()
+    for t in (0.3, 0.5, 0.8):
+        row = table[np.isclose(table["threshold"], t)].iloc[0]
+        assert row["coverage"] == pytest.approx((frame["confidence"] >= t).mean(), abs=2e-3)
+        name = frame["label"].mode()[0]
+        mine = frame.loc[frame["label"] == name, "confidence"]
+        assert row[f"coverage_{name}"] == pytest.approx((mine >= t).mean(), abs=5e-3)
+    # The recommendation: the lowest threshold whose precision reaches the target.
+    target = float(table["precision"].dropna().median())
+    chosen = thresholds.recommend(table, target)
+    assert table.loc[table["threshold"] == chosen, "precision"].iloc[0] >= target
+    assert (table.loc[table["threshold"] < chosen, "precision"].fillna(0) < target).all()
+    assert thresholds.recommend(table.assign(precision=0.1), 0.99) is None
+
+
+def test_analysis_precision_on_known_numbers():
+    table = thresholds.analysis_table(
+        np.array([0.9, 0.4]),
+        np.array([0, 1]),
+        val_confidence=np.array([0.95, 0.85, 0.6, 0.3]),
+        val_predicted=np.array([0, 1, 1, 0]),
+        val_true=np.array([0, 1, 0, 0]),
+        class_names=["a", "b"],
+    )
+    at = table.set_index("threshold")
+    assert at.loc[0.5, "precision"] == pytest.approx(2 / 3) and at.loc[0.5, "val_support"] == 3
+    assert at.loc[0.8, "precision"] == 1.0 and at.loc[0.5, "coverage"] == 0.5
+    assert at.loc[0.5, "precision_b"] == 0.5 and np.isnan(at.loc[0.99, "precision_a"])
+
+
+# --- streaming that resumes ----------------------------------------------------------------
+
+
+def _labelling_project(root, pipeline, unlabeled=None) -> Paths:
+    paths = Paths(root)
+    (root / "data").mkdir(parents=True)
+    os.symlink(pipeline.labeled.resolve(), paths.labeled)
+    os.symlink(pipeline.models.resolve(), paths.models)
+    if unlabeled is not None:
+        os.symlink(unlabeled, paths.unlabeled)
+    else:  # many hard-linked copies of the digits, so labelling lasts long enough to kill
+        for copy in range(4):
+            folder = paths.unlabeled / f"copy{copy:02d}"
+            folder.mkdir(parents=True)
+            for image in list_images(pipeline.unlabeled):
+                os.link(image, folder / image.name)
+    return paths
+
+
+def test_killed_labelling_resumes_to_the_same_csv(pipeline, smoke_cfg, tmp_path, caplog):
+    cfg = _cfg(smoke_cfg, batch_size=4, chunk_size=32)
+    killed = _labelling_project(tmp_path / "killed", pipeline)
+    (killed.root / "params.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pseudolabel.cli", "pseudo_label", "--params", "params.yaml"],
+        cwd=killed.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    partial = killed.outputs / PARTIAL
+    deadline = time.monotonic() + 120
+    while len(list(partial.glob("chunk-*.npz"))) < 3 and time.monotonic() < deadline:
+        assert process.poll() is None, "labelling ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(list(partial.glob("chunk-*.npz")))
+    assert done_before >= 3 and not killed.csv.exists()
+
+    with caplog.at_level(logging.INFO, logger="pseudolabel.labeling"):
+        pseudo_label(cfg, killed)
+    assert "resuming after" in caplog.text
+    assert not partial.exists()
+
+    fresh = _labelling_project(tmp_path / "fresh", pipeline, killed.unlabeled.resolve())
+    pseudo_label(cfg, fresh)
+    assert killed.csv.read_bytes() == fresh.csv.read_bytes()
+    assert len(read_csv(fresh.csv)) == len(list_images(killed.unlabeled))
+
+
+def test_mlflow_labelling_run_and_merge_run_beneath_it(pipeline, smoke_cfg, tracking_uri):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(
+        experiment_names=[smoke_cfg.tracking.experiment],
+        filter_string=f"tags.{tracking.CSV_TAG} = '{tracking.md5(pipeline.csv)}'",
+        output_format="list",
+    )
+    by_stage = {run.data.tags["stage"]: run for run in runs}
+    labelling, merged = by_stage["pseudo_label"], by_stage["merge"]
+    assert labelling.data.tags[tracking.UNLABELED_TAG].endswith(".dir")
+    assert labelling.data.tags["teacher_run_id"]
+    assert {"calibration.ece_before", "calibration.ece_after"} <= set(labelling.data.metrics)
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(labelling.info.run_id)}
+    assert {"data.csv", "threshold_analysis.csv", "plots"} <= artifacts
+    assert merged.data.tags["mlflow.parentRunId"] == labelling.info.run_id
+    assert {f"kept.{name}" for name in CLASSES} <= set(merged.data.metrics)
+    qa = {a.path for a in client.list_artifacts(merged.info.run_id, "selection/qa")}
+    assert {f"selection/qa/{name}.png" for name in CLASSES} == qa
