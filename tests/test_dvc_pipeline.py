@@ -8,9 +8,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
@@ -57,10 +59,51 @@ def project(tmp_path_factory):
     return root, env
 
 
-def test_dvc_repro_then_nothing_then_threshold_experiment(project):
+@pytest.fixture(scope="module")
+def ran(project):
+    """`dvc repro`, `dvc repro` again, a commit, then `dvc exp run -S pseudo_label.threshold=0.9`:
+    run once (it is slow), checked by the tests below."""
     root, env = project
     first = _run([str(BIN / "dvc"), "repro"], root, env)
-    assert _ran(first) == {
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    second = _run([str(BIN / "dvc"), "repro"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], root, env)
+    baseline = _run(["git", "rev-parse", "HEAD"], root, env).strip()
+    exp = _run(
+        [
+            str(BIN / "dvc"),
+            "exp",
+            "run",
+            "-S",
+            "+experiment=smoke",
+            "-S",
+            "pseudo_label.threshold=0.9",
+        ],
+        root,
+        env,
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["pseudolabel"], output_format="list")
+    return SimpleNamespace(
+        root=root,
+        env=env,
+        first=first,
+        second=second,
+        exp=exp,
+        lock=lock,
+        baseline=baseline,
+        runs=runs,
+    )
+
+
+def _lock_md5(lock, stage, path):
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
+
+
+def test_dvc_repro_then_nothing(ran):
+    root = ran.root
+    assert _ran(ran.first) == {
         "ingest",
         "train_teacher",
         "pseudo_label",
@@ -78,37 +121,50 @@ def test_dvc_repro_then_nothing_then_threshold_experiment(project):
         assert (root / rel).exists(), rel
     evaluation = json.loads((root / "metrics/evaluation.json").read_text())
     assert {"teacher_accuracy", "student_accuracy", "gain"} <= set(evaluation)
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["pseudolabel"], output_format="list")
-    assert sorted(r.data.tags["stage"] for r in runs) == [
-        "evaluate",
-        "pseudo_label",
-        "train_student",
-        "train_teacher",
-    ]
+    pipeline_runs = [r for r in ran.runs if "dvc.exp_name" not in r.data.tags]
+    assert {"evaluate", "pseudo_label", "train_student", "train_teacher"} <= {
+        r.data.tags["stage"] for r in pipeline_runs
+    }
     # The student's tag equals the md5 DVC recorded for the CSV.
-    lock = (root / "dvc.lock").read_text()
-    student = next(r for r in runs if r.data.tags["stage"] == "train_student")
-    assert student.data.tags["pseudo_label_csv_md5"] in lock
+    student = next(r for r in pipeline_runs if r.data.tags["stage"] == "train_student")
+    csv_md5 = _lock_md5(ran.lock, "pseudo_label", "outputs/data.csv")
+    assert student.data.tags["pseudo_label_csv_md5"] == csv_md5
+    assert student.data.tags["merged_data_md5"] == _lock_md5(ran.lock, "merge", "data/train_ssl")
+    assert _ran(ran.second) == set(), ran.second
 
-    second = _run([str(BIN / "dvc"), "repro"], root, env)
-    assert _ran(second) == set(), second
 
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], root, env)
-    exp = _run(
-        [
-            str(BIN / "dvc"),
-            "exp",
-            "run",
-            "-S",
-            "+experiment=smoke",
-            "-S",
-            "pseudo_label.threshold=0.9",
-        ],
-        root,
-        env,
-    )
-    assert _ran(exp) == {"merge", "train_student", "evaluate"}, exp
-    merged = json.loads((root / "metrics/merge.json").read_text())
+def test_threshold_experiment_reruns_downstream_and_tags_its_runs(ran):
+    assert _ran(ran.exp) == {"merge", "train_student", "evaluate"}, ran.exp
+    merged = json.loads((ran.root / "metrics/merge.json").read_text())
     assert merged["threshold"] == 0.9
+    # Runs made inside `dvc exp run` carry its name and baseline, in the project's own mlflow.db.
+    name = re.search(r"Ran experiment\(s\): ([\w-]+)", ran.exp).group(1)
+    exp_runs = [r for r in ran.runs if r.data.tags.get("dvc.exp_name") == name]
+    assert {"train_student", "evaluate"} <= {r.data.tags["stage"] for r in exp_runs}
+    assert {r.data.tags["dvc.baseline_rev"] for r in exp_runs} == {ran.baseline}
+    student = next(r for r in exp_runs if r.data.tags["stage"] == "train_student")
+    assert student.data.tags["pseudo_label.threshold"] == "0.9"
+    assert sorted(ran.root.rglob("mlflow.db")) == [ran.root / "mlflow.db"]
+
+
+def test_lineage_of_the_pipeline_student_matches_dvc_lock(ran):
+    student = next(
+        r
+        for r in ran.runs
+        if r.data.tags["stage"] == "train_student" and "dvc.exp_name" not in r.data.tags
+    )
+    labelling = next(r for r in ran.runs if r.data.tags["stage"] == "pseudo_label")
+    teacher = next(r for r in ran.runs if r.data.tags["stage"] == "train_teacher")
+    out = _run([str(BIN / "pseudolabel"), "lineage", student.info.run_id], ran.root, ran.env)
+    chain = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    chain = {hop.strip(): text.strip() for hop, text in chain.items()}
+    assert chain["pseudo-label CSV md5"] == _lock_md5(ran.lock, "pseudo_label", "outputs/data.csv")
+    assert chain["labelling run"].startswith(labelling.info.run_id)
+    assert chain["teacher run"].startswith(teacher.info.run_id)
+    assert chain["merged set"] == _lock_md5(ran.lock, "merge", "data/train_ssl")
+    train_dep = next(
+        d["md5"]
+        for d in ran.lock["stages"]["train_teacher"]["deps"]
+        if d["path"] == "data/image_dataset/train"
+    )
+    assert train_dep in chain["data"]

@@ -28,7 +28,24 @@ def _parser() -> argparse.ArgumentParser:
     compose = sub.add_parser("compose", help="compose conf/ (+ overrides) into params.yaml")
     compose.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=digits")
     compose.add_argument("-o", "--output", default="params.yaml")
+    lineage = sub.add_parser(
+        "lineage", help="print a student run's chain: CSV md5 -> labelling run -> teacher -> data"
+    )
+    lineage.add_argument("run_id", help="the MLflow run id of a train_student run")
+    lineage.add_argument("--params", default="params.yaml", help="for tracking.uri")
     return parser
+
+
+def _print_lineage(run_id: str, params: str) -> int:
+    import mlflow
+
+    from pseudolabel import tracking
+    from pseudolabel.config import load_params
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(load_params(params)))
+    for hop, text in tracking.lineage(run_id):
+        print(f"{hop + ':':<22} {text}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.output).write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
             logging.info("wrote %s", args.output)
             return 0
+        if args.command == "lineage":
+            return _print_lineage(args.run_id, args.params)
         from pseudolabel.config import load_params
         from pseudolabel.stages import STAGES
 

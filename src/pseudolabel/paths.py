@@ -8,16 +8,30 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Paths:
-    """Every file the pipeline reads or writes, relative to one project root."""
+    """Every file the pipeline reads or writes, relative to one project root.
+
+    `data_root`, when given, is where the ingested images (`data/image_dataset`,
+    `data/unlabeled`) are read from; everything else lives under `root`. A sweep job reads the
+    project's images and writes its merged set, models and metrics only under its own folder.
+    """
 
     root: Path = Path(".")
+    data_root: Path | None = None
 
     def _p(self, rel: str) -> Path:
         return self.root / rel
 
     @property
+    def input_root(self) -> Path:
+        """The project the ingested images (and their dvc.lock entries) belong to."""
+        return self.root if self.data_root is None else self.data_root
+
+    def _data(self, rel: str) -> Path:
+        return self.input_root / rel
+
+    @property
     def labeled(self) -> Path:
-        return self._p("data/image_dataset")
+        return self._data("data/image_dataset")
 
     @property
     def train(self) -> Path:
@@ -33,7 +47,7 @@ class Paths:
 
     @property
     def unlabeled(self) -> Path:
-        return self._p("data/unlabeled")
+        return self._data("data/unlabeled")
 
     @property
     def merged(self) -> Path:
@@ -50,6 +64,15 @@ class Paths:
     @property
     def csv(self) -> Path:
         return self.outputs / "data.csv"
+
+    @property
+    def ingest_report(self) -> Path:
+        return self.outputs / "ingest_report.csv"
+
+    @property
+    def ingest_cache(self) -> Path:
+        """Not a DVC output (DVC would delete it before each run): kept beside the report."""
+        return self.outputs / "ingest_cache.sqlite"
 
     @property
     def metrics(self) -> Path:

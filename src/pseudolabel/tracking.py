@@ -1,25 +1,81 @@
-"""MLflow: one place that sets the store, names runs and attaches tags every run carries."""
+"""MLflow: one place that sets the store, names runs and attaches tags every run carries.
+
+Which `mlflow.db`: a relative store (`sqlite:///mlflow.db`, the default) is resolved against
+the *project root*, never the working directory: `DVC_ROOT` when set (DVC sets it for every
+stage command and, for `dvc exp run --queue`/`--temp`, points it at the parent repository, not
+the temporary copy the experiment runs in), else the nearest folder above the working directory
+that holds `.dvc/`, else the working directory. So a stage, a sweep job and a queued DVC
+experiment all write to the same project database.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
+import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from omegaconf import OmegaConf
+
+from pseudolabel.errors import PseudoLabelError
+
+SQLITE = "sqlite:///"
+
+
+def project_root() -> Path:
+    """The project the MLflow store belongs to (see the module docstring)."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if (d / ".dvc").is_dir()), cwd)
 
 
 def tracking_uri(cfg) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    """MLFLOW_TRACKING_URI, else `tracking.uri`; a relative sqlite/file store made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri.startswith(SQLITE):
+        path = uri[len(SQLITE) :]
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return SQLITE + str(project_root() / path)
+    elif "://" not in uri and not Path(uri).is_absolute():  # a plain folder: the file store
+        return str(project_root() / uri)
+    return uri
 
 
 def configure(cfg) -> None:
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(cfg.tracking.experiment)
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    if uri.startswith(SQLITE) and mlflow.get_experiment_by_name(name) is None:
+        # Artifacts beside the database (the project's mlruns/ for the default store), whichever
+        # folder (a DVC temp copy, a sweep job) the experiment happens to be created from.
+        artifacts = Path(uri[len(SQLITE) :]).resolve().parent / "mlruns"
+        # (suppressed: another process created it meanwhile)
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.create_experiment(name, artifacts.as_uri())
+    mlflow.set_experiment(name)
+
+
+def check_reachable(cfg) -> None:
+    """Open the tracking store once; raise PseudoLabelError at once if it cannot be used."""
+    uri = tracking_uri(cfg)
+    try:
+        if uri.startswith(("http://", "https://")):
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        configure(cfg)
+        mlflow.search_experiments(max_results=1)
+    except Exception as exc:  # sqlalchemy, urllib and MLflow raise many types
+        raise PseudoLabelError(
+            f"MLflow tracking URI {uri!r} cannot be reached ({type(exc).__name__}: {exc}); "
+            "start the server, fix tracking.uri in conf/tracking/, or unset MLFLOW_TRACKING_URI."
+        ) from None
 
 
 def md5(path: Path) -> str:
@@ -65,6 +121,9 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
+CONFIG_ARTIFACT = "config.yaml"  # the full composed config, on every run
+
+
 @contextmanager
 def start_run(
     cfg, stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None
@@ -72,7 +131,199 @@ def start_run(
     """A run named after its stage, with the stage's params and the context tags."""
     configure(cfg)
     all_tags = {"stage": stage, **context_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
-    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+    # Inside a sweep job's run, a stage's run is its child.
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=stage, tags=all_tags, nested=nested) as run:
+        mlflow.log_text(OmegaConf.to_yaml(cfg), CONFIG_ARTIFACT)
         if params:
             mlflow.log_params(flatten(params))
         yield run
+
+
+# --- Lineage: student run -> pseudo-label CSV -> labelling run -> teacher run -> data ------------
+
+# Tags every student run carries, whoever made it (pipeline, sweep job, DVC experiment).
+CSV_TAG = "pseudo_label_csv_md5"
+TEACHER_TAG = "teacher_run_id"
+MERGED_TAG = "merged_data_md5"
+LABELED_TAG = "labeled_data_md5"
+UNLABELED_TAG = "unlabeled_data_md5"
+
+
+def dvc_hash(path: Path) -> str:
+    """The hash DVC records in dvc.lock for `path`: a file's md5, a folder's `<md5>.dir`."""
+    if Path(path).is_file():
+        return md5(Path(path))
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    staging = HashFileDB(MemoryFileSystem(), "/staging")
+    _, _, tree = build(staging, str(Path(path).resolve()), LocalFileSystem(), "md5")
+    return tree.hash_info.value
+
+
+def lineage_tags(cfg, paths, teacher_run_id: str | None) -> dict[str, Any]:
+    """What a student was made from: teacher run, CSV, merged set, data, selection settings."""
+    selection = flatten(OmegaConf.to_container(cfg.pseudo_label, resolve=True), "pseudo_label.")
+    return {
+        TEACHER_TAG: teacher_run_id,
+        CSV_TAG: md5(paths.csv),
+        MERGED_TAG: dvc_hash(paths.merged),
+        LABELED_TAG: dvc_hash(paths.train),
+        UNLABELED_TAG: dvc_hash(paths.unlabeled),
+        **selection,
+    }
+
+
+def _digest(dvc_md5: str) -> str:
+    return dvc_md5.removesuffix(".dir")  # MLflow keeps at most 36 characters
+
+
+def log_lineage_inputs(run_id: str, cfg, paths, tags: Mapping[str, Any]) -> None:
+    """Attach the student's inputs (`mlflow.log_input`, digests = the DVC hashes) and a note
+    whose links lead, one click per hop, to the labelling and teacher runs."""
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from pseudolabel.merging import MANIFEST
+
+    tables = (
+        ("pseudo_labels", paths.csv, tags[CSV_TAG], "pseudo_labels"),
+        ("train_ssl", paths.merged / MANIFEST, tags[MERGED_TAG], "training"),
+    )
+    folders = (
+        ("image_dataset/train", paths.train, tags[LABELED_TAG], "teacher_training"),
+        ("unlabeled", paths.unlabeled, tags[UNLABELED_TAG], "unlabeled"),
+    )
+    configure(cfg)
+    labelling = find_labelling_run(tags[CSV_TAG], mlflow.MlflowClient())
+
+    def source(path: Path):
+        with warnings.catch_warnings():  # "local" resolves two equal ways; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(str(Path(path).resolve()))
+
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        for name, path, digest, context in tables:
+            dataset = mlflow.data.from_pandas(
+                pd.read_csv(path), source=source(path), name=name, digest=_digest(digest)
+            )
+            mlflow.log_input(dataset, context=context)
+        for name, path, digest, context in folders:
+            dataset = MetaDataset(source(path), name=name, digest=_digest(digest))
+            mlflow.log_input(dataset, context=context)
+        mlflow.set_tag("mlflow.note.content", _lineage_note(tags, labelling))
+
+
+def _run_link(run) -> str:
+    info = run.info
+    return f"[{info.run_name} {info.run_id}](#/experiments/{info.experiment_id}/runs/{info.run_id})"
+
+
+def _lineage_note(tags: Mapping[str, Any], labelling) -> str:
+    teacher_id = tags.get(TEACHER_TAG)
+    client = mlflow.MlflowClient()
+    teacher = client.get_run(teacher_id) if teacher_id else None
+    return "\n".join(
+        [
+            "**Lineage** (`pseudolabel lineage <this run id>` prints it)",
+            "",
+            f"- pseudo-label CSV md5 `{tags[CSV_TAG]}`, made by "
+            + (_run_link(labelling) if labelling else "an unknown run"),
+            "- teacher: " + (_run_link(teacher) if teacher else "unknown"),
+            f"- merged set `{tags[MERGED_TAG]}`, labelled train `{tags[LABELED_TAG]}`, "
+            f"unlabelled `{tags[UNLABELED_TAG]}` (DVC hashes, as in dvc.lock)",
+        ]
+    )
+
+
+def find_labelling_run(csv_md5: str, client: mlflow.MlflowClient):
+    """The most recent pseudo_label run that wrote a CSV with this md5, or None."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments,
+        f"tags.{CSV_TAG} = '{csv_md5}' and tags.stage = 'pseudo_label'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def lineage(run_id: str) -> list[tuple[str, str]]:
+    """The chain student -> CSV md5 -> labelling run -> teacher run -> data, as (hop, text)."""
+    client = mlflow.MlflowClient()
+    try:
+        student = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise PseudoLabelError(
+            f"MLflow run {run_id!r} not found in {mlflow.get_tracking_uri()}; copy the id from "
+            "the MLflow UI or `mlflow runs list`, and check MLFLOW_TRACKING_URI."
+        ) from None
+    tags = student.data.tags
+    if CSV_TAG not in tags:
+        raise PseudoLabelError(
+            f"run {run_id} ({student.info.run_name}) has no {CSV_TAG} tag: it is not a student "
+            "run; pass the id of a train_student run."
+        )
+    dvc_exp = tags.get("dvc.exp_name")
+    chain = [
+        (
+            "student run",
+            f"{run_id} ({student.info.run_name}, {student.info.status}, commit "
+            f"{tags.get('mlflow.source.git.commit', '?')[:10]}"
+            + (f", dvc exp {dvc_exp}" if dvc_exp else "")
+            + f") config: {student.info.artifact_uri}/{CONFIG_ARTIFACT}",
+        ),
+        (
+            "selection",
+            ", ".join(
+                f"{k.split('.', 1)[1]}={v}"
+                for k, v in sorted(tags.items())
+                if k.startswith("pseudo_label.")
+            ),
+        ),
+        ("merged set", f"{tags.get(MERGED_TAG, '?')}"),
+        ("pseudo-label CSV md5", tags[CSV_TAG]),
+    ]
+    labelling = find_labelling_run(tags[CSV_TAG], client)
+    chain.append(
+        (
+            "labelling run",
+            f"{labelling.info.run_id} ({labelling.info.run_name})"
+            if labelling
+            else "not found: no pseudo_label run logged a CSV with this md5",
+        )
+    )
+    teacher_id = tags.get(TEACHER_TAG)
+    if labelling and labelling.data.tags.get(TEACHER_TAG) not in (None, teacher_id):
+        chain.append(
+            (
+                "warning",
+                f"the labelling run's teacher {labelling.data.tags[TEACHER_TAG]} "
+                f"is not the student's {teacher_id}",
+            )
+        )
+    if teacher_id and teacher_id != "None":
+        teacher = client.get_run(teacher_id)
+        accuracy = teacher.data.metrics.get("best_val_accuracy")
+        chain.append(
+            (
+                "teacher run",
+                f"{teacher_id} ({teacher.info.run_name}"
+                + (f", val accuracy {accuracy:.4f}" if accuracy is not None else "")
+                + ")",
+            )
+        )
+    else:
+        chain.append(("teacher run", "unknown (the teacher has no MLflow run)"))
+    chain.append(
+        (
+            "data",
+            f"labelled train {tags.get(LABELED_TAG, '?')}, "
+            f"unlabelled {tags.get(UNLABELED_TAG, '?')}",
+        )
+    )
+    return chain

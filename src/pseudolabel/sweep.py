@@ -1,0 +1,392 @@
+"""`pseudolabel-sweep`: a Hydra app over `conf/` for multirun sweeps of the selection and student.
+
+    pseudolabel-sweep -m pseudo_label.threshold=0.5,0.6,0.7,0.8,0.9
+
+Run it from the project root after `dvc repro` (or `dvc repro pseudo_label`). Each job reuses the
+pipeline's teacher and `outputs/data.csv`, copied into its own job folder
+(`multirun/<date>/<time>/<job>/`), then runs merge, train_student and evaluate there: it reads
+the project's images and never writes over the DVC workspace outputs. A job whose overrides
+change a parameter the teacher or the labelling depends on (dvc.yaml's `params` of those
+stages) trains its own teacher and relabels in its folder; a change to the data set itself
+(the ingest stage's params) is refused: use `dvc exp run -S ... --queue` for that.
+
+`MlflowSweepCallback` (conf/sweep.yaml) checks every job's config before the first one trains,
+makes one MLflow parent run per multirun, a child run per job and a summary at the end. The task
+function returns the student's test accuracy, so `hydra/sweeper=optuna` can search instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import hydra  # noqa: E402
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
+from hydra.core.utils import JobReturn, JobStatus  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from pseudolabel import plots, tracking  # noqa: E402
+from pseudolabel.config import CONF_DIR, load_params, validate  # noqa: E402
+from pseudolabel.errors import PseudoLabelError  # noqa: E402
+from pseudolabel.paths import Paths  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+LABELS_STAGES = ("train_teacher", "pseudo_label")  # reused from the pipeline unless changed
+JOB_STAGES = ("merge", "train_student", "evaluate")  # run in every job
+ERROR_FILE = "error.txt"
+SUMMARY_CSV = "sweep_summary.csv"
+SUMMARY_PNG = "sweep_summary.png"
+JOB_TAG = "sweep.job"
+
+
+# --- What a job runs --------------------------------------------------------------------------
+
+
+def _dvc_stages(project: Path) -> dict[str, Any]:
+    path = project / "dvc.yaml"
+    if not path.is_file():
+        raise PseudoLabelError(
+            f"{path}: not found; run pseudolabel-sweep from the project root (where dvc.yaml, "
+            "params.yaml and the pipeline's outputs are)."
+        )
+    return yaml.safe_load(path.read_text(encoding="utf-8"))["stages"]
+
+
+def _entries(items: list | None) -> list[str]:
+    """Paths or keys of a dvc.yaml list: plain strings or one-key mappings ({path: options})."""
+    names: list[str] = []
+    for item in items or []:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, dict):
+            for key, value in item.items():  # `params.yaml: [keys]` or `path: {cache: false}`
+                names.extend(value if key == "params.yaml" and isinstance(value, list) else [key])
+    return [n for n in names if "${" not in n]
+
+
+def _stage_params(stages: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    return [key for name in names for key in _entries(stages[name].get("params"))]
+
+
+def _stage_outputs(stages: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    kinds = ("outs", "metrics", "plots")
+    return [p for name in names for kind in kinds for p in _entries(stages[name].get(kind))]
+
+
+def _changed(cfg: DictConfig, reference: DictConfig, keys: list[str]) -> list[str]:
+    def value(c: DictConfig, key: str) -> Any:
+        node = OmegaConf.select(c, key)
+        return OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+
+    return [k for k in keys if value(cfg, k) != value(reference, k)]
+
+
+def plan(cfg: DictConfig, project: Path) -> tuple[str, ...]:
+    """The stages a job runs: the selection and the student, plus teacher and labelling when
+    the job changes a parameter they depend on. Raises if the job cannot run here."""
+    stages = _dvc_stages(project)
+    reference = load_params(project / "params.yaml")
+    data_changes = _changed(cfg, reference, _stage_params(stages, ("ingest",)))
+    if data_changes:
+        raise PseudoLabelError(
+            f"{', '.join(data_changes)} differ from {project / 'params.yaml'}: they change the "
+            "data set itself, which a sweep job does not rebuild. Sweep them with "
+            "`dvc exp run -S key=a,b --queue` and `dvc queue start` instead."
+        )
+    if _changed(cfg, reference, _stage_params(stages, LABELS_STAGES)):
+        return LABELS_STAGES + JOB_STAGES
+    missing = [p for p in _stage_outputs(stages, LABELS_STAGES) if not (project / p).exists()]
+    if missing:
+        raise PseudoLabelError(
+            f"{', '.join(missing)} missing under {project}: the sweep reuses the pipeline's "
+            "teacher and pseudo-labels. Run `dvc repro pseudo_label` first."
+        )
+    return JOB_STAGES
+
+
+def _copy_reused(project: Path, job_dir: Path) -> None:
+    """The reused stages' outputs, copied: the job folder holds exactly what the job used."""
+    for rel in _stage_outputs(_dvc_stages(project), LABELS_STAGES):
+        source, target = project / rel, job_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+
+
+def estimated_precision(paths: Paths, threshold: float | None) -> float | None:
+    """Precision expected at `threshold`, read off the threshold-analysis table (val set)."""
+    from pseudolabel.stages.label import analysis_csv
+
+    table_path = analysis_csv(paths)
+    if threshold is None or not table_path.is_file():
+        return None
+    table = pd.read_csv(table_path)
+    at_or_below = table[table["threshold"] <= threshold + 1e-9]
+    value = at_or_below["precision"].iloc[-1] if len(at_or_below) else math.nan
+    return None if pd.isna(value) else float(value)
+
+
+def job_metrics(cfg: DictConfig, paths: Paths) -> dict[str, float]:
+    """What the sweep compares, from the job's own metrics files (the ones DVC reads)."""
+    import json
+
+    def read(name: str) -> dict[str, Any]:
+        return json.loads((paths.metrics / f"{name}.json").read_text(encoding="utf-8"))
+
+    evaluation, merged, student = read("evaluation"), read("merge"), read("student")
+    metrics = {
+        "student_accuracy": evaluation["student_accuracy"],
+        "teacher_accuracy": evaluation["teacher_accuracy"],
+        "gain": evaluation["gain"],
+        "kept_fraction": merged["kept_fraction"],
+        "pseudo_labeled": merged["pseudo_labeled"],
+        "student_val_accuracy": student["val_accuracy"],
+    }
+    if cfg.pseudo_label.get("selection", "threshold") == "threshold":
+        precision = estimated_precision(paths, cfg.pseudo_label.threshold)
+        if precision is not None:
+            metrics["estimated_precision"] = precision
+    return metrics
+
+
+def run_job(cfg: DictConfig, project: Path, job_dir: Path) -> dict[str, float]:
+    """One sweep job in `job_dir`: the planned stages, reading the project's images."""
+    from pseudolabel.stages import STAGES
+
+    stages = plan(cfg, project)
+    paths = Paths(root=job_dir, data_root=project)
+    if stages == JOB_STAGES:
+        _copy_reused(project, job_dir)
+    log.info("job %s: %s", job_dir, " -> ".join(stages))
+    for name in stages:
+        STAGES[name](cfg, paths)
+    return job_metrics(cfg, paths)
+
+
+# --- Composing and checking every job up front ------------------------------------------------
+
+
+def _job_config(config: DictConfig) -> DictConfig:
+    """The validated pipeline config of a Hydra job config (its `hydra` node left out)."""
+    keys = [k for k in config if k != "hydra"]
+    raw = OmegaConf.to_container(OmegaConf.masked_copy(config, keys), resolve=True)
+    return validate(raw, origin="pseudolabel-sweep config")
+
+
+def _candidates(override) -> list[str]:
+    """`key=value` strings a (sweep) override can take; an interval's two ends."""
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return [override.input_line]
+    if override.is_discrete_sweep():
+        return [f"{key}={v}" for v in override.sweep_string_iterator()]
+    sweep = override.value()  # interval(a, b): check both ends
+    return [f"{key}={sweep.start}", f"{key}={sweep.end}"]
+
+
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """Every combination of the multirun's overrides (command line and hydra.sweeper.params)."""
+    lines = list(config.hydra.overrides.task)
+    params = config.hydra.sweeper.get("params") or {}
+    lines += [f"{key}={value}" for key, value in params.items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except HydraException as exc:
+        raise PseudoLabelError(f"pseudolabel-sweep: bad override: {exc}") from None
+    per_key = [_candidates(o) for o in parsed if not o.get_key_element().startswith("hydra")]
+    return [list(combo) for combo in itertools.product(*per_key)]
+
+
+def check_jobs(config: DictConfig, project: Path) -> DictConfig:
+    """Compose and validate every job's config and plan it; return the first. Raises
+    PseudoLabelError naming the job's overrides on the first bad one."""
+    first = None
+    for overrides in job_overrides(config):
+        where = " ".join(overrides) or "(no overrides)"
+        try:
+            raw = hydra.compose(config_name=config.hydra.job.config_name, overrides=overrides)
+            cfg = validate(OmegaConf.to_container(raw, resolve=True), origin=f"job [{where}]")
+        except HydraException as exc:
+            raise PseudoLabelError(f"job [{where}]: {exc}") from None
+        plan(cfg, project)
+        first = first or cfg
+    return first
+
+
+# --- MLflow: parent run per multirun, child run per job ---------------------------------------
+
+
+def _override_params(overrides: list[str]) -> dict[str, str]:
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return {o.key_or_group: o.value() if o.value() is not None else "null" for o in parsed}
+
+
+class MlflowSweepCallback(Callback):
+    """One MLflow parent run per multirun, a nested child run per job, a summary at the end.
+
+    Jobs run one after another (Hydra's basic launcher): TensorFlow already uses every core, and
+    concurrent writers would lock the project's `sqlite:///mlflow.db`.
+    """
+
+    def __init__(self) -> None:
+        self.parent_run_id: str | None = None
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            cfg = check_jobs(config, Path(config.hydra.runtime.cwd))
+            tracking.check_reachable(cfg)
+        except PseudoLabelError as exc:
+            # Hydra turns a callback's exception into a warning and launches the jobs anyway;
+            # SystemExit is not an Exception, so it stops the sweep before any job trains.
+            print(f"pseudolabel-sweep: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        tracking.configure(cfg)
+        self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        tags = tracking.context_tags()  # hydra.job.chdir is false: the cwd is the project
+        run = mlflow.MlflowClient().create_run(
+            experiment.experiment_id,
+            run_name=f"sweep {self.sweep_dir.parent.name}/{self.sweep_dir.name}",
+            tags={
+                **tags,
+                "stage": "sweep",
+                "sweep.dir": str(self.sweep_dir),
+                "sweep.overrides": " ".join(config.hydra.overrides.task),
+            },
+        )
+        self.parent_run_id = run.info.run_id
+        log.info("MLflow parent run %s for the sweep in %s", self.parent_run_id, self.sweep_dir)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_run_id is None:  # a single run: the stages' runs stand alone
+            return
+        cfg = _job_config(config)
+        tracking.configure(cfg)
+        overrides = list(config.hydra.overrides.task)
+        num = config.hydra.job.num
+        mlflow.start_run(
+            run_name=f"job {num}: {' '.join(overrides)}"[:200],
+            parent_run_id=self.parent_run_id,
+            tags={
+                JOB_TAG: str(num),
+                "sweep.job_dir": str(Path(config.hydra.runtime.output_dir).resolve()),
+                "stage": "sweep_job",
+                **tracking.context_tags(),
+            },
+        )
+        mlflow.log_params(_override_params(overrides))
+        mlflow.log_text(OmegaConf.to_yaml(cfg), tracking.CONFIG_ARTIFACT)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self.parent_run_id is None or mlflow.active_run() is None:
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        value = job_return._return_value if job_return.status == JobStatus.COMPLETED else None
+        failed = not isinstance(value, float) or not math.isfinite(value)
+        if failed:
+            error = job_dir / ERROR_FILE
+            if error.is_file():
+                mlflow.log_artifact(str(error))
+                mlflow.set_tag("sweep.error", error.read_text(encoding="utf-8").splitlines()[-1])
+        else:
+            mlflow.log_metrics(job_metrics(_job_config(config), Paths(root=job_dir)))
+        mlflow.end_run("FAILED" if failed else "FINISHED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_run_id is None:
+            return
+        client = mlflow.MlflowClient()
+        parent = client.get_run(self.parent_run_id)
+        table = summary_table(client, parent)
+        swept = swept_columns(table)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        table.to_csv(self.sweep_dir / SUMMARY_CSV, index=False)
+        client.log_artifact(self.parent_run_id, str(self.sweep_dir / SUMMARY_CSV))
+        if swept and len(table):
+            fig = plots.sweep_summary(table, swept[0])
+            client.log_figure(self.parent_run_id, fig, SUMMARY_PNG)
+            plots.save(fig, self.sweep_dir / SUMMARY_PNG)
+        failed = int((table["status"] == "FAILED").sum()) if len(table) else 0
+        client.log_metric(self.parent_run_id, "failed_jobs", failed)
+        finished = table[table["status"] == "FINISHED"] if len(table) else table
+        if len(finished):
+            best = finished.loc[finished["student_accuracy"].idxmax()]
+            client.log_metric(self.parent_run_id, "best_student_accuracy", best.student_accuracy)
+            client.set_tag(self.parent_run_id, "best_job", str(best["job"]))
+        client.set_terminated(self.parent_run_id, "FINISHED")
+        log.info(
+            "sweep summary: %s (parent run %s)", self.sweep_dir / SUMMARY_CSV, parent.info.run_id
+        )
+
+
+def summary_table(client: mlflow.MlflowClient, parent) -> pd.DataFrame:
+    """One row per job of the sweep: its overrides, status and metrics."""
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    children = [run for run in runs if JOB_TAG in run.data.tags]
+    rows = [
+        {
+            "job": int(run.data.tags[JOB_TAG]),
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            **run.data.params,
+            **run.data.metrics,
+        }
+        for run in children
+    ]
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).sort_values("job").reset_index(drop=True)
+    table.attrs["params"] = sorted({key for run in children for key in run.data.params})
+    return table
+
+
+def swept_columns(table: pd.DataFrame) -> list[str]:
+    """The override (param) columns whose value differs between jobs."""
+    params = table.attrs.get("params", [])
+    return [c for c in params if table[c].nunique(dropna=False) > 1]
+
+
+# --- The Hydra app ------------------------------------------------------------------------------
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="sweep", version_base="1.3")
+def main(config: DictConfig) -> float:
+    """One job: select, merge, train the student, evaluate. Returns the student's accuracy."""
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    try:
+        cfg = _job_config(config)
+        return run_job(cfg, Path(hydra_cfg.runtime.cwd), job_dir)["student_accuracy"]
+    except Exception:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        # Hydra's basic launcher stops the sweep on an exception: record it, go on.
+        (job_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+        log.exception("job %s failed; the sweep goes on", hydra_cfg.job.num)
+        return math.nan
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""`pseudolabel-sweep`: Hydra multirun jobs on digits that reuse the pipeline's teacher and CSV,
+one MLflow parent run with a child per job, failures recorded, bad input refused up front."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pseudolabel import tracking
+from pseudolabel.config import compose_raw, to_yaml
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+SMOKE = "+experiment=smoke"
+
+
+@pytest.fixture(scope="module")
+def project(pipeline, tmp_path_factory) -> Path:
+    """A copy of the `pipeline` fixture's root made a project: dvc.yaml and params.yaml."""
+    root = tmp_path_factory.mktemp("sweep") / "project"
+    shutil.copytree(pipeline.root, root)
+    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(to_yaml(compose_raw([SMOKE])), encoding="utf-8")
+    return root
+
+
+def _sweep(root: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "pseudolabel-sweep"), "-m", SMOKE, *overrides],
+        cwd=root,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """md5 of every file outside multirun/: what the sweep must never write over."""
+    return {
+        str(p.relative_to(root)): tracking.md5(p)
+        for p in root.rglob("*")
+        if p.is_file() and "multirun" not in p.relative_to(root).parts
+    }
+
+
+def _parent_and_children(root: Path):
+    client = mlflow.MlflowClient()
+    parents = [
+        run
+        for run in client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            "tags.stage = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+        )
+        if run.data.tags["sweep.dir"].startswith(str(root))
+    ]
+    parent = parents[0]
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    return parent, sorted(children, key=lambda r: int(r.data.tags["sweep.job"]))
+
+
+def test_two_job_threshold_sweep(project, tracking_uri):
+    before = _snapshot(project)
+    result = _sweep(project, "pseudo_label.threshold=0.3,0.6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _snapshot(project) == before, "a sweep job wrote into the project's DVC outputs"
+
+    mlflow.set_tracking_uri(tracking_uri)
+    parent, children = _parent_and_children(project)
+    assert parent.info.status == "FINISHED"
+    assert [c.data.params["pseudo_label.threshold"] for c in children] == ["0.3", "0.6"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"student_accuracy", "gain", "kept_fraction"} <= set(child.data.metrics)
+        job_dir = Path(child.data.tags["sweep.job_dir"])
+        assert job_dir.parent == Path(parent.data.tags["sweep.dir"])
+        assert (job_dir / "models" / "student.keras").is_file()
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"sweep_summary.png", "sweep_summary.csv"} <= artifacts
+
+    # Each job's student run, nested in its job run, leads back to the project's CSV.
+    student = mlflow.MlflowClient().search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{children[0].info.run_id}' and tags.stage = 'train_student'",
+    )[0]
+    assert student.data.tags["pseudo_label_csv_md5"] == before["outputs/data.csv"]
+    assert student.data.tags["pseudo_label.threshold"] == "0.3"
+    assert {d.dataset.digest for d in student.inputs.dataset_inputs} >= {before["outputs/data.csv"]}
+
+
+def test_failed_job_is_marked_and_the_sweep_goes_on(project, tracking_uri):
+    # per_class with a class that does not exist passes the schema but fails in merge.
+    result = _sweep(
+        project,
+        "pseudo_label.selection=per_class,threshold",
+        "pseudo_label.per_class_threshold={nope:0.5}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(tracking_uri)
+    parent, children = _parent_and_children(project)
+    assert [c.info.status for c in children] == ["FAILED", "FINISHED"]
+    assert "nope" in children[0].data.tags["sweep.error"]
+    assert parent.data.metrics["failed_jobs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pseudo_label.threshhold=0.5,0.6"], "threshhold"),
+        (["pseudo_label.threshold=0.5,1.5"], "pseudo_label.threshold=1.5"),
+        (["data.unlabeled=100,200"], "dvc exp run"),
+    ],
+)
+def test_bad_input_is_one_error_before_any_job(project, overrides, message):
+    result = _sweep(project, *overrides)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "Launching" not in result.stdout + result.stderr
+
+
+def test_unreachable_tracking_uri_is_one_error_before_any_job(project):
+    result = _sweep(project, "pseudo_label.threshold=0.5", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "http://127.0.0.1:9' cannot be reached" in result.stderr
+    assert "Launching" not in result.stdout + result.stderr
