@@ -43,10 +43,10 @@ ui: setup
 
 lint: setup
 	ruff check
-	ruff format --check
+	ruff format --check src tests benchmarks
 
 format: setup
-	ruff format
+	ruff format src tests benchmarks
 	ruff check --fix
 
 # Recompose params.yaml from conf/ after editing conf/ (DVC does this itself on `dvc exp run`).

@@ -81,14 +81,27 @@ def test_evaluation_metrics(pipeline):
 
 
 def test_mlflow_has_four_linked_runs(pipeline, smoke_cfg, tracking_uri):
+    """This pipeline's runs (other tests log to the same store), found from the models' metadata."""
     mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    teacher = client.get_run(model_io.read_meta(pipeline.model("teacher")).run_id)
+    student = client.get_run(model_io.read_meta(pipeline.model("student")).run_id)
     runs = mlflow.search_runs(
         experiment_names=[smoke_cfg.tracking.experiment], output_format="list"
     )
-    by_stage = {run.data.tags["stage"]: run for run in runs}
-    assert {"train_teacher", "pseudo_label", "train_student", "evaluate"} <= set(by_stage)
-    teacher, labelling = by_stage["train_teacher"], by_stage["pseudo_label"]
-    student, evaluation = by_stage["train_student"], by_stage["evaluate"]
+    csv_md5 = md5(pipeline.csv)
+    labelling = next(
+        r for r in runs
+        if r.data.tags.get("stage") == "pseudo_label"
+        and r.data.tags.get("pseudo_label_csv_md5") == csv_md5
+    )  # fmt: skip
+    evaluation = next(
+        r for r in runs
+        if r.data.tags.get("stage") == "evaluate"
+        and r.data.tags.get("student_run_id") == student.info.run_id
+    )  # fmt: skip
+    assert teacher.data.tags["stage"] == "train_teacher"
+    assert student.data.tags["stage"] == "train_student"
     csv_md5 = md5(pipeline.csv)
     assert student.data.tags["pseudo_label_csv_md5"] == csv_md5
     assert labelling.data.tags["pseudo_label_csv_md5"] == csv_md5
@@ -96,7 +109,6 @@ def test_mlflow_has_four_linked_runs(pipeline, smoke_cfg, tracking_uri):
     assert float(student.data.tags["threshold"]) == smoke_cfg.pseudo_label.threshold
     assert evaluation.data.tags["student_run_id"] == student.info.run_id
     # Same metric names on teacher and student, one value per epoch.
-    client = mlflow.MlflowClient()
     for run in (teacher, student):
         assert {"accuracy", "val_accuracy", "test_accuracy"} <= set(run.data.metrics)
         history = client.get_metric_history(run.info.run_id, "val_accuracy")

@@ -19,9 +19,36 @@ from omegaconf.errors import OmegaConfBaseException
 from pseudolabel.errors import PseudoLabelError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-DATA_SOURCES = ("fashion_mnist", "digits")
-MODEL_NAMES = ("small_cnn",)
-INPUT_SCALES = ("0-255", "0-1", "-1-1")
+DATA_SOURCES = ("fashion_mnist", "digits", "folder")
+LINK_MODES = ("copy", "hardlink", "symlink")
+EFFICIENTNETS = (
+    *(f"efficientnet_b{i}" for i in range(8)),
+    *(f"efficientnetv2_{v}" for v in ("b0", "b1", "b2", "b3", "s", "m", "l")),
+)
+MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
+# keras.applications refuses EfficientNet inputs smaller than this (height and width, pixels).
+MIN_INPUT_SIZE = {name: 32 for name in EFFICIENTNETS}
+# keras.applications modules whose `preprocess_input` a foreign teacher may name as its scale.
+KERAS_PREPROCESSING = (
+    "convnext",
+    "densenet",
+    "efficientnet",
+    "efficientnet_v2",
+    "inception_resnet_v2",
+    "inception_v3",
+    "mobilenet",
+    "mobilenet_v2",
+    "mobilenet_v3",
+    "nasnet",
+    "resnet",
+    "resnet50",
+    "resnet_v2",
+    "vgg16",
+    "vgg19",
+    "xception",
+)
+INPUT_SCALES = ("auto", "0-255", "0-1", "-1-1", *KERAS_PREPROCESSING)
+POOLINGS = ("avg", "max")
 
 
 @dataclass
@@ -36,14 +63,47 @@ class DataConfig:
     unlabeled: int = 20000
     image_size: list[int] = field(default_factory=lambda: [28, 28])
     channels: int = 1
+    # source=folder (conf/data/folder.yaml): your own images. Built-in sources point both roots
+    # at their loader so that dvc.yaml's `${data.labeled_root}` dependency always exists.
+    labeled_root: str = "src/pseudolabel/data/sources.py"
+    unlabeled_root: str = "src/pseudolabel/data/sources.py"
+    # Shares of each class split off train/ when val/ or test/ is absent (seeded, files unmoved).
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    link: str = "copy"  # how the view holds usable files: copy, hardlink or symlink
+    min_size: int = 16  # pixels; smaller images are reported and left out
+    near_duplicates: bool = False  # also exclude unlabelled near-copies of val/test (dHash)
+    near_duplicate_distance: int = 4  # max differing bits of the 64-bit perceptual hash
+    workers: int | None = None  # checking threads; None: all cores
 
 
 @dataclass
 class ModelConfig:
+    """One model of the zoo (conf/model/): small_cnn or a keras.applications EfficientNet."""
+
     name: str = "small_cnn"
+    # small_cnn: `depth` blocks of two convolutions, `width` filters in the first.
     width: int = 32
     depth: int = 2
+    # The head of every model: global pooling (avg|max), dropout, an optional hidden Dense
+    # layer (0: none), softmax.
+    pooling: str = "avg"
+    hidden_units: int = 0
     dropout: float = 0.3
+    # [height, width] the images are resized to inside the model; None: data.image_size.
+    input_size: list[int] | None = None
+    # EfficientNets: "imagenet", null (random initialisation) or the path of a weights file.
+    weights: str | None = None
+    # EfficientNets: stochastic depth (keras' drop_connect_rate, rising over the blocks).
+    drop_connect_rate: float = 0.2
+    # With pretrained weights, training runs in two phases: `train.epochs` with the backbone
+    # frozen, then `fine_tune_epochs` at learning_rate * fine_tune_lr_factor with the backbone
+    # trainable from the layer `fine_tune_from` (a layer name or its start, e.g. block6a;
+    # null: the whole backbone). BatchNorm layers stay frozen. Without pretrained weights the
+    # whole model trains in one phase.
+    fine_tune_from: str | None = None
+    fine_tune_epochs: int = 0
+    fine_tune_lr_factor: float = 0.1
 
 
 @dataclass
@@ -55,6 +115,11 @@ class AugmentConfig:
     rotate: float = 0.0
     zoom: float = 0.0
     contrast: float = 0.0
+    # keras.layers.RandAugment: number of random ops per image (0: off) and their strength.
+    randaugment_ops: int = 0
+    randaugment_magnitude: float = 0.5
+    # keras.layers.RandomErasing: probability that an image gets a rectangle of noise.
+    erasing: float = 0.0
 
 
 @dataclass
@@ -67,16 +132,29 @@ class TrainConfig:
     # Student only: the share of each batch drawn from the labelled images (the rest from the
     # pseudo-labelled ones); None samples the merged set uniformly.
     labeled_fraction: float | None = None
+    # Weight each class by n_images / (n_classes * its count) in the loss.
+    class_weights: bool = False
+    # float16 compute with float32 weights (mixed_float16); GPU only, ignored on CPU.
+    mixed_precision: bool = False
+    # tf.config.experimental.enable_op_determinism(): reproducible, slower.
+    deterministic: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class TeacherConfig:
-    # An existing model (.keras or .h5) to use as the teacher instead of training one.
+    # An existing model (.keras, .h5 or a SavedModel folder) to use as the teacher instead of
+    # training one.
     path: str | None = None
-    # The pixel range that model expects: "0-255" (raw), "0-1" or "-1-1". Models trained here
-    # scale inside themselves and take raw pixels.
-    input_scale: str = "0-255"
+    # What that model expects: "0-255" (raw), "0-1", "-1-1", or a keras.applications module
+    # whose preprocess_input it needs (e.g. resnet50); "auto": raw pixels if the model starts
+    # with a Rescaling layer, else an error asking for the scale. Models trained here take raw
+    # pixels and scale inside themselves.
+    input_scale: str = "auto"
+    # The model's output classes in order; None: the sorted train folder names.
+    class_names: list[str] | None = None
+    # Load a model with Lambda layers (arbitrary Python code): only for files you trust.
+    allow_unsafe: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -85,14 +163,38 @@ class TeacherConfig:
 class StudentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Train on the teacher's probability vectors for pseudo-labelled images (from the merge
+    # manifest) instead of one-hot pseudo-labels.
+    soft_labels: bool = False
+
+
+SELECTIONS = ("threshold", "per_class", "topk")
 
 
 @dataclass
 class PseudoLabelConfig:
     # Minimum top-1 confidence for an unlabelled image to join the student's training set;
-    # None keeps every image, as in the seed.
+    # None keeps every image, as in the seed. Also the line drawn on the selection charts.
     threshold: float | None = 0.8
+    # threshold (the global one above) | per_class | topk (class-balanced, Noisy Student).
+    selection: str = "threshold"
+    # per_class: {class: threshold}; classes left out use `threshold`. None derives each class's
+    # threshold from val: the lowest one whose precision in that class reaches target_precision.
+    per_class_threshold: dict[str, float] | None = None
+    # topk: the K most confident images per predicted class; `duplicate` repeats the images of
+    # a class that has fewer than K up to K.
+    top_k: int = 1000
+    duplicate: bool = False
+    # The recommended threshold is the one keeping most images whose precision (estimated on
+    # val) reaches this.
+    target_precision: float = 0.95
+    # Temperature scaling fitted on val before any threshold; false keeps the raw softmax.
+    calibrate: bool = True
     batch_size: int = 256
+    # Predictions are flushed every chunk_size images, so a killed run resumes from there.
+    chunk_size: int = 4096
+    # Visual QA: images per row in each class's grid.
+    qa_images: int = 8
 
 
 @dataclass
@@ -157,14 +259,11 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
             fail(f"data.{key}", cfg.data[key], "need at least one image per class")
     if cfg.data.unlabeled < 1:
         fail("data.unlabeled", cfg.data.unlabeled, "need at least one unlabelled image")
+    _check_folder_keys(cfg.data, fail)
     for role in ("teacher", "student"):
-        model, train = cfg[role].model, cfg[role].train
-        if model.name not in MODEL_NAMES:
-            fail(f"{role}.model.name", model.name, f"choose one of {', '.join(MODEL_NAMES)}")
-        if model.width < 1 or model.depth < 1:
-            fail(f"{role}.model", f"width={model.width}, depth={model.depth}", "must be >= 1")
-        if not 0.0 <= model.dropout < 1.0:
-            fail(f"{role}.model.dropout", model.dropout, "use a rate in [0, 1)")
+        train = cfg[role].train
+        _check_model(cfg[role].model, cfg.data.image_size, f"{role}.model", fail)
+        _check_augment(train.augment, f"{role}.train.augment", fail)
         if train.epochs < 1 or train.batch_size < 1:
             fail(f"{role}.train", f"epochs={train.epochs}, batch_size={train.batch_size}", ">= 1")
         fraction = train.labeled_fraction
@@ -172,8 +271,85 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
             fail(f"{role}.train.labeled_fraction", fraction, "use a share in (0, 1), or null")
         if train.learning_rate <= 0:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
-    if cfg.pseudo_label.batch_size < 1:
-        fail("pseudo_label.batch_size", cfg.pseudo_label.batch_size, "must be >= 1")
+    _check_pseudo_label(cfg.pseudo_label, fail)
+
+
+def input_size(model_cfg, image_size) -> list[int]:
+    """The [height, width] a model resizes its raw input to: its own, else the data's."""
+    return list(model_cfg.input_size or image_size)
+
+
+def check_input_size(name: str, size, key: str) -> None:
+    """A backbone's input must be at least its minimum size; the error says how to set it."""
+    smallest = MIN_INPUT_SIZE.get(name, 1)
+    if min(size) < smallest:
+        raise PseudoLabelError(
+            f"{key}: {name} needs an input of at least {smallest}x{smallest} pixels, got "
+            f"{size[0]}x{size[1]}; set {key}.input_size=[{smallest},{smallest}] or more (images "
+            "are resized inside the model), or pick small_cnn."
+        )
+
+
+def _check_model(model: DictConfig, image_size, key: str, fail) -> None:
+    if model.name not in MODEL_NAMES:
+        fail(f"{key}.name", model.name, f"choose one of {', '.join(MODEL_NAMES)}")
+    if model.width < 1 or model.depth < 1:
+        fail(key, f"width={model.width}, depth={model.depth}", "must be >= 1")
+    for rate in ("dropout", "drop_connect_rate"):
+        if not 0.0 <= model[rate] < 1.0:
+            fail(f"{key}.{rate}", model[rate], "use a rate in [0, 1)")
+    if model.pooling not in POOLINGS:
+        fail(f"{key}.pooling", model.pooling, f"use one of {', '.join(POOLINGS)}")
+    for count in ("hidden_units", "fine_tune_epochs"):
+        if model[count] < 0:
+            fail(f"{key}.{count}", model[count], "must be >= 0")
+    if not 0.0 < model.fine_tune_lr_factor <= 1.0:
+        fail(f"{key}.fine_tune_lr_factor", model.fine_tune_lr_factor, "use a factor in (0, 1]")
+    if model.input_size is not None and (len(model.input_size) != 2 or min(model.input_size) < 1):
+        fail(f"{key}.input_size", list(model.input_size), "give [height, width], or null")
+    if model.weights is not None and model.name not in MIN_INPUT_SIZE:
+        fail(f"{key}.weights", model.weights, f"{model.name} has no pretrained weights; use null")
+    check_input_size(model.name, input_size(model, image_size), key)
+
+
+def _check_augment(augment: DictConfig, key: str, fail) -> None:
+    if augment.randaugment_ops < 0:
+        fail(f"{key}.randaugment_ops", augment.randaugment_ops, "use >= 0 (0: off)")
+    for share in ("randaugment_magnitude", "erasing"):
+        if not 0.0 <= augment[share] <= 1.0:
+            fail(f"{key}.{share}", augment[share], "use a value in [0, 1]")
+
+
+def _check_pseudo_label(pl: DictConfig, fail) -> None:
+    for key in ("batch_size", "chunk_size", "qa_images"):
+        if pl[key] < 1:
+            fail(f"pseudo_label.{key}", pl[key], "must be >= 1")
+    if pl.selection not in SELECTIONS:
+        fail("pseudo_label.selection", pl.selection, f"use one of {', '.join(SELECTIONS)}")
+    if not (math.isfinite(pl.target_precision) and 0.0 < pl.target_precision <= 1.0):
+        fail("pseudo_label.target_precision", pl.target_precision, "use a precision in (0, 1]")
+    if pl.top_k < 1:
+        fail("pseudo_label.top_k", pl.top_k, "keep at least 1 image per class")
+    for name, value in (pl.per_class_threshold or {}).items():
+        check_threshold(value, f"pseudo_label.per_class_threshold.{name}")
+
+
+def _check_folder_keys(data: DictConfig, fail) -> None:
+    if data.link not in LINK_MODES:
+        fail("data.link", data.link, f"use one of {', '.join(LINK_MODES)}")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0.0 < data[key] < 0.5:
+            fail(f"data.{key}", data[key], "use a share in (0, 0.5)")
+    if data.min_size < 1:
+        fail("data.min_size", data.min_size, "must be >= 1 pixel")
+    if not 0 <= data.near_duplicate_distance < 64:
+        fail("data.near_duplicate_distance", data.near_duplicate_distance, "use 0..63 bits")
+    if data.workers is not None and data.workers < 1:
+        fail("data.workers", data.workers, "use >= 1, or null for all cores")
+    if data.source == "folder" and data.labeled_root == DataConfig.labeled_root:
+        fail("data.labeled_root", data.labeled_root, "set it to your labelled folder")
+    if data.source == "folder" and data.unlabeled_root == DataConfig.unlabeled_root:
+        fail("data.unlabeled_root", data.unlabeled_root, "set it to your unlabelled folder")
 
 
 def load_params(path: str | Path = "params.yaml") -> DictConfig:

@@ -38,11 +38,15 @@ class PseudoLabelGenerator:
         output_folder: str | Path = "outputs",
         csv_filename: str = "data.csv",
         class_names: list[str] | None = None,
-        input_scale: str = "0-255",
+        input_scale: str = "auto",
+        allow_unsafe: bool = False,
     ) -> None:
-        """Paths as in the seed. `class_names` defaults to the model's metadata, else to the
-        sorted train folder names; `input_scale` ("0-255", "0-1", "-1-1") is only used for a
-        model without metadata (one not trained by this project)."""
+        """Paths as in the seed (`model_path`: .keras, .h5 or a SavedModel folder).
+        `class_names` defaults to the model's metadata, else to the sorted train folder names.
+        For a model without metadata (one not trained by this project): `input_scale` says what
+        pixels it expects ("auto": raw if it starts with a Rescaling layer; "0-255", "0-1",
+        "-1-1", or a keras.applications name such as "resnet50"), and `allow_unsafe=True`
+        loads one with Lambda layers (arbitrary code: only for files you trust)."""
         self.model_path = Path(model_path)
         self.train_data_path = Path(train_data_path)
         self.unlabeled_path = Path(unlabeled_path)
@@ -51,6 +55,7 @@ class PseudoLabelGenerator:
         self.csv_path = self.output_folder / csv_filename
         self.class_names = list(class_names) if class_names else None
         self.input_scale = input_scale
+        self.allow_unsafe = allow_unsafe
         self.threshold: float | None = None
         self._model: tuple[keras.Model, model_io.ModelMeta] | None = None
 
@@ -66,7 +71,7 @@ class PseudoLabelGenerator:
                 self._model = model_io.load(self.model_path, meta)
             else:
                 names = self.class_names or class_names_from(self.train_data_path)
-                foreign = model_io.load_foreign(self.model_path)
+                foreign = model_io.load_foreign(self.model_path, self.allow_unsafe)
                 self._model = model_io.adopt(foreign, names, self.input_scale, str(self.model_path))
         return self._model
 

@@ -11,10 +11,12 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from pseudolabel import labeling, merging, plots, tracking, training
 from pseudolabel.config import to_dict
 from pseudolabel.data.images import labelled_dataset, labelled_files, mixed_dataset
+from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import build_model
 from pseudolabel.paths import Paths
@@ -25,10 +27,15 @@ log = logging.getLogger(__name__)
 
 def _training_data(train_cfg, train_dir, files, labels, class_names, size, channels, seed):
     """Shuffled batches of the training folder; for a student with `labeled_fraction`, an
-    endless stream with that share of labelled images in each batch (see the merge manifest)."""
+    endless stream with that share of labelled images in each batch (see the merge manifest).
+    With `student.soft_labels`, pseudo-labelled images are trained on the teacher's probability
+    vectors from the manifest, labelled ones on one-hot targets."""
     fraction = train_cfg.labeled_fraction
     n = len(class_names)
-    if fraction is None or train_dir.joinpath(merging.MANIFEST).exists() is False:
+    # soft_labels sits beside `train` in the student's config (the teacher has none).
+    soft = bool(getattr(train_cfg._get_parent(), "soft_labels", False))
+    has_manifest = train_dir.joinpath(merging.MANIFEST).exists()
+    if not soft and (fraction is None or not has_manifest):
         return labelled_dataset(
             files, labels, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
         )
@@ -37,11 +44,19 @@ def _training_data(train_cfg, train_dir, files, labels, class_names, size, chann
     groups = []
     for source in ("labeled", "pseudo"):
         rows = manifest[manifest["source"] == source]
-        groups.append(
-            (
-                [str(train_dir / f) for f in rows["file"]],
-                np.array([index[label] for label in rows["label"]], dtype=np.int64),
-            )
+        targets = np.array([index[label] for label in rows["label"]], dtype=np.int64)
+        if soft:
+            targets = np.eye(n, dtype=np.float32)[targets]
+            if source == "pseudo":
+                what = f"{train_dir / merging.MANIFEST} (student.soft_labels: true)"
+                probs = labeling.probabilities(rows, class_names, what).astype(np.float32)
+                targets = probs / probs.sum(axis=1, keepdims=True)
+        groups.append(([str(train_dir / f) for f in rows["file"]], targets))
+    if fraction is None:  # the whole merged set, sampled uniformly
+        paths = groups[0][0] + groups[1][0]
+        targets = np.concatenate([groups[0][1], groups[1][1]])
+        return labelled_dataset(
+            paths, targets, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
         )
     if not len(groups[1][0]):  # no pseudo-label passed the threshold: labelled images only
         return labelled_dataset(
@@ -52,6 +67,30 @@ def _training_data(train_cfg, train_dir, files, labels, class_names, size, chann
     )
 
 
+class _EpochLogger(mlflow.keras.MlflowCallback):
+    """MLflow's Keras callback: one value per epoch per metric. Fine-tuning is a second `fit`
+    with a new optimizer, so the optimizer params and summary are logged at the first only."""
+
+    def on_train_begin(self, logs=None):
+        if not getattr(self, "_begun", False):
+            self._begun = True
+            super().on_train_begin(logs)
+
+
+def _log_model(model: keras.Model, val_ds, name: str) -> None:
+    """The model in MLflow's Keras flavour with a signature: raw pixels in, probabilities out."""
+    images = next(iter(val_ds))[0][:2].numpy()
+    probs = np.asarray(model(images, training=False))  # eager: no predict function to trace
+    signature = mlflow.models.infer_signature(images, probs)
+    mlflow.keras.log_model(
+        model,
+        name=name,
+        signature=signature,
+        # Given, so that MLflow does not reload the model in a subprocess to infer them.
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+    )
+
+
 def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) -> dict[str, Any]:
     """Train the teacher or the student from a class-folder tree; save model, metadata, metrics."""
     role_cfg = cfg[role]
@@ -59,14 +98,20 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
     train_files, train_labels = labelled_files(train_dir, class_names)
     val_files, val_labels = labelled_files(paths.val, class_names)
     size, channels = list(cfg.data.image_size), cfg.data.channels
-    keras.utils.set_random_seed(cfg.seed)
+    training.seed_everything(cfg.seed, role_cfg.train.deterministic)
     batch = role_cfg.train.batch_size
     train_ds = _training_data(
         role_cfg.train, train_dir, train_files, train_labels, class_names, size, channels, cfg.seed
     )
     val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
-    model = build_model(
-        role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
+    with training.precision(role_cfg.train.mixed_precision):
+        model = build_model(
+            role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
+        )
+    class_weight = (
+        training.balanced_class_weights(train_labels, len(class_names))
+        if role_cfg.train.class_weights
+        else None
     )
     history_csv = paths.plots / "train" / f"{role}.csv"
     params = {
@@ -85,7 +130,9 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
             role_cfg.train,
             steps,
             history_csv,
-            callbacks=[mlflow.keras.MlflowCallback()],
+            callbacks=[_EpochLogger()],
+            model_cfg=role_cfg.model,
+            class_weight=class_weight,
         )
         val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
         meta = model_io.ModelMeta(
@@ -111,7 +158,7 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
             plots.training_curves(pd.read_csv(history_csv), f"{role} training"),
             f"{role}_training_curves.png",
         )
-        mlflow.log_artifact(str(model_path), "model")
+        _log_model(model, val_ds, role)
         mlflow.log_artifact(str(model_io.meta_path(model_path)), "model")
     write_json(paths.metrics / f"{role}.json", metrics)
     log.info("%s: val_accuracy=%.4f after %d epochs", role, val_accuracy, len(history.epoch))
@@ -120,16 +167,19 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
 
 def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
     """Adopt the user's model as the teacher: validate it and save it with our metadata."""
-    class_names = labelled_classes(paths)
+    class_names = _teacher_classes(cfg, paths)
     source = Path(cfg.teacher.path)
-    model, meta = model_io.adopt(
-        model_io.load_foreign(source), class_names, cfg.teacher.input_scale, str(source)
-    )
+    foreign = model_io.load_foreign(source, allow_unsafe=cfg.teacher.allow_unsafe)
+    model, meta = model_io.adopt(foreign, class_names, cfg.teacher.input_scale, str(source))
     with tracking.start_run(
         cfg,
         "train_teacher",
         {"teacher": to_dict(cfg.teacher)},
-        {"role": "teacher", "imported_from": source},
+        {
+            "role": "teacher",
+            "imported_from": source,
+            "input_scale": meta.extra["source_input_scale"],
+        },
     ) as run:
         meta.run_id = run.info.run_id
         val_files, val_labels = labelled_files(paths.val, class_names)
@@ -140,6 +190,8 @@ def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
         val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
         model_io.save(model, paths.model("teacher"), meta)
         mlflow.log_metrics({"best_val_accuracy": val_accuracy, "best_val_loss": val_loss})
+        _log_model(model, val_ds, "teacher")
+        mlflow.log_artifact(str(model_io.meta_path(paths.model("teacher"))), "model")
     metrics = {
         "val_accuracy": float(val_accuracy),
         "val_loss": float(val_loss),
@@ -149,6 +201,18 @@ def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
     }
     write_json(paths.metrics / "teacher.json", metrics)
     return metrics
+
+
+def _teacher_classes(cfg, paths: Paths) -> list[str]:
+    """The imported teacher's output classes in order: from config, else the folder names."""
+    folders = labelled_classes(paths)
+    names = list(cfg.teacher.class_names or folders)
+    if sorted(names) != folders:
+        raise PseudoLabelError(
+            f"teacher.class_names {names} are not the class folders of {paths.train}: "
+            f"{folders}; list each folder once, in the order of the model's outputs."
+        )
+    return names
 
 
 def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
@@ -161,10 +225,14 @@ def train_student(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """The larger, noised student on the merged set, tagged with the pseudo-label set it used."""
     teacher_meta = model_io.read_meta(paths.model("teacher"))
     merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
+    # Lineage (see tracking.lineage): the same tags whether dvc repro, a sweep job or a DVC
+    # experiment made this student; the hashes equal those dvc.lock records.
     tags = {
-        "teacher_run_id": teacher_meta.run_id if teacher_meta else None,
-        "pseudo_label_csv_md5": tracking.md5(paths.csv),
+        **tracking.lineage_tags(cfg, paths, teacher_meta.run_id if teacher_meta else None),
         "threshold": cfg.pseudo_label.threshold,
         "pseudo_labeled": merge_metrics["pseudo_labeled"],
     }
-    return _train(cfg, "student", paths.merged, paths, tags)
+    metrics = _train(cfg, "student", paths.merged, paths, tags)
+    student_meta = model_io.read_meta(paths.model("student"))
+    tracking.log_lineage_inputs(student_meta.run_id, cfg, paths, tags)
+    return metrics
