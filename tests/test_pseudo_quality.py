@@ -138,7 +138,7 @@ def test_soft_labels_feed_probability_vectors(pipeline, smoke_cfg, tmp_path):
     raw["student"]["train"]["labeled_fraction"] = None
     cfg = validate(raw)
     files = [str(p) for p in list_images(paths.merged)]
-    ds = _training_data(cfg.student.train, paths.merged, files, None, CLASSES, [8, 8], 1, 0)
+    ds = _training_data(cfg.student, paths.merged, files, None, CLASSES, [8, 8], 1, 0)
     targets = np.concatenate([y.numpy() for _, y in ds])
     assert targets.shape == (len(files), 10)
     assert np.allclose(targets.sum(axis=1), 1.0, atol=1e-5)
@@ -147,7 +147,7 @@ def test_soft_labels_feed_probability_vectors(pipeline, smoke_cfg, tmp_path):
     manifest = merging.read_manifest(paths.merged)
     manifest.drop(columns=prob_columns(CLASSES)).to_csv(paths.merged / merging.MANIFEST)
     with pytest.raises(PseudoLabelError, match="probability column"):
-        _training_data(cfg.student.train, paths.merged, files, None, CLASSES, [8, 8], 1, 0)
+        _training_data(cfg.student, paths.merged, files, None, CLASSES, [8, 8], 1, 0)
 
 
 @pytest.mark.parametrize(

@@ -199,24 +199,9 @@ def qa_grid(
         for col in range(columns):
             image, conf = items[col] if col < len(items) else (None, 0.0)
             _thumb(axes[row, col], image, f"{conf:.2f}")
-    axes[0, 0].text(
-        -0.1,
-        0.5,
-        "accepted,\nleast sure",
-        transform=axes[0, 0].transAxes,
-        ha="right",
-        va="center",
-        fontsize=8,
-    )
-    axes[1, 0].text(
-        -0.1,
-        0.5,
-        "rejected,\nmost sure",
-        transform=axes[1, 0].transAxes,
-        ha="right",
-        va="center",
-        fontsize=8,
-    )
+    for row, label in enumerate(("accepted,\nleast sure", "rejected,\nmost sure")):
+        axes[row, 0].text(-0.1, 0.5, label, transform=axes[row, 0].transAxes,
+                          ha="right", va="center", fontsize=8)  # fmt: skip
     kept, left = totals or (len(accepted), len(rejected))
     fig.suptitle(f"{name}: {kept:,} accepted, {left:,} rejected", fontsize=9)
     return fig

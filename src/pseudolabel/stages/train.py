@@ -25,15 +25,15 @@ from pseudolabel.stages.common import labelled_classes, write_json
 log = logging.getLogger(__name__)
 
 
-def _training_data(train_cfg, train_dir, files, labels, class_names, size, channels, seed):
+def _training_data(role_cfg, train_dir, files, labels, class_names, size, channels, seed):
     """Shuffled batches of the training folder; for a student with `labeled_fraction`, an
     endless stream with that share of labelled images in each batch (see the merge manifest).
     With `student.soft_labels`, pseudo-labelled images are trained on the teacher's probability
     vectors from the manifest, labelled ones on one-hot targets."""
+    train_cfg = role_cfg.train
     fraction = train_cfg.labeled_fraction
     n = len(class_names)
-    # soft_labels sits beside `train` in the student's config (the teacher has none).
-    soft = bool(getattr(train_cfg._get_parent(), "soft_labels", False))
+    soft = bool(role_cfg.get("soft_labels", False))  # the teacher's config has no such key
     has_manifest = train_dir.joinpath(merging.MANIFEST).exists()
     if not soft and (fraction is None or not has_manifest):
         return labelled_dataset(
@@ -101,7 +101,7 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
     training.seed_everything(cfg.seed, role_cfg.train.deterministic)
     batch = role_cfg.train.batch_size
     train_ds = _training_data(
-        role_cfg.train, train_dir, train_files, train_labels, class_names, size, channels, cfg.seed
+        role_cfg, train_dir, train_files, train_labels, class_names, size, channels, cfg.seed
     )
     val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
     with training.precision(role_cfg.train.mixed_precision):
