@@ -1,0 +1,158 @@
+"""Does the pseudo-label student beat both its teacher and a supervised-only student?
+
+For each label budget and seed, on Fashion-MNIST (Debian's IDX files), through the pipeline's own
+stage functions:
+
+- teacher: `train_teacher` on the labelled images;
+- pseudo-label student: `pseudo_label` -> `merge` -> `train_student`;
+- supervised-only student: the same student architecture, noise and number of optimiser steps,
+  trained on the labelled images alone (what tells whether the pseudo-labels, not the bigger
+  model, made the gain);
+- gain = student - max(teacher, supervised-only student);
+- precision of the kept pseudo-labels against the true Fashion-MNIST labels, count kept, time.
+
+    python benchmarks/ssl_gain.py --budgets 50 --seeds 0            # one seed: ~10 min, 2 cores
+    python benchmarks/ssl_gain.py --budgets 10 50 --seeds 0 1 2     # the full table
+    python benchmarks/ssl_gain.py --budgets 50 --seeds 0 -- pseudo_label.selection=topk
+
+Extra arguments after `--` are Hydra overrides applied to every run. Prints a markdown table
+(mean ± std over seeds) and writes every row and the table to benchmarks/results/ssl_gain.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pseudolabel import stages  # noqa: E402
+from pseudolabel.config import compose, to_dict, validate  # noqa: E402
+from pseudolabel.data import sources  # noqa: E402
+from pseudolabel.evaluation import evaluate  # noqa: E402
+from pseudolabel.models import io as model_io  # noqa: E402
+from pseudolabel.paths import Paths  # noqa: E402
+from pseudolabel.stages.train import _train  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+INDEX = re.compile(r"train_(\d+)\.png$")
+
+
+def pseudo_label_precision(paths: Paths, truth: np.ndarray, class_names: list[str]) -> float:
+    """Share of the kept pseudo-labels that equal the true label (from the source's index)."""
+    from pseudolabel import merging
+
+    manifest = merging.read_manifest(paths.merged)
+    pseudo = manifest[manifest["source"] == "pseudo"]
+    if pseudo.empty:
+        return float("nan")
+    index = pseudo["file"].map(lambda f: int(INDEX.search(f).group(1)))
+    true = [class_names[i] for i in truth[index.to_numpy()]]
+    return float((pseudo["label"].to_numpy() == np.asarray(true)).mean())
+
+
+def supervised_only(cfg, paths: Paths, student_steps: int) -> float:
+    """The student's architecture and noise on the labelled images alone, same optimiser steps."""
+    n_labelled = sum(1 for _ in paths.train.rglob("*.png"))
+    steps_per_epoch = math.ceil(n_labelled / cfg.student.train.batch_size)
+    epochs = max(1, math.ceil(student_steps / steps_per_epoch))
+    raw = to_dict(cfg)
+    raw["student"]["train"].update(epochs=epochs, patience=epochs, labeled_fraction=None)
+    sup_cfg = validate(raw)
+    sup_paths = Paths(paths.root / "supervised", data_root=paths.root)
+    _train(sup_cfg, "student", paths.train, sup_paths, tags={"baseline": "supervised_only"})
+    model, meta = model_io.load(sup_paths.model("student"))
+    return evaluate(model, meta, paths.test).accuracy
+
+
+def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
+    root = work / f"budget{budget}_seed{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = compose([f"data.train_per_class={budget}", f"seed={seed}", *overrides])
+    paths = Paths(root)
+    start = time.perf_counter()
+    for name in ("ingest", "train_teacher", "pseudo_label", "merge", "train_student", "evaluate"):
+        print(f"[budget {budget}, seed {seed}] {name}", flush=True)
+        stages.STAGES[name](cfg, paths)
+    ssl_seconds = time.perf_counter() - start
+    evaluation = json.loads((paths.metrics / "evaluation.json").read_text())
+    student_history = pd.read_csv(paths.plots / "train" / "student.csv")
+    merged = json.loads((paths.metrics / "merge.json").read_text())
+    n_merged = merged["labeled"] + merged["pseudo_labeled"]
+    student_steps = len(student_history) * math.ceil(n_merged / cfg.student.train.batch_size)
+    print(f"[budget {budget}, seed {seed}] supervised-only student", flush=True)
+    start = time.perf_counter()
+    supervised = supervised_only(cfg, paths, student_steps)
+    sup_seconds = time.perf_counter() - start
+    source = sources.fashion_mnist(cfg.data.idx_dir)
+    meta = model_io.read_meta(paths.model("teacher"))
+    precision = pseudo_label_precision(paths, source.train_labels, list(meta.class_names))
+    teacher, student = evaluation["teacher_accuracy"], evaluation["student_accuracy"]
+    return {
+        "budget": budget,
+        "seed": seed,
+        "overrides": overrides,
+        "teacher": teacher,
+        "supervised_only": supervised,
+        "student": student,
+        "gain": student - max(teacher, supervised),
+        "gain_vs_teacher": student - teacher,
+        "pseudo_labeled": merged["pseudo_labeled"],
+        "pseudo_label_precision": precision,
+        "ssl_seconds": round(ssl_seconds, 1),
+        "supervised_seconds": round(sup_seconds, 1),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    frame = pd.DataFrame(rows)
+    cols = ["teacher", "supervised_only", "student", "gain", "pseudo_label_precision",
+            "pseudo_labeled", "ssl_seconds"]  # fmt: skip
+    lines = ["| labels/class | seeds | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 2) + "|"]  # fmt: skip
+    for budget, group in frame.groupby("budget"):
+        cells = []
+        for col in cols:
+            values = group[col].astype(float)
+            scale = 100 if col in ("teacher", "supervised_only", "student", "gain") else 1
+            std = values.std(ddof=1) * scale if len(values) > 1 else float("nan")
+            mean = values.mean() * scale
+            cells.append(f"{mean:.2f}" + ("" if math.isnan(std) else f" ± {std:.2f}"))
+        lines.append(f"| {budget} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", type=Path, default=RESULTS / "ssl_gain_work")
+    parser.add_argument("--out", type=Path, default=RESULTS / "ssl_gain.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for budget in args.budgets:
+        for seed in args.seeds:
+            rows.append(run_one(budget, seed, overrides, args.work))
+            print(json.dumps(rows[-1]), flush=True)
+    text = table(rows)
+    print("\naccuracies and gain in points (mean ± std over seeds)\n" + text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "table": text}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
