@@ -48,7 +48,8 @@ INDEX = re.compile(r"train_(\d+)\.png$")
 
 
 def pseudo_label_precision(paths: Paths, truth: np.ndarray, class_names: list[str]) -> float:
-    """Share of the kept pseudo-labels that equal the true label (from the source's index)."""
+    """Share of the kept pseudo-labels that equal the true label (from the source's index);
+    `class_names` in the source's label order (not the sorted folder order)."""
     from pseudolabel import merging
 
     manifest = merging.read_manifest(paths.merged)
@@ -95,8 +96,7 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
     supervised = supervised_only(cfg, paths, student_steps)
     sup_seconds = time.perf_counter() - start
     source = sources.fashion_mnist(cfg.data.idx_dir)
-    meta = model_io.read_meta(paths.model("teacher"))
-    precision = pseudo_label_precision(paths, source.train_labels, list(meta.class_names))
+    precision = pseudo_label_precision(paths, source.train_labels, list(source.class_names))
     teacher, student = evaluation["teacher_accuracy"], evaluation["student_accuracy"]
     return {
         "budget": budget,

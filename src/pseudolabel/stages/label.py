@@ -8,7 +8,6 @@ table (coverage and estimated precision for every threshold) that `merge` marks 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
-import yaml
 
 from pseudolabel import calibration, labeling, plots, thresholds, tracking
 from pseudolabel.data.images import labelled_dataset, labelled_files, require_images
@@ -46,18 +44,9 @@ def _val_probabilities(
 
 
 def unlabeled_dvc_hash(paths: Paths) -> str | None:
-    """The unlabelled folder's DVC hash: from dvc.lock if it is there, else computed the way
-    DVC does, or None with a log line if neither works."""
-    for base in dict.fromkeys((paths.root, paths.data_root or paths.root)):
-        lock = base / "dvc.lock"
-        if not lock.is_file():
-            continue
-        rel = Path(os.path.relpath(paths.unlabeled, base)).as_posix()
-        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []):
-                if out.get("path") == rel and out.get("md5"):
-                    return out["md5"]
+    """The unlabelled folder's DVC hash, computed as DVC does (not read from dvc.lock, which a
+    stage run by hand could have left stale); None with a log line if it cannot be computed.
+    Cheaper than the labelling itself, which decodes every one of those files."""
     try:
         return tracking.dvc_hash(paths.unlabeled)
     except Exception as exc:  # an optional tag: never fail the labelling for it
