@@ -44,7 +44,7 @@ from pseudolabel.paths import Paths  # noqa: E402
 from pseudolabel.stages.train import _train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-INDEX = re.compile(r"train_(\d+)\.png$")
+INDEX = re.compile(r"train_(\d+)(?:-\d+)?\.png$")  # -N: a duplicated copy (topk)
 
 
 def pseudo_label_precision(paths: Paths, truth: np.ndarray, class_names: list[str]) -> float:
