@@ -4,12 +4,14 @@ For each label budget and seed, on Fashion-MNIST (Debian's IDX files), through t
 stage functions:
 
 - teacher: `train_teacher` on the labelled images;
-- pseudo-label student: `pseudo_label` -> `merge` -> `train_student`;
+- pseudo-label student: `pseudo_label` -> `merge` -> `train_student`, then rounds 2..N
+  (`pseudo_label.rounds`, the `round` stage) each relabelling with the previous student;
 - supervised-only student: the same student architecture, noise and number of optimiser steps,
   trained on the labelled images alone (what tells whether the pseudo-labels, not the bigger
   model, made the gain);
-- gain = student - max(teacher, supervised-only student);
-- precision of the kept pseudo-labels against the true Fashion-MNIST labels, count kept, time.
+- gain = student (last round) - max(teacher, supervised-only student);
+- precision of the kept pseudo-labels against the true Fashion-MNIST labels, count kept (last
+  round; every round's in the JSON), time.
 
     python benchmarks/ssl_gain.py --budgets 50 --seeds 0            # one seed: ~10 min, 2 cores
     python benchmarks/ssl_gain.py --budgets 10 50 --seeds 0 1 2     # the full table
@@ -82,11 +84,16 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
     cfg = compose([f"data.train_per_class={budget}", f"seed={seed}", *overrides])
     paths = Paths(root)
     start = time.perf_counter()
-    for name in ("ingest", "train_teacher", "pseudo_label", "merge", "train_student", "evaluate"):
+    for name in ("ingest", "train_teacher", "pseudo_label", "merge", "train_student"):
         print(f"[budget {budget}, seed {seed}] {name}", flush=True)
         stages.STAGES[name](cfg, paths)
+    for number in range(2, cfg.pseudo_label.rounds + 1):
+        print(f"[budget {budget}, seed {seed}] round {number}", flush=True)
+        stages.run_round(cfg, paths, number)
+    stages.STAGES["evaluate"](cfg, paths)
     ssl_seconds = time.perf_counter() - start
     evaluation = json.loads((paths.metrics / "evaluation.json").read_text())
+    # The supervised-only student gets one round's budget: each round's student starts afresh.
     student_history = pd.read_csv(paths.plots / "train" / "student.csv")
     merged = json.loads((paths.metrics / "merge.json").read_text())
     n_merged = merged["labeled"] + merged["pseudo_labeled"]
@@ -96,8 +103,18 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
     supervised = supervised_only(cfg, paths, student_steps)
     sup_seconds = time.perf_counter() - start
     source = sources.fashion_mnist(cfg.data.idx_dir)
-    precision = pseudo_label_precision(paths, source.train_labels, list(source.class_names))
+    rounds = range(1, cfg.pseudo_label.rounds + 1)
+    precision = {
+        r: pseudo_label_precision(paths.round(r), source.train_labels, list(source.class_names))
+        for r in rounds
+    }
+    kept = {
+        r: json.loads((paths.round(r).metrics / "merge.json").read_text())["pseudo_labeled"]
+        for r in rounds
+    }
+    per_round = evaluation.get("round_accuracy", {"round1": evaluation["student_accuracy"]})
     teacher, student = evaluation["teacher_accuracy"], evaluation["student_accuracy"]
+    last = cfg.pseudo_label.rounds
     return {
         "budget": budget,
         "seed": seed,
@@ -107,8 +124,11 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
         "student": student,
         "gain": student - max(teacher, supervised),
         "gain_vs_teacher": student - teacher,
-        "pseudo_labeled": merged["pseudo_labeled"],
-        "pseudo_label_precision": precision,
+        "student_per_round": per_round,
+        "pseudo_labeled": kept[last],
+        "pseudo_label_precision": precision[last],
+        "pseudo_labeled_per_round": kept,
+        "pseudo_label_precision_per_round": precision,
         "ssl_seconds": round(ssl_seconds, 1),
         "supervised_seconds": round(sup_seconds, 1),
     }

@@ -73,3 +73,37 @@ def test_cli_reports_bad_params_without_traceback(tmp_path):
     )
     assert run.returncode == 2
     assert "pseudo_label.threshold" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_rounds_derive_the_per_round_stages_and_final_student():
+    cfg = compose(["pseudo_label.rounds=3"])
+    assert OmegaConf.to_container(cfg.rounds) == {
+        "round2": {"round": 2, "dir": "rounds/round2", "teacher": "models/student"},
+        "round3": {"round": 3, "dir": "rounds/round3", "teacher": "rounds/round2/models/student"},
+    }
+    assert cfg.final_student == "rounds/round3/models/student"
+    one = compose()
+    assert (dict(one.rounds), one.final_student) == ({}, "models/student")
+
+
+def test_hand_edited_rounds_and_zero_rounds_are_clear_errors():
+    raw = OmegaConf.to_container(compose_raw())
+    raw["pseudo_label"]["rounds"] = 2  # without recomposing: no round@round2 stage in DVC
+    with pytest.raises(PseudoLabelError, match="recompose"):
+        validate(raw)
+    with pytest.raises(PseudoLabelError, match="pseudo_label.rounds"):
+        compose(["pseudo_label.rounds=0"])
+
+
+def test_round_paths_share_the_images_and_chain_the_teachers(tmp_path):
+    from pseudolabel.paths import Paths
+
+    paths = Paths(tmp_path)
+    assert paths.round(1) is paths
+    third = paths.round(3)
+    assert third.csv == tmp_path / "rounds/round3/outputs/data.csv"
+    assert third.merged == tmp_path / "rounds/round3/data/train_ssl"
+    assert third.train == paths.train and third.unlabeled == paths.unlabeled
+    assert third.model("teacher") == tmp_path / "rounds/round2/models/student.keras"
+    assert paths.round(2).model("teacher") == paths.model("student")
+    assert third.round_number == 3

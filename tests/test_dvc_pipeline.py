@@ -29,7 +29,7 @@ def _run(cmd, cwd, env):
 
 
 def _ran(output):
-    return set(re.findall(r"Running stage '(\w+)'", output))
+    return set(re.findall(r"Running stage '([\w@]+)'", output))
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,20 @@ def ran(project):
         root,
         env,
     )
+    exp_merge = json.loads((root / "metrics/merge.json").read_text())
+    # Two Noisy Student rounds: adds the round@round2 stage; round 1 is already up to date.
+    rounds = _run(
+        [str(BIN / "dvc"), "exp", "run", "-S", "+experiment=smoke", "-S", "pseudo_label.rounds=2"],
+        root,
+        env,
+    )
+    rounds_lock = yaml.safe_load((root / "dvc.lock").read_text())
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["pseudolabel"], output_format="list")
     return SimpleNamespace(
+        exp_merge=exp_merge,
+        rounds=rounds,
+        rounds_lock=rounds_lock,
         root=root,
         env=env,
         first=first,
@@ -135,8 +146,7 @@ def test_dvc_repro_then_nothing(ran):
 
 def test_threshold_experiment_reruns_downstream_and_tags_its_runs(ran):
     assert _ran(ran.exp) == {"merge", "train_student", "evaluate"}, ran.exp
-    merged = json.loads((ran.root / "metrics/merge.json").read_text())
-    assert merged["threshold"] == 0.9
+    assert ran.exp_merge["threshold"] == 0.9
     # Runs made inside `dvc exp run` carry its name and baseline, in the project's own mlflow.db.
     name = re.search(r"Ran experiment\(s\): ([\w-]+)", ran.exp).group(1)
     exp_runs = [r for r in ran.runs if r.data.tags.get("dvc.exp_name") == name]
@@ -153,7 +163,11 @@ def test_lineage_of_the_pipeline_student_matches_dvc_lock(ran):
         for r in ran.runs
         if r.data.tags["stage"] == "train_student" and "dvc.exp_name" not in r.data.tags
     )
-    labelling = next(r for r in ran.runs if r.data.tags["stage"] == "pseudo_label")
+    labelling = next(
+        r
+        for r in ran.runs
+        if r.data.tags["stage"] == "pseudo_label" and "dvc.exp_name" not in r.data.tags
+    )
     teacher = next(r for r in ran.runs if r.data.tags["stage"] == "train_teacher")
     out = _run([str(BIN / "pseudolabel"), "lineage", student.info.run_id], ran.root, ran.env)
     chain = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
@@ -168,3 +182,51 @@ def test_lineage_of_the_pipeline_student_matches_dvc_lock(ran):
         if d["path"] == "data/image_dataset/train"
     )
     assert train_dep in chain["data"]
+
+
+def test_two_rounds_version_each_round_and_chain_its_runs(ran):
+    """pseudo_label.rounds=2: round 2's CSV, merged set and model are DVC outputs, evaluate
+    scores both rounds, and round 2's runs lead back through round 1's student to the teacher."""
+    root = ran.root
+    assert {"round@round2", "evaluate"} <= _ran(ran.rounds), ran.rounds
+    assert "train_teacher" not in _ran(ran.rounds)
+    outs = {o["path"] for o in ran.rounds_lock["stages"]["round@round2"]["outs"]}
+    assert outs >= {"rounds/round2/outputs", "rounds/round2/data/train_ssl", "rounds/round2/models"}
+    deps = {d["path"] for d in ran.rounds_lock["stages"]["round@round2"]["deps"]}
+    assert {"models/student.keras", "models/student.json"} <= deps  # round 1's student teaches
+    for rel in (
+        "rounds/round2/outputs/data.csv",
+        "rounds/round2/data/train_ssl/manifest.csv",
+        "rounds/round2/models/student.keras",
+        "rounds/round2/metrics/student.json",
+    ):
+        assert (root / rel).exists(), rel
+    evaluation = json.loads((root / "metrics/evaluation.json").read_text())
+    assert evaluation["rounds"] == 2
+    assert set(evaluation["round_accuracy"]) == {"round1", "round2"}
+    assert evaluation["student_accuracy"] == evaluation["round_accuracy"]["round2"]
+
+    name = re.search(r"Ran experiment\(s\): ([\w-]+)", ran.rounds).group(1)
+    exp_runs = [r for r in ran.runs if r.data.tags.get("dvc.exp_name") == name]
+    by_id = {r.info.run_id: r for r in ran.runs}
+    second = next(
+        r
+        for r in exp_runs
+        if r.data.tags["stage"] == "train_student" and r.data.tags["round"] == "2"
+    )
+    first = by_id[second.data.tags["teacher_run_id"]]  # round 2's teacher: round 1's student
+    assert (first.data.tags["stage"], first.data.tags["round"]) == ("train_student", "1")
+    labelling = next(
+        r
+        for r in exp_runs
+        if r.data.tags["stage"] == "pseudo_label" and r.data.tags["round"] == "2"
+    )
+    assert labelling.data.tags["teacher_run_id"] == first.info.run_id
+    assert second.data.tags["pseudo_label_csv_md5"] == labelling.data.tags["pseudo_label_csv_md5"]
+    teacher = by_id[first.data.tags["teacher_run_id"]]
+    assert teacher.data.tags["stage"] == "train_teacher"
+
+    out = _run([str(BIN / "pseudolabel"), "lineage", second.info.run_id], root, ran.env)
+    hops = [line.split(":", 1)[0].strip() for line in out.splitlines() if ":" in line]
+    assert hops.index("round 2 student") < hops.index("round 1 student") < len(hops) - 1
+    assert f"{first.info.run_id} (" in out and f"{teacher.info.run_id} (" in out

@@ -380,3 +380,17 @@ def test_named_keras_preprocessing_matches_keras(module, tmp_path):
     preprocess = getattr(keras.applications, module).preprocess_input
     expected = model.predict(preprocess(x.copy()), verbose=0)
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_student_init_from_a_shallower_teacher_copies_its_blocks():
+    teacher = _build(_cfg("teacher.model.width=8", "teacher.model.depth=1"))
+    student = _build(_cfg("teacher.model.width=8", "teacher.model.depth=2"))
+    copied = training.init_from(student, teacher)
+    assert copied == 4  # block 1: two convolutions and their BatchNorms; then shapes differ
+    mine = [layer for layer in student.layers if layer.weights]
+    theirs = [layer for layer in teacher.layers if layer.weights]
+    for a_layer, b_layer in zip(mine[:copied], theirs, strict=False):
+        for a, b in zip(a_layer.get_weights(), b_layer.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    wider = _build(_cfg("teacher.model.width=16", "teacher.model.depth=2"))
+    assert training.init_from(wider, teacher) == 0

@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     for name in STAGE_NAMES:
         stage = sub.add_parser(name, help=f"run the {name} stage")
         stage.add_argument("--params", default="params.yaml", help="composed parameter file")
+    round_ = sub.add_parser(
+        "round", help="run one later Noisy Student round (2..pseudo_label.rounds)"
+    )
+    round_.add_argument("number", type=int, help="the round, 2 or more")
+    round_.add_argument("--params", default="params.yaml", help="composed parameter file")
     compose = sub.add_parser("compose", help="compose conf/ (+ overrides) into params.yaml")
     compose.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=digits")
     compose.add_argument("-o", "--output", default="params.yaml")
@@ -67,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         from pseudolabel.stages import STAGES
 
         cfg = load_params(args.params)
+        if args.command == "round":
+            from pseudolabel.stages import run_round
+
+            run_round(cfg, number=args.number)
+            return 0
         STAGES[args.command](cfg)
         return 0
     except PseudoLabelError as exc:

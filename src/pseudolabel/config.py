@@ -16,6 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pseudolabel import rounds
 from pseudolabel.errors import PseudoLabelError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -166,6 +167,14 @@ class StudentConfig:
     # Train on the teacher's probability vectors for pseudo-labelled images (from the merge
     # manifest) instead of one-hot pseudo-labels.
     soft_labels: bool = False
+    # Start from the teacher's weights wherever the student's leading layers have the same
+    # shapes (small_cnn one block deeper: all the teacher's blocks); False: from scratch, as in
+    # Noisy Student.
+    init_from_teacher: bool = False
+    # After training on the merged set: this many epochs on the labelled images alone at
+    # learning_rate * labeled_finetune_lr_factor (0: none); the best val epoch is kept.
+    labeled_finetune_epochs: int = 0
+    labeled_finetune_lr_factor: float = 0.1
 
 
 SELECTIONS = ("threshold", "per_class", "topk")
@@ -195,6 +204,8 @@ class PseudoLabelConfig:
     chunk_size: int = 4096
     # Visual QA: images per row in each class's grid.
     qa_images: int = 8
+    # Noisy Student rounds: round r's student labels the images again as round r+1's teacher.
+    rounds: int = 1
 
 
 @dataclass
@@ -206,6 +217,10 @@ class TrackingConfig:
 @dataclass
 class Config:
     seed: int = 0
+    # Derived from pseudo_label.rounds by conf/config.yaml (pseudolabel.rounds): dvc.yaml's
+    # per-round stages and the model `evaluate` scores.
+    rounds: dict[str, Any] = field(default_factory=dict)
+    final_student: str = "models/student"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -271,7 +286,30 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
             fail(f"{role}.train.labeled_fraction", fraction, "use a share in (0, 1), or null")
         if train.learning_rate <= 0:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
+    if cfg.student.labeled_finetune_epochs < 0:
+        fail("student.labeled_finetune_epochs", cfg.student.labeled_finetune_epochs, ">= 0")
+    if not 0.0 < cfg.student.labeled_finetune_lr_factor <= 1.0:
+        fail(
+            "student.labeled_finetune_lr_factor",
+            cfg.student.labeled_finetune_lr_factor,
+            "use a factor in (0, 1]",
+        )
     _check_pseudo_label(cfg.pseudo_label, fail)
+    _check_rounds(cfg, origin)
+
+
+def _check_rounds(cfg: DictConfig, origin: str) -> None:
+    """The derived keys must match pseudo_label.rounds (a hand-edited params.yaml may not)."""
+    n = cfg.pseudo_label.rounds
+    expected = (rounds.later_rounds(n), rounds.final_student(n))
+    found = (OmegaConf.to_container(cfg.rounds), cfg.final_student)
+    if found != expected:
+        raise PseudoLabelError(
+            f"{origin}: pseudo_label.rounds={n} but `rounds`/`final_student` describe "
+            f"{len(found[0]) + 1} round(s); they are derived: recompose with "
+            f"`pseudolabel compose pseudo_label.rounds={n}` or `dvc exp run -S "
+            f"pseudo_label.rounds={n}` instead of editing params.yaml by hand."
+        )
 
 
 def input_size(model_cfg, image_size) -> list[int]:
@@ -330,6 +368,8 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
         fail("pseudo_label.target_precision", pl.target_precision, "use a precision in (0, 1]")
     if pl.top_k < 1:
         fail("pseudo_label.top_k", pl.top_k, "keep at least 1 image per class")
+    if pl.rounds < 1:
+        fail("pseudo_label.rounds", pl.rounds, "use 1 (one student) or more")
     for name, value in (pl.per_class_threshold or {}).items():
         check_threshold(value, f"pseudo_label.per_class_threshold.{name}")
 
@@ -373,6 +413,7 @@ def compose_raw(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
+    rounds.register()  # conf/config.yaml derives the per-round keys with these resolvers
     try:
         with initialize_config_dir(str(config_dir), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides or []))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pseudolabel import rounds
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -13,10 +15,26 @@ class Paths:
     `data_root`, when given, is where the ingested images (`data/image_dataset`,
     `data/unlabeled`) are read from; everything else lives under `root`. A sweep job reads the
     project's images and writes its merged set, models and metrics only under its own folder.
+
+    `round(r)` gives round r's paths (Noisy Student rounds, see pseudolabel.rounds): the same
+    layout under rounds/round<r>/, the same images, and round r-1's student as the teacher.
     """
 
     root: Path = Path(".")
     data_root: Path | None = None
+    round_number: int = 1
+    teacher_model: Path | None = None  # None: models/teacher.keras under root
+
+    def round(self, number: int) -> Paths:
+        """Round `number`'s paths (1: these); call it on the project's paths."""
+        if number == 1:
+            return self
+        return Paths(
+            root=self.root / rounds.round_dir(number),
+            data_root=self.input_root,
+            round_number=number,
+            teacher_model=self.round(number - 1).model("student"),
+        )
 
     def _p(self, rel: str) -> Path:
         return self.root / rel
@@ -83,4 +101,6 @@ class Paths:
         return self._p("plots")
 
     def model(self, role: str) -> Path:
+        if role == "teacher" and self.teacher_model is not None:
+            return self.teacher_model
         return self.models / f"{role}.keras"

@@ -41,12 +41,13 @@ from hydra.experimental.callback import Callback  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pseudolabel import plots, tracking  # noqa: E402
+from pseudolabel import plots, rounds, tracking  # noqa: E402
 from pseudolabel.config import CONF_DIR, load_params, validate  # noqa: E402
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
 
 log = logging.getLogger(__name__)
+rounds.register()  # conf/config.yaml's per-round keys (Hydra's plugin scan also registers them)
 
 LABELS_STAGES = ("train_teacher", "pseudo_label")  # reused from the pipeline unless changed
 JOB_STAGES = ("merge", "train_student", "evaluate")  # run in every job
@@ -170,7 +171,7 @@ def job_metrics(cfg: DictConfig, paths: Paths) -> dict[str, float]:
 
 def run_job(cfg: DictConfig, project: Path, job_dir: Path) -> dict[str, float]:
     """One sweep job in `job_dir`: the planned stages, reading the project's images."""
-    from pseudolabel.stages import STAGES
+    from pseudolabel.stages import STAGES, later_rounds
 
     stages = plan(cfg, project)
     paths = Paths(root=job_dir, data_root=project)
@@ -178,6 +179,8 @@ def run_job(cfg: DictConfig, project: Path, job_dir: Path) -> dict[str, float]:
         _copy_reused(project, job_dir)
     log.info("job %s: %s", job_dir, " -> ".join(stages))
     for name in stages:
+        if name == "evaluate":  # pseudo_label.rounds > 1: rounds 2..N before the evaluation
+            later_rounds(cfg, paths)
         STAGES[name](cfg, paths)
     return job_metrics(cfg, paths)
 

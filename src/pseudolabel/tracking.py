@@ -253,7 +253,9 @@ def find_labelling_run(csv_md5: str, client: mlflow.MlflowClient):
 
 
 def lineage(run_id: str) -> list[tuple[str, str]]:
-    """The chain student -> CSV md5 -> labelling run -> teacher run -> data, as (hop, text)."""
+    """The chain student -> CSV md5 -> labelling run -> teacher run -> data, as (hop, text).
+    A later round's teacher is the previous round's student: the chain goes on through it,
+    one round per hop, down to the first teacher."""
     client = mlflow.MlflowClient()
     try:
         student = client.get_run(run_id)
@@ -262,16 +264,40 @@ def lineage(run_id: str) -> list[tuple[str, str]]:
             f"MLflow run {run_id!r} not found in {mlflow.get_tracking_uri()}; copy the id from "
             "the MLflow UI or `mlflow runs list`, and check MLFLOW_TRACKING_URI."
         ) from None
-    tags = student.data.tags
-    if CSV_TAG not in tags:
+    if CSV_TAG not in student.data.tags:
         raise PseudoLabelError(
             f"run {run_id} ({student.info.run_name}) has no {CSV_TAG} tag: it is not a student "
             "run; pass the id of a train_student run."
         )
+    chain: list[tuple[str, str]] = []
+    seen = {run_id}
+    while True:
+        hops, teacher = _student_hops(student, client)
+        chain += hops
+        if teacher is None or CSV_TAG not in teacher.data.tags or teacher.info.run_id in seen:
+            break
+        seen.add(teacher.info.run_id)
+        student = teacher  # the previous round's student: follow its own chain
+    tags = student.data.tags
+    chain.append(
+        (
+            "data",
+            f"labelled train {tags.get(LABELED_TAG, '?')}, "
+            f"unlabelled {tags.get(UNLABELED_TAG, '?')}",
+        )
+    )
+    return chain
+
+
+def _student_hops(student, client: mlflow.MlflowClient) -> tuple[list[tuple[str, str]], Any]:
+    """One round's hops (student -> selection -> merged set -> CSV -> labelling -> teacher),
+    and the teacher's run (None if it has none)."""
+    run_id, tags = student.info.run_id, student.data.tags
+    round_ = tags.get("round", "1")
     dvc_exp = tags.get("dvc.exp_name")
     chain = [
         (
-            "student run",
+            f"round {round_} student",
             f"{run_id} ({student.info.run_name}, {student.info.status}, commit "
             f"{tags.get('mlflow.source.git.commit', '?')[:10]}"
             + (f", dvc exp {dvc_exp}" if dvc_exp else "")
@@ -306,24 +332,19 @@ def lineage(run_id: str) -> list[tuple[str, str]]:
                 f"is not the student's {teacher_id}",
             )
         )
-    if teacher_id and teacher_id != "None":
-        teacher = client.get_run(teacher_id)
-        accuracy = teacher.data.metrics.get("best_val_accuracy")
-        chain.append(
-            (
-                "teacher run",
-                f"{teacher_id} ({teacher.info.run_name}"
-                + (f", val accuracy {accuracy:.4f}" if accuracy is not None else "")
-                + ")",
-            )
-        )
-    else:
+    if not teacher_id or teacher_id == "None":
         chain.append(("teacher run", "unknown (the teacher has no MLflow run)"))
+        return chain, None
+    teacher = client.get_run(teacher_id)
+    accuracy = teacher.data.metrics.get("best_val_accuracy")
+    previous = CSV_TAG in teacher.data.tags  # a student of the round before
     chain.append(
         (
-            "data",
-            f"labelled train {tags.get(LABELED_TAG, '?')}, "
-            f"unlabelled {tags.get(UNLABELED_TAG, '?')}",
+            "teacher run",
+            f"{teacher_id} ({teacher.info.run_name}"
+            + (f", val accuracy {accuracy:.4f}" if accuracy is not None else "")
+            + (f", the round {teacher.data.tags.get('round', '?')} student" if previous else "")
+            + ")",
         )
     )
-    return chain
+    return chain, teacher

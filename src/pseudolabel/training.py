@@ -95,7 +95,23 @@ def set_trainable(model: keras.Model, phase: Phase, start: int) -> None:
             layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def _merge(histories: Sequence[keras.callbacks.History]) -> keras.callbacks.History:
+def init_from(model: keras.Model, source: keras.Model) -> int:
+    """Copy `source`'s weights into `model`'s leading weighted layers while their shapes match
+    (a student one block deeper than its teacher gets all the teacher's blocks); returns how
+    many layers were copied."""
+    mine = [layer for layer in model.layers if layer.weights]
+    theirs = [layer for layer in source.layers if layer.weights]
+    copied = 0
+    for target, origin in zip(mine, theirs, strict=False):
+        shapes = [tuple(w.shape) for w in target.weights]
+        if shapes != [tuple(w.shape) for w in origin.weights]:
+            break
+        target.set_weights(origin.get_weights())
+        copied += 1
+    return copied
+
+
+def merge_histories(histories: Sequence[keras.callbacks.History]) -> keras.callbacks.History:
     merged = keras.callbacks.History()
     merged.epoch, merged.history = [], {}
     for history in histories:
@@ -115,8 +131,10 @@ def fit(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     model_cfg=None,
     class_weight: dict[int, float] | None = None,
+    initial_epoch: int = 0,
 ) -> keras.callbacks.History:
-    """Compile and fit, phase by phase; the best val-accuracy weights are restored at the end."""
+    """Compile and fit, phase by phase; the best val-accuracy weights are restored at the end.
+    `initial_epoch` > 0 continues an earlier fit: epochs are numbered on, the CSV appended."""
     plan = phases(model, model_cfg, train_cfg)
     backbone = backbone_of(model)
     start = fine_tune_start(backbone, model_cfg.fine_tune_from) if len(plan) > 1 else 0
@@ -127,7 +145,7 @@ def fit(
     for phase in plan:
         set_trainable(model, phase, start)
         _compile(model, phase, train_cfg, steps_per_epoch)
-        done = sum(len(h.epoch) for h in histories)
+        done = initial_epoch + sum(len(h.epoch) for h in histories)
         log.info(
             "phase %s: %d epochs at learning rate %g, %d trainable weights",
             phase.name,
@@ -163,7 +181,7 @@ def fit(
             model.set_weights(best[1])
         else:
             best = (score, model.get_weights())
-    return _merge(histories)
+    return merge_histories(histories)
 
 
 def _compile(model: keras.Model, phase: Phase, train_cfg, steps_per_epoch: int) -> None:

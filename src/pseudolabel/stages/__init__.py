@@ -8,6 +8,7 @@ from pseudolabel.stages.evaluate import evaluate
 from pseudolabel.stages.ingest import ingest
 from pseudolabel.stages.label import pseudo_label
 from pseudolabel.stages.merge import merge
+from pseudolabel.stages.rounds import later_rounds, run_round
 from pseudolabel.stages.train import train_student, train_teacher
 
 STAGES = {
@@ -23,6 +24,8 @@ __all__ = [
     "STAGES",
     "evaluate",
     "ingest",
+    "later_rounds",
+    "run_round",
     "merge",
     "pseudo_label",
     "train_student",

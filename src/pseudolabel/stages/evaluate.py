@@ -18,38 +18,52 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
-    """Teacher and student on the test folder: accuracy, gain and confusion matrices."""
+    """Teacher and student on the test folder: accuracy, gain and confusion matrices. With
+    pseudo_label.rounds > 1 the student is the last round's, and every round is scored."""
+    n = cfg.pseudo_label.rounds
+    models = {"teacher": paths.model("teacher")}
+    models |= {f"round{r}": paths.round(r).model("student") for r in range(1, n + 1)}
     results, run_ids = {}, {}
+    for name, path in models.items():
+        model, meta = model_io.load(path)
+        results[name], run_ids[name] = evaluate_model(model, meta, paths.test), meta.run_id
+        names = meta.class_names
+    results["student"], run_ids["student"] = results[f"round{n}"], run_ids[f"round{n}"]
     (paths.plots / "evaluate").mkdir(parents=True, exist_ok=True)
     for role in ("teacher", "student"):
-        model, meta = model_io.load(paths.model(role))
-        result = evaluate_model(model, meta, paths.test)
-        results[role], run_ids[role] = result, meta.run_id
-        names = meta.class_names
+        result = results[role]
         pd.DataFrame(
             {
                 "actual": [names[i] for i in result.y_true],
                 "predicted": [names[i] for i in result.y_pred],
             }
         ).to_csv(paths.plots / "evaluate" / f"{role}_confusion.csv", index=False)
-    metrics = {
+    metrics: dict[str, Any] = {
         "teacher_accuracy": round(results["teacher"].accuracy, 6),
         "student_accuracy": round(results["student"].accuracy, 6),
         "gain": round(results["student"].accuracy - results["teacher"].accuracy, 6),
         "test_images": len(results["teacher"].y_true),
+        "rounds": n,
     }
-    tags = {f"{role}_run_id": run_id for role, run_id in run_ids.items()}
+    if n > 1:  # the student after each round: does iterating still help?
+        metrics["round_accuracy"] = {
+            f"round{r}": round(results[f"round{r}"].accuracy, 6) for r in range(1, n + 1)
+        }
+    tags = {f"{role}_run_id": run_ids[role] for role in ("teacher", "student")}
     with tracking.start_run(cfg, "evaluate", tags=tags):
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "test_images"})
-        for role, result in results.items():
+        mlflow.log_metrics(
+            tracking.flatten({k: v for k, v in metrics.items() if k != "test_images"})
+        )
+        for role in ("teacher", "student"):
+            result = results[role]
             fig = plots.confusion(
                 result.confusion, names, f"{role}: test accuracy {result.accuracy:.2%}"
             )
             mlflow.log_figure(fig, f"{role}_confusion.png")
     client = mlflow.MlflowClient()
-    for role, run_id in run_ids.items():
-        if run_id:  # the same metric name on both runs: the MLflow UI compares them side by side
-            client.log_metric(run_id, "test_accuracy", results[role].accuracy)
+    for name, run_id in run_ids.items():
+        if run_id and name != "student":  # the same metric name on every run: compare in the UI
+            client.log_metric(run_id, "test_accuracy", results[name].accuracy)
     write_json(paths.metrics / "evaluation.json", metrics)
     log.info("evaluate: %s", metrics)
     return metrics

@@ -74,7 +74,7 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         cfg,
         "pseudo_label",
         {f"pseudo_label.{key}": pl[key] for key in ("batch_size", "chunk_size", "calibrate")},
-        {"teacher_run_id": meta.run_id},
+        {"teacher_run_id": meta.run_id, "round": paths.round_number},
     ):
         predictions, failed = labeling.predict_folder(
             model,

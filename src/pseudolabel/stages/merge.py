@@ -107,7 +107,7 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     csv_md5 = tracking.md5(paths.csv)
     tracking.configure(cfg)
     labelling = tracking.find_labelling_run(csv_md5, mlflow.MlflowClient())
-    tags = {tracking.CSV_TAG: csv_md5}
+    tags = {tracking.CSV_TAG: csv_md5, "round": paths.round_number}
     if labelling:  # shown nested under the labelling run in the MLflow UI
         parent = labelling.info.run_id
         tags |= {"mlflow.parentRunId": parent, "pseudo_label_run_id": parent}

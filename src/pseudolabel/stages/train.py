@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -77,6 +78,40 @@ class _EpochLogger(mlflow.keras.MlflowCallback):
             super().on_train_begin(logs)
 
 
+def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, history_csv, seed):
+    """A last few epochs on the labelled images alone at a lower learning rate; kept only if
+    they beat the best val accuracy of the training before."""
+    files, labels = labelled_files(paths.train, class_names)
+    size, channels = list(model.input_shape[1:3]), model.input_shape[3]
+    train_ds = labelled_dataset(
+        files, labels, len(class_names), size, channels, role_cfg.train.batch_size, True, seed
+    )
+    before = (max(history.history["val_accuracy"]), model.get_weights())
+    epochs = role_cfg.labeled_finetune_epochs
+    train_cfg = SimpleNamespace(
+        epochs=epochs,
+        learning_rate=role_cfg.train.learning_rate * role_cfg.labeled_finetune_lr_factor,
+        label_smoothing=role_cfg.train.label_smoothing,
+        patience=epochs,
+    )
+    log.info("student: fine-tuning on %d labelled images for %d epochs", len(files), epochs)
+    tuned = training.fit(
+        model,
+        train_ds,
+        val_ds,
+        train_cfg,
+        labeling.batches(len(files), role_cfg.train.batch_size),
+        history_csv,
+        initial_epoch=len(history.epoch),
+    )
+    if max(tuned.history["val_accuracy"]) < before[0]:
+        log.info(
+            "labelled fine-tuning did not beat val %.4f: keeping the weights before", before[0]
+        )
+        model.set_weights(before[1])
+    return training.merge_histories([history, tuned])
+
+
 def _log_model(model: keras.Model, val_ds, name: str) -> None:
     """The model in MLflow's Keras flavour with a signature: raw pixels in, probabilities out."""
     images = next(iter(val_ds))[0][:2].numpy()
@@ -108,6 +143,12 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
         model = build_model(
             role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
         )
+    if role == "student" and role_cfg.init_from_teacher:
+        teacher, _ = model_io.load(paths.model("teacher"))
+        copied = training.init_from(model, teacher)
+        log.info("student: %d leading layers initialised from the teacher", copied)
+        if not copied:
+            log.warning("student.init_from_teacher: no layer matches the teacher's; from scratch")
     class_weight = (
         training.balanced_class_weights(train_labels, len(class_names))
         if role_cfg.train.class_weights
@@ -134,6 +175,10 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
             model_cfg=role_cfg.model,
             class_weight=class_weight,
         )
+        if role == "student" and role_cfg.labeled_finetune_epochs:
+            history = _labeled_finetune(
+                model, role_cfg, paths, class_names, val_ds, history, history_csv, cfg.seed
+            )
         val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
         meta = model_io.ModelMeta(
             class_names,
@@ -231,6 +276,7 @@ def train_student(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         **tracking.lineage_tags(cfg, paths, teacher_meta.run_id if teacher_meta else None),
         "threshold": cfg.pseudo_label.threshold,
         "pseudo_labeled": merge_metrics["pseudo_labeled"],
+        "round": paths.round_number,  # round r > 1: the teacher is round r-1's student
     }
     metrics = _train(cfg, "student", paths.merged, paths, tags)
     student_meta = model_io.read_meta(paths.model("student"))

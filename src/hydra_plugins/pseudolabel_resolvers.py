@@ -1,0 +1,8 @@
+"""Hydra imports every module of the `hydra_plugins` namespace when it starts (its plugin
+scan), and so does DVC before it composes conf/ for `dvc exp run -S ...`. This one has no
+plugin class: it registers the OmegaConf resolvers conf/config.yaml uses to derive the per-round
+stages of dvc.yaml from `pseudo_label.rounds` (see pseudolabel.rounds)."""
+
+from pseudolabel.rounds import register
+
+register()
