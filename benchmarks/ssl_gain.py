@@ -136,18 +136,24 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     frame = pd.DataFrame(rows)
-    cols = ["teacher", "supervised_only", "student", "gain", "pseudo_label_precision",
-            "pseudo_labeled", "ssl_seconds"]  # fmt: skip
+    rounds = max(len(r["student_per_round"]) for r in rows)
+    for r in range(1, rounds):  # the student after each round but the last (= "student")
+        frame[f"round {r}"] = [row["student_per_round"].get(f"round{r}") for row in rows]
+    frame["seconds"] = frame["ssl_seconds"] + frame["supervised_seconds"]
+    accuracies = ["teacher", "supervised_only", *(f"round {r}" for r in range(1, rounds))]
+    accuracies += ["student", "gain"]
+    cols = [*accuracies, "pseudo_label_precision", "pseudo_labeled", "seconds"]
     lines = ["| labels/class | seeds | " + " | ".join(cols) + " |",
              "|---" * (len(cols) + 2) + "|"]  # fmt: skip
     for budget, group in frame.groupby("budget"):
         cells = []
         for col in cols:
             values = group[col].astype(float)
-            scale = 100 if col in ("teacher", "supervised_only", "student", "gain") else 1
+            scale = 100 if col in accuracies else 1
             std = values.std(ddof=1) * scale if len(values) > 1 else float("nan")
             mean = values.mean() * scale
-            cells.append(f"{mean:.2f}" + ("" if math.isnan(std) else f" ± {std:.2f}"))
+            digits = 0 if col in ("pseudo_labeled", "seconds") else 2 if scale == 100 else 3
+            cells.append(f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}"))
         lines.append(f"| {budget} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

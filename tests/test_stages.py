@@ -164,3 +164,23 @@ def test_stage_registry_matches_dvc_yaml():
     assert list(dvc["stages"]) == list(STAGES)
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"pseudolabel {name}"
+
+
+def test_lineage_survives_a_teacher_run_missing_from_the_store(tracking_uri):
+    """A teacher trained against another tracking store: the note and the chain say so."""
+    from pseudolabel import tracking
+
+    mlflow.set_tracking_uri(tracking_uri)
+    tags = {
+        tracking.TEACHER_TAG: "0" * 32,
+        tracking.CSV_TAG: "c" * 32,
+        tracking.MERGED_TAG: "m",
+        tracking.LABELED_TAG: "l",
+        tracking.UNLABELED_TAG: "u",
+    }
+    assert "- teacher: unknown" in tracking._lineage_note(tags, None)
+    mlflow.set_experiment("lineage-test")
+    with mlflow.start_run() as run:
+        mlflow.set_tags({**tags, "stage": "train_student"})
+    chain = dict(tracking.lineage(run.info.run_id))
+    assert chain["teacher run"].startswith("0" * 32) and "not in" in chain["teacher run"]

@@ -223,10 +223,19 @@ def _run_link(run) -> str:
     return f"[{info.run_name} {info.run_id}](#/experiments/{info.experiment_id}/runs/{info.run_id})"
 
 
+def find_run(client: mlflow.MlflowClient, run_id: str | None):
+    """The run, or None when there is no id or this tracking store does not hold it (a teacher
+    trained against another store, or deleted)."""
+    if not run_id or run_id == "None":
+        return None
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def _lineage_note(tags: Mapping[str, Any], labelling) -> str:
-    teacher_id = tags.get(TEACHER_TAG)
-    client = mlflow.MlflowClient()
-    teacher = client.get_run(teacher_id) if teacher_id else None
+    teacher = find_run(mlflow.MlflowClient(), tags.get(TEACHER_TAG))
     return "\n".join(
         [
             "**Lineage** (`pseudolabel lineage <this run id>` prints it)",
@@ -335,7 +344,10 @@ def _student_hops(student, client: mlflow.MlflowClient) -> tuple[list[tuple[str,
     if not teacher_id or teacher_id == "None":
         chain.append(("teacher run", "unknown (the teacher has no MLflow run)"))
         return chain, None
-    teacher = client.get_run(teacher_id)
+    teacher = find_run(client, teacher_id)
+    if teacher is None:
+        chain.append(("teacher run", f"{teacher_id} (not in {mlflow.get_tracking_uri()})"))
+        return chain, None
     accuracy = teacher.data.metrics.get("best_val_accuracy")
     previous = CSV_TAG in teacher.data.tags  # a student of the round before
     chain.append(
