@@ -78,3 +78,17 @@ def test_bad_folders_are_clear_errors(tmp_path):
         class_names_from(tmp_path / "train")
     with pytest.raises(PseudoLabelError, match="no images"):
         require_images(tmp_path / "train", "unlabelled")
+
+
+def test_mixup_blends_images_and_targets_of_a_batch():
+    import tensorflow as tf
+
+    from pseudolabel.data.images import with_mixup
+
+    images = np.stack([np.full((4, 4, 1), 10.0 * i, np.float32) for i in range(16)])
+    targets = np.eye(4, dtype=np.float32)[np.arange(16) % 4]
+    ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(16)
+    x, y = (t.numpy() for t in next(iter(with_mixup(ds, 0.4, seed=1))))
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-5)
+    assert (y.max(axis=1) < 1.0 - 1e-4).any()  # some targets are blends
+    assert x.min() >= 0.0 and x.max() <= 150.0 and not np.allclose(x, images)

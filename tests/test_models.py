@@ -394,3 +394,14 @@ def test_student_init_from_a_shallower_teacher_copies_its_blocks():
             np.testing.assert_array_equal(a, b)
     wider = _build(_cfg("teacher.model.width=16", "teacher.model.depth=2"))
     assert training.init_from(wider, teacher) == 0
+
+
+def test_flip_tta_averages_the_image_and_its_mirror():
+    from pseudolabel.labeling import with_flip_tta
+
+    model = _build(_cfg())
+    images = _raw_pixels((4, 8, 8, 1))
+    tta = with_flip_tta(model)
+    expected = (model.predict(images, verbose=0) + model.predict(images[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(tta.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    assert tta.name != model.name  # partial labelling chunks of one are not reused by the other

@@ -121,6 +121,9 @@ class AugmentConfig:
     randaugment_magnitude: float = 0.5
     # keras.layers.RandomErasing: probability that an image gets a rectangle of noise.
     erasing: float = 0.0
+    # keras.layers.MixUp on each training batch (images and targets blended): its alpha,
+    # 0: off. Applied in the tf.data pipeline, since it needs the targets too.
+    mixup: float = 0.0
 
 
 @dataclass
@@ -199,6 +202,8 @@ class PseudoLabelConfig:
     target_precision: float = 0.95
     # Temperature scaling fitted on val before any threshold; false keeps the raw softmax.
     calibrate: bool = True
+    # Average the teacher's probabilities over each image and its horizontal mirror.
+    tta: bool = False
     batch_size: int = 256
     # Predictions are flushed every chunk_size images, so a killed run resumes from there.
     chunk_size: int = 4096
@@ -353,7 +358,7 @@ def _check_model(model: DictConfig, image_size, key: str, fail) -> None:
 def _check_augment(augment: DictConfig, key: str, fail) -> None:
     if augment.randaugment_ops < 0:
         fail(f"{key}.randaugment_ops", augment.randaugment_ops, "use >= 0 (0: off)")
-    for share in ("randaugment_magnitude", "erasing"):
+    for share in ("randaugment_magnitude", "erasing", "mixup"):
         if not 0.0 <= augment[share] <= 1.0:
             fail(f"{key}.{share}", augment[share], "use a value in [0, 1]")
 

@@ -57,6 +57,7 @@ def _fingerprint(model: keras.Model, meta: ModelMeta, relative: list[str], batch
     for weight in model.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     header = [meta.class_names, meta.image_size, meta.channels, meta.input_scale, batch_size]
+    header.append(model.name)  # e.g. the flip-averaging wrapper (with_flip_tta) vs the model
     digest.update(json.dumps(header).encode())
     digest.update("\n".join(relative).encode())
     return digest.hexdigest()
@@ -97,6 +98,17 @@ class _Chunks:
         with open(tmp, "wb") as f:
             np.savez(f, paths=np.asarray(paths, dtype=str), probs=probs, end=end)
         os.replace(tmp, target)
+
+
+def with_flip_tta(model: keras.Model) -> keras.Model:
+    """The model's probabilities averaged over each image and its horizontal mirror (test-time
+    augmentation): steadier pseudo-labels where the mirror keeps the class, as for clothes or
+    most photos. Shares the model's weights."""
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    # Never saved (only used to label), so a Lambda layer costs no safety.
+    flipped = keras.layers.Lambda(lambda x: keras.ops.flip(x, axis=2), name="mirror")(inputs)
+    outputs = keras.layers.Average()([model(inputs), model(flipped)])
+    return keras.Model(inputs, outputs, name=f"{model.name}_flip_tta")
 
 
 def _predict(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:

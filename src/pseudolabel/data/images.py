@@ -137,6 +137,20 @@ def mixed_dataset(
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
+def with_mixup(ds: tf.data.Dataset, alpha: float, seed: int = 0) -> tf.data.Dataset:
+    """keras.layers.MixUp on every (images, targets) batch: pairs of images and their
+    (one-hot or soft) targets blended with a Beta(alpha, alpha) weight."""
+    import keras
+
+    layer = keras.layers.MixUp(alpha=alpha, seed=seed)
+
+    def mix(images, targets):
+        out = layer({"images": images, "labels": targets}, training=True)
+        return out["images"], out["labels"]
+
+    return ds.map(mix, num_parallel_calls=AUTOTUNE)
+
+
 def path_image_dataset(
     paths: Sequence[str], image_size: Sequence[int], channels: int, batch_size: int
 ) -> tf.data.Dataset:

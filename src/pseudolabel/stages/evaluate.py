@@ -62,7 +62,9 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             mlflow.log_figure(fig, f"{role}_confusion.png")
     client = mlflow.MlflowClient()
     for name, run_id in run_ids.items():
-        if run_id and name != "student":  # the same metric name on every run: compare in the UI
+        # The same metric name on every run: compare them in the UI. A model whose run is not
+        # in this tracking store (trained against another one) is skipped.
+        if name != "student" and tracking.find_run(client, run_id) is not None:
             client.log_metric(run_id, "test_accuracy", results[name].accuracy)
     write_json(paths.metrics / "evaluation.json", metrics)
     log.info("evaluate: %s", metrics)

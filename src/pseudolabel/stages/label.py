@@ -64,6 +64,8 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     pl = cfg.pseudo_label
     require_images(paths.unlabeled, "unlabelled")
     model, meta = model_io.load(paths.model("teacher"))
+    if pl.tta:
+        model = labeling.with_flip_tta(model)
     val_raw, val_true = _val_probabilities(model, meta, paths, pl.batch_size)
     fitted = (
         calibration.fit_temperature(val_raw, val_true)
@@ -73,7 +75,10 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     with tracking.start_run(
         cfg,
         "pseudo_label",
-        {f"pseudo_label.{key}": pl[key] for key in ("batch_size", "chunk_size", "calibrate")},
+        {
+            f"pseudo_label.{key}": pl[key]
+            for key in ("batch_size", "chunk_size", "calibrate", "tta")
+        },
         {"teacher_run_id": meta.run_id, "round": paths.round_number},
     ):
         predictions, failed = labeling.predict_folder(

@@ -16,7 +16,12 @@ import tensorflow as tf
 
 from pseudolabel import labeling, merging, plots, tracking, training
 from pseudolabel.config import to_dict
-from pseudolabel.data.images import labelled_dataset, labelled_files, mixed_dataset
+from pseudolabel.data.images import (
+    labelled_dataset,
+    labelled_files,
+    mixed_dataset,
+    with_mixup,
+)
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import build_model
@@ -138,6 +143,8 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
     train_ds = _training_data(
         role_cfg, train_dir, train_files, train_labels, class_names, size, channels, cfg.seed
     )
+    if role_cfg.train.augment.mixup:
+        train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, cfg.seed)
     val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
     with training.precision(role_cfg.train.mixed_precision):
         model = build_model(
