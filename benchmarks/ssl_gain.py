@@ -64,17 +64,44 @@ def pseudo_label_precision(paths: Paths, truth: np.ndarray, class_names: list[st
 
 
 def supervised_only(cfg, paths: Paths, student_steps: int) -> float:
-    """The student's architecture and noise on the labelled images alone, same optimiser steps."""
+    """The student's recipe on the labelled images alone: same architecture, noise, start
+    (from scratch, or from the teacher with student.init_from_teacher) and optimiser steps
+    (at most: it stops after a quarter of them without progress on val)."""
     n_labelled = sum(1 for _ in paths.train.rglob("*.png"))
     steps_per_epoch = math.ceil(n_labelled / cfg.student.train.batch_size)
     epochs = max(1, math.ceil(student_steps / steps_per_epoch))
+    # Early stopping only after a quarter of the budget without a better val accuracy (the
+    # best weights are restored): hundreds of epochs over a few hundred images plateau early.
+    patience = max(1, math.ceil(epochs / 4))
     raw = to_dict(cfg)
-    raw["student"]["train"].update(epochs=epochs, patience=epochs, labeled_fraction=None)
+    raw["student"]["train"].update(epochs=epochs, patience=patience, labeled_fraction=None)
+    raw["student"].update(labeled_finetune_epochs=0)  # it trains on nothing else
     sup_cfg = validate(raw)
-    sup_paths = Paths(paths.root / "supervised", data_root=paths.root)
+    sup_paths = Paths(
+        paths.root / "supervised", data_root=paths.root, teacher_model=paths.model("teacher")
+    )
     _train(sup_cfg, "student", paths.train, sup_paths, tags={"baseline": "supervised_only"})
     model, meta = model_io.load(sup_paths.model("student"))
     return evaluate(model, meta, paths.test).accuracy
+
+
+def student_steps(cfg, paths: Paths) -> int:
+    """Optimiser steps the pseudo-label student took: one round's, or every round's when each
+    round starts from the previous student (student.init_from_teacher)."""
+    batch = cfg.student.train.batch_size
+    finetune = cfg.student.labeled_finetune_epochs
+    n_labelled = sum(1 for _ in paths.train.rglob("*.png"))
+    steps = []
+    for r in range(1, cfg.pseudo_label.rounds + 1):
+        here = paths.round(r)
+        epochs = len(pd.read_csv(here.plots / "train" / "student.csv"))
+        merged = json.loads((here.metrics / "merge.json").read_text())
+        n_merged = merged["labeled"] + merged["pseudo_labeled"]
+        steps.append(
+            (epochs - finetune) * math.ceil(n_merged / batch)
+            + finetune * math.ceil(n_labelled / batch)
+        )
+    return sum(steps) if cfg.student.init_from_teacher else steps[0]
 
 
 def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
@@ -93,14 +120,9 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
     stages.STAGES["evaluate"](cfg, paths)
     ssl_seconds = time.perf_counter() - start
     evaluation = json.loads((paths.metrics / "evaluation.json").read_text())
-    # The supervised-only student gets one round's budget: each round's student starts afresh.
-    student_history = pd.read_csv(paths.plots / "train" / "student.csv")
-    merged = json.loads((paths.metrics / "merge.json").read_text())
-    n_merged = merged["labeled"] + merged["pseudo_labeled"]
-    student_steps = len(student_history) * math.ceil(n_merged / cfg.student.train.batch_size)
     print(f"[budget {budget}, seed {seed}] supervised-only student", flush=True)
     start = time.perf_counter()
-    supervised = supervised_only(cfg, paths, student_steps)
+    supervised = supervised_only(cfg, paths, student_steps(cfg, paths))
     sup_seconds = time.perf_counter() - start
     source = sources.fashion_mnist(cfg.data.idx_dir)
     rounds = range(1, cfg.pseudo_label.rounds + 1)
@@ -169,14 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "ssl_gain.json")
     args = parser.parse_args(argv)
     rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for budget in args.budgets:
         for seed in args.seeds:
             rows.append(run_one(budget, seed, overrides, args.work))
             print(json.dumps(rows[-1]), flush=True)
-    text = table(rows)
-    print("\naccuracies and gain in points (mean ± std over seeds)\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "table": text}, indent=2) + "\n")
+            # Written after every seed: a long run stopped early keeps what it measured.
+            payload = {"command": sys.argv, "rows": rows, "table": table(rows)}
+            args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print("\naccuracies and gain in points (mean ± std over seeds)\n" + table(rows))
     return 0
 
 

@@ -161,8 +161,12 @@ def test_stage_registry_matches_dvc_yaml():
     from tests.conftest import REPO
 
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    assert list(dvc["stages"]) == list(STAGES)
-    for name, stage in dvc["stages"].items():
+    stages = dict(dvc["stages"])
+    # Rounds 2..N: one foreach stage calling `pseudolabel round <r>`, before evaluate.
+    assert stages.pop("round")["do"]["cmd"] == "pseudolabel round ${item.round}"
+    assert list(dvc["stages"]).index("round") == list(dvc["stages"]).index("evaluate") - 1
+    assert list(stages) == list(STAGES)
+    for name, stage in stages.items():
         assert stage["cmd"] == f"pseudolabel {name}"
 
 
@@ -184,3 +188,30 @@ def test_lineage_survives_a_teacher_run_missing_from_the_store(tracking_uri):
         mlflow.set_tags({**tags, "stage": "train_student"})
     chain = dict(tracking.lineage(run.info.run_id))
     assert chain["teacher run"].startswith("0" * 32) and "not in" in chain["teacher run"]
+
+
+def test_student_from_the_teacher_with_a_labelled_fine_tune(pipeline, tmp_path, caplog):
+    """student.init_from_teacher and labeled_finetune_epochs: the history gains the fine-tune
+    epochs, numbered on, and the log says how many layers came from the teacher."""
+    import logging
+    import shutil
+
+    from pseudolabel.config import compose
+    from pseudolabel.stages import train_student
+
+    root = tmp_path / "project"
+    shutil.copytree(pipeline.root, root)
+    cfg = compose(
+        [
+            "+experiment=smoke",
+            "student.init_from_teacher=true",
+            "student.labeled_finetune_epochs=1",
+        ]
+    )
+    paths = Paths(root)
+    with caplog.at_level(logging.INFO, logger="pseudolabel"):
+        metrics = train_student(cfg, paths)
+    history = pd.read_csv(paths.plots / "train" / "student.csv")
+    assert list(history["epoch"]) == list(range(cfg.student.train.epochs + 1))
+    assert metrics["epochs"] == cfg.student.train.epochs + 1
+    assert "4 leading layers initialised from the teacher" in caplog.text
