@@ -110,15 +110,24 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     cfg = compose([f"data.train_per_class={budget}", f"seed={seed}", *overrides])
     paths = Paths(root)
-    start = time.perf_counter()
-    for name in ("ingest", "train_teacher", "pseudo_label", "merge", "train_student"):
-        print(f"[budget {budget}, seed {seed}] {name}", flush=True)
-        stages.STAGES[name](cfg, paths)
-    for number in range(2, cfg.pseudo_label.rounds + 1):
-        print(f"[budget {budget}, seed {seed}] round {number}", flush=True)
-        stages.run_round(cfg, paths, number)
-    stages.STAGES["evaluate"](cfg, paths)
-    ssl_seconds = time.perf_counter() - start
+    # A finished pseudo-label part with the same config is reused (a run stopped in the
+    # supervised-only part continues there); its time is the one measured then.
+    done = root / "ssl_done.json"
+    config = json.dumps(to_dict(cfg), sort_keys=True)
+    if done.is_file() and json.loads(done.read_text())["config"] == config:
+        ssl_seconds = json.loads(done.read_text())["seconds"]
+        print(f"[budget {budget}, seed {seed}] pseudo-label part reused from {root}", flush=True)
+    else:
+        start = time.perf_counter()
+        for name in ("ingest", "train_teacher", "pseudo_label", "merge", "train_student"):
+            print(f"[budget {budget}, seed {seed}] {name}", flush=True)
+            stages.STAGES[name](cfg, paths)
+        for number in range(2, cfg.pseudo_label.rounds + 1):
+            print(f"[budget {budget}, seed {seed}] round {number}", flush=True)
+            stages.run_round(cfg, paths, number)
+        stages.STAGES["evaluate"](cfg, paths)
+        ssl_seconds = time.perf_counter() - start
+        done.write_text(json.dumps({"config": config, "seconds": ssl_seconds}))
     evaluation = json.loads((paths.metrics / "evaluation.json").read_text())
     print(f"[budget {budget}, seed {seed}] supervised-only student", flush=True)
     start = time.perf_counter()

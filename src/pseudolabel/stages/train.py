@@ -41,7 +41,7 @@ def _training_data(role_cfg, train_dir, files, labels, class_names, size, channe
     n = len(class_names)
     soft = bool(role_cfg.get("soft_labels", False))  # the teacher's config has no such key
     has_manifest = train_dir.joinpath(merging.MANIFEST).exists()
-    if not soft and (fraction is None or not has_manifest):
+    if not has_manifest or (not soft and fraction is None):  # a plain labelled folder
         return labelled_dataset(
             files, labels, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
         )
