@@ -215,3 +215,15 @@ def test_student_from_the_teacher_with_a_labelled_fine_tune(pipeline, tmp_path, 
     assert list(history["epoch"]) == list(range(cfg.student.train.epochs + 1))
     assert metrics["epochs"] == cfg.student.train.epochs + 1
     assert "4 leading layers initialised from the teacher" in caplog.text
+
+
+def test_soft_label_student_trains_on_a_plain_labelled_folder(pipeline, tmp_path, tracking_uri):
+    """Soft targets come from the merge manifest; a folder without one (the supervised-only
+    baseline's) trains on its one-hot labels instead of failing."""
+    from pseudolabel.config import compose
+    from pseudolabel.stages.train import _train
+
+    cfg = compose(["+experiment=smoke", "student.soft_labels=true"])
+    paths = Paths(tmp_path, data_root=pipeline.root)
+    metrics = _train(cfg, "student", paths.train, paths, tags={"baseline": "supervised_only"})
+    assert metrics["train_images"] == len(list_images(paths.train))
