@@ -40,6 +40,7 @@ import pandas as pd  # noqa: E402
 from pseudolabel import stages  # noqa: E402
 from pseudolabel.config import compose, to_dict, validate  # noqa: E402
 from pseudolabel.data import sources  # noqa: E402
+from pseudolabel.data.images import list_images  # noqa: E402
 from pseudolabel.evaluation import evaluate  # noqa: E402
 from pseudolabel.models import io as model_io  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
@@ -67,7 +68,7 @@ def supervised_only(cfg, paths: Paths, student_steps: int) -> float:
     """The student's recipe on the labelled images alone: same architecture, noise, start
     (from scratch, or from the teacher with student.init_from_teacher) and optimiser steps
     (at most: it stops after a quarter of them without progress on val)."""
-    n_labelled = sum(1 for _ in paths.train.rglob("*.png"))
+    n_labelled = len(list_images(paths.train))
     steps_per_epoch = math.ceil(n_labelled / cfg.student.train.batch_size)
     epochs = max(1, math.ceil(student_steps / steps_per_epoch))
     # Early stopping only after a quarter of the budget without a better val accuracy (the
@@ -90,7 +91,7 @@ def student_steps(cfg, paths: Paths) -> int:
     round starts from the previous student (student.init_from_teacher)."""
     batch = cfg.student.train.batch_size
     finetune = cfg.student.labeled_finetune_epochs
-    n_labelled = sum(1 for _ in paths.train.rglob("*.png"))
+    n_labelled = len(list_images(paths.train))
     steps = []
     for r in range(1, cfg.pseudo_label.rounds + 1):
         here = paths.round(r)
@@ -114,8 +115,9 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
     # supervised-only part continues there); its time is the one measured then.
     done = root / "ssl_done.json"
     config = json.dumps(to_dict(cfg), sort_keys=True)
-    if done.is_file() and json.loads(done.read_text())["config"] == config:
-        ssl_seconds = json.loads(done.read_text())["seconds"]
+    previous = json.loads(done.read_text()) if done.is_file() else {}
+    if previous.get("config") == config:
+        ssl_seconds = previous["seconds"]
         print(f"[budget {budget}, seed {seed}] pseudo-label part reused from {root}", flush=True)
     else:
         start = time.perf_counter()
