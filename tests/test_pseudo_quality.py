@@ -224,6 +224,55 @@ def test_analysis_precision_on_known_numbers():
     assert at.loc[0.5, "precision_b"] == 0.5 and np.isnan(at.loc[0.99, "precision_a"])
 
 
+def test_distribution_alignment_undoes_a_teacher_biased_to_one_class():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 4000)
+    logits = rng.normal(size=(4000, 4))
+    logits[np.arange(4000), labels] += 1.5
+    honest = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    biased = calibration.align(honest, np.array([4.0, 1.0, 1.0, 1.0]))  # favours class 0
+    prior = np.full(4, 0.25)
+    weights = calibration.alignment_weights(biased, prior)
+    aligned = calibration.align(biased, weights)
+    np.testing.assert_allclose(aligned.mean(axis=0), prior, atol=1e-6)
+    assert weights[0] < weights[1:].min()  # class 0 scaled down, the rest up
+    accuracy = lambda p: (p.argmax(axis=1) == labels).mean()  # noqa: E731
+    assert accuracy(aligned) > accuracy(biased) + 0.05
+    # Already aligned: (almost) nothing moves; and an unbalanced prior is met as well.
+    again = calibration.alignment_weights(aligned, prior)
+    np.testing.assert_allclose(calibration.align(aligned, again), aligned, atol=1e-5)
+    skewed = np.array([0.4, 0.3, 0.2, 0.1])
+    to_skewed = calibration.align(biased, calibration.alignment_weights(biased, skewed))
+    np.testing.assert_allclose(to_skewed.mean(axis=0), skewed, atol=1e-6)
+
+
+def test_labelling_with_distribution_alignment(pipeline, smoke_cfg, tmp_path, tracking_uri):
+    import mlflow
+
+    cfg = _cfg(smoke_cfg, distribution_alignment=True)
+    paths = _labelling_project(tmp_path / "aligned", pipeline, pipeline.unlabeled.resolve())
+    metrics = pseudo_label(cfg, paths)
+    frame, plain = read_csv(paths.csv), read_csv(pipeline.csv)
+    counts = np.array([len(list_images(paths.train / name)) for name in CLASSES], float)
+    probs = frame[prob_columns(CLASSES)].to_numpy()
+    np.testing.assert_allclose(probs.mean(axis=0), counts / counts.sum(), atol=1e-4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (frame["path"] == plain["path"]).all()
+    np.testing.assert_allclose(frame["raw_confidence"], plain["raw_confidence"], atol=1e-6)
+    np.testing.assert_allclose(frame["confidence"], probs.max(axis=1), atol=1e-6)
+    assert (frame["label"] == np.asarray(CLASSES)[probs.argmax(axis=1)]).all()
+    assert set(metrics["alignment_weights"]) == set(CLASSES)
+    assert json.loads((paths.metrics / "pseudo_label.json").read_text())["alignment_weights"]
+    mlflow.set_tracking_uri(tracking_uri)
+    run = mlflow.search_runs(
+        experiment_names=[cfg.tracking.experiment],
+        filter_string=f"tags.{tracking.CSV_TAG} = '{tracking.md5(paths.csv)}'",
+        output_format="list",
+    )[0]
+    assert run.data.params["pseudo_label.distribution_alignment"] == "True"
+    assert f"alignment.{CLASSES[0]}" in run.data.metrics
+
+
 # --- streaming that resumes ----------------------------------------------------------------
 
 

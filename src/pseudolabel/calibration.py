@@ -105,3 +105,32 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> Calibration:
         fitted.ece_after,
     )
     return fitted
+
+
+def alignment_weights(
+    probs: np.ndarray, prior: np.ndarray, iterations: int = 100, tol: float = 1e-8
+) -> np.ndarray:
+    """Per-class weights w that make the mean of `align(probs, w)` equal `prior`: distribution
+    alignment (ReMixMatch), iterated to its fixed point (iterative proportional fitting).
+
+    A teacher that over-predicts some classes on the unlabelled images (a label-shift guess
+    from a few labels) has those classes' probabilities scaled down and the rest scaled up, so
+    the pseudo-labels follow the class distribution of the labelled data."""
+    probs = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)
+    prior = np.asarray(prior, dtype=np.float64)
+    prior = prior / prior.sum()
+    weights = np.ones(probs.shape[1])
+    for _ in range(iterations):
+        marginal = align(probs, weights).mean(axis=0)
+        step = prior / np.maximum(marginal, _EPS)
+        weights *= step
+        weights /= weights.mean()
+        if np.abs(step - 1.0).max() < tol:
+            break
+    return weights
+
+
+def align(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`probs` reweighted per class by `weights` and renormalised (1s leave them unchanged)."""
+    scaled = np.asarray(probs, dtype=np.float64) * np.asarray(weights, dtype=np.float64)
+    return scaled / np.maximum(scaled.sum(axis=1, keepdims=True), _EPS)

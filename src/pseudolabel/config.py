@@ -204,6 +204,9 @@ class PseudoLabelConfig:
     calibrate: bool = True
     # Average the teacher's probabilities over each image and its horizontal mirror.
     tta: bool = False
+    # Distribution alignment: reweight the (calibrated) probabilities per class so that their
+    # mean over the unlabelled images matches the labelled images' class distribution.
+    distribution_alignment: bool = False
     batch_size: int = 256
     # Predictions are flushed every chunk_size images, so a killed run resumes from there.
     chunk_size: int = 4096

@@ -59,6 +59,30 @@ def _class_indices(labels: pd.Series, class_names: list[str]) -> np.ndarray:
     return labels.map(index).to_numpy(dtype=np.int64)
 
 
+def _labelled_prior(paths: Paths, meta: model_io.ModelMeta) -> np.ndarray:
+    """The class distribution of the labelled training images (what distribution alignment
+    aims the pseudo-labels at); uniform, with a log line, where a class has no labelled image
+    (an imported teacher's class may be absent from the folder)."""
+    _, labels = labelled_files(paths.train, meta.class_names)
+    counts = np.bincount(labels, minlength=meta.num_classes).astype(np.float64)
+    if (counts == 0).any():
+        missing = [n for n, c in zip(meta.class_names, counts, strict=True) if not c]
+        log.info("distribution alignment: no labelled %s image; aiming at uniform", missing)
+        return np.full(meta.num_classes, 1.0 / meta.num_classes)
+    return counts / counts.sum()
+
+
+def _aligned(
+    predictions: pd.DataFrame, weights: np.ndarray, class_names: list[str]
+) -> pd.DataFrame:
+    """The predictions with every probability reweighted per class (label, confidence, margin
+    and entropy follow); raw_confidence keeps the teacher's own top-1."""
+    probs = calibration.align(labeling.probabilities(predictions, class_names), weights)
+    frame = labeling.to_frame(predictions["path"].tolist(), probs, class_names)
+    frame["raw_confidence"] = predictions["raw_confidence"].to_numpy()
+    return frame
+
+
 def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """Teacher predictions for every unlabelled image -> outputs/data.csv (no threshold)."""
     pl = cfg.pseudo_label
@@ -77,7 +101,7 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "pseudo_label",
         {
             f"pseudo_label.{key}": pl[key]
-            for key in ("batch_size", "chunk_size", "calibrate", "tta")
+            for key in ("batch_size", "chunk_size", "calibrate", "tta", "distribution_alignment")
         },
         {"teacher_run_id": meta.run_id, "round": paths.round_number},
     ):
@@ -90,10 +114,18 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             partial_dir=paths.outputs / PARTIAL,
             chunk_size=pl.chunk_size,
         )
+        weights = None
+        if pl.distribution_alignment:
+            weights = calibration.alignment_weights(
+                labeling.probabilities(predictions, meta.class_names), _labelled_prior(paths, meta)
+            )
+            predictions = _aligned(predictions, weights, meta.class_names)
         labeling.write_csv(predictions, paths.csv)
         errors = pd.DataFrame({"path": failed, "reason": "cannot be decoded"})
         labeling.write_csv(errors, paths.outputs / "errors.csv")
         val_probs = calibration.apply_temperature(val_raw, fitted.temperature)
+        if weights is not None:  # val's confidences on the same scale as the CSV's
+            val_probs = calibration.align(val_probs, weights)
         table = thresholds.analysis_table(
             predictions["confidence"].to_numpy(),
             _class_indices(predictions["label"], meta.class_names),
@@ -120,6 +152,9 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             "mean_confidence": round(float(conf.mean()), 6),
             "mean_raw_confidence": round(float(predictions["raw_confidence"].mean()), 6),
             "calibration": fitted.metrics(),
+            "alignment_weights": None
+            if weights is None
+            else {n: round(float(w), 6) for n, w in zip(meta.class_names, weights, strict=True)},
             "fraction_at_least": {
                 f"{t:g}": round(float((conf >= t).mean()), 6) for t in (0.5, 0.7, 0.8, 0.9, 0.95)
             },
@@ -128,8 +163,18 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             },
         }
         mlflow.log_metrics(
-            tracking.flatten({k: v for k, v in metrics.items() if k != "predicted_per_class"})
+            tracking.flatten(
+                {
+                    k: v
+                    for k, v in metrics.items()
+                    if k not in ("predicted_per_class", "alignment_weights")
+                }
+            )
         )
+        if weights is not None:
+            mlflow.log_metrics(
+                {f"alignment.{k}": v for k, v in metrics["alignment_weights"].items()}
+            )
         mlflow.log_metrics({f"predicted.{k}": v for k, v in metrics["predicted_per_class"].items()})
         mlflow.set_tag(tracking.CSV_TAG, tracking.md5(paths.csv))
         data_hash = unlabeled_dvc_hash(paths)
