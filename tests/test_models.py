@@ -132,11 +132,21 @@ def test_imagenet_weights_unavailable_say_how_to_provide_them(monkeypatch):
     assert "teacher.model.weights=null" in message
 
 
-def test_class_weights_and_mixed_precision_on_cpu():
+def test_class_weights_and_mixed_precision_on_cpu(monkeypatch):
     weights = training.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
     assert weights == {0: 4 / 9, 1: 4 / 3, 2: 1.0}
-    with training.precision(True):  # no GPU here: stays float32, with a warning
+    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: False)
+    with training.precision(True):  # no GPU, no bfloat16 CPU: stays float32, with a warning
         assert keras.config.dtype_policy().name == "float32"
+    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: True)
+    with training.precision(True):
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        bf16 = _build(_cfg("teacher.train.augment.randaugment_ops=2"))
+    assert keras.config.dtype_policy().name == "float32"  # restored
+    bf16.compile(optimizer="adam", loss="categorical_crossentropy")
+    labels = keras.utils.to_categorical(np.arange(8) % 10, 10)
+    bf16.fit(_raw_pixels((8, 8, 8, 1)), labels, batch_size=8, verbose=0)
+    assert bf16.dtype_policy.name == "mixed_bfloat16" and bf16.output.dtype == "float32"
     # What precision(True) does on a GPU; pixel layers (noise, resize) must stay float32.
     cfg = _cfg("teacher.train.augment.randaugment_ops=2", "teacher.train.augment.erasing=0.5")
     keras.config.set_dtype_policy("mixed_float16")

@@ -138,7 +138,8 @@ class TrainConfig:
     labeled_fraction: float | None = None
     # Weight each class by n_images / (n_classes * its count) in the loss.
     class_weights: bool = False
-    # float16 compute with float32 weights (mixed_float16); GPU only, ignored on CPU.
+    # Mixed precision, float32 weights: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with
+    # native bfloat16 (AVX512-BF16/AMX); elsewhere a warning and float32.
     mixed_precision: bool = False
     # tf.config.experimental.enable_op_determinism(): reproducible, slower.
     deterministic: bool = False
