@@ -207,7 +207,7 @@ def gap_closed(rows: list[dict], reference: float) -> dict:
     the student closes (1 = as good as all labels)."""
     out = {}
     for budget, group in pd.DataFrame(rows).groupby("budget"):
-        teacher, student = group["teacher"].mean(), group["student"].mean()
+        teacher, student = float(group["teacher"].mean()), float(group["student"].mean())
         out[int(budget)] = {
             "teacher": round(teacher, 4),
             "student": round(student, 4),
