@@ -6,7 +6,7 @@ stage functions:
 - teacher: `train_teacher` on the labelled images;
 - pseudo-label student: `pseudo_label` -> `merge` -> `train_student`, then rounds 2..N
   (`pseudo_label.rounds`, the `round` stage) each relabelling with the previous student;
-- supervised-only student: the same student architecture, noise and number of optimiser steps,
+- supervised-only student: the same student architecture, noise, optimiser steps and epochs,
   trained on the labelled images alone (what tells whether the pseudo-labels, not the bigger
   model, made the gain);
 - gain = student (last round) - max(teacher, supervised-only student);
@@ -68,18 +68,18 @@ def pseudo_label_precision(paths: Paths, truth: np.ndarray, class_names: list[st
     return float((pseudo["label"].to_numpy() == np.asarray(true)).mean())
 
 
-def supervised_only(cfg, paths: Paths, student_steps: int) -> float:
+def supervised_only(cfg, paths: Paths, student_steps: int, student_epochs: int) -> float:
     """The student's recipe on the labelled images alone: same architecture, noise, start
-    (from scratch, or from the teacher with student.init_from_teacher) and optimiser steps
-    (at most: it stops after a quarter of them without progress on val)."""
-    n_labelled = len(list_images(paths.train))
-    steps_per_epoch = math.ceil(n_labelled / cfg.student.train.batch_size)
-    epochs = max(1, math.ceil(student_steps / steps_per_epoch))
-    # Early stopping only after a quarter of the budget without a better val accuracy (the
-    # best weights are restored): hundreds of epochs over a few hundred images plateau early.
-    patience = max(1, math.ceil(epochs / 4))
+    (from scratch, or from the teacher with student.init_from_teacher), optimiser steps and
+    epochs (so val picks the best of as many checkpoints and the cosine schedule is the same):
+    the labelled images repeat within each epoch (`train.steps_per_epoch`)."""
     raw = to_dict(cfg)
-    raw["student"]["train"].update(epochs=epochs, patience=patience, labeled_fraction=None)
+    raw["student"]["train"].update(
+        epochs=student_epochs,
+        steps_per_epoch=math.ceil(student_steps / student_epochs),
+        patience=student_epochs,
+        labeled_fraction=None,
+    )
     raw["student"].update(labeled_finetune_epochs=0)  # it trains on nothing else
     sup_cfg = validate(raw)
     sup_paths = Paths(
@@ -90,23 +90,25 @@ def supervised_only(cfg, paths: Paths, student_steps: int) -> float:
     return evaluate(model, meta, paths.test).accuracy
 
 
-def student_steps(cfg, paths: Paths) -> int:
-    """Optimiser steps the pseudo-label student took: one round's, or every round's when each
-    round starts from the previous student (student.init_from_teacher)."""
+def student_steps(cfg, paths: Paths) -> tuple[int, int]:
+    """Optimiser steps and epochs the pseudo-label student took: one round's, or every round's
+    when each round starts from the previous student (student.init_from_teacher)."""
     batch = cfg.student.train.batch_size
     finetune = cfg.student.labeled_finetune_epochs
     n_labelled = len(list_images(paths.train))
-    steps = []
+    steps, epochs = [], []
     for r in range(1, cfg.pseudo_label.rounds + 1):
         here = paths.round(r)
-        epochs = len(pd.read_csv(here.plots / "train" / "student.csv"))
+        epochs.append(len(pd.read_csv(here.plots / "train" / "student.csv")))
         merged = json.loads((here.metrics / "merge.json").read_text())
         n_merged = merged["labeled"] + merged["pseudo_labeled"]
+        per_epoch = cfg.student.train.steps_per_epoch or math.ceil(n_merged / batch)
         steps.append(
-            (epochs - finetune) * math.ceil(n_merged / batch)
-            + finetune * math.ceil(n_labelled / batch)
+            (epochs[-1] - finetune) * per_epoch + finetune * math.ceil(n_labelled / batch)
         )
-    return sum(steps) if cfg.student.init_from_teacher else steps[0]
+    if cfg.student.init_from_teacher:
+        return sum(steps), sum(epochs)
+    return steps[0], epochs[0]
 
 
 def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
@@ -137,7 +139,7 @@ def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
     evaluation = json.loads((paths.metrics / "evaluation.json").read_text())
     print(f"[budget {budget}, seed {seed}] supervised-only student", flush=True)
     start = time.perf_counter()
-    supervised = supervised_only(cfg, paths, student_steps(cfg, paths))
+    supervised = supervised_only(cfg, paths, *student_steps(cfg, paths))
     sup_seconds = time.perf_counter() - start
     source = sources.fashion_mnist(cfg.data.idx_dir)
     rounds = range(1, cfg.pseudo_label.rounds + 1)

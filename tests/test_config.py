@@ -38,6 +38,11 @@ def test_threshold_out_of_range_is_rejected(threshold):
         compose([f"pseudo_label.threshold={threshold}"])
 
 
+def test_steps_per_epoch_must_be_positive():
+    with pytest.raises(PseudoLabelError, match="teacher.train.steps_per_epoch"):
+        compose(["teacher.train.steps_per_epoch=0"])
+
+
 def test_null_threshold_keeps_all():
     assert compose(["pseudo_label.threshold=null"]).pseudo_label.threshold is None
 

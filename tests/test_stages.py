@@ -227,3 +227,25 @@ def test_soft_label_student_trains_on_a_plain_labelled_folder(pipeline, tmp_path
     paths = Paths(tmp_path, data_root=pipeline.root)
     metrics = _train(cfg, "student", paths.train, paths, tags={"baseline": "supervised_only"})
     assert metrics["train_images"] == len(list_images(paths.train))
+
+
+def test_steps_per_epoch_repeats_a_small_training_set(pipeline, tmp_path, tracking_uri):
+    """train.steps_per_epoch: epochs of that many optimiser steps over a folder smaller than
+    one such epoch (the data repeats), val scored and MLflow logged once per epoch."""
+    from pseudolabel.config import compose
+    from pseudolabel.labeling import batches
+    from pseudolabel.stages.train import _train
+
+    cfg = compose(
+        ["+experiment=smoke", "student.train.epochs=2", "student.train.steps_per_epoch=7"]
+    )
+    paths = Paths(tmp_path, data_root=pipeline.root)
+    assert batches(len(list_images(paths.train)), cfg.student.train.batch_size) < 7
+    metrics = _train(cfg, "student", paths.train, paths, tags={"baseline": "supervised_only"})
+    assert metrics["epochs"] == 2
+    assert len(pd.read_csv(paths.plots / "train" / "student.csv")) == 2
+    model = keras.models.load_model(paths.model("student"))
+    assert int(model.optimizer.iterations.numpy()) == 2 * 7
+    run = mlflow.search_runs(experiment_names=[cfg.tracking.experiment]).iloc[0]
+    history = mlflow.MlflowClient().get_metric_history(run.run_id, "val_accuracy")
+    assert len(history) == 2

@@ -133,6 +133,11 @@ class TrainConfig:
     learning_rate: float = 1e-3
     patience: int = 8
     label_smoothing: float = 0.0
+    # Optimiser steps per epoch (Keras's steps_per_epoch; the training data repeats as needed);
+    # None: one pass over the training images. An epoch is when val is scored, the best weights
+    # kept, early stopping decided and MLflow logged: a few hundred images give 2-16 step epochs
+    # whose overhead can outweigh the training.
+    steps_per_epoch: int | None = None
     # Student only: the share of each batch drawn from the labelled images (the rest from the
     # pseudo-labelled ones); None samples the merged set uniformly.
     labeled_fraction: float | None = None
@@ -293,6 +298,8 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
         fraction = train.labeled_fraction
         if fraction is not None and not 0.0 < fraction < 1.0:
             fail(f"{role}.train.labeled_fraction", fraction, "use a share in (0, 1), or null")
+        if train.steps_per_epoch is not None and train.steps_per_epoch < 1:
+            fail(f"{role}.train.steps_per_epoch", train.steps_per_epoch, "use >= 1, or null")
         if train.learning_rate <= 0:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
     if cfg.student.labeled_finetune_epochs < 0:

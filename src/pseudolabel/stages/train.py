@@ -169,8 +169,10 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
         "train_images": len(train_files),
         "val_images": len(val_files),
     }
+    steps = role_cfg.train.steps_per_epoch or labeling.batches(len(train_files), batch)
+    if role_cfg.train.steps_per_epoch and train_ds.cardinality() != tf.data.INFINITE_CARDINALITY:
+        train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
     with tracking.start_run(cfg, f"train_{role}", params, {"role": role, **tags}) as run:
-        steps = labeling.batches(len(train_files), batch)
         history = training.fit(
             model,
             train_ds,
