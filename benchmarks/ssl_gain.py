@@ -103,9 +103,7 @@ def student_steps(cfg, paths: Paths) -> tuple[int, int]:
         merged = json.loads((here.metrics / "merge.json").read_text())
         n_merged = merged["labeled"] + merged["pseudo_labeled"]
         per_epoch = cfg.student.train.steps_per_epoch or math.ceil(n_merged / batch)
-        steps.append(
-            (epochs[-1] - finetune) * per_epoch + finetune * math.ceil(n_labelled / batch)
-        )
+        steps.append((epochs[-1] - finetune) * per_epoch + finetune * math.ceil(n_labelled / batch))
     if cfg.student.init_from_teacher:
         return sum(steps), sum(epochs)
     return steps[0], epochs[0]
