@@ -70,14 +70,14 @@ def pseudo_label_precision(paths: Paths, truth: np.ndarray, class_names: list[st
 
 def supervised_only(cfg, paths: Paths, student_steps: int, student_epochs: int) -> float:
     """The student's recipe on the labelled images alone: same architecture, noise, start
-    (from scratch, or from the teacher with student.init_from_teacher), optimiser steps and
-    epochs (so val picks the best of as many checkpoints and the cosine schedule is the same):
-    the labelled images repeat within each epoch (`train.steps_per_epoch`)."""
+    (from scratch, or from the teacher with student.init_from_teacher), optimiser steps, epochs
+    and patience (so the cosine schedule is the same and val picks the best of as many
+    checkpoints): the labelled images repeat within each epoch (`train.steps_per_epoch`)."""
     raw = to_dict(cfg)
     raw["student"]["train"].update(
         epochs=student_epochs,
         steps_per_epoch=math.ceil(student_steps / student_epochs),
-        patience=student_epochs,
+        patience=min(cfg.student.train.patience, student_epochs),
         labeled_fraction=None,
     )
     raw["student"].update(labeled_finetune_epochs=0)  # it trains on nothing else
