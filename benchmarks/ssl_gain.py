@@ -16,7 +16,7 @@ stage functions:
   60,000 labelled training images, and the share of the teacher -> all-labels gap the student
   closes (the issue's stretch target: half).
 
-    python benchmarks/ssl_gain.py --budgets 50 --seeds 0            # one seed: ~10 min, 2 cores
+    python benchmarks/ssl_gain.py --budgets 50 --seeds 0            # one seed: ~18 min, 2 cores
     python benchmarks/ssl_gain.py --budgets 10 50 --seeds 0 1 2     # the full table
     python benchmarks/ssl_gain.py --budgets 50 --seeds 0 -- pseudo_label.selection=topk
     python benchmarks/ssl_gain.py --budgets --seeds 0 --full-reference 10  # all labels only
