@@ -160,6 +160,43 @@ def test_class_weights_and_mixed_precision_on_cpu(monkeypatch):
     assert model.dtype_policy.name == "mixed_float16" and model.output.dtype == "float32"
 
 
+@pytest.mark.parametrize("restore", [True, False])
+def test_fit_keeps_the_best_val_epoch_or_the_last(tmp_path, restore):
+    """train.restore_best_weights: the weights of the first best val-accuracy epoch (Keras
+    EarlyStopping), or with false those of the last epoch."""
+    import tensorflow as tf
+
+    cfg = _cfg(
+        "teacher.train.epochs=3",
+        "teacher.train.patience=3",
+        f"teacher.train.restore_best_weights={restore}",
+    )
+    keras.utils.set_random_seed(0)
+    model = _build(cfg)
+    x, y = _raw_pixels((32, 8, 8, 1)), keras.utils.to_categorical(np.arange(32) % 10, 10)
+    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    val_ds = tf.data.Dataset.from_tensor_slices((x[:10], y[:10])).batch(10)
+
+    class Snapshots(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.weights = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights.append(self.model.get_weights())
+
+    snapshots = Snapshots()
+    history = training.fit(
+        model, train_ds, val_ds, cfg.teacher.train, 2, tmp_path / "h.csv", [snapshots]
+    )
+    val = history.history["val_accuracy"]
+    kept = int(np.argmax(val)) if restore else len(val) - 1
+    assert kept != len(val) - 1 or not restore  # seeded: an earlier epoch is the best
+    assert not np.array_equal(snapshots.weights[0][-1], snapshots.weights[-1][-1])
+    for got, want in zip(model.get_weights(), snapshots.weights[kept], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 # --- training through the stage function ------------------------------------------------------
 
 

@@ -132,6 +132,10 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     patience: int = 8
+    # At the end, the weights of the best val-accuracy epoch (Keras EarlyStopping's
+    # restore_best_weights); false: the last epoch's. With a val set of a few hundred images the
+    # best of N noisy scores is mostly luck, and a decayed learning rate ends on good weights.
+    restore_best_weights: bool = True
     label_smoothing: float = 0.0
     # Optimiser steps per epoch (Keras's steps_per_epoch; the training data repeats as needed);
     # None: one pass over the training images. An epoch is when val is scored, the best weights

@@ -156,7 +156,8 @@ def fit(
     class_weight: dict[int, float] | None = None,
     initial_epoch: int = 0,
 ) -> keras.callbacks.History:
-    """Compile and fit, phase by phase; the best val-accuracy weights are restored at the end.
+    """Compile and fit, phase by phase; the best val-accuracy weights are restored at the end
+    (with `train_cfg.restore_best_weights` false: the last epoch's are kept, phase after phase).
     `initial_epoch` > 0 continues an earlier fit: epochs are numbered on, the CSV appended."""
     plan = phases(model, model_cfg, train_cfg)
     backbone = backbone_of(model)
@@ -189,7 +190,7 @@ def fit(
                     monitor="val_accuracy",
                     mode="max",
                     patience=train_cfg.patience,
-                    restore_best_weights=True,
+                    restore_best_weights=train_cfg.restore_best_weights,
                 ),
                 keras.callbacks.CSVLogger(str(history_csv), append=done > 0),
                 *callbacks,
@@ -198,6 +199,8 @@ def fit(
             verbose=1 if sys.stdout.isatty() else 2,
         )
         histories.append(history)
+        if not train_cfg.restore_best_weights:
+            continue
         score = max(history.history["val_accuracy"])
         if best is not None and score < best[0]:
             log.info("phase %s did not beat val %.4f: keeping earlier weights", phase.name, best[0])

@@ -85,7 +85,8 @@ class _EpochLogger(mlflow.keras.MlflowCallback):
 
 def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, history_csv, seed):
     """A last few epochs on the labelled images alone at a lower learning rate; kept only if
-    they beat the best val accuracy of the training before."""
+    they beat the best val accuracy of the training before (always, when the training keeps
+    its last epoch's weights rather than the best val epoch's)."""
     files, labels = labelled_files(paths.train, class_names)
     size, channels = list(model.input_shape[1:3]), model.input_shape[3]
     train_ds = labelled_dataset(
@@ -98,6 +99,7 @@ def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, hist
         learning_rate=role_cfg.train.learning_rate * role_cfg.labeled_finetune_lr_factor,
         label_smoothing=role_cfg.train.label_smoothing,
         patience=epochs,
+        restore_best_weights=role_cfg.train.restore_best_weights,
     )
     log.info("student: fine-tuning on %d labelled images for %d epochs", len(files), epochs)
     tuned = training.fit(
@@ -109,7 +111,7 @@ def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, hist
         history_csv,
         initial_epoch=len(history.epoch),
     )
-    if max(tuned.history["val_accuracy"]) < before[0]:
+    if role_cfg.train.restore_best_weights and max(tuned.history["val_accuracy"]) < before[0]:
         log.info(
             "labelled fine-tuning did not beat val %.4f: keeping the weights before", before[0]
         )
