@@ -1,28 +1,31 @@
-"""Does the pseudo-label student beat both its teacher and a supervised-only student?
+"""Do the unlabelled images pay? The student against the best labelled-only model.
 
 For each label budget and seed, on Fashion-MNIST (Debian's IDX files), through the pipeline's own
-stage functions:
+public stage functions; the labelled split, the teacher and its pseudo-labels are shared by every
+setting of a seed (paired seeds):
 
-- teacher: `train_teacher` on the labelled images;
-- pseudo-label student: `pseudo_label` -> `merge` -> `train_student`, then rounds 2..N
-  (`pseudo_label.rounds`, the `round` stage) each relabelling with the previous student;
-- supervised-only student: the same student architecture, noise, optimiser steps and epochs,
-  trained on the labelled images alone (what tells whether the pseudo-labels, not the bigger
-  model, made the gain);
-- gain = student (last round) - max(teacher, supervised-only student);
-- precision of the kept pseudo-labels against the true Fashion-MNIST labels, count kept (last
-  round; every round's in the JSON), time;
-- with --full-reference EPOCHS: the teacher's architecture and recipe trained on (nearly) all
-  60,000 labelled training images, and the share of the teacher -> all-labels gap the student
-  closes (the issue's stretch target: half).
+- teacher: `train_teacher` on the labelled images; `pseudo_label` and `merge` as in `dvc repro`;
+- per setting (a named set of Hydra overrides, SETTINGS) and compute multiplier (1x, 2x, 4x the
+  student's epochs): the student (`train_student`) and its labelled-only baseline
+  (`train_baseline`: the student's network, views, steps and EMA on the labelled images alone);
+- best labelled-only = max(teacher, every baseline of that seed at that compute); gain = student -
+  best labelled-only, in points;
+- precision of the teacher's kept pseudo-labels, and (consistency) of the student's own online
+  pseudo-labels, against the true labels; seconds per part;
+- with --test-curves: test accuracy after every epoch of every student and baseline;
+- with --full-reference EPOCHS: the teacher's recipe on (nearly) all 60,000 labels, and the share
+  of the labelled-only -> all-labels gap the student closes (stretch target: half).
 
-    python benchmarks/ssl_gain.py --budgets 50 --seeds 0            # one seed: ~18 min, 2 cores
-    python benchmarks/ssl_gain.py --budgets 10 50 --seeds 0 1 2     # the full table
-    python benchmarks/ssl_gain.py --budgets 50 --seeds 0 -- pseudo_label.selection=topk
-    python benchmarks/ssl_gain.py --budgets --seeds 0 --full-reference 10  # all labels only
+    python benchmarks/ssl_gain.py --budgets 50 --seeds 0                     # one seed, 1x
+    python benchmarks/ssl_gain.py --budgets 10 50 --seeds 0 1 2              # the 3-seed tables
+    python benchmarks/ssl_gain.py --budgets 50 --seeds 0 --compute 1 2 4     # gain vs compute
+    python benchmarks/ssl_gain.py --settings offline consistency --seeds 0   # both recipes
+    python benchmarks/ssl_gain.py --budgets 50 --seeds 0 -- student.consistency.threshold=0.9
 
-Extra arguments after `--` are Hydra overrides applied to every run. Prints a markdown table
-(mean ± std over seeds) and writes every row and the table to benchmarks/results/ssl_gain.json.
+Extra arguments after `--` are Hydra overrides applied to every run. Rows are merged into
+benchmarks/results/ssl_gain.json (committed: the docs' tables are generated from it by
+benchmarks/gain_tables.py); a row with the same budget, seed, setting, compute and overrides is
+replaced.
 """
 
 from __future__ import annotations
@@ -38,137 +41,158 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pseudolabel import stages  # noqa: E402
-from pseudolabel.config import compose, to_dict, validate  # noqa: E402
+from pseudolabel import merging, stages  # noqa: E402
+from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.data import sources  # noqa: E402
-from pseudolabel.data.images import list_images  # noqa: E402
+from pseudolabel.data.images import labelled_dataset, labelled_files, list_images  # noqa: E402
 from pseudolabel.evaluation import evaluate  # noqa: E402
 from pseudolabel.models import io as model_io  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
-from pseudolabel.stages.train import _train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INDEX = re.compile(r"train_(\d+)(?:-\d+)?\.png$")  # -N: a duplicated copy (topk)
+# The recipes compared. offline: the teacher's soft pseudo-labels in a merged set (the pipeline
+# before consistency training); consistency: + the online FixMatch/FlexMatch term on every
+# unlabelled image (src/pseudolabel/consistency.py).
+SETTINGS = {
+    "offline": [
+        "student.consistency.enabled=false",
+        "student.init_from_teacher=false",
+        "student.train.epochs=12",
+        "student.train.batch_size=64",
+        "student.train.ema=0.0",
+    ],
+    "consistency": ["student.consistency.enabled=true"],
+}
 
 
-def pseudo_label_precision(paths: Paths, truth: np.ndarray, class_names: list[str]) -> float:
-    """Share of the kept pseudo-labels that equal the true label (from the source's index);
-    `class_names` in the source's label order (not the sorted folder order)."""
-    from pseudolabel import merging
+def truth_of(idx_dir: str):
+    """path under data/unlabeled -> true class name, from the Fashion-MNIST index in the name."""
+    source = sources.fashion_mnist(idx_dir)
+    names = list(source.class_names)
 
+    def lookup(rel_paths: list[str]) -> list[str | None]:
+        out = []
+        for rel in rel_paths:
+            match = INDEX.search(rel)
+            out.append(names[source.train_labels[int(match.group(1))]] if match else None)
+        return out
+
+    return lookup
+
+
+def pseudo_label_precision(paths: Paths, lookup) -> float:
+    """Share of the kept (merged) pseudo-labels that equal the true label."""
     manifest = merging.read_manifest(paths.merged)
     pseudo = manifest[manifest["source"] == "pseudo"]
     if pseudo.empty:
         return float("nan")
-    index = pseudo["file"].map(lambda f: int(INDEX.search(f).group(1)))
-    true = [class_names[i] for i in truth[index.to_numpy()]]
+    true = lookup(list(pseudo["file"]))
     return float((pseudo["label"].to_numpy() == np.asarray(true)).mean())
 
 
-def supervised_only(cfg, paths: Paths, student_steps: int, student_epochs: int) -> float:
-    """The student's recipe on the labelled images alone: same architecture, noise, start
-    (from scratch, or from the teacher with student.init_from_teacher), optimiser steps, epochs
-    and patience (so the cosine schedule is the same and val picks the best of as many
-    checkpoints): the labelled images repeat within each epoch (`train.steps_per_epoch`)."""
-    raw = to_dict(cfg)
-    raw["student"]["train"].update(
-        epochs=student_epochs,
-        steps_per_epoch=math.ceil(student_steps / student_epochs),
-        patience=min(cfg.student.train.patience, student_epochs),
-        labeled_fraction=None,
-    )
-    raw["student"].update(labeled_finetune_epochs=0)  # it trains on nothing else
-    sup_cfg = validate(raw)
-    sup_paths = Paths(
-        paths.root / "supervised", data_root=paths.root, teacher_model=paths.model("teacher")
-    )
-    _train(sup_cfg, "student", paths.train, sup_paths, tags={"baseline": "supervised_only"})
-    model, meta = model_io.load(sup_paths.model("student"))
-    return evaluate(model, meta, paths.test).accuracy
+class TestCurve(keras.callbacks.Callback):
+    """Test accuracy after every epoch (the live weights; the saved model may be their EMA)."""
+
+    def __init__(self, test_folder: Path, class_names, image_size, channels):
+        super().__init__()
+        files, labels = labelled_files(test_folder, class_names)
+        self.labels = labels
+        self.ds = labelled_dataset(files, labels, len(class_names), image_size, channels, 512)
+        self.curve: list[float] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        probs = np.concatenate([np.asarray(self.model(x, training=False)) for x, _ in self.ds])
+        self.curve.append(round(float((probs.argmax(1) == self.labels).mean()), 4))
 
 
-def student_steps(cfg, paths: Paths) -> tuple[int, int]:
-    """Optimiser steps and epochs the pseudo-label student took: one round's, or every round's
-    when each round starts from the previous student (student.init_from_teacher)."""
-    batch = cfg.student.train.batch_size
-    finetune = cfg.student.labeled_finetune_epochs
-    n_labelled = len(list_images(paths.train))
-    steps, epochs = [], []
-    for r in range(1, cfg.pseudo_label.rounds + 1):
-        here = paths.round(r)
-        epochs.append(len(pd.read_csv(here.plots / "train" / "student.csv")))
-        merged = json.loads((here.metrics / "merge.json").read_text())
-        n_merged = merged["labeled"] + merged["pseudo_labeled"]
-        per_epoch = cfg.student.train.steps_per_epoch or math.ceil(n_merged / batch)
-        steps.append((epochs[-1] - finetune) * per_epoch + finetune * math.ceil(n_labelled / batch))
-    if cfg.student.init_from_teacher:
-        return sum(steps), sum(epochs)
-    return steps[0], epochs[0]
+def _link_shared(shared: Paths, run: Paths) -> None:
+    """A setting's folder sees the seed's pseudo-labels and merged set (read-only links)."""
+    for rel in ("outputs", "data/train_ssl"):
+        target = run.root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to((shared.root / rel).resolve(), target_is_directory=True)
+    (run.metrics).mkdir(parents=True, exist_ok=True)
+    (run.metrics / "merge.json").write_text((shared.metrics / "merge.json").read_text())
 
 
-def run_one(budget: int, seed: int, overrides: list[str], work: Path) -> dict:
+def _test_accuracy(path: Path, test: Path) -> float:
+    model, meta = model_io.load(path)
+    return evaluate(model, meta, test).accuracy
+
+
+def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tuple[Paths, dict]:
+    """ingest, teacher, pseudo_label, merge for one budget and seed (reused when done)."""
     root = work / f"budget{budget}_seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     cfg = compose([f"data.train_per_class={budget}", f"seed={seed}", *overrides])
     paths = Paths(root)
-    # A finished pseudo-label part with the same config is reused (a run stopped in the
-    # supervised-only part continues there); its time is the one measured then.
-    done = root / "ssl_done.json"
-    config = json.dumps(to_dict(cfg), sort_keys=True)
+    done = root / "shared_done.json"
+    key = json.dumps([budget, seed, overrides])
     previous = json.loads(done.read_text()) if done.is_file() else {}
-    if previous.get("config") == config:
-        ssl_seconds = previous["seconds"]
-        print(f"[budget {budget}, seed {seed}] pseudo-label part reused from {root}", flush=True)
-    else:
+    if previous.get("key") == key:
+        print(f"[budget {budget}, seed {seed}] teacher and pseudo-labels reused", flush=True)
+        return paths, previous["info"]
+    seconds = {}
+    for name in ("ingest", "train_teacher", "pseudo_label", "merge"):
+        print(f"[budget {budget}, seed {seed}] {name}", flush=True)
         start = time.perf_counter()
-        for name in ("ingest", "train_teacher", "pseudo_label", "merge", "train_student"):
-            print(f"[budget {budget}, seed {seed}] {name}", flush=True)
-            stages.STAGES[name](cfg, paths)
-        for number in range(2, cfg.pseudo_label.rounds + 1):
-            print(f"[budget {budget}, seed {seed}] round {number}", flush=True)
-            stages.run_round(cfg, paths, number)
-        stages.STAGES["evaluate"](cfg, paths)
-        ssl_seconds = time.perf_counter() - start
-        done.write_text(json.dumps({"config": config, "seconds": ssl_seconds}))
-    evaluation = json.loads((paths.metrics / "evaluation.json").read_text())
-    print(f"[budget {budget}, seed {seed}] supervised-only student", flush=True)
-    start = time.perf_counter()
-    supervised = supervised_only(cfg, paths, *student_steps(cfg, paths))
-    sup_seconds = time.perf_counter() - start
-    source = sources.fashion_mnist(cfg.data.idx_dir)
-    rounds = range(1, cfg.pseudo_label.rounds + 1)
-    precision = {
-        r: pseudo_label_precision(paths.round(r), source.train_labels, list(source.class_names))
-        for r in rounds
+        stages.STAGES[name](cfg, paths)
+        seconds[name] = round(time.perf_counter() - start, 1)
+    lookup = truth_of(cfg.data.idx_dir)
+    info = {
+        "teacher": _test_accuracy(paths.model("teacher"), paths.test),
+        "pseudo_label_precision": pseudo_label_precision(paths, lookup),
+        "pseudo_labeled": json.loads((paths.metrics / "merge.json").read_text())["pseudo_labeled"],
+        "seconds": seconds,
     }
-    kept = {
-        r: json.loads((paths.round(r).metrics / "merge.json").read_text())["pseudo_labeled"]
-        for r in rounds
-    }
-    per_round = evaluation.get("round_accuracy", {"round1": evaluation["student_accuracy"]})
-    teacher, student = evaluation["teacher_accuracy"], evaluation["student_accuracy"]
-    last = cfg.pseudo_label.rounds
-    return {
-        "budget": budget,
-        "seed": seed,
-        "overrides": overrides,
-        "teacher": teacher,
-        "supervised_only": supervised,
-        "student": student,
-        "gain": student - max(teacher, supervised),
-        "gain_vs_teacher": student - teacher,
-        "student_per_round": per_round,
-        "pseudo_labeled": kept[last],
-        "pseudo_label_precision": precision[last],
-        "pseudo_labeled_per_round": kept,
-        "pseudo_label_precision_per_round": precision,
-        "ssl_seconds": round(ssl_seconds, 1),
-        "supervised_seconds": round(sup_seconds, 1),
-    }
+    done.write_text(json.dumps({"key": key, "info": info}))
+    return paths, info
+
+
+def run_setting(
+    shared: Paths, budget: int, seed: int, setting: str, compute: int, overrides, curves: bool
+) -> dict:
+    """The student and its labelled-only baseline of one setting at `compute` x the epochs."""
+    chosen = [f"data.train_per_class={budget}", f"seed={seed}", *SETTINGS[setting], *overrides]
+    epochs = compose(chosen).student.train.epochs * compute
+    cfg = compose([*chosen, f"student.train.epochs={epochs}", f"student.train.patience={epochs}"])
+    run = Paths(
+        shared.root / f"{setting}_x{compute}",
+        data_root=shared.root,
+        teacher_model=shared.model("teacher"),
+    )
+    _link_shared(shared, run)
+    lookup = truth_of(cfg.data.idx_dir)
+    class_names = sorted(p.name for p in shared.train.iterdir() if p.is_dir())
+    row: dict = {"budget": budget, "seed": seed, "setting": setting, "compute": compute}
+    row["overrides"] = overrides
+    for part in ("baseline", "student"):
+        print(f"[budget {budget}, seed {seed}] {setting} x{compute}: {part}", flush=True)
+        callback = [TestCurve(shared.test, class_names, cfg.data.image_size, cfg.data.channels)]
+        callbacks = callback if curves else []
+        start = time.perf_counter()
+        if part == "baseline":
+            metrics = stages.train_baseline(cfg, run, callbacks=callbacks)
+        else:
+            metrics = stages.train_student(cfg, run, truth=lookup, callbacks=callbacks)
+        row[f"{part}_seconds"] = round(time.perf_counter() - start, 1)
+        row[part] = _test_accuracy(run.model(part), shared.test)
+        row[f"{part}_steps"] = metrics["steps"]
+        if curves:
+            row[f"{part}_test_curve"] = callback[0].curve
+    history = pd.read_csv(run.history("student"))
+    if "pseudo_precision" in history:
+        last = history.iloc[-1]
+        row["online_pseudo_precision_last_epoch"] = round(float(last["pseudo_precision"]), 4)
+        row["mask_rate_last_epoch"] = round(float(last["mask_rate"]), 4)
+    return row
 
 
 def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> dict:
@@ -202,43 +226,68 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
             "seconds": seconds}  # fmt: skip
 
 
+def _same(a: dict, b: dict) -> bool:
+    keys = ("budget", "seed", "setting", "compute", "overrides")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def with_gains(rows: list[dict]) -> list[dict]:
+    """best labelled-only = max(teacher, every baseline of the same budget, seed, compute and
+    overrides); gain = student - that."""
+    for row in rows:
+        peers = [
+            r["baseline"]
+            for r in rows
+            if (r["budget"], r["seed"], r["compute"], r["overrides"])
+            == (row["budget"], row["seed"], row["compute"], row["overrides"])
+        ]
+        row["best_labelled_only"] = max([row["teacher"], *peers])
+        row["gain"] = round(100 * (row["student"] - row["best_labelled_only"]), 2)
+        row["gain_vs_own_baseline"] = round(100 * (row["student"] - row["baseline"]), 2)
+    return rows
+
+
 def gap_closed(rows: list[dict], reference: float) -> dict:
-    """Per budget: mean teacher and student, and the share of the teacher -> all-labels gap
-    the student closes (1 = as good as all labels)."""
+    """Per budget, setting and compute: mean best labelled-only model and student, and the share
+    of the labelled-only -> all-labels gap the student closes (1 = as good as all labels)."""
     out = {}
-    for budget, group in pd.DataFrame(rows).groupby("budget"):
-        teacher, student = float(group["teacher"].mean()), float(group["student"].mean())
-        out[int(budget)] = {
-            "teacher": round(teacher, 4),
+    frame = pd.DataFrame(rows)
+    for (budget, setting, compute), group in frame.groupby(["budget", "setting", "compute"]):
+        best, student = float(group["best_labelled_only"].mean()), float(group["student"].mean())
+        out[f"{budget}/{setting}/x{compute}"] = {
+            "best_labelled_only": round(best, 4),
             "student": round(student, 4),
             "all_labels": round(reference, 4),
-            "half_gap_target": round(teacher + (reference - teacher) / 2, 4),
-            "gap_closed": round((student - teacher) / (reference - teacher), 3),
+            "gap_closed": round((student - best) / (reference - best), 3),
         }
     return out
 
 
+COLUMNS = ["teacher", "baseline", "best_labelled_only", "student", "gain"]
+
+
 def table(rows: list[dict]) -> str:
+    """Mean ± std over seeds per budget, setting and compute (accuracies in %, gain in points)."""
     frame = pd.DataFrame(rows)
-    rounds = max(len(r["student_per_round"]) for r in rows)
-    for r in range(1, rounds):  # the student after each round but the last (= "student")
-        frame[f"round {r}"] = [row["student_per_round"].get(f"round{r}") for row in rows]
-    frame["seconds"] = frame["ssl_seconds"] + frame["supervised_seconds"]
-    accuracies = ["teacher", "supervised_only", *(f"round {r}" for r in range(1, rounds))]
-    accuracies += ["student", "gain"]
-    cols = [*accuracies, "pseudo_label_precision", "pseudo_labeled", "seconds"]
-    lines = ["| labels/class | seeds | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 2) + "|"]  # fmt: skip
-    for budget, group in frame.groupby("budget"):
+    frame["seconds"] = (
+        frame["baseline_seconds"] + frame["student_seconds"] + frame["shared_seconds"]
+    )
+    cols = [*COLUMNS, "pseudo_label_precision", "seconds"]
+    lines = [
+        "| labels/class | setting | compute | seeds | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 4) + "|",
+    ]
+    for (budget, setting, compute), group in frame.groupby(["budget", "setting", "compute"]):
         cells = []
         for col in cols:
             values = group[col].astype(float)
-            scale = 100 if col in accuracies else 1
+            scale = 100 if col in COLUMNS[:-1] else 1
             std = values.std(ddof=1) * scale if len(values) > 1 else float("nan")
             mean = values.mean() * scale
-            digits = 0 if col in ("pseudo_labeled", "seconds") else 2 if scale == 100 else 3
+            digits = 0 if col == "seconds" else 3 if col == "pseudo_label_precision" else 2
             cells.append(f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}"))
-        lines.append(f"| {budget} | {len(group)} | " + " | ".join(cells) + " |")
+        head = f"| {budget} | {setting} | {compute}x | {len(group)} | "
+        lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -247,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budgets", type=int, nargs="*", default=[10, 50])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--work", type=Path, default=RESULTS / "ssl_gain_work")
+    parser.add_argument("--budgets", type=int, nargs="*", default=[50])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--settings", nargs="+", default=["consistency"], choices=SETTINGS)
+    parser.add_argument("--compute", type=int, nargs="+", default=[1], help="x the epochs")
+    parser.add_argument("--test-curves", action="store_true", help="test accuracy per epoch")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ssl_gain_work"))
     parser.add_argument("--out", type=Path, default=RESULTS / "ssl_gain.json")
     parser.add_argument(
         "--full-reference",
@@ -259,16 +311,23 @@ def main(argv: list[str] | None = None) -> int:
         help="also train the teacher's recipe on all labels for EPOCHS epochs (first seed)",
     )
     args = parser.parse_args(argv)
-    rows: list[dict] = []
-    payload: dict = {"command": sys.argv, "rows": rows}
+    payload = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    rows: list[dict] = payload["rows"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:  # after every seed: a long run stopped early keeps what it measured
-        if rows:
-            payload["table"] = table(rows)
+    def save(row: dict | None = None) -> None:  # after every row: a stopped run keeps its rows
+        if row is not None:
+            rows[:] = [r for r in rows if not _same(r, row)] + [row]
+        with_gains(rows)
+        payload["table"] = table(rows) if rows else ""
         if "full_reference" in payload and rows:
             payload["gap"] = gap_closed(rows, payload["full_reference"]["accuracy"])
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        payload.setdefault("commands", [])
+        if " ".join(sys.argv) not in payload["commands"]:
+            payload["commands"].append(" ".join(sys.argv))
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        os.replace(tmp, args.out)
 
     if args.full_reference:
         payload["full_reference"] = full_reference(
@@ -278,13 +337,22 @@ def main(argv: list[str] | None = None) -> int:
         save()
     for budget in args.budgets:
         for seed in args.seeds:
-            rows.append(run_one(budget, seed, overrides, args.work))
-            print(json.dumps(rows[-1]), flush=True)
-            save()
+            shared, info = shared_part(budget, seed, overrides, args.work)
+            for setting in args.settings:
+                for compute in args.compute:
+                    row = run_setting(
+                        shared, budget, seed, setting, compute, overrides, args.test_curves
+                    )
+                    row["teacher"] = info["teacher"]
+                    row["pseudo_label_precision"] = info["pseudo_label_precision"]
+                    row["pseudo_labeled"] = info["pseudo_labeled"]
+                    row["shared_seconds"] = sum(info["seconds"].values())
+                    save(row)
+                    print(json.dumps(row), flush=True)
     if rows:
-        print("\naccuracies and gain in points (mean ± std over seeds)\n" + table(rows))
+        print("\naccuracies in %, gain in points (mean ± std over seeds)\n" + table(rows))
     if "gap" in payload:
-        print("\nshare of the teacher -> all-labels gap closed\n" + json.dumps(payload["gap"]))
+        print("\nshare of the labelled-only -> all-labels gap closed:", json.dumps(payload["gap"]))
     return 0
 
 

@@ -13,7 +13,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 
-STAGE_NAMES = ("ingest", "train_teacher", "pseudo_label", "merge", "train_student", "evaluate")
+STAGE_NAMES = (
+    "ingest",
+    "train_teacher",
+    "train_baseline",
+    "pseudo_label",
+    "merge",
+    "train_student",
+    "evaluate",
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -152,6 +152,9 @@ class TrainConfig:
     mixed_precision: bool = False
     # tf.config.experimental.enable_op_determinism(): reproducible, slower.
     deterministic: bool = False
+    # Keep an exponential moving average of the weights with this momentum (e.g. 0.999) and
+    # save it as the model (Keras optimizers' use_ema); 0: off.
+    ema: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -174,9 +177,45 @@ class TeacherConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """The student's online term on every unlabelled image (pseudolabel.consistency)."""
+
+    enabled: bool = False
+    # Unlabelled images per labelled one in each step (mu): a step sees train.batch_size
+    # labelled and ratio * batch_size unlabelled images (each as a weak and a strong view).
+    ratio: int = 3
+    # Confidence the student's weak-view prediction needs to become a target (FixMatch's tau).
+    threshold: float = 0.95
+    # FlexMatch: scale the threshold per class by how well the class is learnt so far.
+    flexible: bool = True
+    # Weight of the online term (it rises linearly from 0 over the first `rampup` share of
+    # the steps) and of the teacher's probabilities (the CSV) as targets of the strong view.
+    weight: float = 1.0
+    rampup: float = 0.1
+    teacher_weight: float = 1.0
+    # The teacher term falls linearly to 0 by the last step: the student outgrows its teacher.
+    teacher_decay: bool = True
+    # Align the student's predictions to the labelled class distribution (ReMixMatch).
+    distribution_alignment: bool = True
+    # The views: weak (labelled images and the targets' view), strong (what learns from them).
+    weak: AugmentConfig = field(default_factory=AugmentConfig)
+    strong: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class BaselineConfig:
+    """train_baseline: the student's network, steps and weak view on the labelled images alone,
+    so that evaluate can say whether the unlabelled images helped."""
+
+    enabled: bool = True
+
+
+@dataclass
 class StudentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     # Train on the teacher's probability vectors for pseudo-labelled images (from the merge
     # manifest) instead of one-hot pseudo-labels.
     soft_labels: bool = False
@@ -306,6 +345,10 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
             fail(f"{role}.train.steps_per_epoch", train.steps_per_epoch, "use >= 1, or null")
         if train.learning_rate <= 0:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
+    _check_consistency(cfg.student.consistency, fail)
+    for role in ("teacher", "student"):
+        if not 0.0 <= cfg[role].train.ema < 1.0:
+            fail(f"{role}.train.ema", cfg[role].train.ema, "use a momentum in [0, 1), 0: off")
     if cfg.student.labeled_finetune_epochs < 0:
         fail("student.labeled_finetune_epochs", cfg.student.labeled_finetune_epochs, ">= 0")
     if not 0.0 < cfg.student.labeled_finetune_lr_factor <= 1.0:
@@ -376,6 +419,20 @@ def _check_augment(augment: DictConfig, key: str, fail) -> None:
     for share in ("randaugment_magnitude", "erasing", "mixup"):
         if not 0.0 <= augment[share] <= 1.0:
             fail(f"{key}.{share}", augment[share], "use a value in [0, 1]")
+
+
+def _check_consistency(cons: DictConfig, fail) -> None:
+    key = "student.consistency"
+    if cons.ratio < 1:
+        fail(f"{key}.ratio", cons.ratio, "use >= 1 unlabelled image per labelled one")
+    for share in ("threshold", "rampup"):
+        if not 0.0 <= cons[share] <= 1.0:
+            fail(f"{key}.{share}", cons[share], "use a value in [0, 1]")
+    for weight in ("weight", "teacher_weight"):
+        if not (math.isfinite(cons[weight]) and cons[weight] >= 0.0):
+            fail(f"{key}.{weight}", cons[weight], "use a weight >= 0")
+    _check_augment(cons.weak, f"{key}.weak", fail)
+    _check_augment(cons.strong, f"{key}.strong", fail)
 
 
 def _check_pseudo_label(pl: DictConfig, fail) -> None:

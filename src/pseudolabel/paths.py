@@ -103,4 +103,10 @@ class Paths:
     def model(self, role: str) -> Path:
         if role == "teacher" and self.teacher_model is not None:
             return self.teacher_model
+        if role == "baseline":  # a folder DVC tracks whether the baseline is on or off
+            return self.models / "baseline" / "baseline.keras"
         return self.models / f"{role}.keras"
+
+    def history(self, role: str) -> Path:
+        """The per-epoch training log (dvc plots)."""
+        return self.plots / "train" / f"{role}.csv"

@@ -215,7 +215,9 @@ def _compile(model: keras.Model, phase: Phase, train_cfg, steps_per_epoch: int) 
         phase.learning_rate, decay_steps=max(1, phase.epochs * steps_per_epoch)
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=keras.optimizers.Adam(
+            schedule, use_ema=bool(train_cfg.ema), ema_momentum=train_cfg.ema or 0.99
+        ),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
         metrics=["accuracy"],
     )

@@ -9,11 +9,12 @@ from pseudolabel.stages.ingest import ingest
 from pseudolabel.stages.label import pseudo_label
 from pseudolabel.stages.merge import merge
 from pseudolabel.stages.rounds import later_rounds, run_round
-from pseudolabel.stages.train import train_student, train_teacher
+from pseudolabel.stages.train import train_baseline, train_student, train_teacher
 
 STAGES = {
     "ingest": ingest,
     "train_teacher": train_teacher,
+    "train_baseline": train_baseline,
     "pseudo_label": pseudo_label,
     "merge": merge,
     "train_student": train_student,
@@ -28,6 +29,7 @@ __all__ = [
     "run_round",
     "merge",
     "pseudo_label",
+    "train_baseline",
     "train_student",
     "train_teacher",
 ]

@@ -18,10 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
-    """Teacher and student on the test folder: accuracy, gain and confusion matrices. With
+    """Teacher, labelled-only baseline and student on the test folder: accuracy, the gain over
+    the teacher and over the best labelled-only model, confusion matrices. With
     pseudo_label.rounds > 1 the student is the last round's, and every round is scored."""
     n = cfg.pseudo_label.rounds
     models = {"teacher": paths.model("teacher")}
+    if paths.model("baseline").is_file():  # train_baseline ran (student.baseline.enabled)
+        models["baseline"] = paths.model("baseline")
     models |= {f"round{r}": paths.round(r).model("student") for r in range(1, n + 1)}
     results, run_ids = {}, {}
     for name, path in models.items():
@@ -45,15 +48,34 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "test_images": len(results["teacher"].y_true),
         "rounds": n,
     }
+    if "baseline" in results:
+        # What a user asks: did the unlabelled images help, over the best model the labelled
+        # images alone gave (the teacher, or the student's network trained on them alone)?
+        best = max(results["teacher"].accuracy, results["baseline"].accuracy)
+        gain = results["student"].accuracy - best
+        metrics |= {
+            "baseline_accuracy": round(results["baseline"].accuracy, 6),
+            "labelled_only_best": round(best, 6),
+            "gain_over_labelled_only": round(gain, 6),
+            "unlabelled_helped": bool(gain > 0),
+        }
+        if gain <= 0:
+            log.warning(
+                "evaluate: the student (%.2f %%) does NOT beat the best labelled-only model "
+                "(%.2f %%): the unlabelled images did not help here. Keep the better model; see "
+                "the docs' 'Does the student win?' for levers.",
+                100 * results["student"].accuracy,
+                100 * best,
+            )
     if n > 1:  # the student after each round: does iterating still help?
         metrics["round_accuracy"] = {
             f"round{r}": round(results[f"round{r}"].accuracy, 6) for r in range(1, n + 1)
         }
-    tags = {f"{role}_run_id": run_ids[role] for role in ("teacher", "student")}
+    roles = [role for role in ("teacher", "baseline", "student") if role in run_ids]
+    tags = {f"{role}_run_id": run_ids[role] for role in roles}
     with tracking.start_run(cfg, "evaluate", tags=tags):
-        mlflow.log_metrics(
-            tracking.flatten({k: v for k, v in metrics.items() if k != "test_images"})
-        )
+        flat = tracking.flatten({k: v for k, v in metrics.items() if k != "test_images"})
+        mlflow.log_metrics({k: float(v) for k, v in flat.items()})  # unlabelled_helped: 0/1
         for role in ("teacher", "student"):
             result = results[role]
             fig = plots.confusion(

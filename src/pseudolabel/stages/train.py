@@ -14,17 +14,18 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pseudolabel import labeling, merging, plots, tracking, training
-from pseudolabel.config import to_dict
+from pseudolabel import consistency, labeling, merging, plots, tracking, training
+from pseudolabel.config import AugmentConfig, to_dict
 from pseudolabel.data.images import (
     labelled_dataset,
     labelled_files,
+    list_images,
     mixed_dataset,
     with_mixup,
 )
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
-from pseudolabel.models.builders import build_model
+from pseudolabel.models.builders import augmentation_layers, build_model
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import labelled_classes, write_json
 
@@ -73,6 +74,52 @@ def _training_data(role_cfg, train_dir, files, labels, class_names, size, channe
     )
 
 
+def _unlabelled_targets(paths: Paths, class_names, truth):
+    """Every unlabelled image of the CSV with the teacher's probabilities, whether merge
+    accepted it (the teacher term's weight) and its true class where `truth` knows it (-1)."""
+    frame = labeling.read_csv(paths.csv)
+    probs = labeling.probabilities(frame, class_names, str(paths.csv)).astype(np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)
+    manifest = merging.read_manifest(paths.merged)
+    pseudo = manifest.loc[manifest["source"] == "pseudo", "file"]
+    merged = {file.split("/")[-1] for file in pseudo}
+    # merging.build_merged names a copy u__<path with / as __> (-N when duplicated).
+    accepted = np.array([("u__" + p.replace("/", "__")) in merged for p in frame["path"]])
+    index = {name: i for i, name in enumerate(class_names)}
+    known = truth(list(frame["path"])) if truth else [None] * len(frame)
+    labels = np.array([index.get(k, -1) if k is not None else -1 for k in known], np.int32)
+    files = [str(paths.unlabeled / p) for p in frame["path"]]
+    return files, probs, accepted, labels
+
+
+def consistency_steps(cfg, n_unlabeled: int) -> int:
+    """Optimiser steps per epoch of the consistency student: train.steps_per_epoch, else one
+    pass over the unlabelled images (ratio * batch_size of them per step)."""
+    train = cfg.student.train
+    per_step = cfg.student.consistency.ratio * train.batch_size
+    return train.steps_per_epoch or max(1, labeling.batches(n_unlabeled, per_step))
+
+
+def _consistency_model(cfg, class_names, train_labels, size, channels, steps, n_unlabeled):
+    """The student's classifier (no noise layers inside: the views are made in the step) in
+    the ConsistencyModel that trains it."""
+    student = cfg.student
+    n = len(class_names)
+    classifier = build_model(student.model, AugmentConfig(), n, size, channels, "student")
+    prior = np.bincount(train_labels, minlength=n).astype(np.float64) + 1.0
+    return consistency.ConsistencyModel(
+        classifier,
+        augmentation_layers(student.consistency.weak),
+        augmentation_layers(student.consistency.strong),
+        student.consistency,
+        n,
+        n_unlabeled,
+        prior,
+        total_steps=student.train.epochs * steps,
+        label_smoothing=student.train.label_smoothing,
+    )
+
+
 class _EpochLogger(mlflow.keras.MlflowCallback):
     """MLflow's Keras callback: one value per epoch per metric. Fine-tuning is a second `fit`
     with a new optimizer, so the optimizer params and summary are logged at the first only."""
@@ -100,6 +147,7 @@ def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, hist
         label_smoothing=role_cfg.train.label_smoothing,
         patience=epochs,
         restore_best_weights=role_cfg.train.restore_best_weights,
+        ema=role_cfg.train.ema,
     )
     log.info("student: fine-tuning on %d labelled images for %d epochs", len(files), epochs)
     tuned = training.fit(
@@ -133,8 +181,26 @@ def _log_model(model: keras.Model, val_ds, name: str) -> None:
     )
 
 
-def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) -> dict[str, Any]:
-    """Train the teacher or the student from a class-folder tree; save model, metadata, metrics."""
+def _train(
+    cfg,
+    role: str,
+    train_dir: Path,
+    paths: Paths,
+    tags: dict[str, Any],
+    name: str | None = None,
+    unlabelled: bool = True,
+    truth=None,
+    callbacks: tuple = (),
+) -> dict[str, Any]:
+    """Train the teacher or the student from a class-folder tree; save model, metadata, metrics.
+
+    `name` (default: the role) names the model, its metrics and its MLflow run: the baseline is
+    the student's config saved as "baseline". With student.consistency.enabled the student
+    trains in a ConsistencyModel, on the unlabelled images too unless `unlabelled` is false
+    (the labelled-only baseline with the same network, views, steps and EMA). `truth` (path
+    under data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels'
+    precision to the logged metrics."""
+    name = name or role
     role_cfg = cfg[role]
     class_names = labelled_classes(paths)
     train_files, train_labels = labelled_files(train_dir, class_names)
@@ -142,39 +208,69 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
     size, channels = list(cfg.data.image_size), cfg.data.channels
     training.seed_everything(cfg.seed, role_cfg.train.deterministic)
     batch = role_cfg.train.batch_size
-    train_ds = _training_data(
-        role_cfg, train_dir, train_files, train_labels, class_names, size, channels, cfg.seed
-    )
-    if role_cfg.train.augment.mixup:
-        train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, cfg.seed)
     val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
-    with training.precision(role_cfg.train.mixed_precision):
-        model = build_model(
-            role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
+    online = role == "student" and role_cfg.consistency.enabled
+    if online:
+        if train_dir == paths.merged:  # the labelled rows of the merged set, not its pseudo ones
+            manifest = merging.read_manifest(train_dir)
+            rows = manifest[manifest["source"] == "labeled"]
+            index = {label: i for i, label in enumerate(class_names)}
+            train_files = [str(train_dir / file) for file in rows["file"]]
+            train_labels = np.array([index[label] for label in rows["label"]], np.int64)
+        labelled = consistency.labelled_stream(
+            train_files, train_labels, len(class_names), size, channels, batch, cfg.seed
         )
+        unlabelled_ds, n_unlabeled = None, 0
+        if unlabelled:
+            parts = _unlabelled_targets(paths, class_names, truth)
+            n_unlabeled = len(parts[0])
+            per_step = role_cfg.consistency.ratio * batch
+            unlabelled_ds = consistency.unlabelled_stream(
+                *parts, size, channels, per_step, cfg.seed
+            )
+        steps = consistency_steps(cfg, n_unlabeled)
+        train_ds = consistency.training_stream(labelled, unlabelled_ds)
+        with training.precision(role_cfg.train.mixed_precision):
+            model = _consistency_model(
+                cfg, class_names, train_labels, size, channels, steps, n_unlabeled
+            )
+        classifier = model.classifier
+    else:
+        train_ds = _training_data(
+            role_cfg, train_dir, train_files, train_labels, class_names, size, channels, cfg.seed
+        )
+        if role_cfg.train.augment.mixup:
+            train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, cfg.seed)
+        with training.precision(role_cfg.train.mixed_precision):
+            model = build_model(
+                role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
+            )
+        classifier = model
+        steps = role_cfg.train.steps_per_epoch or labeling.batches(len(train_files), batch)
+        endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
+        if role_cfg.train.steps_per_epoch and not endless:
+            train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
     if role == "student" and role_cfg.init_from_teacher:
         teacher, _ = model_io.load(paths.model("teacher"))
-        copied = training.init_from(model, teacher)
-        log.info("student: %d leading layers initialised from the teacher", copied)
+        copied = training.init_from(classifier, teacher)
+        log.info("%s: %d leading layers initialised from the teacher", name, copied)
         if not copied:
             log.warning("student.init_from_teacher: no layer matches the teacher's; from scratch")
     class_weight = (
         training.balanced_class_weights(train_labels, len(class_names))
-        if role_cfg.train.class_weights
+        if role_cfg.train.class_weights and not online
         else None
     )
-    history_csv = paths.plots / "train" / f"{role}.csv"
+    history_csv = paths.history(name)
     params = {
         "seed": cfg.seed,
         "data": to_dict(cfg.data),
         role: to_dict(role_cfg),
         "train_images": len(train_files),
         "val_images": len(val_files),
+        "steps_per_epoch": steps,
     }
-    steps = role_cfg.train.steps_per_epoch or labeling.batches(len(train_files), batch)
-    if role_cfg.train.steps_per_epoch and train_ds.cardinality() != tf.data.INFINITE_CARDINALITY:
-        train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
-    with tracking.start_run(cfg, f"train_{role}", params, {"role": role, **tags}) as run:
+    with tracking.start_run(cfg, f"train_{name}", params, {"role": name, **tags}) as run:
         history = training.fit(
             model,
             train_ds,
@@ -182,10 +278,13 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
             role_cfg.train,
             steps,
             history_csv,
-            callbacks=[_EpochLogger()],
-            model_cfg=role_cfg.model,
+            callbacks=[_EpochLogger(), *callbacks],
+            model_cfg=None if online else role_cfg.model,
             class_weight=class_weight,
         )
+        model = classifier  # the consistency wrapper only trains it
+        if online:
+            model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
         if role == "student" and role_cfg.labeled_finetune_epochs:
             history = _labeled_finetune(
                 model, role_cfg, paths, class_names, val_ds, history, history_csv, cfg.seed
@@ -196,14 +295,15 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
             size,
             channels,
             run_id=run.info.run_id,
-            extra={"role": role, **{k: str(v) for k, v in tags.items()}},
+            extra={"role": name, **{k: str(v) for k, v in tags.items()}},
         )
-        model_path = paths.model(role)
+        model_path = paths.model(name)
         model_io.save(model, model_path, meta)
         metrics = {
             "val_accuracy": float(val_accuracy),
             "val_loss": float(val_loss),
             "epochs": len(history.epoch),
+            "steps": int(len(history.epoch) * steps),
             "train_images": len(train_files),
             "params": int(model.count_params()),
         }
@@ -211,13 +311,13 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
             {"best_val_accuracy": metrics["val_accuracy"], "best_val_loss": metrics["val_loss"]}
         )
         mlflow.log_figure(
-            plots.training_curves(pd.read_csv(history_csv), f"{role} training"),
-            f"{role}_training_curves.png",
+            plots.training_curves(pd.read_csv(history_csv), f"{name} training"),
+            f"{name}_training_curves.png",
         )
-        _log_model(model, val_ds, role)
+        _log_model(model, val_ds, name)
         mlflow.log_artifact(str(model_io.meta_path(model_path)), "model")
-    write_json(paths.metrics / f"{role}.json", metrics)
-    log.info("%s: val_accuracy=%.4f after %d epochs", role, val_accuracy, len(history.epoch))
+    write_json(paths.metrics / f"{name}.json", metrics)
+    log.info("%s: val_accuracy=%.4f after %d epochs", name, val_accuracy, len(history.epoch))
     return metrics
 
 
@@ -277,8 +377,43 @@ def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     return _train(cfg, "teacher", paths.train, paths, tags={})
 
 
-def train_student(cfg, paths: Paths = Paths()) -> dict[str, Any]:
-    """The larger, noised student on the merged set, tagged with the pseudo-label set it used."""
+def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
+    """The student's network and steps on the labelled images alone (student.baseline): what
+    the unlabelled images must beat. Off: a metrics file saying so, and no model."""
+    if not cfg.student.baseline.enabled:
+        paths.model("baseline").parent.mkdir(parents=True, exist_ok=True)
+        write_json(paths.model("baseline").with_suffix(".off.json"), {"enabled": False})
+        paths.history("baseline").parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(columns=["epoch", "val_accuracy"]).to_csv(
+            paths.history("baseline"), index=False
+        )
+        metrics = {"enabled": False}
+        write_json(paths.metrics / "baseline.json", metrics)
+        return metrics
+    student = cfg.student
+    if student.consistency.enabled:  # the consistency student's steps, without the unlabelled
+        raw = to_dict(cfg)
+        steps = consistency_steps(cfg, len(list_images(paths.unlabeled)))
+    else:  # the offline student's schedule: one pass over labelled + all unlabelled images
+        raw = to_dict(cfg)
+        n = len(list_images(paths.train)) + len(list_images(paths.unlabeled))
+        steps = student.train.steps_per_epoch or labeling.batches(n, student.train.batch_size)
+        raw["student"]["train"]["labeled_fraction"] = None
+        raw["student"]["labeled_finetune_epochs"] = 0
+    raw["student"]["train"]["steps_per_epoch"] = steps
+    from pseudolabel.config import validate
+
+    base_cfg = validate(raw, origin="train_baseline")
+    tags = {"baseline": "labelled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
+    return _train(
+        base_cfg, "student", paths.train, paths, tags, "baseline", False, callbacks=callbacks
+    )
+
+
+def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict[str, Any]:
+    """The larger, noised student on the merged set (and, with student.consistency, every
+    unlabelled image), tagged with the pseudo-label set it used. `truth` and `callbacks` are for
+    benchmarks: the unlabelled images' true classes, extra Keras callbacks."""
     teacher_meta = model_io.read_meta(paths.model("teacher"))
     merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
     # Lineage (see tracking.lineage): the same tags whether dvc repro, a sweep job or a DVC
@@ -289,7 +424,7 @@ def train_student(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "pseudo_labeled": merge_metrics["pseudo_labeled"],
         "round": paths.round_number,  # round r > 1: the teacher is round r-1's student
     }
-    metrics = _train(cfg, "student", paths.merged, paths, tags)
+    metrics = _train(cfg, "student", paths.merged, paths, tags, truth=truth, callbacks=callbacks)
     student_meta = model_io.read_meta(paths.model("student"))
     tracking.log_lineage_inputs(student_meta.run_id, cfg, paths, tags)
     return metrics

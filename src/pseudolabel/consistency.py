@@ -1,0 +1,268 @@
+"""The consistency student: every step learns from labelled images, from the teacher's
+probabilities (outputs/data.csv) and from every unlabelled image through its own prediction.
+
+One training step (a `keras.Model.train_step`, driven by `fit` and its callbacks, as in keras-io's
+AdaMatch example) sees a batch of B labelled images and mu*B unlabelled ones and minimises
+
+    CE(y, f(weak(x_l)))                                          labelled, label-smoothed
+  + w_t(t) * CE(teacher(x_u), f(strong(x_u)))                    the teacher's soft targets
+  + w_u(t) * mask * CE(argmax p~, f(strong(x_u)))                FixMatch / FlexMatch
+
+where p~ is the student's own prediction on a weak view (no gradient), aligned to the labelled
+class distribution (ReMixMatch's distribution alignment), and mask keeps the images whose p~
+reaches the confidence threshold, per class scaled by how well that class is learnt (FlexMatch's
+curriculum). w_u ramps up from 0 over the first steps; w_t can decay to 0 as the student outgrows
+the teacher. The evaluated model keeps the optimiser's moving average of the weights (EMA,
+`train.ema`).
+
+Only the plain classifier is saved: the wrapper exists while training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pseudolabel.data.images import AUTOTUNE, decode_image
+
+log = logging.getLogger(__name__)
+
+# Images held decoded in memory (uint8) up to this size; larger sets are decoded every pass.
+CACHE_BYTES = 2 * 1024**3
+# RandAugment picks its ops once per call: the strong view is made in this many slices of the
+# batch, so that a batch sees several op combinations.
+STRONG_SLICES = 8
+
+
+def _decoded(paths: Sequence[str], image_size, channels: int) -> tf.data.Dataset:
+    """uint8 images, decoded once and cached in memory when they fit (see CACHE_BYTES)."""
+    ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
+        lambda p: tf.cast(tf.round(decode_image(p, image_size, channels)), tf.uint8),
+        num_parallel_calls=AUTOTUNE,
+    )
+    size = len(paths) * math.prod(image_size) * channels
+    if size <= CACHE_BYTES:
+        ds = ds.cache()
+    else:
+        log.info("%d images (%.1f GB): not cached, decoded every pass", len(paths), size / 1e9)
+    return ds
+
+
+def labelled_stream(
+    paths: Sequence[str],
+    labels: np.ndarray,
+    num_classes: int,
+    image_size,
+    channels: int,
+    batch_size: int,
+    seed: int,
+) -> tf.data.Dataset:
+    """Endless shuffled (image, one-hot) batches."""
+    targets = tf.data.Dataset.from_tensor_slices(np.eye(num_classes, dtype=np.float32)[labels])
+    ds = tf.data.Dataset.zip((_decoded(paths, image_size, channels), targets))
+    ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def unlabelled_stream(
+    paths: Sequence[str],
+    teacher: np.ndarray,
+    accepted: np.ndarray,
+    truth: np.ndarray,
+    image_size,
+    channels: int,
+    batch_size: int,
+    seed: int,
+) -> tf.data.Dataset:
+    """Endless shuffled batches of (image, the teacher's probabilities, 1.0 where merge accepted
+    the image (the teacher term's weight), the true class or -1 (benchmarks only), index)."""
+    side = tf.data.Dataset.from_tensor_slices(
+        (
+            teacher.astype(np.float32),
+            accepted.astype(np.float32),
+            truth.astype(np.int32),
+            np.arange(len(paths), dtype=np.int32),
+        )
+    )
+    ds = tf.data.Dataset.zip((_decoded(paths, image_size, channels), side))
+    ds = ds.map(lambda x, s: (x, *s))
+    ds = ds.shuffle(len(paths), seed=seed + 1, reshuffle_each_iteration=True).repeat()
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def training_stream(labelled: tf.data.Dataset, unlabelled: tf.data.Dataset | None):
+    """What `ConsistencyModel.fit` takes: labelled batches zipped with unlabelled ones."""
+    if unlabelled is None:
+        return labelled.prefetch(AUTOTUNE)
+    return tf.data.Dataset.zip((labelled, unlabelled)).prefetch(AUTOTUNE)
+
+
+class ConsistencyModel(keras.Model):
+    """Trains `classifier` (raw pixels -> probabilities) with the loss of the module docstring.
+
+    Without unlabelled batches (`training_stream(labelled, None)`) it is the labelled-only
+    baseline with the same weak view, schedule and EMA."""
+
+    def __init__(
+        self,
+        classifier: keras.Model,
+        weak: Sequence[keras.Layer],
+        strong: Sequence[keras.Layer],
+        settings,
+        num_classes: int,
+        num_unlabeled: int,
+        prior: np.ndarray,
+        total_steps: int,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(name=f"{classifier.name}_consistency", **kwargs)
+        self.classifier = classifier
+        self.weak = list(weak)
+        self.strong = list(strong)
+        self.threshold = float(settings.threshold)
+        self.flexible = bool(settings.flexible)
+        self.unlabeled_weight = float(settings.weight)
+        self.teacher_weight = float(settings.teacher_weight)
+        self.teacher_decay = bool(settings.teacher_decay)
+        self.align = bool(settings.distribution_alignment)
+        self.rampup_steps = max(1.0, float(settings.rampup) * total_steps)
+        self.total_steps = float(max(1, total_steps))
+        self.num_classes = num_classes
+        self.smoothing = label_smoothing
+        self.prior = tf.constant(prior / prior.sum(), tf.float32)
+        # Running mean of the student's weak-view predictions (distribution alignment).
+        self.p_model = self.add_weight(
+            shape=(num_classes,),
+            initializer=keras.initializers.Constant(prior / prior.sum()),
+            trainable=False,
+            name="p_model",
+        )
+        # FlexMatch: each unlabelled image's last confident class (-1: never confident yet).
+        self.selected = self.add_weight(
+            shape=(max(1, num_unlabeled),),
+            initializer=keras.initializers.Constant(-1),
+            dtype="int32",
+            trainable=False,
+            name="selected",
+        )
+        names = ("loss", "accuracy", "loss_labeled", "loss_unlabeled", "loss_teacher")
+        names += ("mask_rate", "pseudo_precision", "unlabeled_weight", "mean_threshold")
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+
+    def call(self, inputs, training=False):
+        return self.classifier(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    @staticmethod
+    def _view(layers_: Sequence[keras.Layer], images: tf.Tensor, slices: int = 1) -> tf.Tensor:
+        x = tf.cast(images, tf.float32)
+        if not layers_:
+            return x
+        parts = tf.split(x, slices) if slices > 1 else [x]
+        out = []
+        for part in parts:
+            for layer in layers_:
+                part = layer(part, training=True)
+            out.append(part)
+        return tf.concat(out, 0) if len(out) > 1 else out[0]
+
+    def _ce(self, targets: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
+        """Per-image cross-entropy of probability targets."""
+        return keras.losses.categorical_crossentropy(targets, probs)
+
+    def _masked_pseudo_loss(self, p_weak, p_strong, truth, index):
+        """FixMatch/FlexMatch on the aligned weak prediction; returns loss, mask, pseudo."""
+        if self.align:
+            self.p_model.assign(0.999 * self.p_model.value + 0.001 * tf.reduce_mean(p_weak, 0))
+            p_weak = p_weak * self.prior / self.p_model.value
+            p_weak = p_weak / tf.reduce_sum(p_weak, -1, keepdims=True)
+        confidence = tf.reduce_max(p_weak, -1)
+        pseudo = tf.argmax(p_weak, -1, output_type=tf.int32)
+        if self.flexible:
+            counts = tf.math.bincount(
+                tf.maximum(self.selected.value, 0),
+                weights=tf.cast(self.selected.value >= 0, tf.float32),
+                minlength=self.num_classes,
+                maxlength=self.num_classes,
+            )
+            unused = tf.reduce_sum(tf.cast(self.selected.value < 0, tf.float32))
+            learnt = counts / tf.maximum(tf.maximum(tf.reduce_max(counts), unused), 1.0)
+            learnt = learnt / (2.0 - learnt)  # FlexMatch's convex mapping
+            limits = self.threshold * tf.gather(learnt, pseudo)
+            sure = confidence > self.threshold
+            self.selected.assign(
+                tf.tensor_scatter_nd_update(
+                    self.selected.value,
+                    tf.expand_dims(tf.boolean_mask(index, sure), 1),
+                    tf.boolean_mask(pseudo, sure),
+                )
+            )
+        else:
+            limits = tf.fill(tf.shape(confidence), self.threshold)
+        mask = tf.cast(confidence >= limits, tf.float32)
+        loss = tf.reduce_mean(mask * self._ce(tf.one_hot(pseudo, self.num_classes), p_strong))
+        known = tf.cast(truth >= 0, tf.float32) * mask
+        correct = tf.cast(tf.equal(pseudo, truth), tf.float32)
+        self.trackers["pseudo_precision"].update_state(correct, sample_weight=known)
+        self.trackers["mean_threshold"].update_state(limits)
+        return loss, mask
+
+    def train_step(self, data):
+        if isinstance(data[0], (tuple, list)):  # labelled batches zipped with unlabelled ones
+            (x_l, y_l), (x_u, teacher, accepted, truth, index) = data
+        else:  # the labelled-only baseline
+            (x_l, y_l), x_u = data, None
+        step = tf.cast(self.optimizer.iterations, tf.float32)
+        n_l = tf.shape(x_l)[0]
+        smoothed = y_l * (1.0 - self.smoothing) + self.smoothing / self.num_classes
+        batch = [self._view(self.weak, x_l)]
+        if x_u is not None:
+            batch += [self._view(self.weak, x_u), self._view(self.strong, x_u, STRONG_SLICES)]
+        with tf.GradientTape() as tape:
+            probs = self.classifier(tf.concat(batch, 0), training=True)
+            p_l = probs[:n_l]
+            loss_l = tf.reduce_mean(self._ce(smoothed, p_l))
+            loss = loss_l
+            if x_u is not None:
+                n_u = tf.shape(x_u)[0]
+                p_weak = tf.stop_gradient(probs[n_l : n_l + n_u])
+                p_strong = probs[n_l + n_u :]
+                loss_u, mask = self._masked_pseudo_loss(p_weak, p_strong, truth, index)
+                w_u = self.unlabeled_weight * tf.minimum(1.0, step / self.rampup_steps)
+                w_t = self.teacher_weight
+                if self.teacher_decay:
+                    w_t = w_t * tf.maximum(0.0, 1.0 - step / self.total_steps)
+                loss_t = tf.reduce_mean(accepted * self._ce(teacher, p_strong))
+                loss = loss + w_u * loss_u + w_t * loss_t
+            loss += sum(self.classifier.losses) if self.classifier.losses else 0.0
+            scaled = self.optimizer.scale_loss(loss)
+        variables = self.classifier.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        self.trackers["loss"].update_state(loss)
+        self.trackers["loss_labeled"].update_state(loss_l)
+        hits = tf.cast(tf.argmax(p_l, -1) == tf.argmax(y_l, -1), tf.float32)
+        self.trackers["accuracy"].update_state(hits)
+        if x_u is not None:
+            self.trackers["loss_unlabeled"].update_state(loss_u)
+            self.trackers["loss_teacher"].update_state(loss_t)
+            self.trackers["mask_rate"].update_state(tf.reduce_mean(mask))
+            self.trackers["unlabeled_weight"].update_state(w_u)
+            return {name: tracker.result() for name, tracker in self.trackers.items()}
+        return {name: self.trackers[name].result() for name in ("loss", "accuracy", "loss_labeled")}
+
+    def test_step(self, data):
+        x, y = data[:2]
+        probs = self.classifier(x, training=False)
+        self.trackers["loss"].update_state(tf.reduce_mean(self._ce(y, probs)))
+        hits = tf.cast(tf.argmax(probs, -1) == tf.argmax(y, -1), tf.float32)
+        self.trackers["accuracy"].update_state(hits)
+        return {name: self.trackers[name].result() for name in ("loss", "accuracy")}
