@@ -223,8 +223,9 @@ def test_soft_label_student_trains_on_a_plain_labelled_folder(pipeline, tmp_path
     from pseudolabel.config import compose
     from pseudolabel.stages.train import _train
 
-    cfg = compose(["+experiment=smoke", "student.soft_labels=true"])
-    paths = Paths(tmp_path, data_root=pipeline.root)
+    offline = "student.consistency.enabled=false"  # the merged-folder student
+    cfg = compose(["+experiment=smoke", "student.soft_labels=true", offline])
+    paths = Paths(tmp_path, data_root=pipeline.root, teacher_model=pipeline.model("teacher"))
     metrics = _train(cfg, "student", paths.train, paths, tags={"baseline": "supervised_only"})
     assert metrics["train_images"] == len(list_images(paths.train))
 
@@ -237,9 +238,14 @@ def test_steps_per_epoch_repeats_a_small_training_set(pipeline, tmp_path, tracki
     from pseudolabel.stages.train import _train
 
     cfg = compose(
-        ["+experiment=smoke", "student.train.epochs=2", "student.train.steps_per_epoch=7"]
+        [
+            "+experiment=smoke",
+            "student.consistency.enabled=false",  # the merged-folder student
+            "student.train.epochs=2",
+            "student.train.steps_per_epoch=7",
+        ]
     )
-    paths = Paths(tmp_path, data_root=pipeline.root)
+    paths = Paths(tmp_path, data_root=pipeline.root, teacher_model=pipeline.model("teacher"))
     assert batches(len(list_images(paths.train)), cfg.student.train.batch_size) < 7
     metrics = _train(cfg, "student", paths.train, paths, tags={"baseline": "supervised_only"})
     assert metrics["epochs"] == 2
