@@ -19,6 +19,15 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def teacher_trust(cfg) -> dict[str, Any]:
+    """How far a stage may trust the saved teacher (keywords of models.io.load): only as far as
+    the user's config says (teacher.allow_unsafe, or a SavedModel folder as teacher.path),
+    never as far as the metadata file beside the model says."""
+    path = cfg.teacher.path
+    folder = Path(path) if path and Path(path).is_dir() else None
+    return {"allow_unsafe": bool(cfg.teacher.allow_unsafe), "trusted_saved_model": folder}
+
+
 def labelled_classes(paths: Paths) -> list[str]:
     """Class names from the train folder; val must hold the same classes."""
     class_names = class_names_from(paths.train, "training")

@@ -26,7 +26,7 @@ from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import build_model
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import labelled_classes, write_json
+from pseudolabel.stages.common import labelled_classes, teacher_trust, write_json
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def _train(cfg, role: str, train_dir: Path, paths: Paths, tags: dict[str, Any]) 
             role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
         )
     if role == "student" and role_cfg.init_from_teacher:
-        teacher, _ = model_io.load(paths.model("teacher"))
+        teacher, _ = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
         copied = training.init_from(model, teacher)
         log.info("student: %d leading layers initialised from the teacher", copied)
         if not copied:
