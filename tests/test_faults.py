@@ -75,3 +75,115 @@ def test_sidecar_cannot_turn_safe_mode_off(tmp_path, digits_data, smoke_cfg):
     loaded, meta = PseudoLabelGenerator(model_path=model, allow_unsafe=True)._teacher()
     assert meta.class_names == CLASSES and loaded.outputs[0].shape[-1] == 10
     assert marker.exists()
+
+
+# --- 2. a poisoned pseudo-label CSV is refused before data/train_ssl is touched ---------------
+
+
+@pytest.fixture
+def merge_project(tmp_path, digits_data):
+    """A project that has run up to merge once: digits images, the teacher's metadata, a valid
+    outputs/data.csv and the data/train_ssl it gave, and params.yaml for the CLI."""
+    import shutil
+
+    import numpy as np
+
+    from pseudolabel.config import compose_raw, to_yaml
+    from pseudolabel.data.images import list_images
+    from pseudolabel.labeling import to_frame, write_csv
+    from pseudolabel.merging import build_merged
+
+    root = tmp_path / "project"
+    shutil.copytree(digits_data.root / "data", root / "data")
+    paths = Paths(root)
+    model_io.meta_path(paths.model("teacher")).parent.mkdir(parents=True)
+    meta = model_io.ModelMeta(CLASSES, [8, 8], 1)
+    model_io.meta_path(paths.model("teacher")).write_text(json.dumps(meta.__dict__))
+    files = list_images(paths.unlabeled)[:60]
+    probs = np.random.default_rng(0).dirichlet(np.full(10, 0.2), len(files))
+    rel = [str(f.relative_to(paths.unlabeled)) for f in files]
+    write_csv(to_frame(rel, probs, CLASSES), paths.csv)
+    build_merged(
+        paths.train, paths.unlabeled, to_frame(rel, probs, CLASSES)[:30], paths.merged, CLASSES
+    )
+    (root / "params.yaml").write_text(to_yaml(compose_raw(["+experiment=smoke"])))
+    return paths
+
+
+def _poison(csv: Path, how: str) -> None:
+    lines = csv.read_text().splitlines()
+    header = lines[0].split(",")
+    col = {name: i for i, name in enumerate(header)}
+
+    def edit(line_no: int, column: str, value: str) -> None:
+        cells = lines[line_no].split(",")
+        cells[col[column]] = value
+        lines[line_no] = ",".join(cells)
+
+    if how == "zero_bytes":
+        csv.write_bytes(b"")
+        return
+    if how == "header_only":
+        lines = lines[:1]
+    elif how == "text":
+        edit(3, "confidence", "high")
+    elif how == "nan":
+        edit(4, "prob_digit_3", "nan")
+    elif how == "inf":
+        edit(5, "confidence", "inf")
+    elif how == "above_one":
+        edit(6, "prob_digit_7", "1.5")
+    elif how == "negative":
+        edit(7, "confidence", "-0.1")
+    elif how == "empty_path":
+        edit(8, "path", "")
+    csv.write_text("\n".join(lines) + "\n")
+
+
+POISONS = {
+    "zero_bytes": "empty file",
+    "header_only": "no rows",
+    "text": "column confidence has a value that is not a number on line 4",
+    "nan": "column prob_digit_3 has an empty or NaN value on line 5",
+    "inf": "column confidence has an infinite value on line 6",
+    "above_one": r"column prob_digit_7 has a value outside \[0, 1\] on line 7",
+    "negative": r"column confidence has a value outside \[0, 1\] on line 8",
+    "empty_path": "empty path on line 9",
+}
+
+
+@pytest.mark.parametrize("how", POISONS)
+def test_poisoned_csv_is_refused_before_train_ssl_is_touched(merge_project, smoke_cfg, how):
+    from pseudolabel.stages import merge
+
+    paths = merge_project
+    before = _digest(paths.merged)
+    _poison(paths.csv, how)
+    with pytest.raises(PseudoLabelError, match=POISONS[how]) as err:
+        merge(smoke_cfg, paths)
+    assert "\n" not in str(err.value)
+    assert _digest(paths.merged) == before
+    assert not (paths.metrics / "merge.json").exists()
+
+
+def test_poisoned_csv_cli_exits_2_with_one_line(merge_project):
+    import subprocess
+    import sys
+
+    paths = merge_project
+    before = _digest(paths.merged)
+    _poison(paths.csv, "text")
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "merge"],
+        cwd=paths.root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert errors == [
+        f"pseudolabel merge: error: {Path('outputs/data.csv')}: column confidence has a value "
+        "that is not a number on line 4; re-run the pseudo_label stage (or restore the file)."
+    ]
+    assert _digest(paths.merged) == before
