@@ -187,3 +187,111 @@ def test_poisoned_csv_cli_exits_2_with_one_line(merge_project):
         "that is not a number on line 4; re-run the pseudo_label stage (or restore the file)."
     ]
     assert _digest(paths.merged) == before
+
+
+# --- 3. symbolic links are followed only where they stay inside their root --------------------
+
+
+def test_merge_refuses_a_symlink_out_of_the_unlabelled_folder(merge_project, smoke_cfg, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from pseudolabel.labeling import read_csv, to_frame, write_csv
+    from pseudolabel.stages import merge
+
+    paths = merge_project
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(next(paths.unlabeled.rglob("*.png")).read_bytes())
+    (paths.unlabeled / "innocent.png").symlink_to(secret)
+    frame = read_csv(paths.csv)
+    rows = to_frame(["innocent.png"], np.eye(10)[[3]], CLASSES)  # confidence 1: selected
+    write_csv(pd.concat([frame, rows], ignore_index=True), paths.csv)
+    before = _digest(paths.merged)
+    with pytest.raises(PseudoLabelError, match="symlink_outside") as err:
+        merge(smoke_cfg, paths)
+    assert str(secret) in str(err.value) and "\n" not in str(err.value)
+    assert _digest(paths.merged) == before
+
+
+def _folder_cfg(user: Path, *extra: str):
+    from pseudolabel.config import compose
+
+    return compose(
+        [
+            "+experiment=smoke",
+            "data=folder",
+            f"data.labeled_root={user / 'labeled'}",
+            f"data.unlabeled_root={user / 'unlabeled'}",
+            "data.image_size=[8,8]",
+            "data.min_size=4",
+            "data.workers=2",
+            *extra,
+        ]
+    )
+
+
+def _report(paths: Paths) -> dict[str, tuple[str, str]]:
+    import csv
+
+    with open(paths.ingest_report, newline="", encoding="utf-8") as f:
+        return {row["path"]: (row["reason"], row["detail"]) for row in csv.DictReader(f)}
+
+
+@pytest.fixture
+def user_folders(tmp_path, digits_data):
+    """The digits images as a user's folders (labelled train/val/test, 40 unlabelled), and an
+    `outside` folder that links may point to."""
+    import shutil
+
+    user, outside = tmp_path / "user", tmp_path / "outside"
+    shutil.copytree(digits_data.labeled, user / "labeled")
+    (user / "unlabeled").mkdir(parents=True)
+    for path in sorted(digits_data.unlabeled.iterdir())[:40]:
+        shutil.copyfile(path, user / "unlabeled" / path.name)
+    outside.mkdir()
+    return user, outside
+
+
+def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
+    import os
+    import shutil
+
+    from pseudolabel.stages import ingest
+
+    user, outside = user_folders
+    unl = user / "unlabeled"
+    # A file link, a linked folder and a file name that is not UTF-8, all in the unlabelled one.
+    shutil.copyfile(next(unl.iterdir()), outside / "secret.png")
+    (unl / "link.png").symlink_to(outside / "secret.png")
+    (unl / "linked_dir").symlink_to(outside)
+    bad_name = os.path.join(os.fsencode(unl), b"caf\xe9.png")  # Latin-1, not UTF-8
+    with open(bad_name, "wb") as f:
+        f.write(sorted(unl.glob("*.png"))[1].read_bytes())
+    paths = Paths(tmp_path / "project")
+    summary = ingest(_folder_cfg(user), paths)
+    report = _report(paths)
+    assert report[str(unl / "link.png")][0] == "symlink_outside"
+    assert report[str(unl / "linked_dir")][0] == "symlink_outside"
+    assert report[f"{unl}/caf\\xe9.png"][0] == "bad_name"
+    assert summary["unlabeled"] == 40
+    view = _digest(paths.unlabeled)
+    assert not any("caf" in name or "link" in name for name in view)
+
+    # A class folder that is a link to a folder outside the labelled root: every file in it is
+    # reported, none followed into the view, and the class is refused as empty.
+    val9 = user / "labeled" / "val" / "digit_9"
+    shutil.move(val9, outside / "digit_9")
+    val9.symlink_to(outside / "digit_9")
+    with pytest.raises(PseudoLabelError, match="val/digit_9"):
+        ingest(_folder_cfg(user), Paths(tmp_path / "second"))
+    reasons = {r for p, (r, _) in _report(Paths(tmp_path / "second")).items() if "digit_9" in p}
+    assert reasons == {"symlink_outside"}
+
+    # A class folder whose name is not UTF-8 is refused in one line before the view is touched.
+    val9.unlink()
+    shutil.move(outside / "digit_9", val9)
+    os.mkdir(os.path.join(os.fsencode(user / "labeled" / "train"), b"digit_\xff"))
+    with pytest.raises(PseudoLabelError, match="not valid UTF-8"):
+        ingest(_folder_cfg(user), paths)
+    assert _digest(paths.unlabeled) == view

@@ -68,6 +68,11 @@ def _class_folders(folder: Path) -> list[str]:
 def check_class_name(folder: Path) -> None:
     """A class name becomes a folder and a CSV label: it must be valid on every file system."""
     name = folder.name
+    if not validate.utf8_name(name):
+        raise PseudoLabelError(
+            f"{validate.printable(folder)}: the class folder's name is not valid UTF-8, so it "
+            "cannot be a label in the CSV. Rename the folder (e.g. to plain ASCII)."
+        )
     if (
         _BAD_NAME.search(name)
         or name != name.strip()
@@ -176,6 +181,8 @@ class CheckCache:
         )
 
     def get(self, path: Path) -> FileCheck | None:
+        if not validate.utf8_name(path):
+            return None  # SQLite text cannot hold it; check_file reports it
         if path.is_symlink():
             return None  # where a link points is not in its size/mtime: always re-check
         try:
@@ -201,7 +208,7 @@ class CheckCache:
         rows = [
             (c.path, self.channels, *(getattr(c, k) for k in _COLUMNS))
             for c in checks
-            if c.reason not in ("unreadable", "symlink_outside")
+            if c.reason not in ("unreadable", "symlink_outside", "bad_name")
         ]
         self.db.executemany(
             f"INSERT OR REPLACE INTO checks_v1 VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
@@ -224,7 +231,8 @@ def check_all(
     files = iter(files)
     with tqdm(desc=desc, unit="file", mininterval=2) as bar:
         while chunk := list(islice(files, CHUNK)):
-            cached = {p: cache.get(p) for p in chunk}
+            # A bad name or a link out of the root first (never cached), then the cache.
+            cached = {p: validate.where_problem(p, root) or cache.get(p) for p in chunk}
             todo = [p for p, c in cached.items() if c is None]
             # Tasks of BATCH files: one task per file spends its time on the pool's locks.
             batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
@@ -250,7 +258,7 @@ class Report:
         self.counts: Counter = Counter()
 
     def add(self, path: str, part: str, reason: str, detail: str = "") -> None:
-        self.writer.writerow([path, part, reason, detail])
+        self.writer.writerow([validate.printable(path), part, reason, validate.printable(detail)])
         self.counts[reason] += 1
 
     def close(self) -> None:
