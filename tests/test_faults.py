@@ -295,3 +295,101 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
     with pytest.raises(PseudoLabelError, match="not valid UTF-8"):
         ingest(_folder_cfg(user), paths)
     assert _digest(paths.unlabeled) == view
+
+
+# --- 4. writes are atomic: a failure or a kill leaves the previous complete output ------------
+
+
+def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg, monkeypatch):
+    from pseudolabel import merging
+    from pseudolabel.stages import merge
+
+    paths = merge_project
+    before = _digest(paths.merged)
+    copies = []
+
+    def copy_then_fail(src, dst):
+        copies.append(dst)
+        if len(copies) > 50:
+            raise OSError(28, "No space left on device")
+        return copy(src, dst)
+
+    copy = merging.shutil.copyfile
+    monkeypatch.setattr(merging.shutil, "copyfile", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        merge(smoke_cfg, paths)
+    assert _digest(paths.merged) == before
+    assert sorted(p.name for p in paths.merged.parent.iterdir()) == sorted(
+        ["image_dataset", "unlabeled", "train_ssl"]
+    )  # no half-built folder left behind either
+
+
+def test_student_refuses_an_incomplete_merged_folder(merge_project, smoke_cfg):
+    from pseudolabel.merging import MANIFEST
+    from pseudolabel.stages import train_student
+
+    paths = merge_project
+    stray = paths.merged / "digit_0" / "stray.png"
+    stray.write_bytes(next(paths.merged.rglob("*.png")).read_bytes())
+    with pytest.raises(PseudoLabelError, match=r"1 not in the manifest \(e.g. digit_0/stray.png\)"):
+        train_student(smoke_cfg, paths)
+    stray.unlink()
+    next(paths.merged.rglob("u__*.png")).unlink()
+    with pytest.raises(PseudoLabelError, match="1 listed but missing"):
+        train_student(smoke_cfg, paths)
+    (paths.merged / MANIFEST).unlink()
+    with pytest.raises(PseudoLabelError, match="manifest not found"):
+        train_student(smoke_cfg, paths)
+    assert not paths.model("student").exists()
+
+
+_SAVE_LOOP = """
+import sys
+from pathlib import Path
+
+import keras
+
+from pseudolabel.models import io as model_io
+from pseudolabel.stages.common import write_json
+
+out = Path(sys.argv[1])
+inputs = keras.Input((8, 8, 1))
+x = keras.layers.Flatten()(inputs)
+for _ in range(6):
+    x = keras.layers.Dense(256, activation="relu")(x)
+model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+meta = model_io.ModelMeta([f"digit_{i}" for i in range(10)], [8, 8], 1)
+metrics = {"values": list(range(200_000))}
+n = 0
+while True:
+    model_io.save(model, out / "teacher.keras", meta)
+    write_json(out / "teacher.json.metrics", {**metrics, "n": n})
+    n += 1
+    print(n, flush=True)
+"""
+
+
+def test_sigkill_during_saves_leaves_complete_files(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "save_loop.py"
+    script.write_text(_SAVE_LOOP)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(3):  # three complete rounds of saves, then a kill at any moment
+            assert proc.stdout.readline(), "the save loop died"
+        time.sleep(0.137)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    model, meta = model_io.load(tmp_path / "teacher.keras")
+    assert model.outputs[0].shape[-1] == 10 and meta.num_classes == 10
+    assert json.loads((tmp_path / "teacher.json.metrics").read_text())["n"] >= 2
+    leftovers = [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert len(leftovers) <= 2  # at most the temporaries being written when it died

@@ -169,8 +169,39 @@ def build_merged(
     """
     _guard(out_dir, train_dir, unlabeled_dir)
     check_rows(accepted, unlabeled_dir, class_names, link_roots)
+    # Built in a sibling folder and swapped in only once complete (manifest included): a run
+    # that fails or is killed half-way leaves the previous merged folder whole.
+    building = out_dir.with_name(f".{out_dir.name}.building")
+    if building.exists():
+        shutil.rmtree(building)  # a killed run's leftovers
+    try:
+        counts = _build(train_dir, unlabeled_dir, accepted, building, class_names)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    _swap(building, out_dir)
+    return counts
+
+
+def _swap(new: Path, out_dir: Path) -> None:
+    """Put the complete folder `new` at `out_dir`; the old one is removed only afterwards."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, old)
+    os.replace(new, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _build(
+    train_dir: Path,
+    unlabeled_dir: Path,
+    accepted: pd.DataFrame,
+    out_dir: Path,
+    class_names: list[str],
+) -> dict[str, dict[str, int]]:
     prob_cols = [c for c in accepted.columns if c.startswith(PROB_PREFIX)]
     no_probs = [float("nan")] * len(prob_cols)
     # src, class folder, file name, source, confidence, probabilities
@@ -199,6 +230,25 @@ def build_merged(
     manifest = pd.DataFrame(rows, columns=["file", "label", "source", "confidence", *prob_cols])
     manifest.to_csv(out_dir / MANIFEST, index=False, float_format="%.6f")
     return counts
+
+
+def check_complete(merged_dir: Path) -> None:
+    """Refuse a merged folder that is not what one merge wrote: no manifest, or image files the
+    manifest does not list (or listed ones missing), e.g. after a hand edit or a killed copy."""
+    manifest = read_manifest(merged_dir)
+    listed = set(manifest["file"])
+    on_disk = {p.relative_to(merged_dir).as_posix() for p in list_images(merged_dir)}
+    extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)
+    if extra or missing:
+        what = "; ".join(
+            f"{len(names)} {kind} (e.g. {names[0]})"
+            for names, kind in ((extra, "not in the manifest"), (missing, "listed but missing"))
+            if names
+        )
+        raise PseudoLabelError(
+            f"{merged_dir}: the folder does not match its {MANIFEST} ({what}); re-run the merge "
+            "stage instead of editing the merged folder."
+        )
 
 
 def read_manifest(merged_dir: Path) -> pd.DataFrame:

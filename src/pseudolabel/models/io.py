@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,9 +51,33 @@ def meta_path(model_path: Path) -> Path:
 
 
 def save(model: keras.Model, path: Path, meta: ModelMeta) -> None:
+    """Model and metadata, each written to a temporary name in the same folder and renamed into
+    place (os.replace): a run killed while saving leaves the previous complete file, never a
+    truncated one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
-    meta_path(path).write_text(json.dumps(asdict(meta), indent=2) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # Keras checks suffix
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_text_atomic(meta_path(path), json.dumps(asdict(meta), indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, flushed to disk, then rename it over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_meta(path: Path) -> ModelMeta | None:

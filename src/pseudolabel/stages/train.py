@@ -279,6 +279,7 @@ def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
 
 def train_student(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """The larger, noised student on the merged set, tagged with the pseudo-label set it used."""
+    merging.check_complete(paths.merged)  # a merge's complete output, nothing more or less
     teacher_meta = model_io.read_meta(paths.model("teacher"))
     merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
     # Lineage (see tracking.lineage): the same tags whether dvc repro, a sweep job or a DVC
