@@ -393,3 +393,36 @@ def test_sigkill_during_saves_leaves_complete_files(tmp_path):
     assert json.loads((tmp_path / "teacher.json.metrics").read_text())["n"] >= 2
     leftovers = [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
     assert len(leftovers) <= 2  # at most the temporaries being written when it died
+
+
+# --- 5. decompression bombs are reported from their header, never decoded -------------------
+
+
+def test_images_over_max_pixels_are_reported_not_decoded(user_folders, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from pseudolabel.stages import ingest
+
+    user, _ = user_folders
+    unl = user / "unlabeled"
+    for name, size in (("warns.png", (120, 100)), ("bomb.png", (400, 300))):
+        buffer = io.BytesIO()
+        Image.new("L", size).save(buffer, format="PNG")  # zeros: a few hundred bytes
+        (unl / name).write_bytes(buffer.getvalue())
+    limit = Image.MAX_IMAGE_PIXELS
+    paths = Paths(tmp_path / "project")
+    # 12,000 pixels: over the limit (PIL warns); 120,000: over twice it (PIL raises).
+    summary = ingest(_folder_cfg(user, "data.max_pixels=10000"), paths)
+    report = _report(paths)
+    assert report[str(unl / "warns.png")][0] == "too_many_pixels"
+    assert report[str(unl / "bomb.png")][0] == "too_many_pixels"
+    assert "10000" in report[str(unl / "warns.png")][1]
+    assert summary["unlabeled"] == 40
+    assert limit == Image.MAX_IMAGE_PIXELS  # PIL's global limit restored
+    # The default (conf/data/folder.yaml, equal to the dataclass) lets them through.
+    from pseudolabel.config import DataConfig
+
+    assert _folder_cfg(user).data.max_pixels == DataConfig.max_pixels == 40_000_000
+    assert ingest(_folder_cfg(user), Paths(tmp_path / "default"))["unlabeled"] == 42

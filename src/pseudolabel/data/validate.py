@@ -191,9 +191,33 @@ def where_problem(path: Path, root: Path) -> FileCheck | None:
     return _outside(path, root)
 
 
-def check_file(path: Path, root: Path, channels: int, perceptual: bool = False) -> FileCheck:
+def too_many_pixels(raw: bytes, max_pixels: int | None) -> str | None:
+    """A detail when the image's header declares more than `max_pixels` pixels, read by PIL
+    without decoding (a decompression bomb would exhaust memory in TensorFlow's decoder)."""
+    if max_pixels is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"{exc}"[:200]
+    except Exception:  # noqa: BLE001 - PIL cannot read the header: TensorFlow's decode decides
+        return None
+    if width * height > max_pixels:
+        return f"{height}x{width} = {width * height} pixels > data.max_pixels={max_pixels}"
+    return None
+
+
+def check_file(
+    path: Path,
+    root: Path,
+    channels: int,
+    perceptual: bool = False,
+    max_pixels: int | None = None,
+) -> FileCheck:
     """Check one file under `root` (the user folder it belongs to); never raises for bad data.
-    `perceptual`: also compute the perceptual hash (for near-duplicate checks)."""
+    `perceptual`: also compute the perceptual hash (for near-duplicate checks). `max_pixels`:
+    refuse larger images from their header, before anything decodes them."""
     path_str = str(path)
     problem = where_problem(path, root)
     if problem:
@@ -210,6 +234,9 @@ def check_file(path: Path, root: Path, channels: int, perceptual: bool = False) 
     fmt = sniff(raw[:16])
     if fmt is None:
         return FileCheck(**base, reason=_unidentified_reason(raw))
+    bomb = too_many_pixels(raw, max_pixels)
+    if bomb:
+        return FileCheck(**base, reason="too_many_pixels", detail=bomb, fmt=fmt)
     try:
         found = fingerprint(raw, channels, perceptual)
     except tf.errors.OpError as exc:
