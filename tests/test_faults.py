@@ -426,3 +426,43 @@ def test_images_over_max_pixels_are_reported_not_decoded(user_folders, tmp_path)
 
     assert _folder_cfg(user).data.max_pixels == DataConfig.max_pixels == 40_000_000
     assert ingest(_folder_cfg(user), Paths(tmp_path / "default"))["unlabeled"] == 42
+
+
+# --- 6. refused up front: an unreachable tracking server, a negative seed ---------------------
+
+
+def test_unreachable_tracking_server_fails_before_any_work(merge_project):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    paths = merge_project
+    before = _digest(paths.merged)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "merge"],
+        cwd=paths.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot be reached" in errors[0]
+    assert time.monotonic() - start < 60
+    assert _digest(paths.merged) == before
+    assert not (paths.outputs / "selection").exists()
+
+
+def test_negative_seed_is_refused_at_validation():
+    from pseudolabel.config import compose
+
+    with pytest.raises(PseudoLabelError, match="seed=-1 is invalid"):
+        compose(["seed=-1"])

@@ -278,6 +278,8 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
         raise PseudoLabelError(f"{origin}: {key}={value!r} is invalid: {why}.")
 
     check_threshold(cfg.pseudo_label.threshold, f"{origin}: pseudo_label.threshold")
+    if not 0 <= cfg.seed < 2**32:  # numpy's generators refuse anything else, mid-run
+        fail("seed", cfg.seed, "use a whole number from 0 to 4294967295")
     if cfg.teacher.input_scale not in INPUT_SCALES:
         fail(
             "teacher.input_scale", cfg.teacher.input_scale, f"use one of {', '.join(INPUT_SCALES)}"
