@@ -301,10 +301,11 @@ def _foreign(inputs, x):
     return keras.Model(inputs, outputs)
 
 
-def _project_vs_own(paths, digits_data, own_predict, scale):
+def _project_vs_own(paths, digits_data, own_predict, scale, **trust):
     """Predictions of the imported teacher on the pipeline's raw pixels vs the foreign model's
-    own on correctly scaled pixels (decoded independently with PIL)."""
-    model, meta = model_io.load(paths.model("teacher"))
+    own on correctly scaled pixels (decoded independently with PIL). `trust`: what the user's
+    config allows (model_io.load's allow_unsafe / trusted_saved_model)."""
+    model, meta = model_io.load(paths.model("teacher"), **trust)
     files, _ = labelled_files(digits_data.val, meta.class_names)
     files = files[:6]
     _, raw = next(iter(path_image_dataset(files, meta.image_size, meta.channels, 6)))
@@ -360,9 +361,15 @@ def test_saved_model_folder_import(tmp_path, digits_data, tracking_uri):
         train_teacher(_cfg(f"teacher.path={folder}"), paths)  # a graph: nothing to detect
     train_teacher(_cfg(f"teacher.path={folder}", "teacher.input_scale=-1-1"), paths)
     meta = _project_vs_own(
-        paths, digits_data, lambda x: foreign.predict(x, verbose=0), lambda x: x / 127.5 - 1.0
+        paths,
+        digits_data,
+        lambda x: foreign.predict(x, verbose=0),
+        lambda x: x / 127.5 - 1.0,
+        trusted_saved_model=folder,  # the stages pass teacher.path (stages.common.teacher_trust)
     )
     assert meta.safe_mode is False  # the saved teacher wraps the folder (TFSMLayer)
+    with pytest.raises(PseudoLabelError, match="allow_unsafe"):  # not any other folder
+        model_io.load(paths.model("teacher"), trusted_saved_model=tmp_path)
 
 
 def test_lambda_layer_needs_explicit_opt_in(tmp_path, digits_data, tracking_uri):
@@ -379,7 +386,11 @@ def test_lambda_layer_needs_explicit_opt_in(tmp_path, digits_data, tracking_uri)
     train_teacher(cfg, paths)
     meta = json.loads(model_io.meta_path(paths.model("teacher")).read_text())
     assert meta["safe_mode"] is False  # the labeller may load it again, as the user allowed
-    _project_vs_own(paths, digits_data, lambda x: foreign.predict(x, verbose=0), lambda x: x)
+    _project_vs_own(
+        paths, digits_data, lambda x: foreign.predict(x, verbose=0), lambda x: x, allow_unsafe=True
+    )
+    with pytest.raises(PseudoLabelError, match="allow_unsafe"):  # the metadata alone: refused
+        model_io.load(paths.model("teacher"))
 
 
 def test_teacher_class_names_from_config_give_the_output_order(tmp_path, digits_data):

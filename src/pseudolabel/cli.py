@@ -61,6 +61,15 @@ def _print_lineage(run_id: str, params: str) -> int:
     return 0
 
 
+def _check_tracking_server(cfg) -> None:
+    """An http(s) tracking server that does not answer fails the stage in seconds, before any
+    work (a local sqlite/file store is checked when the stage opens it)."""
+    from pseudolabel import tracking
+
+    if tracking.tracking_uri(cfg).startswith(tracking.HTTP):
+        tracking.check_reachable(cfg, timeout=5)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         from pseudolabel.stages import STAGES
 
         cfg = load_params(args.params)
+        _check_tracking_server(cfg)
         if args.command == "round":
             from pseudolabel.stages import run_round
 

@@ -73,6 +73,7 @@ class DataConfig:
     test_fraction: float = 0.15
     link: str = "copy"  # how the view holds usable files: copy, hardlink or symlink
     min_size: int = 16  # pixels; smaller images are reported and left out
+    max_pixels: int = 40_000_000  # height x width; larger ones (decompression bombs) reported
     near_duplicates: bool = False  # also exclude unlabelled near-copies of val/test (dHash)
     near_duplicate_distance: int = 4  # max differing bits of the 64-bit perceptual hash
     workers: int | None = None  # checking threads; None: all cores
@@ -316,6 +317,8 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
         raise PseudoLabelError(f"{origin}: {key}={value!r} is invalid: {why}.")
 
     check_threshold(cfg.pseudo_label.threshold, f"{origin}: pseudo_label.threshold")
+    if not 0 <= cfg.seed < 2**32:  # numpy's generators refuse anything else, mid-run
+        fail("seed", cfg.seed, "use a whole number from 0 to 4294967295")
     if cfg.teacher.input_scale not in INPUT_SCALES:
         fail(
             "teacher.input_scale", cfg.teacher.input_scale, f"use one of {', '.join(INPUT_SCALES)}"
@@ -459,6 +462,8 @@ def _check_folder_keys(data: DictConfig, fail) -> None:
             fail(f"data.{key}", data[key], "use a share in (0, 0.5)")
     if data.min_size < 1:
         fail("data.min_size", data.min_size, "must be >= 1 pixel")
+    if data.max_pixels < 1:
+        fail("data.max_pixels", data.max_pixels, "must be >= 1 pixel (height x width)")
     if not 0 <= data.near_duplicate_distance < 64:
         fail("data.near_duplicate_distance", data.near_duplicate_distance, "use 0..63 bits")
     if data.workers is not None and data.workers < 1:

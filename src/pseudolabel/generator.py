@@ -68,7 +68,9 @@ class PseudoLabelGenerator:
                         f"class_names {self.class_names} differ from {self.model_path}'s "
                         f"metadata {meta.class_names}."
                     )
-                self._model = model_io.load(self.model_path, meta)
+                # allow_unsafe is the user's option alone; the metadata's safe_mode never
+                # overrides it (the sidecar is as untrusted as the model).
+                self._model = model_io.load(self.model_path, meta, self.allow_unsafe)
             else:
                 names = self.class_names or class_names_from(self.train_data_path)
                 foreign = model_io.load_foreign(self.model_path, self.allow_unsafe)

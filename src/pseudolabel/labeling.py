@@ -225,14 +225,53 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _lines(mask: np.ndarray, limit: int = 5) -> str:
+    """The CSV line numbers (header = line 1) of the rows where `mask` holds, the first few."""
+    rows = np.flatnonzero(mask)
+    shown = ", ".join(str(r + 2) for r in rows[:limit])
+    return (
+        f"line {shown}"
+        if len(rows) == 1
+        else f"lines {shown}" + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
+    )
+
+
 def read_csv(path: Path) -> pd.DataFrame:
-    """The pseudo-label CSV; an error says which required column is missing."""
-    frame = pd.read_csv(path, dtype={"path": str, "label": str})
+    """The pseudo-label CSV, validated: every problem is one PseudoLabelError naming the column
+    and the lines, raised before a caller deletes or writes anything. Refused: an empty file,
+    a header without rows, a missing column, an empty path or label, and a confidence or
+    prob_<class> value that is not a number in [0, 1] (text, NaN, inf, out of range)."""
+    fix = "re-run the pseudo_label stage (or restore the file)."
+    try:
+        frame = pd.read_csv(path, dtype={"path": str, "label": str})
+    except pd.errors.EmptyDataError:
+        raise PseudoLabelError(f"{path}: empty file (0 bytes, no header); {fix}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise PseudoLabelError(f"{path}: not a readable CSV ({exc}); {fix}") from None
     missing = [c for c in ("path", "label", "confidence") if c not in frame.columns]
     if missing:
-        raise PseudoLabelError(
-            f"{path}: column(s) {', '.join(missing)} missing; re-run the pseudo_label stage."
+        raise PseudoLabelError(f"{path}: column(s) {', '.join(missing)} missing; {fix}")
+    if frame.empty:
+        raise PseudoLabelError(f"{path}: a header but no rows (no pseudo-label); {fix}")
+    for column in ("path", "label"):
+        blank = frame[column].isna().to_numpy() | (frame[column].str.strip() == "").to_numpy()
+        if blank.any():
+            raise PseudoLabelError(f"{path}: empty {column} on {_lines(blank)}; {fix}")
+    for column in ["confidence", *(c for c in frame.columns if c.startswith(PROB_PREFIX))]:
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+        text = np.isnan(values) & frame[column].notna().to_numpy()
+        problems = (
+            (text, "a value that is not a number"),
+            (np.isnan(values) & ~text, "an empty or NaN value"),
+            (np.isinf(values), "an infinite value"),
+            (np.isfinite(values) & ((values < 0) | (values > 1)), "a value outside [0, 1]"),
         )
+        for mask, what in problems:
+            if mask.any():
+                raise PseudoLabelError(
+                    f"{path}: column {column} has {what} on {_lines(mask)}; {fix}"
+                )
+        frame[column] = values
     return frame
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,23 +91,39 @@ def qa_examples(
     return low, high, (int(taken.sum()), int((~taken).sum()))
 
 
-def check_rows(accepted: pd.DataFrame, unlabeled_dir: Path, class_names: list[str]) -> None:
-    """Refuse a CSV that names an unknown class or a file outside the unlabelled folder."""
+def check_rows(
+    accepted: pd.DataFrame,
+    unlabeled_dir: Path,
+    class_names: list[str],
+    link_roots: Sequence[Path] = (),
+) -> None:
+    """Refuse a CSV that names an unknown class or a file outside the unlabelled folder, also
+    through a symbolic link: a row's file must resolve inside the unlabelled folder or inside
+    one of `link_roots` (the user's folder the view links to, with `data.link: symlink`)."""
     unknown = sorted(set(accepted["label"]) - set(class_names))
     if unknown:
         raise PseudoLabelError(
             f"pseudo-label CSV names unknown class(es) {', '.join(map(str, unknown))}; valid: "
             f"{', '.join(class_names)}. Re-run the pseudo_label stage."
         )
-    # Lexical paths, not resolved: with `data.link: symlink` the view's files are links to the
-    # user's folder (ingest checked where they point).
+    # Lexical paths first (a `..` in the CSV), then where each file really is: inside the
+    # folder, or where `data.link: symlink` links point (ingest checked those).
     root = Path(os.path.abspath(unlabeled_dir))
+    allowed = [root.resolve(), *(Path(r).resolve() for r in link_roots)]
     for rel in accepted["path"]:
         source = Path(os.path.normpath(root / rel))
         if not source.is_relative_to(root) or not source.is_file():
             raise PseudoLabelError(
                 f"pseudo-label CSV row {rel!r} is not a file inside {unlabeled_dir}; "
                 "re-run the pseudo_label stage."
+            )
+        target = source.resolve()
+        if not any(target.is_relative_to(a) for a in allowed):
+            raise PseudoLabelError(
+                f"{source}: a symbolic link to {target}, outside {unlabeled_dir}"
+                f"{' and ' + ', '.join(map(str, link_roots)) if link_roots else ''} "
+                "(symlink_outside); nothing was copied. Remove the link or put the file itself "
+                "in the unlabelled folder."
             )
 
 
@@ -141,6 +157,7 @@ def build_merged(
     accepted: pd.DataFrame,
     out_dir: Path,
     class_names: list[str],
+    link_roots: Sequence[Path] = (),
 ) -> dict[str, dict[str, int]]:
     """Copy the labelled train images and the accepted unlabelled ones into `out_dir/<class>/`.
 
@@ -151,9 +168,40 @@ def build_merged(
     counts.
     """
     _guard(out_dir, train_dir, unlabeled_dir)
-    check_rows(accepted, unlabeled_dir, class_names)
+    check_rows(accepted, unlabeled_dir, class_names, link_roots)
+    # Built in a sibling folder and swapped in only once complete (manifest included): a run
+    # that fails or is killed half-way leaves the previous merged folder whole.
+    building = out_dir.with_name(f".{out_dir.name}.building")
+    if building.exists():
+        shutil.rmtree(building)  # a killed run's leftovers
+    try:
+        counts = _build(train_dir, unlabeled_dir, accepted, building, class_names)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    _swap(building, out_dir)
+    return counts
+
+
+def _swap(new: Path, out_dir: Path) -> None:
+    """Put the complete folder `new` at `out_dir`; the old one is removed only afterwards."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, old)
+    os.replace(new, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _build(
+    train_dir: Path,
+    unlabeled_dir: Path,
+    accepted: pd.DataFrame,
+    out_dir: Path,
+    class_names: list[str],
+) -> dict[str, dict[str, int]]:
     prob_cols = [c for c in accepted.columns if c.startswith(PROB_PREFIX)]
     no_probs = [float("nan")] * len(prob_cols)
     # src, class folder, file name, source, confidence, probabilities
@@ -182,6 +230,25 @@ def build_merged(
     manifest = pd.DataFrame(rows, columns=["file", "label", "source", "confidence", *prob_cols])
     manifest.to_csv(out_dir / MANIFEST, index=False, float_format="%.6f")
     return counts
+
+
+def check_complete(merged_dir: Path) -> None:
+    """Refuse a merged folder that is not what one merge wrote: no manifest, or image files the
+    manifest does not list (or listed ones missing), e.g. after a hand edit or a killed copy."""
+    manifest = read_manifest(merged_dir)
+    listed = set(manifest["file"])
+    on_disk = {p.relative_to(merged_dir).as_posix() for p in list_images(merged_dir)}
+    extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)
+    if extra or missing:
+        what = "; ".join(
+            f"{len(names)} {kind} (e.g. {names[0]})"
+            for names, kind in ((extra, "not in the manifest"), (missing, "listed but missing"))
+            if names
+        )
+        raise PseudoLabelError(
+            f"{merged_dir}: the folder does not match its {MANIFEST} ({what}); re-run the merge "
+            "stage instead of editing the merged folder."
+        )
 
 
 def read_manifest(merged_dir: Path) -> pd.DataFrame:

@@ -63,12 +63,16 @@ def configure(cfg) -> None:
     mlflow.set_experiment(name)
 
 
-def check_reachable(cfg) -> None:
-    """Open the tracking store once; raise PseudoLabelError at once if it cannot be used."""
+HTTP = ("http://", "https://")
+
+
+def check_reachable(cfg, timeout: float = 10) -> None:
+    """Open the tracking store once; raise PseudoLabelError at once if it cannot be used
+    (MLflow's own client retries an unreachable server for minutes)."""
     uri = tracking_uri(cfg)
     try:
-        if uri.startswith(("http://", "https://")):
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        if uri.startswith(HTTP):
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         configure(cfg)
         mlflow.search_experiments(max_results=1)
     except Exception as exc:  # sqlalchemy, urllib and MLflow raise many types

@@ -25,6 +25,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from pseudolabel.data import validate
@@ -68,6 +69,11 @@ def _class_folders(folder: Path) -> list[str]:
 def check_class_name(folder: Path) -> None:
     """A class name becomes a folder and a CSV label: it must be valid on every file system."""
     name = folder.name
+    if not validate.utf8_name(name):
+        raise PseudoLabelError(
+            f"{validate.printable(folder)}: the class folder's name is not valid UTF-8, so it "
+            "cannot be a label in the CSV. Rename the folder (e.g. to plain ASCII)."
+        )
     if (
         _BAD_NAME.search(name)
         or name != name.strip()
@@ -176,6 +182,8 @@ class CheckCache:
         )
 
     def get(self, path: Path) -> FileCheck | None:
+        if not validate.utf8_name(path):
+            return None  # SQLite text cannot hold it; check_file reports it
         if path.is_symlink():
             return None  # where a link points is not in its size/mtime: always re-check
         try:
@@ -201,7 +209,8 @@ class CheckCache:
         rows = [
             (c.path, self.channels, *(getattr(c, k) for k in _COLUMNS))
             for c in checks
-            if c.reason not in ("unreadable", "symlink_outside")
+            # ...nor results that depend on settings outside the key (data.max_pixels).
+            if c.reason not in ("unreadable", "symlink_outside", "bad_name", "too_many_pixels")
         ]
         self.db.executemany(
             f"INSERT OR REPLACE INTO checks_v1 VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
@@ -214,17 +223,26 @@ class CheckCache:
 
 
 def check_all(
-    files: Iterable[Path], root: Path, cache: CheckCache, pool: ThreadPoolExecutor, desc: str
+    files: Iterable[Path],
+    root: Path,
+    cache: CheckCache,
+    pool: ThreadPoolExecutor,
+    desc: str,
+    max_pixels: int | None = None,
 ) -> Iterator[FileCheck]:
     """Check results in file order, `CHUNK` files at a time on the pool, cached ones skipped."""
 
     def check(batch: list[Path]) -> list[FileCheck]:
-        return [validate.check_file(p, root, cache.channels, cache.perceptual) for p in batch]
+        return [
+            validate.check_file(p, root, cache.channels, cache.perceptual, max_pixels)
+            for p in batch
+        ]
 
     files = iter(files)
     with tqdm(desc=desc, unit="file", mininterval=2) as bar:
         while chunk := list(islice(files, CHUNK)):
-            cached = {p: cache.get(p) for p in chunk}
+            # A bad name or a link out of the root first (never cached), then the cache.
+            cached = {p: validate.where_problem(p, root) or cache.get(p) for p in chunk}
             todo = [p for p, c in cached.items() if c is None]
             # Tasks of BATCH files: one task per file spends its time on the pool's locks.
             batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
@@ -250,7 +268,7 @@ class Report:
         self.counts: Counter = Counter()
 
     def add(self, path: str, part: str, reason: str, detail: str = "") -> None:
-        self.writer.writerow([path, part, reason, detail])
+        self.writer.writerow([validate.printable(path), part, reason, validate.printable(detail)])
         self.counts[reason] += 1
 
     def close(self) -> None:
@@ -288,9 +306,11 @@ def guard_overlap(user_roots: Iterable[Path], view_roots: Iterable[Path]) -> Non
                 )
 
 
-def _usable(check: FileCheck, min_size: int) -> str | None:
-    if check.reason is None and min(check.height, check.width) < min_size:
+def _usable(check: FileCheck, data) -> str | None:
+    if check.reason is None and min(check.height, check.width) < data.min_size:
         return "too_small"
+    if check.reason is None and check.height * check.width > data.max_pixels:
+        return "too_many_pixels"  # cached before data.max_pixels was lowered
     return check.reason
 
 
@@ -308,14 +328,14 @@ class _Ingest:
     def checked(self, files: Iterable[Path], root: Path, part: str) -> Iterator[FileCheck]:
         """Usable files only; the rest go to the report."""
         desc = f"ingest: checking {part}"
-        for check in check_all(files, root, self.cache, self.pool, desc):
-            reason = _usable(check, self.data.min_size)
+        limit = self.data.max_pixels
+        for check in check_all(files, root, self.cache, self.pool, desc, limit):
+            reason = _usable(check, self.data)
             if reason:
-                detail = check.detail or (
-                    f"{check.height}x{check.width} < {self.data.min_size}"
-                    if reason == "too_small"
-                    else ""
-                )
+                detail = check.detail or {
+                    "too_small": f"{check.height}x{check.width} < {self.data.min_size}",
+                    "too_many_pixels": f"{check.height}x{check.width} > {limit} pixels",
+                }.get(reason, "")
                 self.report.add(check.path, part, reason, detail)
             else:
                 yield check
@@ -419,6 +439,9 @@ def ingest_folder(
     cache = CheckCache(cache_path, data.channels, data.near_duplicates)
     report = Report(report_path)
     workers = data.workers or os.cpu_count() or 1
+    # PIL's own bomb guard at the same limit (it warns above it, raises above twice it);
+    # validate.too_many_pixels turns both into a report reason. Restored afterwards.
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, data.max_pixels
     try:
         with ThreadPoolExecutor(workers) as pool:
             run = _Ingest(data, cache, report, pool)
@@ -432,6 +455,7 @@ def ingest_folder(
             run.write_labelled({p: kept[p] for p in PARTS}, labeled_view)
             run.write_unlabelled(unlabeled_root, unlabeled_view)
     finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
         report.close()
         cache.close()
     run.outcome.reasons = report.counts

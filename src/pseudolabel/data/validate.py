@@ -27,7 +27,10 @@ REASONS = {
     "unsupported_format": "an image format TensorFlow does not decode (use JPEG/PNG/BMP/GIF/WebP)",
     "corrupt": "truncated or corrupt image that TensorFlow cannot decode",
     "too_small": "smaller than data.min_size",
-    "symlink_outside": "symbolic link pointing outside its folder",
+    "symlink_outside": "symbolic link (or a file inside a linked folder) pointing outside its "
+    "folder",
+    "bad_name": "file name is not valid UTF-8 (rename it: it could not be written to a CSV)",
+    "too_many_pixels": "more pixels than data.max_pixels (a possible decompression bomb)",
     "unreadable": "cannot be read (permissions, broken or looping link)",
     "leak_duplicate": "unlabelled copy of a val/test image (excluded: it would leak the test set)",
     "leak_near_duplicate": "unlabelled near-copy of a val/test image (excluded: leak)",
@@ -149,14 +152,76 @@ def _symlink_problem(path: Path, root: Path) -> FileCheck | None:
     return None
 
 
-def check_file(path: Path, root: Path, channels: int, perceptual: bool = False) -> FileCheck:
-    """Check one file under `root` (the user folder it belongs to); never raises for bad data.
-    `perceptual`: also compute the perceptual hash (for near-duplicate checks)."""
-    path_str = str(path)
+def utf8_name(path: Path | str) -> bool:
+    """False for a name that was not valid UTF-8 on disk (Python keeps its bytes as surrogate
+    escapes, which no UTF-8 CSV, SQLite text or later stage can hold)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: Path | str) -> str:
+    """A path as text any UTF-8 file can hold: undecodable bytes shown as \\xNN."""
+    raw = os.fsencode(str(path))
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def _outside(path: Path, root: Path) -> FileCheck | None:
+    """A file that resolves outside `root` through any linked folder on the way (a link to a
+    class folder elsewhere, say), not only a link of its own."""
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None  # the open below reports it
+    if not target.is_relative_to(root.resolve()):
+        return FileCheck(str(path), reason="symlink_outside", detail=f"-> {target}")
+    return None
+
+
+def where_problem(path: Path, root: Path) -> FileCheck | None:
+    """What is wrong with a file's name or location, before its bytes are read: a name that is
+    not UTF-8, or a link (its own, or a linked folder on the way) out of `root`. Never cached:
+    the file's size and mtime do not change when a link does."""
+    if not utf8_name(path):
+        return FileCheck(str(path), reason="bad_name", detail=printable(path))
     if path.is_symlink():
-        problem = _symlink_problem(path, root)
-        if problem:
-            return problem
+        return _symlink_problem(path, root)
+    return _outside(path, root)
+
+
+def too_many_pixels(raw: bytes, max_pixels: int | None) -> str | None:
+    """A detail when the image's header declares more than `max_pixels` pixels, read by PIL
+    without decoding (a decompression bomb would exhaust memory in TensorFlow's decoder)."""
+    if max_pixels is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"{exc}"[:200]
+    except Exception:  # noqa: BLE001 - PIL cannot read the header: TensorFlow's decode decides
+        return None
+    if width * height > max_pixels:
+        return f"{height}x{width} = {width * height} pixels > data.max_pixels={max_pixels}"
+    return None
+
+
+def check_file(
+    path: Path,
+    root: Path,
+    channels: int,
+    perceptual: bool = False,
+    max_pixels: int | None = None,
+) -> FileCheck:
+    """Check one file under `root` (the user folder it belongs to); never raises for bad data.
+    `perceptual`: also compute the perceptual hash (for near-duplicate checks). `max_pixels`:
+    refuse larger images from their header, before anything decodes them."""
+    path_str = str(path)
+    problem = where_problem(path, root)
+    if problem:
+        return problem
     try:
         stat = path.stat()
         with open(path, "rb") as f:
@@ -169,6 +234,9 @@ def check_file(path: Path, root: Path, channels: int, perceptual: bool = False) 
     fmt = sniff(raw[:16])
     if fmt is None:
         return FileCheck(**base, reason=_unidentified_reason(raw))
+    bomb = too_many_pixels(raw, max_pixels)
+    if bomb:
+        return FileCheck(**base, reason="too_many_pixels", detail=bomb, fmt=fmt)
     try:
         found = fingerprint(raw, channels, perceptual)
     except tf.errors.OpError as exc:

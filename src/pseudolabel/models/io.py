@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,8 +36,9 @@ class ModelMeta:
     run_id: str | None = None
     extra: dict = field(default_factory=dict)
     # False only for a teacher the user imported with Lambda layers (teacher.allow_unsafe) or
-    # from a SavedModel folder (a keras.layers.TFSMLayer pointing at it): loading it again
-    # trusts the file as the user did when importing it.
+    # from a SavedModel folder (a keras.layers.TFSMLayer pointing at it). Informational only:
+    # a file beside the model can say anything, so loading it again needs the caller's own
+    # allow_unsafe (teacher.allow_unsafe, PseudoLabelGenerator(allow_unsafe=True)) as well.
     safe_mode: bool = True
 
     @property
@@ -49,20 +51,60 @@ def meta_path(model_path: Path) -> Path:
 
 
 def save(model: keras.Model, path: Path, meta: ModelMeta) -> None:
+    """Model and metadata, each written to a temporary name in the same folder and renamed into
+    place (os.replace): a run killed while saving leaves the previous complete file, never a
+    truncated one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
-    meta_path(path).write_text(json.dumps(asdict(meta), indent=2) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # Keras checks suffix
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_text_atomic(meta_path(path), json.dumps(asdict(meta), indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, flushed to disk, then rename it over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_meta(path: Path) -> ModelMeta | None:
     mpath = meta_path(path)
     if not mpath.is_file():
         return None
-    return ModelMeta(**json.loads(mpath.read_text(encoding="utf-8")))
+    try:
+        return ModelMeta(**json.loads(mpath.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:  # not JSON, or not our fields
+        raise PseudoLabelError(
+            f"{mpath}: not a model metadata file ({type(exc).__name__}: {exc}); re-save the "
+            "model with this project (train_teacher) or remove the file."
+        ) from None
 
 
-def load(path: Path, meta: ModelMeta | None = None) -> tuple[keras.Model, ModelMeta]:
-    """Load a model saved by `save` and its metadata, checking they agree."""
+def load(
+    path: Path,
+    meta: ModelMeta | None = None,
+    allow_unsafe: bool = False,
+    trusted_saved_model: Path | None = None,
+) -> tuple[keras.Model, ModelMeta]:
+    """Load a model saved by `save` and its metadata, checking they agree.
+
+    Keras safe mode stays on unless the caller passes `allow_unsafe` (the user's own option):
+    the metadata's `safe_mode` never turns it off, since a sidecar file is as untrusted as the
+    model beside it. `trusted_saved_model`: the SavedModel folder the user configured as the
+    teacher (teacher.path); a model whose only unsafe layers wrap that folder loads too."""
     _require(Path(path))
     meta = meta or read_meta(path)
     if meta is None:
@@ -70,9 +112,39 @@ def load(path: Path, meta: ModelMeta | None = None) -> tuple[keras.Model, ModelM
             f"{path}: no metadata file {meta_path(path).name} beside the model; pass class names "
             "and image size explicitly."
         )
-    model = load_foreign(path, allow_unsafe=not meta.safe_mode)
+    if not meta.safe_mode and not allow_unsafe:
+        log.info("%s: its metadata says safe_mode false; loading in safe mode anyway", path)
+    if not allow_unsafe and trusted_saved_model is not None:
+        allow_unsafe = _wraps_only(Path(path), Path(trusted_saved_model))
+    model = load_foreign(path, allow_unsafe=allow_unsafe)
     check_output_size(model, meta.num_classes, str(path))
     return model, meta
+
+
+def _wraps_only(path: Path, saved_model: Path) -> bool:
+    """True when the `.keras` file's only unsafe layers are TFSMLayers over `saved_model` (read
+    from its config, nothing deserialized): no Lambda layer, no serialized Python function."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    folders, stack = [], [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            name = node.get("class_name")
+            if name in ("Lambda", "__lambda__") or "__lambda__" in node:
+                return False
+            if name == "TFSMLayer":
+                folders.append(str(node.get("config", {}).get("filepath", "")))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    target = saved_model.resolve()
+    return bool(folders) and all(Path(f).resolve() == target for f in folders)
 
 
 def check_output_size(model: keras.Model, num_classes: int, where: str) -> None:

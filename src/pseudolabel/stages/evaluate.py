@@ -12,7 +12,7 @@ from pseudolabel import plots, tracking
 from pseudolabel.evaluation import evaluate as evaluate_model
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import write_json
+from pseudolabel.stages.common import teacher_trust, write_json
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     models |= {f"round{r}": paths.round(r).model("student") for r in range(1, n + 1)}
     results, run_ids = {}, {}
     for name, path in models.items():
-        model, meta = model_io.load(path)
+        model, meta = model_io.load(path, **teacher_trust(cfg))
         results[name], run_ids[name] = evaluate_model(model, meta, paths.test), meta.run_id
         names = meta.class_names
     results["student"], run_ids["student"] = results[f"round{n}"], run_ids[f"round{n}"]

@@ -20,7 +20,7 @@ from pseudolabel import calibration, labeling, plots, thresholds, tracking
 from pseudolabel.data.images import labelled_dataset, labelled_files, require_images
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import write_json
+from pseudolabel.stages.common import teacher_trust, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """Teacher predictions for every unlabelled image -> outputs/data.csv (no threshold)."""
     pl = cfg.pseudo_label
     require_images(paths.unlabeled, "unlabelled")
-    model, meta = model_io.load(paths.model("teacher"))
+    model, meta = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
     if pl.tta:
         model = labeling.with_flip_tta(model)
     val_raw, val_true = _val_probabilities(model, meta, paths, pl.batch_size)

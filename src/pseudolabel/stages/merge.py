@@ -68,7 +68,13 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         )
     class_names = meta.class_names
     predictions = labeling.read_csv(paths.csv)
-    merging.check_rows(predictions, paths.unlabeled, class_names)  # before writing anything
+    # With `data.link: symlink` the view's files are links into the user's folder.
+    link_roots = (
+        [Path(cfg.data.unlabeled_root)]
+        if cfg.data.source == "folder" and cfg.data.link == "symlink"
+        else []
+    )
+    merging.check_rows(predictions, paths.unlabeled, class_names, link_roots)  # before writing
     table = pd.read_csv(analysis_csv(paths)) if analysis_csv(paths).is_file() else None
     recommended = thresholds.recommend(table, pl.target_precision) if table is not None else None
     per_class = None
@@ -80,7 +86,9 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     accepted = merging.choose(
         predictions, pl.selection, class_names, threshold, per_class, pl.top_k, pl.duplicate
     )
-    counts = merging.build_merged(paths.train, paths.unlabeled, accepted, paths.merged, class_names)
+    counts = merging.build_merged(
+        paths.train, paths.unlabeled, accepted, paths.merged, class_names, link_roots
+    )
     out = paths.outputs / "selection"
     figures = {
         "confidence.png": plots.confidence_overview(predictions, threshold),

@@ -27,7 +27,7 @@ from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import augmentation_layers, build_model
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import labelled_classes, write_json
+from pseudolabel.stages.common import labelled_classes, teacher_trust, write_json
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _train(
         if role_cfg.train.steps_per_epoch and not endless:
             train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
     if role == "student" and role_cfg.init_from_teacher:
-        teacher, _ = model_io.load(paths.model("teacher"))
+        teacher, _ = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
         copied = training.init_from(classifier, teacher)
         log.info("%s: %d leading layers initialised from the teacher", name, copied)
         if not copied:
@@ -414,6 +414,7 @@ def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict
     """The larger, noised student on the merged set (and, with student.consistency, every
     unlabelled image), tagged with the pseudo-label set it used. `truth` and `callbacks` are for
     benchmarks: the unlabelled images' true classes, extra Keras callbacks."""
+    merging.check_complete(paths.merged)  # a merge's complete output, nothing more or less
     teacher_meta = model_io.read_meta(paths.model("teacher"))
     merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
     # Lineage (see tracking.lineage): the same tags whether dvc repro, a sweep job or a DVC

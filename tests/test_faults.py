@@ -1,0 +1,468 @@
+"""Issue 16, "nothing lost, nothing run that should not run": one test per failure mode.
+
+Each builds a small digits-sized project, breaks one thing on purpose and checks the tool
+refuses with one clear line (or reports the file) before it deletes or writes anything.
+docs/failure-modes.md lists every case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import keras
+import pytest
+
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.models import io as model_io
+from pseudolabel.paths import Paths
+
+CLASSES = [f"digit_{i}" for i in range(10)]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (links not followed) by relative path -> md5."""
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --- 1. a metadata sidecar never turns Keras safe mode off ----------------------------------
+
+
+def _lambda_teacher(path: Path, marker: Path) -> None:
+    """A digits-shaped model whose Lambda layer writes `marker` when it runs, saved with a
+    sidecar claiming safe_mode false (what an attacker would ship beside it)."""
+    # Built from source text: Keras serialises the lambda's bytecode, not its closure.
+    code = f"lambda x: (__import__('pathlib').Path({str(marker)!r}).write_text('ran'), x)[1]"
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Lambda(eval(code), name="payload")(inputs)  # noqa: S307
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(x))
+    meta = model_io.ModelMeta(CLASSES, [8, 8], 1, safe_mode=False)
+    model_io.save(keras.Model(inputs, outputs), path, meta)
+    marker.unlink()  # building the model ran the lambda once, here in the test
+
+
+def test_sidecar_cannot_turn_safe_mode_off(tmp_path, digits_data, smoke_cfg):
+    from pseudolabel import PseudoLabelGenerator
+    from pseudolabel.config import compose
+    from pseudolabel.stages import pseudo_label, train_teacher
+
+    marker = tmp_path / "pwned"
+    model = tmp_path / "models" / "teacher.keras"
+    _lambda_teacher(model, marker)
+    assert json.loads(model_io.meta_path(model).read_text())["safe_mode"] is False
+
+    # The facade, with its default allow_unsafe=False.
+    gen = PseudoLabelGenerator(model_path=model, unlabeled_path=digits_data.unlabeled)
+    with pytest.raises(PseudoLabelError, match="allow_unsafe"):
+        gen._teacher()
+    assert not marker.exists()
+    # The pipeline: importing it as teacher.path, and labelling with it as models/teacher.keras.
+    paths = Paths(tmp_path, data_root=digits_data.root)
+    imported = compose(["+experiment=smoke", f"teacher.path={model}", "teacher.input_scale=0-255"])
+    with pytest.raises(PseudoLabelError, match="allow_unsafe"):
+        train_teacher(imported, paths)
+    with pytest.raises(PseudoLabelError, match="allow_unsafe"):
+        pseudo_label(smoke_cfg, paths)
+    assert not marker.exists()
+    assert not paths.csv.exists()
+
+    # Only the user's own opt-in loads it (and so runs its code).
+    loaded, meta = PseudoLabelGenerator(model_path=model, allow_unsafe=True)._teacher()
+    assert meta.class_names == CLASSES and loaded.outputs[0].shape[-1] == 10
+    assert marker.exists()
+
+
+# --- 2. a poisoned pseudo-label CSV is refused before data/train_ssl is touched ---------------
+
+
+@pytest.fixture
+def merge_project(tmp_path, digits_data):
+    """A project that has run up to merge once: digits images, the teacher's metadata, a valid
+    outputs/data.csv and the data/train_ssl it gave, and params.yaml for the CLI."""
+    import shutil
+
+    import numpy as np
+
+    from pseudolabel.config import compose_raw, to_yaml
+    from pseudolabel.data.images import list_images
+    from pseudolabel.labeling import to_frame, write_csv
+    from pseudolabel.merging import build_merged
+
+    root = tmp_path / "project"
+    shutil.copytree(digits_data.root / "data", root / "data")
+    paths = Paths(root)
+    model_io.meta_path(paths.model("teacher")).parent.mkdir(parents=True)
+    meta = model_io.ModelMeta(CLASSES, [8, 8], 1)
+    model_io.meta_path(paths.model("teacher")).write_text(json.dumps(meta.__dict__))
+    files = list_images(paths.unlabeled)[:60]
+    probs = np.random.default_rng(0).dirichlet(np.full(10, 0.2), len(files))
+    rel = [str(f.relative_to(paths.unlabeled)) for f in files]
+    write_csv(to_frame(rel, probs, CLASSES), paths.csv)
+    build_merged(
+        paths.train, paths.unlabeled, to_frame(rel, probs, CLASSES)[:30], paths.merged, CLASSES
+    )
+    (root / "params.yaml").write_text(to_yaml(compose_raw(["+experiment=smoke"])))
+    return paths
+
+
+def _poison(csv: Path, how: str) -> None:
+    lines = csv.read_text().splitlines()
+    header = lines[0].split(",")
+    col = {name: i for i, name in enumerate(header)}
+
+    def edit(line_no: int, column: str, value: str) -> None:
+        cells = lines[line_no].split(",")
+        cells[col[column]] = value
+        lines[line_no] = ",".join(cells)
+
+    if how == "zero_bytes":
+        csv.write_bytes(b"")
+        return
+    if how == "header_only":
+        lines = lines[:1]
+    elif how == "text":
+        edit(3, "confidence", "high")
+    elif how == "nan":
+        edit(4, "prob_digit_3", "nan")
+    elif how == "inf":
+        edit(5, "confidence", "inf")
+    elif how == "above_one":
+        edit(6, "prob_digit_7", "1.5")
+    elif how == "negative":
+        edit(7, "confidence", "-0.1")
+    elif how == "empty_path":
+        edit(8, "path", "")
+    csv.write_text("\n".join(lines) + "\n")
+
+
+POISONS = {
+    "zero_bytes": "empty file",
+    "header_only": "no rows",
+    "text": "column confidence has a value that is not a number on line 4",
+    "nan": "column prob_digit_3 has an empty or NaN value on line 5",
+    "inf": "column confidence has an infinite value on line 6",
+    "above_one": r"column prob_digit_7 has a value outside \[0, 1\] on line 7",
+    "negative": r"column confidence has a value outside \[0, 1\] on line 8",
+    "empty_path": "empty path on line 9",
+}
+
+
+@pytest.mark.parametrize("how", POISONS)
+def test_poisoned_csv_is_refused_before_train_ssl_is_touched(merge_project, smoke_cfg, how):
+    from pseudolabel.stages import merge
+
+    paths = merge_project
+    before = _digest(paths.merged)
+    _poison(paths.csv, how)
+    with pytest.raises(PseudoLabelError, match=POISONS[how]) as err:
+        merge(smoke_cfg, paths)
+    assert "\n" not in str(err.value)
+    assert _digest(paths.merged) == before
+    assert not (paths.metrics / "merge.json").exists()
+
+
+def test_poisoned_csv_cli_exits_2_with_one_line(merge_project):
+    import subprocess
+    import sys
+
+    paths = merge_project
+    before = _digest(paths.merged)
+    _poison(paths.csv, "text")
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "merge"],
+        cwd=paths.root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert errors == [
+        f"pseudolabel merge: error: {Path('outputs/data.csv')}: column confidence has a value "
+        "that is not a number on line 4; re-run the pseudo_label stage (or restore the file)."
+    ]
+    assert _digest(paths.merged) == before
+
+
+# --- 3. symbolic links are followed only where they stay inside their root --------------------
+
+
+def test_merge_refuses_a_symlink_out_of_the_unlabelled_folder(merge_project, smoke_cfg, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from pseudolabel.labeling import read_csv, to_frame, write_csv
+    from pseudolabel.stages import merge
+
+    paths = merge_project
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(next(paths.unlabeled.rglob("*.png")).read_bytes())
+    (paths.unlabeled / "innocent.png").symlink_to(secret)
+    frame = read_csv(paths.csv)
+    rows = to_frame(["innocent.png"], np.eye(10)[[3]], CLASSES)  # confidence 1: selected
+    write_csv(pd.concat([frame, rows], ignore_index=True), paths.csv)
+    before = _digest(paths.merged)
+    with pytest.raises(PseudoLabelError, match="symlink_outside") as err:
+        merge(smoke_cfg, paths)
+    assert str(secret) in str(err.value) and "\n" not in str(err.value)
+    assert _digest(paths.merged) == before
+
+
+def _folder_cfg(user: Path, *extra: str):
+    from pseudolabel.config import compose
+
+    return compose(
+        [
+            "+experiment=smoke",
+            "data=folder",
+            f"data.labeled_root={user / 'labeled'}",
+            f"data.unlabeled_root={user / 'unlabeled'}",
+            "data.image_size=[8,8]",
+            "data.min_size=4",
+            "data.workers=2",
+            *extra,
+        ]
+    )
+
+
+def _report(paths: Paths) -> dict[str, tuple[str, str]]:
+    import csv
+
+    with open(paths.ingest_report, newline="", encoding="utf-8") as f:
+        return {row["path"]: (row["reason"], row["detail"]) for row in csv.DictReader(f)}
+
+
+@pytest.fixture
+def user_folders(tmp_path, digits_data):
+    """The digits images as a user's folders (labelled train/val/test, 40 unlabelled), and an
+    `outside` folder that links may point to."""
+    import shutil
+
+    user, outside = tmp_path / "user", tmp_path / "outside"
+    shutil.copytree(digits_data.labeled, user / "labeled")
+    (user / "unlabeled").mkdir(parents=True)
+    for path in sorted(digits_data.unlabeled.iterdir())[:40]:
+        shutil.copyfile(path, user / "unlabeled" / path.name)
+    outside.mkdir()
+    return user, outside
+
+
+def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
+    import os
+    import shutil
+
+    from pseudolabel.stages import ingest
+
+    user, outside = user_folders
+    unl = user / "unlabeled"
+    # A file link, a linked folder and a file name that is not UTF-8, all in the unlabelled one.
+    shutil.copyfile(next(unl.iterdir()), outside / "secret.png")
+    (unl / "link.png").symlink_to(outside / "secret.png")
+    (unl / "linked_dir").symlink_to(outside)
+    bad_name = os.path.join(os.fsencode(unl), b"caf\xe9.png")  # Latin-1, not UTF-8
+    with open(bad_name, "wb") as f:
+        f.write(sorted(unl.glob("*.png"))[1].read_bytes())
+    paths = Paths(tmp_path / "project")
+    summary = ingest(_folder_cfg(user), paths)
+    report = _report(paths)
+    assert report[str(unl / "link.png")][0] == "symlink_outside"
+    assert report[str(unl / "linked_dir")][0] == "symlink_outside"
+    assert report[f"{unl}/caf\\xe9.png"][0] == "bad_name"
+    assert summary["unlabeled"] == 40
+    view = _digest(paths.unlabeled)
+    assert not any("caf" in name or "link" in name for name in view)
+
+    # A class folder that is a link to a folder outside the labelled root: every file in it is
+    # reported, none followed into the view, and the class is refused as empty.
+    val9 = user / "labeled" / "val" / "digit_9"
+    shutil.move(val9, outside / "digit_9")
+    val9.symlink_to(outside / "digit_9")
+    with pytest.raises(PseudoLabelError, match="val/digit_9"):
+        ingest(_folder_cfg(user), Paths(tmp_path / "second"))
+    reasons = {r for p, (r, _) in _report(Paths(tmp_path / "second")).items() if "digit_9" in p}
+    assert reasons == {"symlink_outside"}
+
+    # A class folder whose name is not UTF-8 is refused in one line before the view is touched.
+    val9.unlink()
+    shutil.move(outside / "digit_9", val9)
+    os.mkdir(os.path.join(os.fsencode(user / "labeled" / "train"), b"digit_\xff"))
+    with pytest.raises(PseudoLabelError, match="not valid UTF-8"):
+        ingest(_folder_cfg(user), paths)
+    assert _digest(paths.unlabeled) == view
+
+
+# --- 4. writes are atomic: a failure or a kill leaves the previous complete output ------------
+
+
+def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg, monkeypatch):
+    from pseudolabel import merging
+    from pseudolabel.stages import merge
+
+    paths = merge_project
+    before = _digest(paths.merged)
+    copies = []
+
+    def copy_then_fail(src, dst):
+        copies.append(dst)
+        if len(copies) > 50:
+            raise OSError(28, "No space left on device")
+        return copy(src, dst)
+
+    copy = merging.shutil.copyfile
+    monkeypatch.setattr(merging.shutil, "copyfile", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        merge(smoke_cfg, paths)
+    assert _digest(paths.merged) == before
+    assert sorted(p.name for p in paths.merged.parent.iterdir()) == sorted(
+        ["image_dataset", "unlabeled", "train_ssl"]
+    )  # no half-built folder left behind either
+
+
+def test_student_refuses_an_incomplete_merged_folder(merge_project, smoke_cfg):
+    from pseudolabel.merging import MANIFEST
+    from pseudolabel.stages import train_student
+
+    paths = merge_project
+    stray = paths.merged / "digit_0" / "stray.png"
+    stray.write_bytes(next(paths.merged.rglob("*.png")).read_bytes())
+    with pytest.raises(PseudoLabelError, match=r"1 not in the manifest \(e.g. digit_0/stray.png\)"):
+        train_student(smoke_cfg, paths)
+    stray.unlink()
+    next(paths.merged.rglob("u__*.png")).unlink()
+    with pytest.raises(PseudoLabelError, match="1 listed but missing"):
+        train_student(smoke_cfg, paths)
+    (paths.merged / MANIFEST).unlink()
+    with pytest.raises(PseudoLabelError, match="manifest not found"):
+        train_student(smoke_cfg, paths)
+    assert not paths.model("student").exists()
+
+
+_SAVE_LOOP = """
+import sys
+from pathlib import Path
+
+import keras
+
+from pseudolabel.models import io as model_io
+from pseudolabel.stages.common import write_json
+
+out = Path(sys.argv[1])
+inputs = keras.Input((8, 8, 1))
+x = keras.layers.Flatten()(inputs)
+for _ in range(6):
+    x = keras.layers.Dense(256, activation="relu")(x)
+model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+meta = model_io.ModelMeta([f"digit_{i}" for i in range(10)], [8, 8], 1)
+metrics = {"values": list(range(200_000))}
+n = 0
+while True:
+    model_io.save(model, out / "teacher.keras", meta)
+    write_json(out / "teacher.json.metrics", {**metrics, "n": n})
+    n += 1
+    print(n, flush=True)
+"""
+
+
+def test_sigkill_during_saves_leaves_complete_files(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "save_loop.py"
+    script.write_text(_SAVE_LOOP)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(3):  # three complete rounds of saves, then a kill at any moment
+            assert proc.stdout.readline(), "the save loop died"
+        time.sleep(0.137)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    model, meta = model_io.load(tmp_path / "teacher.keras")
+    assert model.outputs[0].shape[-1] == 10 and meta.num_classes == 10
+    assert json.loads((tmp_path / "teacher.json.metrics").read_text())["n"] >= 2
+    leftovers = [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert len(leftovers) <= 2  # at most the temporaries being written when it died
+
+
+# --- 5. decompression bombs are reported from their header, never decoded -------------------
+
+
+def test_images_over_max_pixels_are_reported_not_decoded(user_folders, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from pseudolabel.stages import ingest
+
+    user, _ = user_folders
+    unl = user / "unlabeled"
+    for name, size in (("warns.png", (120, 100)), ("bomb.png", (400, 300))):
+        buffer = io.BytesIO()
+        Image.new("L", size).save(buffer, format="PNG")  # zeros: a few hundred bytes
+        (unl / name).write_bytes(buffer.getvalue())
+    limit = Image.MAX_IMAGE_PIXELS
+    paths = Paths(tmp_path / "project")
+    # 12,000 pixels: over the limit (PIL warns); 120,000: over twice it (PIL raises).
+    summary = ingest(_folder_cfg(user, "data.max_pixels=10000"), paths)
+    report = _report(paths)
+    assert report[str(unl / "warns.png")][0] == "too_many_pixels"
+    assert report[str(unl / "bomb.png")][0] == "too_many_pixels"
+    assert "10000" in report[str(unl / "warns.png")][1]
+    assert summary["unlabeled"] == 40
+    assert limit == Image.MAX_IMAGE_PIXELS  # PIL's global limit restored
+    # The default (conf/data/folder.yaml, equal to the dataclass) lets them through.
+    from pseudolabel.config import DataConfig
+
+    assert _folder_cfg(user).data.max_pixels == DataConfig.max_pixels == 40_000_000
+    assert ingest(_folder_cfg(user), Paths(tmp_path / "default"))["unlabeled"] == 42
+
+
+# --- 6. refused up front: an unreachable tracking server, a negative seed ---------------------
+
+
+def test_unreachable_tracking_server_fails_before_any_work(merge_project):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    paths = merge_project
+    before = _digest(paths.merged)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "merge"],
+        cwd=paths.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot be reached" in errors[0]
+    assert time.monotonic() - start < 60
+    assert _digest(paths.merged) == before
+    assert not (paths.outputs / "selection").exists()
+
+
+def test_negative_seed_is_refused_at_validation():
+    from pseudolabel.config import compose
+
+    with pytest.raises(PseudoLabelError, match="seed=-1 is invalid"):
+        compose(["seed=-1"])
