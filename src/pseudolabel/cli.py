@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -13,7 +14,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 
-STAGE_NAMES = ("ingest", "train_teacher", "pseudo_label", "merge", "train_student", "evaluate")
+# Each command's module and function. The CLI imports only the module of the stage it runs, so
+# what a stage executes is that module and its imports: the files its dvc.yaml `deps` list
+# (tests/test_stage_deps.py derives each stage's imports from this table and checks them).
+STAGE_ENTRIES = {
+    "ingest": ("pseudolabel.stages.ingest", "ingest"),
+    "train_teacher": ("pseudolabel.stages.train", "train_teacher"),
+    "pseudo_label": ("pseudolabel.stages.label", "pseudo_label"),
+    "merge": ("pseudolabel.stages.merge", "merge"),
+    "train_student": ("pseudolabel.stages.train", "train_student"),
+    "evaluate": ("pseudolabel.stages.evaluate", "evaluate"),
+    "round": ("pseudolabel.stages.rounds", "run_round"),
+}
+STAGE_NAMES = tuple(name for name in STAGE_ENTRIES if name != "round")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,15 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lineage":
             return _print_lineage(args.run_id, args.params)
         from pseudolabel.config import load_params
-        from pseudolabel.stages import STAGES
 
         cfg = load_params(args.params)
+        module, function = STAGE_ENTRIES[args.command]
+        stage = getattr(importlib.import_module(module), function)
         if args.command == "round":
-            from pseudolabel.stages import run_round
-
-            run_round(cfg, number=args.number)
-            return 0
-        STAGES[args.command](cfg)
+            stage(cfg, number=args.number)
+        else:
+            stage(cfg)
         return 0
     except PseudoLabelError as exc:
         print(f"pseudolabel {args.command}: error: {exc}", file=sys.stderr)
