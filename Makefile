@@ -7,7 +7,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test test-fast ui lint format params fashion-mnist clean
+.PHONY: setup demo test test-fast docs docs-serve ui lint format params fashion-mnist clean
 
 # The virtual environment, installed from the pinned constraints (a fresh install reproduces ours).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -48,15 +48,22 @@ test-fast: setup
 	ruff check
 	$(call run_pytest,-m "not slow")
 
+# The documentation site (mkdocs.yml, docs/): built into site/, or served with live reload.
+docs: setup
+	mkdocs build --strict
+
+docs-serve: setup
+	mkdocs serve
+
 ui: setup
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 lint: setup
 	ruff check
-	ruff format --check src tests benchmarks
+	ruff format --check src tests benchmarks docs/hooks
 
 format: setup
-	ruff format src tests benchmarks
+	ruff format src tests benchmarks docs/hooks
 	ruff check --fix
 
 # Recompose params.yaml from conf/ after editing conf/ (DVC does this itself on `dvc exp run`).
@@ -64,4 +71,4 @@ params: setup
 	pseudolabel compose
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db multirun
+	rm -rf $(VENV) mlruns mlflow.db multirun site
