@@ -179,6 +179,7 @@ def _report(paths: Paths) -> dict[str, str]:
         return {row["path"]: row["reason"] for row in csv.DictReader(f)}
 
 
+@pytest.mark.slow  # ~25 s: the whole pipeline on a poisoned folder
 def test_poisoned_folder_runs_the_whole_pipeline(poisoned, tmp_path, tracking_uri):
     from pseudolabel.stages import STAGES
 
