@@ -1,4 +1,5 @@
 # `make demo`: set up and run the pipeline on Fashion-MNIST. `make test`: set up and run the tests.
+# `make test-fast`: the tests not marked slow (no end-to-end training), for development.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test ui lint format params fashion-mnist clean
+.PHONY: setup demo test test-fast docs docs-serve ui lint format params fashion-mnist clean
 
 # The virtual environment, installed from the pinned constraints (a fresh install reproduces ours).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -32,21 +33,37 @@ demo: setup fashion-mnist
 	time dvc repro
 	dvc metrics show metrics/evaluation.json
 
-test: setup
-	ruff check
-	@rc=0; pytest $(PYTEST_ARGS) || rc=$$?; \
+# pytest's exit status 5 (no tests collected) is a failure, not a pass.
+define run_pytest
+	@rc=0; pytest $(1) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi; \
 	exit $$rc
+endef
+
+test: setup
+	ruff check
+	$(call run_pytest,)
+
+test-fast: setup
+	ruff check
+	$(call run_pytest,-m "not slow")
+
+# The documentation site (mkdocs.yml, docs/): built into site/, or served with live reload.
+docs: setup
+	mkdocs build --strict
+
+docs-serve: setup
+	mkdocs serve
 
 ui: setup
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 lint: setup
 	ruff check
-	ruff format --check src tests benchmarks
+	ruff format --check src tests benchmarks docs/hooks
 
 format: setup
-	ruff format src tests benchmarks
+	ruff format src tests benchmarks docs/hooks
 	ruff check --fix
 
 # Recompose params.yaml from conf/ after editing conf/ (DVC does this itself on `dvc exp run`).
@@ -54,4 +71,4 @@ params: setup
 	pseudolabel compose
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db multirun
+	rm -rf $(VENV) mlruns mlflow.db multirun site

@@ -31,7 +31,7 @@ def tracking_uri(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory, smoke_cfg) -> Paths:
     """A project root with the digits layout written by the ingest stage."""
-    from pseudolabel.stages import ingest
+    from pseudolabel.stages.ingest import ingest
 
     paths = Paths(tmp_path_factory.mktemp("digits"))
     ingest(smoke_cfg, paths)

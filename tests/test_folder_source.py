@@ -179,6 +179,7 @@ def _report(paths: Paths) -> dict[str, str]:
         return {row["path"]: row["reason"] for row in csv.DictReader(f)}
 
 
+@pytest.mark.slow  # ~25 s: the whole pipeline on a poisoned folder
 def test_poisoned_folder_runs_the_whole_pipeline(poisoned, tmp_path, tracking_uri):
     from pseudolabel.stages import STAGES
 
@@ -245,7 +246,7 @@ def test_poisoned_folder_runs_the_whole_pipeline(poisoned, tmp_path, tracking_ur
 
 
 def test_link_modes_keep_user_files_and_train_alone_is_split(poisoned, tmp_path):
-    from pseudolabel.stages import ingest
+    from pseudolabel.stages.ingest import ingest
 
     user, _, _ = poisoned
     labeled = tmp_path / "labeled"
@@ -282,7 +283,7 @@ def test_link_modes_keep_user_files_and_train_alone_is_split(poisoned, tmp_path)
     ],
 )
 def test_bad_layouts_fail_with_one_clear_error(digits_data, tmp_path, make, match):
-    from pseudolabel.stages import ingest
+    from pseudolabel.stages.ingest import ingest
 
     shutil.copytree(digits_data.labeled, tmp_path / "labeled")
     (tmp_path / "unlabeled").mkdir()
@@ -293,7 +294,7 @@ def test_bad_layouts_fail_with_one_clear_error(digits_data, tmp_path, make, matc
 
 
 def test_no_usable_unlabelled_image_fails_after_the_report(digits_data, tmp_path, tracking_uri):
-    from pseudolabel.stages import ingest
+    from pseudolabel.stages.ingest import ingest
 
     shutil.copytree(digits_data.labeled, tmp_path / "labeled")
     (tmp_path / "unlabeled").mkdir()
@@ -305,7 +306,7 @@ def test_no_usable_unlabelled_image_fails_after_the_report(digits_data, tmp_path
 
 
 def test_view_overlapping_a_user_folder_is_refused(digits_data, tmp_path):
-    from pseudolabel.stages import ingest
+    from pseudolabel.stages.ingest import ingest
 
     paths = Paths(tmp_path)
     shutil.copytree(digits_data.labeled, tmp_path / "labeled")

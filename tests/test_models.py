@@ -236,6 +236,7 @@ def test_small_cnn_trains_one_epoch_through_the_stage(tmp_path, digits_data, tra
     assert "teacher_training_curves.png" in artifacts
 
 
+@pytest.mark.slow  # ~25 s: two training phases of an EfficientNet
 def test_efficientnet_transfer_learning_in_two_phases(tmp_path, digits_data, tracking_uri):
     """B0 at 32 px from a weights file (as with ImageNet's): head, then fine-tuning."""
     keras.backend.clear_session()

@@ -21,8 +21,9 @@ from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.labeling import prob_columns, read_csv
 from pseudolabel.paths import Paths
-from pseudolabel.stages import merge, pseudo_label
+from pseudolabel.stages import pseudo_label
 from pseudolabel.stages.label import PARTIAL, analysis_csv
+from pseudolabel.stages.merge import merge
 from pseudolabel.stages.train import _training_data
 
 CLASSES = [f"digit_{i}" for i in range(10)]

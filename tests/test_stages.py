@@ -12,7 +12,8 @@ from pseudolabel.data.images import class_names_from, list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
-from pseudolabel.stages import STAGES, merge, pseudo_label, train_teacher
+from pseudolabel.stages import STAGES, pseudo_label, train_teacher
+from pseudolabel.stages.merge import merge
 from pseudolabel.tracking import md5
 
 

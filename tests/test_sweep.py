@@ -68,6 +68,7 @@ def _parent_and_children(root: Path):
     return parent, sorted(children, key=lambda r: int(r.data.tags["sweep.job"]))
 
 
+@pytest.mark.slow  # ~25 s: a real 2-job multirun
 def test_two_job_threshold_sweep(project, tracking_uri):
     before = _snapshot(project)
     result = _sweep(project, "pseudo_label.threshold=0.3,0.6")
@@ -97,6 +98,7 @@ def test_two_job_threshold_sweep(project, tracking_uri):
     assert {d.dataset.digest for d in student.inputs.dataset_inputs} >= {before["outputs/data.csv"]}
 
 
+@pytest.mark.slow  # ~18 s: a multirun with a failing job
 def test_failed_job_is_marked_and_the_sweep_goes_on(project, tracking_uri):
     # per_class with a class that does not exist passes the schema but fails in merge.
     result = _sweep(

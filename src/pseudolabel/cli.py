@@ -12,16 +12,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
+from pseudolabel.stages import ENTRIES as STAGE_ENTRIES  # noqa: E402  (imports no stage)
+from pseudolabel.stages import entry  # noqa: E402
 
-STAGE_NAMES = (
-    "ingest",
-    "train_teacher",
-    "train_baseline",
-    "pseudo_label",
-    "merge",
-    "train_student",
-    "evaluate",
-)
+STAGE_NAMES = tuple(name for name in STAGE_ENTRIES if name != "round")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,16 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lineage":
             return _print_lineage(args.run_id, args.params)
         from pseudolabel.config import load_params
-        from pseudolabel.stages import STAGES
 
         cfg = load_params(args.params)
         _check_tracking_server(cfg)
+        stage = entry(args.command)
         if args.command == "round":
-            from pseudolabel.stages import run_round
-
-            run_round(cfg, number=args.number)
-            return 0
-        STAGES[args.command](cfg)
+            stage(cfg, number=args.number)
+        else:
+            stage(cfg)
         return 0
     except PseudoLabelError as exc:
         print(f"pseudolabel {args.command}: error: {exc}", file=sys.stderr)

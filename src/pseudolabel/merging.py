@@ -15,6 +15,7 @@ from tqdm import tqdm
 from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.labeling import PROB_PREFIX
+from pseudolabel.paths import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,6 @@ def _guard(out_dir: Path, *sources: Path) -> None:
                 f"the merged folder {out_dir} overlaps the input folder {src}; choose another "
                 "output folder (it is rebuilt from scratch on every run)."
             )
-
-
-MANIFEST = "manifest.csv"
 
 
 def build_merged(

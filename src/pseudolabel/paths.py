@@ -7,6 +7,9 @@ from pathlib import Path
 
 from pseudolabel import rounds
 
+# The merged set's table of its images, labels and probabilities (written by the merge stage).
+MANIFEST = "manifest.csv"
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -72,6 +75,10 @@ class Paths:
         return self._p("data/train_ssl")
 
     @property
+    def merged_manifest(self) -> Path:
+        return self.merged / MANIFEST
+
+    @property
     def models(self) -> Path:
         return self._p("models")
 
@@ -99,6 +106,11 @@ class Paths:
     @property
     def plots(self) -> Path:
         return self._p("plots")
+
+    @property
+    def threshold_analysis(self) -> Path:
+        """The threshold-analysis table pseudo_label writes and merge reads (`dvc plots show`)."""
+        return self.plots / "pseudo_label" / "threshold_analysis.csv"
 
     def model(self, role: str) -> Path:
         if role == "teacher" and self.teacher_model is not None:

@@ -135,9 +135,7 @@ def _copy_reused(project: Path, job_dir: Path) -> None:
 
 def estimated_precision(paths: Paths, threshold: float | None) -> float | None:
     """Precision expected at `threshold`, read off the threshold-analysis table (val set)."""
-    from pseudolabel.stages.label import analysis_csv
-
-    table_path = analysis_csv(paths)
+    table_path = paths.threshold_analysis
     if threshold is None or not table_path.is_file():
         return None
     table = pd.read_csv(table_path)

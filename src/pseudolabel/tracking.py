@@ -192,11 +192,9 @@ def log_lineage_inputs(run_id: str, cfg, paths, tags: Mapping[str, Any]) -> None
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    from pseudolabel.merging import MANIFEST
-
     tables = (
         ("pseudo_labels", paths.csv, tags[CSV_TAG], "pseudo_labels"),
-        ("train_ssl", paths.merged / MANIFEST, tags[MERGED_TAG], "training"),
+        ("train_ssl", paths.merged_manifest, tags[MERGED_TAG], "training"),
     )
     folders = (
         ("image_dataset/train", paths.train, tags[LABELED_TAG], "teacher_training"),

@@ -28,8 +28,8 @@ PARTIAL = ".data.csv.partial"
 
 
 def analysis_csv(paths: Paths) -> Path:
-    """The threshold-analysis table (`dvc plots show` renders it)."""
-    return paths.plots / "pseudo_label" / "threshold_analysis.csv"
+    """The threshold-analysis table (`dvc plots show` renders it): `paths.threshold_analysis`."""
+    return paths.threshold_analysis
 
 
 def _val_probabilities(

@@ -22,7 +22,6 @@ from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import write_json
-from pseudolabel.stages.label import analysis_csv
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,8 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         else []
     )
     merging.check_rows(predictions, paths.unlabeled, class_names, link_roots)  # before writing
-    table = pd.read_csv(analysis_csv(paths)) if analysis_csv(paths).is_file() else None
+    table_path = paths.threshold_analysis
+    table = pd.read_csv(table_path) if table_path.is_file() else None
     recommended = thresholds.recommend(table, pl.target_precision) if table is not None else None
     per_class = None
     if pl.selection == "per_class":
@@ -131,7 +131,7 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         )
         mlflow.log_artifacts(str(out), "selection")
         if table is not None:
-            mlflow.log_artifact(str(analysis_csv(paths)))
+            mlflow.log_artifact(str(paths.threshold_analysis))
     write_json(paths.metrics / "merge.json", metrics)
     log.info(
         "merge (%s): kept %d of %d pseudo-labels; recommended threshold %s for precision %g",

@@ -1,0 +1,96 @@
+"""The documentation: the README stays a short user guide, the MkDocs site builds without a
+broken link, and the configuration reference lists every key of the config."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from omegaconf import OmegaConf
+
+from pseudolabel import config, docs
+from tests.conftest import REPO
+
+README_MAX_LINES = 250
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """The anchor MkDocs (and GitHub, for these headings) gives a heading."""
+    text = re.sub(r"[^\w\s-]", "", heading.strip().lower())
+    return re.sub(r"[-\s]+", "-", text).strip("-")
+
+
+def _anchors(markdown: str) -> set[str]:
+    return {_slug(m[1]) for m in re.finditer(r"^#{1,6} (.+)$", markdown, re.MULTILINE)}
+
+
+def test_readme_is_a_short_guide_that_starts_with_the_two_commands():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    lines = readme.splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move detail to docs/"
+    )
+    first_block = readme.split("```")[1]
+    assert "make demo" in first_block and "make test" in first_block
+
+
+def test_readme_links_lead_somewhere():
+    """The README is not part of the MkDocs build, so its links are checked here."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for target in _LINK.findall(readme):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = REPO / path if path else REPO / "README.md"
+        assert file.exists(), f"README.md links to {target}: {path} does not exist"
+        if anchor:
+            assert anchor in _anchors(file.read_text(encoding="utf-8")), (
+                f"README.md links to {target}: no heading with that anchor in {path or 'README'}"
+            )
+
+
+def test_mkdocs_builds_strictly(tmp_path):
+    """Strict: a broken link or anchor, or a page missing from the nav, fails the build."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    page = (tmp_path / "site" / "reference" / "config" / "index.html").read_text()
+    assert "pseudo_label.threshold" in page
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_config_reference_lists_every_key_with_its_default_and_a_description():
+    defaults = dict(_leaves(OmegaConf.to_container(config.compose([]), resolve=True)))
+    listed = {key.path: key for key in docs.config_keys()}
+    assert set(listed) == set(defaults)
+    for path, value in defaults.items():
+        assert listed[path].default == value, path
+        assert listed[path].description, f"{path}: no comment in conf/ or config.py describes it"
+    page = docs.render()
+    for path in defaults:
+        assert f"| `{path}` |" in page
+
+
+def test_fallback_descriptions_are_only_for_uncommented_fields():
+    schema = docs.schema_docs()
+    for name in docs.UNCOMMENTED:
+        cls, _, field = name.partition(".")
+        assert field in schema.get(cls, {}), f"UNCOMMENTED[{name!r}]: no such schema field"
+        assert not schema[cls][field][1], (
+            f"{name} now has a comment in config.py: delete its UNCOMMENTED entry in docs.py"
+        )
