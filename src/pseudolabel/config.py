@@ -270,6 +270,9 @@ class PseudoLabelConfig:
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "pseudolabel"
+    # evaluate registers the student as a version of this MLflow registered model (alias
+    # champion on a win on the same test set, else challenger); null: no registration.
+    registered_model: str | None = "pseudolabel-student"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from pseudolabel import plots, tracking
+from pseudolabel import plots, registry, tracking
 from pseudolabel.evaluation import evaluate as evaluate_model
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
@@ -26,9 +26,10 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     if paths.model("baseline").is_file():  # train_baseline ran (student.baseline.enabled)
         models["baseline"] = paths.model("baseline")
     models |= {f"round{r}": paths.round(r).model("student") for r in range(1, n + 1)}
-    results, run_ids = {}, {}
+    results, run_ids, metas = {}, {}, {}
     for name, path in models.items():
-        model, meta = model_io.load(path, **teacher_trust(cfg))
+        model, metas[name] = model_io.load(path, **teacher_trust(cfg))
+        meta = metas[name]
         results[name], run_ids[name] = evaluate_model(model, meta, paths.test), meta.run_id
         names = meta.class_names
     results["student"], run_ids["student"] = results[f"round{n}"], run_ids[f"round{n}"]
@@ -73,7 +74,7 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         }
     roles = [role for role in ("teacher", "baseline", "student") if role in run_ids]
     tags = {f"{role}_run_id": run_ids[role] for role in roles}
-    with tracking.start_run(cfg, "evaluate", tags=tags):
+    with tracking.start_run(cfg, "evaluate", tags=tags) as run:
         flat = tracking.flatten({k: v for k, v in metrics.items() if k != "test_images"})
         mlflow.log_metrics({k: float(v) for k, v in flat.items()})  # unlabelled_helped: 0/1
         for role in ("teacher", "student"):
@@ -88,6 +89,25 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         # in this tracking store (trained against another one) is skipped.
         if name != "student" and tracking.find_run(client, run_id) is not None:
             client.log_metric(run_id, "test_accuracy", results[name].accuracy)
+    if cfg.tracking.registered_model:
+        version = registry.register_student(
+            cfg.tracking.registered_model,
+            models[f"round{n}"],
+            metas[f"round{n}"],
+            results["student"].accuracy,
+            tracking.dvc_hash(paths.test),
+            {
+                "evaluate_run_id": run.info.run_id,
+                "teacher_test_accuracy": metrics["teacher_accuracy"],
+            },
+            fallback_run_id=run.info.run_id,
+        )
+        for key, value in (
+            ("registered_model", version.name),
+            ("registered_version", version.version),
+            ("registered_alias", version.tags["promotion"]),
+        ):
+            client.set_tag(run.info.run_id, key, value)
     write_json(paths.metrics / "evaluation.json", metrics)
     log.info("evaluate: %s", metrics)
     return metrics

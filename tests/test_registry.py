@@ -1,0 +1,163 @@
+"""Team mode: evaluate registers the student (aliases champion/challenger) as a pyfunc model
+that takes raw images, served by `mlflow models serve`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pseudolabel import registry, tracking
+from pseudolabel.config import compose
+from pseudolabel.data.images import class_names_from, list_images
+from pseudolabel.stages.evaluate import evaluate
+
+BIN = Path(sys.executable).parent
+
+
+def _version(tags):
+    return SimpleNamespace(version="1", tags=tags)
+
+
+def test_the_rule_moves_the_champion_only_on_a_win_on_the_same_test_set():
+    same = {registry.TEST_TAG: "abc.dir", registry.ACCURACY_TAG: "0.800000"}
+    assert registry.decide(None, 0.1, "abc.dir")[0] == registry.CHAMPION
+    assert registry.decide(_version(same), 0.81, "abc.dir")[0] == registry.CHAMPION
+    assert registry.decide(_version(same), 0.80, "abc.dir")[0] == registry.CHALLENGER  # a tie
+    assert registry.decide(_version(same), 0.79, "abc.dir")[0] == registry.CHALLENGER
+    alias, why = registry.decide(_version(same), 0.99, "other.dir")
+    assert alias == registry.CHALLENGER and "another test set" in why
+
+
+@pytest.fixture(scope="module")
+def registered(pipeline, tracking_uri):
+    """Three evaluate runs against a registered model of their own: the first becomes champion,
+    the second (same student, a tie) challenger; then, the champion's recorded accuracy lowered
+    (as if it had been a weaker model), the third wins and takes the alias."""
+    name = f"test-student-{uuid.uuid4().hex[:8]}"
+    cfg = compose(["+experiment=smoke", f"tracking.registered_model={name}"])
+    client = mlflow.MlflowClient()
+    evaluate(cfg, pipeline)
+    first = registry.champion(client, name)
+    evaluate(cfg, pipeline)
+    second = client.get_model_version_by_alias(name, registry.CHALLENGER)
+    champion_after_tie = registry.champion(client, name)
+    client.set_model_version_tag(name, first.version, registry.ACCURACY_TAG, "-1")
+    evaluate(cfg, pipeline)
+    return SimpleNamespace(
+        name=name,
+        client=client,
+        first=first,
+        second=second,
+        champion_after_tie=champion_after_tie,
+        third=registry.champion(client, name),
+        student_run=client.get_run(
+            json.loads(pipeline.model("student").with_suffix(".json").read_text())["run_id"]
+        ),
+    )
+
+
+def test_the_first_version_is_champion_with_the_student_lineage(registered, pipeline):
+    first, student = registered.first, registered.student_run
+    assert str(first.version) == "1" and first.tags["promotion"] == registry.CHAMPION
+    assert first.run_id == student.info.run_id  # the version links to the student's run
+    for key in registry.LINEAGE_KEYS:
+        assert first.tags[key] == student.data.tags[key], key
+    assert first.tags[registry.TEST_TAG] == tracking.dvc_hash(pipeline.test)
+    accuracy = json.loads((pipeline.metrics / "evaluation.json").read_text())["student_accuracy"]
+    assert float(first.tags[registry.ACCURACY_TAG]) == pytest.approx(accuracy, abs=1e-6)
+    assert "strictly higher" in first.tags["promotion_rule"]
+    assert first.source.startswith("models:/")
+
+
+def test_a_tie_is_challenger_and_the_champion_stays(registered):
+    assert str(registered.second.version) == "2"
+    assert registered.second.tags["promotion"] == registry.CHALLENGER
+    assert registered.second.tags["champion_before"] == "1"
+    assert str(registered.champion_after_tie.version) == "1"
+
+
+def test_a_win_moves_the_champion(registered):
+    assert str(registered.third.version) == "3"
+    assert registered.third.tags["promotion"] == registry.CHAMPION
+    assert "beats champion v1" in registered.third.tags["promotion_reason"]
+
+
+def _png(pipeline) -> tuple[bytes, str]:
+    path = list_images(pipeline.test)[0]
+    return path.read_bytes(), path.parent.name
+
+
+def test_the_registered_pyfunc_takes_encoded_images_and_pixel_arrays(registered, pipeline):
+    model = mlflow.pyfunc.load_model(f"models:/{registered.name}@{registry.CHAMPION}")
+    data, _ = _png(pipeline)
+    out = model.predict(pd.DataFrame({"image": [data, data]}))
+    names = class_names_from(pipeline.train)
+    assert list(out["class"]) == [out["class"][0]] * 2 and out["class"][0] in names
+    assert set(out["probabilities"][0]) == set(names)
+    assert sum(out["probabilities"][0].values()) == pytest.approx(1.0, abs=1e-4)
+    pixels = np.asarray(Image.open(list_images(pipeline.test)[0]).convert("L"))
+    direct = model.unwrap_python_model().predict(None, [pixels])
+    assert direct["class"][0] == out["class"][0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_a_class_name(registered, pipeline, tracking_uri):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    uri = f"models:/{registered.name}@{registry.CHAMPION}"
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
+        + ["-p", str(port), "-h", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/ping", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "mlflow models serve: no /ping in 120 s"
+                time.sleep(1)
+        data, _ = _png(pipeline)
+        body = {
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(data).decode()]]}
+        }
+        request = urllib.request.Request(
+            base + "/invocations",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert predictions[0]["class"] in class_names_from(pipeline.train)
+        assert 0.0 <= predictions[0]["confidence"] <= 1.0
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
