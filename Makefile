@@ -7,7 +7,8 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test test-fast docs docs-serve ui lint format params fashion-mnist clean
+.PHONY: setup demo test test-fast test-services docs docs-serve ui server server-stop lint format params \
+	fashion-mnist clean
 
 # The virtual environment, installed from the pinned constraints (a fresh install reproduces ours).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	    apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); \
 	  else echo "python3 -m venv failed: install python3-venv" >&2; exit 1; fi; }
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,server]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -40,7 +41,11 @@ define run_pytest
 	exit $$rc
 endef
 
-test: setup
+# What the tests need outside Python (PostgreSQL), installed when missing and root.
+test-services:
+	scripts/ensure-test-services.sh
+
+test: setup test-services
 	ruff check
 	$(call run_pytest,)
 
@@ -57,6 +62,14 @@ docs-serve: setup
 
 ui: setup
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+# A team's tracking server (docs/team.md): PostgreSQL (installed when missing and root, created
+# on first start in .mlflow-server/) and `mlflow server` on 127.0.0.1:5000. Stop: make server-stop.
+server: setup
+	scripts/tracking-server.sh
+
+server-stop:
+	scripts/postgres.sh stop $${SERVER_DIR:-.mlflow-server}/postgres
 
 lint: setup
 	ruff check

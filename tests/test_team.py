@@ -1,0 +1,126 @@
+"""Team mode, end to end: the pipeline against `mlflow server` on PostgreSQL (what `make server`
+runs), found again through MlflowClient with its registered version and alias."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pseudolabel import registry
+from pseudolabel.data.images import class_names_from, list_images
+from pseudolabel.models import io as model_io
+from pseudolabel.paths import Paths
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+POSTGRES = REPO / "scripts" / "postgres.sh"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read().decode()[-3000:]) from None
+            assert time.monotonic() < deadline, f"{url}: no answer in {seconds} s"
+            time.sleep(1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL after 5 s (uvicorn drains slowly)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """PostgreSQL (scripts/postgres.sh: installed by `make test` when root) and `mlflow server`
+    on free ports, in a temporary folder the postgres user can reach."""
+    installed = any(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not installed and os.geteuid() != 0:
+        pytest.skip("PostgreSQL is not installed and this is not root: apt-get install postgresql")
+    base = Path(tempfile.mkdtemp(prefix="pseudolabel-team-"))
+    base.chmod(0o755)
+    pg_dir = base / "postgres"
+    backend = subprocess.run(
+        [str(POSTGRES), "start", str(pg_dir), str(_free_port())],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout.strip()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", backend]
+        + ["--artifacts-destination", str(base / "artifacts"), "--host", "127.0.0.1"]
+        + ["--port", str(port), "--workers", "1"],
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait(url + "/health", proc)
+        yield url
+    finally:
+        _stop(proc)
+        subprocess.run([str(POSTGRES), "stop", str(pg_dir)], check=False, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_pipeline_logs_and_registers_on_the_tracking_server(
+    server, smoke_cfg, tmp_path, monkeypatch
+):
+    from pseudolabel.stages import STAGES
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    paths = Paths(tmp_path)
+    for stage in STAGES.values():
+        stage(smoke_cfg, paths)
+    client = mlflow.MlflowClient(server)
+    experiment = client.get_experiment_by_name(smoke_cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert {"train_teacher", "pseudo_label", "train_student", "evaluate"} <= {
+        r.data.tags["stage"] for r in runs
+    }
+    name = smoke_cfg.tracking.registered_model
+    champion = client.get_model_version_by_alias(name, registry.CHAMPION)
+    student_run = model_io.read_meta(paths.model("student")).run_id
+    assert champion.run_id == student_run
+    assert champion.tags["promotion"] == registry.CHAMPION
+    # The model's files come back through the server (artifacts proxied, not a shared disk).
+    mlflow.set_tracking_uri(server)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{registry.CHAMPION}")
+    image = list_images(paths.test)[0].read_bytes()
+    predicted = model.predict(pd.DataFrame({"image": [image]}))["class"][0]
+    assert predicted in class_names_from(paths.train)
