@@ -230,3 +230,22 @@ def test_two_rounds_version_each_round_and_chain_its_runs(ran):
     hops = [line.split(":", 1)[0].strip() for line in out.splitlines() if ":" in line]
     assert hops.index("round 2 student") < hops.index("round 1 student") < len(hops) - 1
     assert f"{first.info.run_id} (" in out and f"{teacher.info.run_id} (" in out
+
+
+def test_a_teammate_clone_pulls_the_pipeline_from_the_default_remote(ran):
+    """`dvc push` to the default remote (.dvc/config: `shared`, ../pseudolabel-dvc-remote beside
+    the repository), a fresh `git clone`, `dvc pull`: every output is there, nothing to re-run."""
+    root, env = ran.root, ran.env
+    dvc = str(BIN / "dvc")
+    # The committed pipeline (HEAD: the first `dvc repro`), whatever the experiments left.
+    _run([dvc, "push", "--all-commits"], root, env)
+    remote = root.parent / "pseudolabel-dvc-remote"
+    assert (remote / "files" / "md5").is_dir(), "the default remote is not beside the repo"
+    assert "up to date" in _run([dvc, "status", "--cloud", "--all-commits"], root, env).lower()
+    clone = root.parent / "clone"
+    _run(["git", "clone", "-q", str(root), str(clone)], root.parent, env)
+    _run([dvc, "pull"], clone, env)
+    for rel in ("models/student.keras", "data/train_ssl/manifest.csv", "outputs/data.csv"):
+        assert (clone / rel).is_file(), rel
+    status = _run([dvc, "status"], clone, env)
+    assert "Data and pipelines are up to date" in status, status
