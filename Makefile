@@ -61,6 +61,8 @@ docs-serve: setup
 	mkdocs serve
 
 ui: setup
+	@echo "MLflow 3's UI opens in GenAI mode: click 'Model training' (top left) once, or open" \
+	  "http://127.0.0.1:5000/#/experiments/<id>?workflowType=machine_learning"
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 # A team's tracking server (docs/team.md): PostgreSQL (installed when missing and root, created

@@ -27,6 +27,8 @@ from omegaconf import OmegaConf
 from pseudolabel.errors import PseudoLabelError
 
 SQLITE = "sqlite:///"
+KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def project_root() -> Path:
@@ -60,7 +62,11 @@ def configure(cfg) -> None:
         # (suppressed: another process created it meanwhile)
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             mlflow.create_experiment(name, artifacts.as_uri())
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if KIND_TAG not in experiment.tags:
+        # MLflow 3's UI opens an experiment without this tag as GenAI (traces) or asks; with it,
+        # as model training: the runs table first.
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, MODEL_TRAINING)
 
 
 HTTP = ("http://", "https://")
