@@ -8,6 +8,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dir=${SERVER_DIR:-.mlflow-server}
 mkdir -p "$dir/artifacts"
+dir=$(cd "$dir" && pwd)  # absolute: the server records artifact locations as given
 uri=$("$here/postgres.sh" start "$dir/postgres" "${PG_PORT:-5433}")
 echo "tracking server: runs in $uri, artifacts in $dir/artifacts;" \
   "clients: export MLFLOW_TRACKING_URI=http://${MLFLOW_HOST:-127.0.0.1}:${MLFLOW_PORT:-5000}" >&2
