@@ -4,6 +4,7 @@ that takes raw images, served by `mlflow models serve`."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import socket
@@ -161,3 +162,42 @@ def test_mlflow_models_serve_answers_with_a_class_name(registered, pipeline, tra
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def _tiny_model(tmp_path, lambda_layer: bool = False) -> SimpleNamespace:
+    import keras
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    if lambda_layer:
+        x = keras.layers.Lambda(lambda t: t * 2)(x)
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(x))
+    path = tmp_path / "m.keras"
+    keras.Model(inputs, outputs).save(path)
+    meta = tmp_path / "m.json"
+    meta.write_text(
+        json.dumps({"class_names": ["cat", "dog"], "image_size": [8, 8], "channels": 1})
+    )
+    return SimpleNamespace(artifacts={"model": str(path), "meta": str(meta)})
+
+
+def test_serving_decodes_base64_and_rgb_images_to_the_model_size(tmp_path):
+    from pseudolabel.serving import ImageClassifier
+
+    model = ImageClassifier()
+    model.load_context(_tiny_model(tmp_path))
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 30), (200, 10, 10)).save(buffer, "JPEG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    out = model.predict(None, pd.DataFrame({"image": [encoded, buffer.getvalue()]}))
+    assert list(out["class"]) == [out["class"][0]] * 2 and out["class"][0] in ("cat", "dog")
+    assert set(out["probabilities"][0]) == {"cat", "dog"}
+    with pytest.raises(ValueError, match="base64"):
+        model.predict(None, pd.DataFrame({"image": ["not an image!"]}))
+
+
+def test_serving_refuses_a_model_that_would_run_code(tmp_path):
+    from pseudolabel.serving import ImageClassifier
+
+    with pytest.raises(ValueError, match="(?i)lambda|safe_mode"):
+        ImageClassifier().load_context(_tiny_model(tmp_path, lambda_layer=True))
