@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/gain.md is stale")
     args = parser.parse_args(argv)
-    payload = json.loads(RESULTS.read_text(encoding="utf-8"))
+    payload = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
     doc = DOC.read_text(encoding="utf-8")
     new = updated(doc, payload)
     if args.check:
