@@ -13,6 +13,7 @@ from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
 
 
 @pytest.fixture(scope="session")

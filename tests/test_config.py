@@ -6,7 +6,6 @@ import yaml
 from omegaconf import OmegaConf
 
 from pseudolabel.config import (
-    CONF_DIR,
     MODEL_NAMES,
     AugmentConfig,
     compose,
@@ -17,7 +16,7 @@ from pseudolabel.config import (
     validate,
 )
 from pseudolabel.errors import PseudoLabelError
-from tests.conftest import REPO
+from tests.conftest import CONF_DIR, REPO
 
 
 def test_params_yaml_is_the_composition_of_conf():

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 
 from pseudolabel import training
-from pseudolabel.config import CONF_DIR, KERAS_PREPROCESSING, MODEL_NAMES, compose, group_options
+from pseudolabel.config import KERAS_PREPROCESSING, MODEL_NAMES, compose, group_options
 from pseudolabel.data.images import labelled_files, path_image_dataset
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import BACKBONES, backbone_of, build_model
 from pseudolabel.paths import Paths
 from pseudolabel.stages import train_teacher
+from tests.conftest import CONF_DIR
 
 BIG = {"efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnetv2_m"}
 BIG |= {"efficientnetv2_l"}

@@ -1,4 +1,5 @@
-"""`pseudolabel <stage>`: the thin entry points dvc.yaml calls, plus `compose`."""
+"""`pseudolabel <stage>`: the thin entry points dvc.yaml calls, plus `compose`, `init`, `lock`
+and `lineage`."""
 
 from __future__ import annotations
 
@@ -11,11 +12,34 @@ from pathlib import Path
 # Quiet TensorFlow's C++ start-up chatter; set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from pseudolabel import __version__  # noqa: E402
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 from pseudolabel.stages import ENTRIES as STAGE_ENTRIES  # noqa: E402  (imports no stage)
 from pseudolabel.stages import entry  # noqa: E402
 
 STAGE_NAMES = tuple(name for name in STAGE_ENTRIES if name != "round")
+# In a project made by `pseudolabel init`, the installed version its stages depend on
+# (pseudolabel.project explains why).
+LOCK = "pseudolabel.lock"
+
+
+def lock_text(version: str = __version__) -> str:
+    return f"pseudolabel=={version}\n"
+
+
+def check_lock(root: str | Path = ".") -> None:
+    """A project made by `pseudolabel init` runs only the version its lock records; a
+    development checkout (no lock: its dvc.yaml depends on the source) is not checked."""
+    path = Path(root) / LOCK
+    if not path.is_file():
+        return
+    recorded = path.read_text(encoding="utf-8").strip()
+    if recorded != lock_text().strip():
+        raise PseudoLabelError(
+            f"{LOCK} records {recorded or 'nothing'} but pseudolabel {__version__} is "
+            "installed: run `pseudolabel lock` to record it (DVC then re-runs every stage), "
+            "or install that version."
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     round_.add_argument("--params", default="params.yaml", help="composed parameter file")
     compose = sub.add_parser("compose", help="compose conf/ (+ overrides) into params.yaml")
     compose.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=digits")
-    compose.add_argument("-o", "--output", default="params.yaml")
+    compose.add_argument("-o", "--output", help="default: params.yaml beside the project's conf/")
+    init = sub.add_parser(
+        "init", help="write conf/, dvc.yaml, params.yaml and the DVC settings into this git repo"
+    )
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    sub.add_parser("lock", help=f"record the installed version in {LOCK} (re-runs the stages)")
     lineage = sub.add_parser(
         "lineage", help="print a student run's chain: CSV md5 -> labelling run -> teacher -> data"
     )
@@ -71,16 +100,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "compose":
-            from pseudolabel.config import compose, compose_raw, to_yaml
+            from pseudolabel.config import compose, compose_raw, project_root, to_yaml
 
             compose(args.overrides)  # validate before writing
-            Path(args.output).write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
-            logging.info("wrote %s", args.output)
+            output = Path(args.output or project_root() / "params.yaml")
+            output.write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
+            logging.info("wrote %s", output)
+            return 0
+        if args.command == "init":
+            from pseudolabel.project import init
+
+            written = init(".", force=args.force)
+            logging.info(
+                "wrote %d files; next: `pseudolabel compose ...`, `dvc repro`", len(written)
+            )
+            return 0
+        if args.command == "lock":
+            from pseudolabel.project import write_lock
+
+            logging.info("wrote %s", write_lock("."))
             return 0
         if args.command == "lineage":
             return _print_lineage(args.run_id, args.params)
         from pseudolabel.config import load_params
 
+        check_lock()
         cfg = load_params(args.params)
         _check_tracking_server(cfg)
         stage = entry(args.command)

@@ -21,7 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 from pseudolabel import rounds
 from pseudolabel.errors import PseudoLabelError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The project's configuration folder, read from the project (never from this package: an
+# installed pseudolabel composes the conf/ that `pseudolabel init` wrote into your repository).
+CONF = "conf"
 DATA_SOURCES = ("fashion_mnist", "digits", "folder")
 LINK_MODES = ("copy", "hardlink", "symlink")
 # The model zoo, written once: zoo name -> keras.applications constructor (models/builders.py
@@ -529,15 +531,40 @@ def load_params(path: str | Path = "params.yaml") -> DictConfig:
     return validate(raw, origin=str(path))
 
 
-def compose_raw(overrides: list[str] | None = None, config_dir: Path = CONF_DIR) -> DictConfig:
-    """Compose `conf/` with Hydra overrides, exactly as DVC's Hydra integration does."""
+def project_root(start: str | Path | None = None) -> Path:
+    """The project whose conf/ to compose: `start` (default: the working directory) if it has
+    conf/config.yaml, else the DVC root above it (the nearest folder with a .dvc/), as DVC's
+    own Hydra integration reads the root's conf/."""
+    here = Path(start or Path.cwd()).resolve()
+    if (here / CONF / "config.yaml").is_file():
+        return here
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir():
+            if (folder / CONF / "config.yaml").is_file():
+                return folder
+            break
+    raise PseudoLabelError(
+        f"{here}: no {CONF}/config.yaml here or at the DVC root above: run `pseudolabel init` "
+        "in your repository, or cd to the project."
+    )
+
+
+def conf_dir(start: str | Path | None = None) -> Path:
+    """The project's conf/ folder (see project_root)."""
+    return project_root(start) / CONF
+
+
+def compose_raw(overrides: list[str] | None = None, config_dir: Path | None = None) -> DictConfig:
+    """Compose the project's `conf/` (or `config_dir`) with Hydra overrides, exactly as DVC's
+    Hydra integration does."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
+    config_dir = Path(config_dir) if config_dir is not None else conf_dir()
     rounds.register()  # conf/config.yaml derives the per-round keys with these resolvers
     try:
-        with initialize_config_dir(str(config_dir), version_base=None):
+        with initialize_config_dir(str(config_dir.resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     except HydraException as exc:
         raise PseudoLabelError(f"conf/: {exc}") from None
@@ -545,7 +572,7 @@ def compose_raw(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
     return cfg
 
 
-def compose(overrides: list[str] | None = None, config_dir: Path = CONF_DIR) -> DictConfig:
+def compose(overrides: list[str] | None = None, config_dir: Path | None = None) -> DictConfig:
     """Compose `conf/` with overrides and validate the result."""
     raw = compose_raw(overrides, config_dir)
     return validate(raw, origin="conf/ " + " ".join(overrides or []))

@@ -168,8 +168,9 @@ def _extended(path: Path) -> list[Path]:
     return [*bases, path]
 
 
-def sources(conf_dir: Path = config.CONF_DIR) -> list[tuple[str, Path]]:
+def sources(conf_dir: Path | None = None) -> list[tuple[str, Path]]:
     """(package prefix, file) for every conf/ file of the default composition, in order."""
+    conf_dir = conf_dir or config.conf_dir()
     files = [
         (group_package, file)
         for group, group_package, option in _defaults_list(conf_dir)
@@ -178,8 +179,9 @@ def sources(conf_dir: Path = config.CONF_DIR) -> list[tuple[str, Path]]:
     return [*files, ("", conf_dir / "config.yaml")]
 
 
-def config_keys(conf_dir: Path = config.CONF_DIR) -> list[Key]:
+def config_keys(conf_dir: Path | None = None) -> list[Key]:
     """Every key of the default composition with its default, source file and description."""
+    conf_dir = conf_dir or config.conf_dir()
     schema = schema_docs()
     defaults = OmegaConf.to_container(config.compose([], config_dir=conf_dir), resolve=True)
     set_in: dict[str, tuple[str, str]] = {}
@@ -234,8 +236,9 @@ def _groups(conf_dir: Path) -> list[str]:
     return rows
 
 
-def render(conf_dir: Path = config.CONF_DIR) -> str:
+def render(conf_dir: Path | None = None) -> str:
     """The configuration reference page (Markdown)."""
+    conf_dir = conf_dir or config.conf_dir()
     lines = [
         "# Configuration reference",
         "",

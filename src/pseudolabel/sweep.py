@@ -42,7 +42,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pseudolabel import plots, rounds, tracking  # noqa: E402
-from pseudolabel.config import CONF_DIR, load_params, validate  # noqa: E402
+from pseudolabel.config import conf_dir, load_params, validate  # noqa: E402
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
 
@@ -372,8 +372,7 @@ def swept_columns(table: pd.DataFrame) -> list[str]:
 # --- The Hydra app ------------------------------------------------------------------------------
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="sweep", version_base="1.3")
-def main(config: DictConfig) -> float:
+def job(config: DictConfig) -> float:
     """One job: select, merge, train the student, evaluate. Returns the student's accuracy."""
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir).resolve()
@@ -387,6 +386,17 @@ def main(config: DictConfig) -> float:
         (job_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         log.exception("job %s failed; the sweep goes on", hydra_cfg.job.num)
         return math.nan
+
+
+def main() -> None:
+    """`pseudolabel-sweep`: the Hydra app on the project's conf/sweep.yaml (found from the
+    working directory, so decided at run time, not at import)."""
+    try:
+        config_path = str(conf_dir())
+    except PseudoLabelError as exc:
+        print(f"pseudolabel-sweep: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    hydra.main(config_path=config_path, config_name="sweep", version_base="1.3")(job)()
 
 
 if __name__ == "__main__":
