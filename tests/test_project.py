@@ -129,7 +129,7 @@ def _run(cmd, cwd, env, timeout=600):
     return result.stdout
 
 
-@pytest.mark.slow  # ~60-90 s: a wheel build and `dvc repro` of the smoke experiment
+@pytest.mark.slow  # ~70 s of CPU (a wheel build, `dvc repro` of the smoke experiment)
 def test_the_wheel_runs_the_pipeline_in_a_fresh_repository(tmp_path):
     """What a user does: install the wheel, `pseudolabel init` in their repository, compose,
     `dvc repro`. Nothing may come from this source tree."""

@@ -45,8 +45,11 @@ def user_dvc_yaml(text: str, version: str = __version__) -> str:
         f"# pseudolabel package, recorded in {LOCK}: every stage depends on that file, so",
         "# `pseudolabel lock` after an upgrade re-runs them all.",
     ]
+    lines = text.splitlines()
+    while lines and lines[0].startswith("#"):  # this repository's header, about its src/ deps
+        lines.pop(0)
     replaced = False
-    for line in text.splitlines():
+    for line in lines:
         if _CODE_COMMENT.match(line):
             continue
         match = _CODE_DEP.match(line)
