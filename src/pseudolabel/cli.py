@@ -4,18 +4,15 @@ and `lineage`."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import os
 import sys
 from pathlib import Path
 
-# Quiet TensorFlow's C++ start-up chatter; set before TensorFlow is imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from pseudolabel import __version__  # noqa: E402
-from pseudolabel.errors import PseudoLabelError  # noqa: E402
-from pseudolabel.stages import ENTRIES as STAGE_ENTRIES  # noqa: E402  (imports no stage)
-from pseudolabel.stages import entry  # noqa: E402
+import pseudolabel  # also quiets TensorFlow (TF_CPP_MIN_LOG_LEVEL)
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.stages import ENTRIES as STAGE_ENTRIES  # imports no stage
+from pseudolabel.stages import entry
 
 STAGE_NAMES = tuple(name for name in STAGE_ENTRIES if name != "round")
 # In a project made by `pseudolabel init`, the installed version its stages depend on
@@ -23,8 +20,8 @@ STAGE_NAMES = tuple(name for name in STAGE_ENTRIES if name != "round")
 LOCK = "pseudolabel.lock"
 
 
-def lock_text(version: str = __version__) -> str:
-    return f"pseudolabel=={version}\n"
+def lock_text(version: str | None = None) -> str:
+    return f"pseudolabel=={version or pseudolabel.__version__}\n"
 
 
 def check_lock(root: str | Path = ".") -> None:
@@ -36,7 +33,7 @@ def check_lock(root: str | Path = ".") -> None:
     recorded = path.read_text(encoding="utf-8").strip()
     if recorded != lock_text().strip():
         raise PseudoLabelError(
-            f"{LOCK} records {recorded or 'nothing'} but pseudolabel {__version__} is "
+            f"{LOCK} records {recorded or 'nothing'} but pseudolabel {pseudolabel.__version__} is "
             "installed: run `pseudolabel lock` to record it (DVC then re-runs every stage), "
             "or install that version."
         )
@@ -73,12 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_lineage(run_id: str, params: str) -> int:
-    import mlflow
-
     from pseudolabel import tracking
     from pseudolabel.config import load_params
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(load_params(params)))
+    tracking.use_store(load_params(params))
     for hop, text in tracking.lineage(run_id):
         print(f"{hop + ':':<22} {text}")
     return 0
@@ -107,18 +102,17 @@ def main(argv: list[str] | None = None) -> int:
             output.write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
             logging.info("wrote %s", output)
             return 0
-        if args.command == "init":
-            from pseudolabel.project import init
-
-            written = init(".", force=args.force)
-            logging.info(
-                "wrote %d files; next: `pseudolabel compose ...`, `dvc repro`", len(written)
-            )
-            return 0
-        if args.command == "lock":
-            from pseudolabel.project import write_lock
-
-            logging.info("wrote %s", write_lock("."))
+        if args.command in ("init", "lock"):
+            # Like the stages (ENTRIES), a command's module is imported only when it runs:
+            # project.py is never stage code, so no stage's deps list it.
+            project = importlib.import_module("pseudolabel.project")
+            if args.command == "init":
+                written = project.init(".", force=args.force)
+                logging.info(
+                    "wrote %d files; next: `pseudolabel compose`, `dvc repro`", len(written)
+                )
+            else:
+                logging.info("wrote %s", project.write_lock("."))
             return 0
         if args.command == "lineage":
             return _print_lineage(args.run_id, args.params)

@@ -20,31 +20,28 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import shutil
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import hydra
+import mlflow
+import pandas as pd
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
-from hydra.core.utils import JobReturn, JobStatus  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from pseudolabel import plots, rounds, tracking  # noqa: E402
-from pseudolabel.config import conf_dir, load_params, validate  # noqa: E402
-from pseudolabel.errors import PseudoLabelError  # noqa: E402
-from pseudolabel.paths import Paths  # noqa: E402
+from pseudolabel import plots, rounds, tracking
+from pseudolabel.config import conf_dir, load_params, validate
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.paths import Paths
 
 log = logging.getLogger(__name__)
 rounds.register()  # conf/config.yaml's per-round keys (Hydra's plugin scan also registers them)
