@@ -49,9 +49,17 @@ def tracking_uri(cfg) -> str:
     return uri
 
 
-def configure(cfg) -> None:
+def use_store(cfg) -> str:
+    """Point MLflow at the configured store: the one place set_tracking_uri is called, and
+    only when it changes (a process sets it once, however many runs it opens)."""
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def configure(cfg) -> None:
+    uri = use_store(cfg)
     name = cfg.tracking.experiment
     if uri.startswith(SQLITE) and mlflow.get_experiment_by_name(name) is None:
         # Artifacts beside the database (the project's mlruns/ for the default store), whichever

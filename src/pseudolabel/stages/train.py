@@ -15,7 +15,7 @@ import pandas as pd
 import tensorflow as tf
 
 from pseudolabel import consistency, labeling, merging, plots, tracking, training
-from pseudolabel.config import AugmentConfig, to_dict
+from pseudolabel.config import no_augmentation, to_dict
 from pseudolabel.data.images import (
     labelled_dataset,
     labelled_files,
@@ -105,7 +105,7 @@ def _consistency_model(cfg, class_names, train_labels, size, channels, steps, n_
     the ConsistencyModel that trains it."""
     student = cfg.student
     n = len(class_names)
-    classifier = build_model(student.model, AugmentConfig(), n, size, channels, "student")
+    classifier = build_model(student.model, no_augmentation(), n, size, channels, "student")
     prior = np.bincount(train_labels, minlength=n).astype(np.float64) + 1.0
     return consistency.ConsistencyModel(
         classifier,
