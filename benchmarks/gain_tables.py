@@ -50,8 +50,7 @@ def summary(rows: list[dict]) -> str:
     for (budget, setting, compute, overrides), group in _groups(rows).items():
         seeds = ", ".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]))
         minutes = [
-            (r["shared_seconds"] + r["baseline_seconds"] + r["student_seconds"]) / 60
-            for r in group
+            (r["shared_seconds"] + r["baseline_seconds"] + r["student_seconds"]) / 60 for r in group
         ]
         lines.append(
             f"| {budget} | {setting} | {compute}x | {overrides or '–'} | {seeds} | "
