@@ -65,6 +65,7 @@ SETTINGS = {
         "student.train.epochs=12",
         "student.train.batch_size=64",
         "student.train.ema=0.0",
+        "student.train.label_smoothing=0.1",
     ],
     "consistency": ["student.consistency.enabled=true"],
 }

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import pytest
 
-import pytest  # noqa: E402
-
-from pseudolabel.config import compose  # noqa: E402
-from pseudolabel.paths import Paths  # noqa: E402
+from pseudolabel.config import compose  # pseudolabel sets TF_CPP_MIN_LOG_LEVEL
+from pseudolabel.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
 
 
 @pytest.fixture(scope="session")

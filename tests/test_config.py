@@ -5,9 +5,18 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from pseudolabel.config import CONF_DIR, compose, compose_raw, load_params, validate
+from pseudolabel.config import (
+    MODEL_NAMES,
+    AugmentConfig,
+    compose,
+    compose_raw,
+    group_options,
+    load_params,
+    no_augmentation,
+    validate,
+)
 from pseudolabel.errors import PseudoLabelError
-from tests.conftest import REPO
+from tests.conftest import CONF_DIR, REPO
 
 
 def test_params_yaml_is_the_composition_of_conf():
@@ -24,9 +33,9 @@ def test_params_yaml_validates():
 
 @pytest.mark.parametrize(
     "overrides",
-    [[f"data={p.stem}"] for p in (CONF_DIR / "data").glob("*.yaml")]
-    + [[f"model@student.model={p.stem}"] for p in (CONF_DIR / "model").glob("*.yaml")]
-    + [[f"+experiment={p.stem}"] for p in (CONF_DIR / "experiment").glob("*.yaml")],
+    [[f"data={name}"] for name in group_options(CONF_DIR / "data")]
+    + [[f"model@student.model={name}"] for name in group_options(CONF_DIR / "model")]
+    + [[f"+experiment={name}"] for name in group_options(CONF_DIR / "experiment")],
 )
 def test_every_config_option_composes(overrides):
     compose(overrides)
@@ -50,10 +59,83 @@ def test_null_threshold_keeps_all():
 def test_unknown_key_and_wrong_type_are_clear_errors():
     with pytest.raises(PseudoLabelError, match="conf/"):
         compose(["pseudo_label.threshhold=0.5"])
-    with pytest.raises(PseudoLabelError):
-        validate({"teacher": {"train": {"epochs": "many"}}})
+    raw = OmegaConf.to_container(compose_raw())
+    raw["teacher"]["train"]["epochs"] = "many"
+    with pytest.raises(PseudoLabelError, match="epochs"):
+        validate(raw)
+    raw = OmegaConf.to_container(compose_raw())
+    raw["data"]["source"] = "imagenet"
     with pytest.raises(PseudoLabelError, match="data.source"):
-        validate({"data": {"source": "imagenet"}})
+        validate(raw)
+
+
+# A top-level key, keys of each section, and nested ones down to an augmentation switch.
+MISSING_KEYS = [
+    "seed",
+    "data.max_pixels",
+    "teacher.path",
+    "student.train.ema",
+    "student.consistency.strong.erasing",
+    "teacher.model.fine_tune_from",
+    "pseudo_label.calibrate",
+    "tracking.uri",
+]
+
+
+def _params_without(key: str, path) -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    path.write_text(yaml.safe_dump(raw))
+
+
+@pytest.mark.parametrize("key", MISSING_KEYS)
+def test_a_key_missing_from_params_is_an_error_naming_it(key, tmp_path):
+    """The schema has no values of its own: a key params.yaml lacks is not silently defaulted."""
+    params = tmp_path / "params.yaml"
+    _params_without(key, params)
+    with pytest.raises(PseudoLabelError) as caught:
+        load_params(params)
+    message = str(caught.value)
+    assert message == (f"{params}: key {key} is missing; recompose with `pseudolabel compose`"), (
+        message
+    )
+
+
+def test_cli_names_the_missing_key_in_one_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    _params_without("student.train.ema", broken)
+    run = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "merge", "--params", str(broken)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines == [
+        f"pseudolabel merge: error: {broken}: key student.train.ema is missing; "
+        "recompose with `pseudolabel compose`"
+    ], run.stderr
+
+
+def test_the_zoo_is_written_once():
+    """Every conf/model/ option builds a zoo model, and every zoo model has its conf file."""
+    names = {
+        OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml").name
+        for option in group_options(CONF_DIR / "model")
+    }
+    assert names == set(MODEL_NAMES)
+    assert set(MODEL_NAMES) <= set(group_options(CONF_DIR / "model"))
+
+
+def test_no_augmentation_sets_every_field_off():
+    augment = no_augmentation()
+    assert set(vars(augment)) == set(AugmentConfig.__dataclass_fields__)
+    assert not any(vars(augment).values())
 
 
 def test_compose_cli_writes_params(tmp_path):
@@ -69,7 +151,9 @@ def test_compose_cli_writes_params(tmp_path):
 
 def test_cli_reports_bad_params_without_traceback(tmp_path):
     bad = tmp_path / "params.yaml"
-    bad.write_text("pseudo_label:\n  threshold: 1.5\n")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["pseudo_label"]["threshold"] = 1.5
+    bad.write_text(yaml.safe_dump(raw))
     run = subprocess.run(
         [sys.executable, "-m", "pseudolabel.cli", "merge", "--params", str(bad)],
         capture_output=True,

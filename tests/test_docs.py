@@ -94,3 +94,13 @@ def test_fallback_descriptions_are_only_for_uncommented_fields():
         assert not schema[cls][field][1], (
             f"{name} now has a comment in config.py: delete its UNCOMMENTED entry in docs.py"
         )
+
+
+def test_the_gain_tables_are_generated_from_the_committed_benchmark_json():
+    """docs/gain.md's tables are benchmarks/gain_tables.py's output on ssl_gain.json."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gain_tables.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr

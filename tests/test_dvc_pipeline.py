@@ -117,6 +117,7 @@ def test_dvc_repro_then_nothing(ran):
     assert _ran(ran.first) == {
         "ingest",
         "train_teacher",
+        "train_baseline",
         "pseudo_label",
         "merge",
         "train_student",

@@ -154,7 +154,7 @@ POISONS = {
 
 @pytest.mark.parametrize("how", POISONS)
 def test_poisoned_csv_is_refused_before_train_ssl_is_touched(merge_project, smoke_cfg, how):
-    from pseudolabel.stages import merge
+    from pseudolabel.stages.merge import merge
 
     paths = merge_project
     before = _digest(paths.merged)
@@ -197,7 +197,7 @@ def test_merge_refuses_a_symlink_out_of_the_unlabelled_folder(merge_project, smo
     import pandas as pd
 
     from pseudolabel.labeling import read_csv, to_frame, write_csv
-    from pseudolabel.stages import merge
+    from pseudolabel.stages.merge import merge
 
     paths = merge_project
     secret = tmp_path / "elsewhere" / "secret.png"
@@ -257,7 +257,7 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
     import os
     import shutil
 
-    from pseudolabel.stages import ingest
+    from pseudolabel.stages.ingest import ingest
 
     user, outside = user_folders
     unl = user / "unlabeled"
@@ -302,7 +302,7 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
 
 def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg, monkeypatch):
     from pseudolabel import merging
-    from pseudolabel.stages import merge
+    from pseudolabel.stages.merge import merge
 
     paths = merge_project
     before = _digest(paths.merged)
@@ -403,7 +403,7 @@ def test_images_over_max_pixels_are_reported_not_decoded(user_folders, tmp_path)
 
     from PIL import Image
 
-    from pseudolabel.stages import ingest
+    from pseudolabel.stages.ingest import ingest
 
     user, _ = user_folders
     unl = user / "unlabeled"
@@ -421,10 +421,8 @@ def test_images_over_max_pixels_are_reported_not_decoded(user_folders, tmp_path)
     assert "10000" in report[str(unl / "warns.png")][1]
     assert summary["unlabeled"] == 40
     assert limit == Image.MAX_IMAGE_PIXELS  # PIL's global limit restored
-    # The default (conf/data/folder.yaml, equal to the dataclass) lets them through.
-    from pseudolabel.config import DataConfig
-
-    assert _folder_cfg(user).data.max_pixels == DataConfig.max_pixels == 40_000_000
+    # The default (conf/data/_base.yaml) lets them through.
+    assert _folder_cfg(user).data.max_pixels == 40_000_000
     assert ingest(_folder_cfg(user), Paths(tmp_path / "default"))["unlabeled"] == 42
 
 

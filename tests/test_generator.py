@@ -70,7 +70,8 @@ def test_foreign_h5_model_with_outside_preprocessing(pipeline, tmp_path):
     foreign = keras.Model(inputs, outputs)
     h5 = tmp_path / "model.h5"
     foreign.save(h5)
-    gen = _generator(pipeline, tmp_path, model_path=h5, input_scale="0-1")
+    # calibrate=False: the raw softmax, to compare with the model's own predictions.
+    gen = _generator(pipeline, tmp_path, model_path=h5, input_scale="0-1", calibrate=False)
     frame = gen.generate_pseudolabel_data(batch_size=16)
     first = [pipeline.unlabeled / p for p in frame["path"][:5]]
     pixels = np.stack([np.asarray(keras.utils.load_img(p, color_mode="grayscale")) for p in first])
@@ -108,3 +109,22 @@ def test_predict_folder_reports_undecodable_files(pipeline, tmp_path):
     frame, failed = predict_folder(model, meta, folder, batch_size=2)
     assert failed == ["broken.png"]
     assert frame["path"].tolist() == sorted(f"nested/{p.name}" for p in good)
+
+
+def test_facade_writes_the_pipelines_csv_for_the_same_teacher_and_images(
+    pipeline, smoke_cfg, tmp_path
+):
+    """The facade calibrates on the val folder beside train/ with the stage's own function,
+    so its confidences are the pipeline's, not the raw softmax."""
+    from pseudolabel.labeling import read_csv
+
+    gen = _generator(pipeline, tmp_path)
+    assert gen.val_data_path == pipeline.val
+    gen.generate_pseudolabel_data(batch_size=smoke_cfg.pseudo_label.batch_size)
+    ours = read_csv(tmp_path / "outputs" / "data.csv")
+    theirs = read_csv(pipeline.csv)
+    pd.testing.assert_frame_equal(ours, theirs, check_exact=False, rtol=1e-6, atol=1e-9)
+    raw = _generator(pipeline, tmp_path / "raw", calibrate=False)
+    raw.generate_pseudolabel_data(batch_size=smoke_cfg.pseudo_label.batch_size)
+    uncalibrated = read_csv(tmp_path / "raw" / "outputs" / "data.csv")
+    assert np.allclose(uncalibrated["confidence"], theirs["raw_confidence"], atol=1e-6)

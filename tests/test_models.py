@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 
 from pseudolabel import training
-from pseudolabel.config import CONF_DIR, KERAS_PREPROCESSING, MODEL_NAMES, compose
+from pseudolabel.config import KERAS_PREPROCESSING, MODEL_NAMES, compose, group_options
 from pseudolabel.data.images import labelled_files, path_image_dataset
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import BACKBONES, backbone_of, build_model
 from pseudolabel.paths import Paths
 from pseudolabel.stages import train_teacher
+from tests.conftest import CONF_DIR
 
 BIG = {"efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnetv2_m"}
 BIG |= {"efficientnetv2_l"}
@@ -44,7 +45,7 @@ def _raw_pixels(shape, seed=0):
 
 def test_zoo_names_configs_and_builders_agree():
     assert set(MODEL_NAMES) == {"small_cnn", *BACKBONES}
-    assert {p.stem for p in (CONF_DIR / "model").glob("*.yaml")} >= set(MODEL_NAMES)
+    assert set(group_options(CONF_DIR / "model")) >= set(MODEL_NAMES)
     for module in KERAS_PREPROCESSING:  # every named input_scale is a keras.applications one
         assert callable(getattr(keras.applications, module).preprocess_input), module
 

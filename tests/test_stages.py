@@ -124,7 +124,9 @@ def test_threshold_out_of_range_stops_merge_before_writing(pipeline, smoke_cfg):
     from pseudolabel.config import to_dict, validate
 
     with pytest.raises(PseudoLabelError, match="threshold"):
-        validate({**to_dict(smoke_cfg), "pseudo_label": {"threshold": 1.5}})
+        raw = to_dict(smoke_cfg)
+        raw["pseudo_label"]["threshold"] = 1.5
+        validate(raw)
 
 
 def test_missing_inputs_stop_with_the_path(tmp_path, smoke_cfg, pipeline):

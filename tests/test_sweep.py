@@ -22,9 +22,10 @@ SMOKE = "+experiment=smoke"
 
 @pytest.fixture(scope="module")
 def project(pipeline, tmp_path_factory) -> Path:
-    """A copy of the `pipeline` fixture's root made a project: dvc.yaml and params.yaml."""
+    """A copy of the `pipeline` fixture's root made a project: conf/, dvc.yaml, params.yaml."""
     root = tmp_path_factory.mktemp("sweep") / "project"
     shutil.copytree(pipeline.root, root)
+    shutil.copytree(REPO / "conf", root / "conf")  # pseudolabel-sweep composes the project's
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(to_yaml(compose_raw([SMOKE])), encoding="utf-8")
     return root

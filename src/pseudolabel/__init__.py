@@ -1,6 +1,12 @@
 """pseudolabel: make an image classifier better with unlabelled images."""
 
-from pseudolabel.errors import PseudoLabelError
+import os
+
+# Quiet TensorFlow's C++ start-up chatter: the one place it is set. This runs before any
+# pseudolabel module, so before TensorFlow in every entry point (CLI, sweep, facade, tests).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pseudolabel.errors import PseudoLabelError  # noqa: E402
 
 __all__ = ["PseudoLabelError", "PseudoLabelGenerator"]
 __version__ = "0.1.0"

@@ -1,21 +1,42 @@
-"""`pseudolabel <stage>`: the thin entry points dvc.yaml calls, plus `compose`."""
+"""`pseudolabel <stage>`: the thin entry points dvc.yaml calls, plus `compose`, `init`, `lock`
+and `lineage`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import os
 import sys
 from pathlib import Path
 
-# Quiet TensorFlow's C++ start-up chatter; set before TensorFlow is imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from pseudolabel.errors import PseudoLabelError  # noqa: E402
-from pseudolabel.stages import ENTRIES as STAGE_ENTRIES  # noqa: E402  (imports no stage)
-from pseudolabel.stages import entry  # noqa: E402
+import pseudolabel  # also quiets TensorFlow (TF_CPP_MIN_LOG_LEVEL)
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.stages import ENTRIES as STAGE_ENTRIES  # imports no stage
+from pseudolabel.stages import entry
 
 STAGE_NAMES = tuple(name for name in STAGE_ENTRIES if name != "round")
+# In a project made by `pseudolabel init`, the installed version its stages depend on
+# (pseudolabel.project explains why).
+LOCK = "pseudolabel.lock"
+
+
+def lock_text(version: str | None = None) -> str:
+    return f"pseudolabel=={version or pseudolabel.__version__}\n"
+
+
+def check_lock(root: str | Path = ".") -> None:
+    """A project made by `pseudolabel init` runs only the version its lock records; a
+    development checkout (no lock: its dvc.yaml depends on the source) is not checked."""
+    path = Path(root) / LOCK
+    if not path.is_file():
+        return
+    recorded = path.read_text(encoding="utf-8").strip()
+    if recorded != lock_text().strip():
+        raise PseudoLabelError(
+            f"{LOCK} records {recorded or 'nothing'} but pseudolabel {pseudolabel.__version__} is "
+            "installed: run `pseudolabel lock` to record it (DVC then re-runs every stage), "
+            "or install that version."
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     round_.add_argument("--params", default="params.yaml", help="composed parameter file")
     compose = sub.add_parser("compose", help="compose conf/ (+ overrides) into params.yaml")
     compose.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=digits")
-    compose.add_argument("-o", "--output", default="params.yaml")
+    compose.add_argument("-o", "--output", help="default: params.yaml beside the project's conf/")
+    init = sub.add_parser(
+        "init", help="write conf/, dvc.yaml, params.yaml and the DVC settings into this git repo"
+    )
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    sub.add_parser("lock", help=f"record the installed version in {LOCK} (re-runs the stages)")
     lineage = sub.add_parser(
         "lineage", help="print a student run's chain: CSV md5 -> labelling run -> teacher -> data"
     )
@@ -44,12 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_lineage(run_id: str, params: str) -> int:
-    import mlflow
-
     from pseudolabel import tracking
     from pseudolabel.config import load_params
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(load_params(params)))
+    tracking.use_store(load_params(params))
     for hop, text in tracking.lineage(run_id):
         print(f"{hop + ':':<22} {text}")
     return 0
@@ -71,16 +95,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "compose":
-            from pseudolabel.config import compose, compose_raw, to_yaml
+            from pseudolabel.config import compose, compose_raw, project_root, to_yaml
 
             compose(args.overrides)  # validate before writing
-            Path(args.output).write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
-            logging.info("wrote %s", args.output)
+            output = Path(args.output or project_root() / "params.yaml")
+            output.write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
+            logging.info("wrote %s", output)
+            return 0
+        if args.command in ("init", "lock"):
+            # Like the stages (ENTRIES), a command's module is imported only when it runs:
+            # project.py is never stage code, so no stage's deps list it.
+            project = importlib.import_module("pseudolabel.project")
+            if args.command == "init":
+                written = project.init(".", force=args.force)
+                logging.info(
+                    "wrote %d files; next: `pseudolabel compose`, `dvc repro`", len(written)
+                )
+            else:
+                logging.info("wrote %s", project.write_lock("."))
             return 0
         if args.command == "lineage":
             return _print_lineage(args.run_id, args.params)
         from pseudolabel.config import load_params
 
+        check_lock()
         cfg = load_params(args.params)
         _check_tracking_server(cfg)
         stage = entry(args.command)

@@ -1,8 +1,10 @@
 """Configuration: the schema (dataclasses), loading of params.yaml, and Hydra composition.
 
-`conf/` is the one source of truth. `params.yaml` is its composition (written by
-`pseudolabel compose` or by DVC on `dvc exp run`); every entry point loads a config through
-`load_params` or `compose`, and both validate it against the dataclasses below.
+`conf/` is the one source of truth, for values too: the dataclasses below are a schema of
+types and structure only (every field is MISSING), so a key that conf/ or params.yaml lacks is
+an error naming it, never a silent default from here. `params.yaml` is conf/'s composition
+(written by `pseudolabel compose` or by DVC on `dvc exp run`); every entry point loads a config
+through `load_params` or `compose`, and both validate it against the schema.
 """
 
 from __future__ import annotations
@@ -13,20 +15,32 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pseudolabel import rounds
 from pseudolabel.errors import PseudoLabelError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The project's configuration folder, read from the project (never from this package: an
+# installed pseudolabel composes the conf/ that `pseudolabel init` wrote into your repository).
+CONF = "conf"
 DATA_SOURCES = ("fashion_mnist", "digits", "folder")
 LINK_MODES = ("copy", "hardlink", "symlink")
-EFFICIENTNETS = (
-    *(f"efficientnet_b{i}" for i in range(8)),
-    *(f"efficientnetv2_{v}" for v in ("b0", "b1", "b2", "b3", "s", "m", "l")),
-)
+# The model zoo, written once: zoo name -> keras.applications constructor (models/builders.py
+# builds them; conf/model/ has one file per name, tests/test_config.py checks both ways).
+BACKBONES = {
+    **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)},
+    **{f"efficientnetv2_b{i}": f"EfficientNetV2B{i}" for i in range(4)},
+    **{f"efficientnetv2_{s}": f"EfficientNetV2{s.upper()}" for s in "sml"},
+}
+EFFICIENTNETS = tuple(BACKBONES)
 MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
+# How pseudo-labelled images are selected (pseudo_label.selection; merging.py applies them).
+SELECTIONS = ("threshold", "per_class", "topk")
+# What data.labeled_root / unlabeled_root name for the built-in sources (conf/data/_base.yaml):
+# a folder every project has, since dvc.yaml's ingest depends on both roots. data=folder must
+# point them at the user's folders instead.
+BUILTIN_ROOT = "conf/data"
 # keras.applications refuses EfficientNet inputs smaller than this (height and width, pixels).
 MIN_INPUT_SIZE = {name: 32 for name in EFFICIENTNETS}
 # keras.applications modules whose `preprocess_input` a foreign teacher may name as its scale.
@@ -54,108 +68,123 @@ POOLINGS = ("avg", "max")
 
 @dataclass
 class DataConfig:
-    source: str = "fashion_mnist"
+    source: str = MISSING
     # Debian's dataset-fashion-mnist package puts the IDX files here.
-    idx_dir: str = "/usr/share/datasets/fashion-mnist"
-    train_per_class: int = 50
-    val_per_class: int = 20
+    idx_dir: str = MISSING
+    train_per_class: int = MISSING
+    val_per_class: int = MISSING
     # None: the whole official test split (Fashion-MNIST) / everything left (digits).
-    test_per_class: int | None = None
-    unlabeled: int = 20000
-    image_size: list[int] = field(default_factory=lambda: [28, 28])
-    channels: int = 1
+    test_per_class: int | None = MISSING
+    unlabeled: int = MISSING
+    image_size: list[int] = MISSING
+    channels: int = MISSING
     # source=folder (conf/data/folder.yaml): your own images. Built-in sources point both roots
-    # at their loader so that dvc.yaml's `${data.labeled_root}` dependency always exists.
-    labeled_root: str = "src/pseudolabel/data/sources.py"
-    unlabeled_root: str = "src/pseudolabel/data/sources.py"
+    # at BUILTIN_ROOT so that dvc.yaml's `${data.labeled_root}` dependency always exists.
+    labeled_root: str = MISSING
+    unlabeled_root: str = MISSING
     # Shares of each class split off train/ when val/ or test/ is absent (seeded, files unmoved).
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    link: str = "copy"  # how the view holds usable files: copy, hardlink or symlink
-    min_size: int = 16  # pixels; smaller images are reported and left out
-    max_pixels: int = 40_000_000  # height x width; larger ones (decompression bombs) reported
-    near_duplicates: bool = False  # also exclude unlabelled near-copies of val/test (dHash)
-    near_duplicate_distance: int = 4  # max differing bits of the 64-bit perceptual hash
-    workers: int | None = None  # checking threads; None: all cores
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    link: str = MISSING  # how the view holds usable files: copy, hardlink or symlink
+    min_size: int = MISSING  # pixels; smaller images are reported and left out
+    max_pixels: int = MISSING  # height x width; larger ones (decompression bombs) reported
+    near_duplicates: bool = MISSING  # also exclude unlabelled near-copies of val/test (dHash)
+    near_duplicate_distance: int = MISSING  # max differing bits of the 64-bit perceptual hash
+    workers: int | None = MISSING  # checking threads; None: all cores
 
 
 @dataclass
 class ModelConfig:
     """One model of the zoo (conf/model/): small_cnn or a keras.applications EfficientNet."""
 
-    name: str = "small_cnn"
+    name: str = MISSING
     # small_cnn: `depth` blocks of two convolutions, `width` filters in the first.
-    width: int = 32
-    depth: int = 2
+    width: int = MISSING
+    depth: int = MISSING
     # The head of every model: global pooling (avg|max), dropout, an optional hidden Dense
     # layer (0: none), softmax.
-    pooling: str = "avg"
-    hidden_units: int = 0
-    dropout: float = 0.3
+    pooling: str = MISSING
+    hidden_units: int = MISSING
+    dropout: float = MISSING
     # [height, width] the images are resized to inside the model; None: data.image_size.
-    input_size: list[int] | None = None
+    input_size: list[int] | None = MISSING
     # EfficientNets: "imagenet", null (random initialisation) or the path of a weights file.
-    weights: str | None = None
+    weights: str | None = MISSING
     # EfficientNets: stochastic depth (keras' drop_connect_rate, rising over the blocks).
-    drop_connect_rate: float = 0.2
+    drop_connect_rate: float = MISSING
     # With pretrained weights, training runs in two phases: `train.epochs` with the backbone
     # frozen, then `fine_tune_epochs` at learning_rate * fine_tune_lr_factor with the backbone
     # trainable from the layer `fine_tune_from` (a layer name or its start, e.g. block6a;
     # null: the whole backbone). BatchNorm layers stay frozen. Without pretrained weights the
     # whole model trains in one phase.
-    fine_tune_from: str | None = None
-    fine_tune_epochs: int = 0
-    fine_tune_lr_factor: float = 0.1
+    fine_tune_from: str | None = MISSING
+    fine_tune_epochs: int = MISSING
+    fine_tune_lr_factor: float = MISSING
 
 
 @dataclass
 class AugmentConfig:
     """Keras preprocessing layers inside the model; active only while training."""
 
-    flip: bool = False
-    translate: float = 0.0
-    rotate: float = 0.0
-    zoom: float = 0.0
-    contrast: float = 0.0
+    flip: bool = MISSING
+    translate: float = MISSING
+    rotate: float = MISSING
+    zoom: float = MISSING
+    contrast: float = MISSING
     # keras.layers.RandAugment: number of random ops per image (0: off) and their strength.
-    randaugment_ops: int = 0
-    randaugment_magnitude: float = 0.5
+    randaugment_ops: int = MISSING
+    randaugment_magnitude: float = MISSING
     # keras.layers.RandomErasing: probability that an image gets a rectangle of noise.
-    erasing: float = 0.0
+    erasing: float = MISSING
     # keras.layers.MixUp on each training batch (images and targets blended): its alpha,
     # 0: off. Applied in the tf.data pipeline, since it needs the targets too.
-    mixup: float = 0.0
+    mixup: float = MISSING
+
+
+def no_augmentation() -> AugmentConfig:
+    """An AugmentConfig with every kind of noise off (the schema itself has no values)."""
+    return AugmentConfig(
+        flip=False,
+        translate=0.0,
+        rotate=0.0,
+        zoom=0.0,
+        contrast=0.0,
+        randaugment_ops=0,
+        randaugment_magnitude=0.0,
+        erasing=0.0,
+        mixup=0.0,
+    )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    patience: int = 8
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    learning_rate: float = MISSING
+    patience: int = MISSING
     # At the end, the weights of the best val-accuracy epoch (Keras EarlyStopping's
     # restore_best_weights); false: the last epoch's. With a val set of a few hundred images the
     # best of N noisy scores is mostly luck, and a decayed learning rate ends on good weights.
-    restore_best_weights: bool = True
-    label_smoothing: float = 0.0
+    restore_best_weights: bool = MISSING
+    label_smoothing: float = MISSING
     # Optimiser steps per epoch (Keras's steps_per_epoch; the training data repeats as needed);
     # None: one pass over the training images. An epoch is when val is scored, the best weights
     # kept, early stopping decided and MLflow logged: a few hundred images give 2-16 step epochs
     # whose overhead can outweigh the training.
-    steps_per_epoch: int | None = None
+    steps_per_epoch: int | None = MISSING
     # Student only: the share of each batch drawn from the labelled images (the rest from the
     # pseudo-labelled ones); None samples the merged set uniformly.
-    labeled_fraction: float | None = None
+    labeled_fraction: float | None = MISSING
     # Weight each class by n_images / (n_classes * its count) in the loss.
-    class_weights: bool = False
+    class_weights: bool = MISSING
     # Mixed precision, float32 weights: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with
     # native bfloat16 (AVX512-BF16/AMX); elsewhere a warning and float32.
-    mixed_precision: bool = False
+    mixed_precision: bool = MISSING
     # tf.config.experimental.enable_op_determinism(): reproducible, slower.
-    deterministic: bool = False
+    deterministic: bool = MISSING
     # Keep an exponential moving average of the weights with this momentum (e.g. 0.999) and
     # save it as the model (Keras optimizers' use_ema); 0: off.
-    ema: float = 0.0
+    ema: float = MISSING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -163,16 +192,16 @@ class TrainConfig:
 class TeacherConfig:
     # An existing model (.keras, .h5 or a SavedModel folder) to use as the teacher instead of
     # training one.
-    path: str | None = None
+    path: str | None = MISSING
     # What that model expects: "0-255" (raw), "0-1", "-1-1", or a keras.applications module
     # whose preprocess_input it needs (e.g. resnet50); "auto": raw pixels if the model starts
     # with a Rescaling layer, else an error asking for the scale. Models trained here take raw
     # pixels and scale inside themselves.
-    input_scale: str = "auto"
+    input_scale: str = MISSING
     # The model's output classes in order; None: the sorted train folder names.
-    class_names: list[str] | None = None
+    class_names: list[str] | None = MISSING
     # Load a model with Lambda layers (arbitrary Python code): only for files you trust.
-    allow_unsafe: bool = False
+    allow_unsafe: bool = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -181,23 +210,23 @@ class TeacherConfig:
 class ConsistencyConfig:
     """The student's online term on every unlabelled image (pseudolabel.consistency)."""
 
-    enabled: bool = False
+    enabled: bool = MISSING
     # Unlabelled images per labelled one in each step (mu): a step sees train.batch_size
     # labelled and ratio * batch_size unlabelled images (each as a weak and a strong view).
-    ratio: int = 3
+    ratio: int = MISSING
     # Confidence the student's weak-view prediction needs to become a target (FixMatch's tau).
-    threshold: float = 0.95
+    threshold: float = MISSING
     # FlexMatch: scale the threshold per class by how well the class is learnt so far.
-    flexible: bool = True
+    flexible: bool = MISSING
     # Weight of the online term (it rises linearly from 0 over the first `rampup` share of
     # the steps) and of the teacher's probabilities (the CSV) as targets of the strong view.
-    weight: float = 1.0
-    rampup: float = 0.1
-    teacher_weight: float = 1.0
+    weight: float = MISSING
+    rampup: float = MISSING
+    teacher_weight: float = MISSING
     # The teacher term falls linearly to 0 by the last step: the student outgrows its teacher.
-    teacher_decay: bool = True
+    teacher_decay: bool = MISSING
     # Align the student's predictions to the labelled class distribution (ReMixMatch).
-    distribution_alignment: bool = True
+    distribution_alignment: bool = MISSING
     # The views: weak (labelled images and the targets' view), strong (what learns from them).
     weak: AugmentConfig = field(default_factory=AugmentConfig)
     strong: AugmentConfig = field(default_factory=AugmentConfig)
@@ -208,7 +237,7 @@ class BaselineConfig:
     """train_baseline: the student's network, steps and weak view on the labelled images alone,
     so that evaluate can say whether the unlabelled images helped."""
 
-    enabled: bool = True
+    enabled: bool = MISSING
 
 
 @dataclass
@@ -219,69 +248,66 @@ class StudentConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     # Train on the teacher's probability vectors for pseudo-labelled images (from the merge
     # manifest) instead of one-hot pseudo-labels.
-    soft_labels: bool = False
+    soft_labels: bool = MISSING
     # Start from the teacher's weights wherever the student's leading layers have the same
     # shapes (small_cnn one block deeper: all the teacher's blocks); False: from scratch, as in
     # Noisy Student.
-    init_from_teacher: bool = False
+    init_from_teacher: bool = MISSING
     # After training on the merged set: this many epochs on the labelled images alone at
     # learning_rate * labeled_finetune_lr_factor (0: none); the best val epoch is kept.
-    labeled_finetune_epochs: int = 0
-    labeled_finetune_lr_factor: float = 0.1
-
-
-SELECTIONS = ("threshold", "per_class", "topk")
+    labeled_finetune_epochs: int = MISSING
+    labeled_finetune_lr_factor: float = MISSING
 
 
 @dataclass
 class PseudoLabelConfig:
     # Minimum top-1 confidence for an unlabelled image to join the student's training set;
     # None keeps every image, as in the seed. Also the line drawn on the selection charts.
-    threshold: float | None = 0.8
+    threshold: float | None = MISSING
     # threshold (the global one above) | per_class | topk (class-balanced, Noisy Student).
-    selection: str = "threshold"
+    selection: str = MISSING
     # per_class: {class: threshold}; classes left out use `threshold`. None derives each class's
     # threshold from val: the lowest one whose precision in that class reaches target_precision.
-    per_class_threshold: dict[str, float] | None = None
+    per_class_threshold: dict[str, float] | None = MISSING
     # topk: the K most confident images per predicted class; `duplicate` repeats the images of
     # a class that has fewer than K up to K.
-    top_k: int = 1000
-    duplicate: bool = False
+    top_k: int = MISSING
+    duplicate: bool = MISSING
     # The recommended threshold is the one keeping most images whose precision (estimated on
     # val) reaches this.
-    target_precision: float = 0.95
+    target_precision: float = MISSING
     # Temperature scaling fitted on val before any threshold; false keeps the raw softmax.
-    calibrate: bool = True
+    calibrate: bool = MISSING
     # Average the teacher's probabilities over each image and its horizontal mirror.
-    tta: bool = False
+    tta: bool = MISSING
     # Distribution alignment: reweight the (calibrated) probabilities per class so that their
     # mean over the unlabelled images matches the labelled images' class distribution.
-    distribution_alignment: bool = False
-    batch_size: int = 256
+    distribution_alignment: bool = MISSING
+    batch_size: int = MISSING
     # Predictions are flushed every chunk_size images, so a killed run resumes from there.
-    chunk_size: int = 4096
+    chunk_size: int = MISSING
     # Visual QA: images per row in each class's grid.
-    qa_images: int = 8
+    qa_images: int = MISSING
     # Noisy Student rounds: round r's student labels the images again as round r+1's teacher.
-    rounds: int = 1
+    rounds: int = MISSING
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "pseudolabel"
+    uri: str = MISSING
+    experiment: str = MISSING
     # evaluate registers the student as a version of this MLflow registered model (alias
     # champion on a win on the same test set, else challenger); null: no registration.
-    registered_model: str | None = "pseudolabel-student"
+    registered_model: str | None = MISSING
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = MISSING
     # Derived from pseudo_label.rounds by conf/config.yaml (pseudolabel.rounds): dvc.yaml's
     # per-round stages and the model `evaluate` scores.
-    rounds: dict[str, Any] = field(default_factory=dict)
-    final_student: str = "models/student"
+    rounds: dict[str, Any] = MISSING
+    final_student: str = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -290,7 +316,8 @@ class Config:
 
 
 def validate(raw: Any, origin: str = "config") -> DictConfig:
-    """Merge `raw` into the schema and check value ranges; raise PseudoLabelError if invalid."""
+    """Merge `raw` into the schema and check that every key is set and every value in range;
+    raise PseudoLabelError (one line) if not."""
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     except OmegaConfBaseException as exc:
@@ -298,9 +325,19 @@ def validate(raw: Any, origin: str = "config") -> DictConfig:
             f"{origin}: {exc.msg if hasattr(exc, 'msg') else exc} "
             "(compare with conf/ and src/pseudolabel/config.py)"
         ) from None
+    _check_complete(cfg, origin)
     _check_ranges(cfg, origin)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _check_complete(cfg: DictConfig, origin: str) -> None:
+    """The schema has no values: a key that `raw` lacks is MISSING, and named here (OmegaConf
+    would raise only when a stage first reads it, mid-run)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        keys = f"key {missing[0]} is" if len(missing) == 1 else f"keys {', '.join(missing)} are"
+        raise PseudoLabelError(f"{origin}: {keys} missing; recompose with `pseudolabel compose`")
 
 
 def check_threshold(threshold: float | None, key: str = "threshold") -> None:
@@ -471,10 +508,15 @@ def _check_folder_keys(data: DictConfig, fail) -> None:
         fail("data.near_duplicate_distance", data.near_duplicate_distance, "use 0..63 bits")
     if data.workers is not None and data.workers < 1:
         fail("data.workers", data.workers, "use >= 1, or null for all cores")
-    if data.source == "folder" and data.labeled_root == DataConfig.labeled_root:
+    if data.source == "folder" and data.labeled_root == BUILTIN_ROOT:
         fail("data.labeled_root", data.labeled_root, "set it to your labelled folder")
-    if data.source == "folder" and data.unlabeled_root == DataConfig.unlabeled_root:
+    if data.source == "folder" and data.unlabeled_root == BUILTIN_ROOT:
         fail("data.unlabeled_root", data.unlabeled_root, "set it to your unlabelled folder")
+
+
+def group_options(group_dir: Path) -> list[str]:
+    """The options of a conf/ group folder: its files but the `_base.yaml` they extend."""
+    return sorted(p.stem for p in group_dir.glob("*.yaml") if not p.name.startswith("_"))
 
 
 def load_params(path: str | Path = "params.yaml") -> DictConfig:
@@ -492,15 +534,40 @@ def load_params(path: str | Path = "params.yaml") -> DictConfig:
     return validate(raw, origin=str(path))
 
 
-def compose_raw(overrides: list[str] | None = None, config_dir: Path = CONF_DIR) -> DictConfig:
-    """Compose `conf/` with Hydra overrides, exactly as DVC's Hydra integration does."""
+def project_root(start: str | Path | None = None) -> Path:
+    """The project whose conf/ to compose: `start` (default: the working directory) if it has
+    conf/config.yaml, else the DVC root above it (the nearest folder with a .dvc/), as DVC's
+    own Hydra integration reads the root's conf/."""
+    here = Path(start or Path.cwd()).resolve()
+    if (here / CONF / "config.yaml").is_file():
+        return here
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir():
+            if (folder / CONF / "config.yaml").is_file():
+                return folder
+            break
+    raise PseudoLabelError(
+        f"{here}: no {CONF}/config.yaml here or at the DVC root above: run `pseudolabel init` "
+        "in your repository, or cd to the project."
+    )
+
+
+def conf_dir(start: str | Path | None = None) -> Path:
+    """The project's conf/ folder (see project_root)."""
+    return project_root(start) / CONF
+
+
+def compose_raw(overrides: list[str] | None = None, config_dir: Path | None = None) -> DictConfig:
+    """Compose the project's `conf/` (or `config_dir`) with Hydra overrides, exactly as DVC's
+    Hydra integration does."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
+    config_dir = Path(config_dir) if config_dir is not None else conf_dir()
     rounds.register()  # conf/config.yaml derives the per-round keys with these resolvers
     try:
-        with initialize_config_dir(str(config_dir), version_base=None):
+        with initialize_config_dir(str(config_dir.resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     except HydraException as exc:
         raise PseudoLabelError(f"conf/: {exc}") from None
@@ -508,7 +575,7 @@ def compose_raw(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
     return cfg
 
 
-def compose(overrides: list[str] | None = None, config_dir: Path = CONF_DIR) -> DictConfig:
+def compose(overrides: list[str] | None = None, config_dir: Path | None = None) -> DictConfig:
     """Compose `conf/` with overrides and validate the result."""
     raw = compose_raw(overrides, config_dir)
     return validate(raw, origin="conf/ " + " ".join(overrides or []))

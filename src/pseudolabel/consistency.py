@@ -226,16 +226,17 @@ class ConsistencyModel(keras.Model):
         smoothed = y_l * (1.0 - self.smoothing) + self.smoothing / self.num_classes
         batch = [self._view(self.weak, x_l)]
         if x_u is not None:
-            batch += [self._view(self.weak, x_u), self._view(self.strong, x_u, STRONG_SLICES)]
+            # The targets: the student's prediction on a weak view, in inference mode (no
+            # dropout noise, BatchNorm's moving statistics) and outside the gradient.
+            p_weak = self.classifier(self._view(self.weak, x_u), training=False)
+            batch.append(self._view(self.strong, x_u, STRONG_SLICES))
         with tf.GradientTape() as tape:
             probs = self.classifier(tf.concat(batch, 0), training=True)
             p_l = probs[:n_l]
             loss_l = tf.reduce_mean(self._ce(smoothed, p_l))
             loss = loss_l
             if x_u is not None:
-                n_u = tf.shape(x_u)[0]
-                p_weak = tf.stop_gradient(probs[n_l : n_l + n_u])
-                p_strong = probs[n_l + n_u :]
+                p_strong = probs[n_l:]
                 loss_u, mask = self._masked_pseudo_loss(p_weak, p_strong, truth, index)
                 w_u = self.unlabeled_weight * tf.minimum(1.0, step / self.rampup_steps)
                 w_t = self.teacher_weight

@@ -157,17 +157,31 @@ def _defaults_list(conf_dir: Path) -> list[tuple[str, str, str]]:
     return entries
 
 
-def sources(conf_dir: Path = config.CONF_DIR) -> list[tuple[str, Path]]:
+def _extended(path: Path) -> list[Path]:
+    """The files a group file extends (its `defaults: [_base@_here_]`), then the file itself."""
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    bases = [
+        path.parent / f"{entry.partition('@')[0]}.yaml"
+        for entry in raw.get("defaults", [])
+        if isinstance(entry, str) and entry != "_self_"
+    ]
+    return [*bases, path]
+
+
+def sources(conf_dir: Path | None = None) -> list[tuple[str, Path]]:
     """(package prefix, file) for every conf/ file of the default composition, in order."""
+    conf_dir = conf_dir or config.conf_dir()
     files = [
-        (group_package, conf_dir / group / f"{option}.yaml")
+        (group_package, file)
         for group, group_package, option in _defaults_list(conf_dir)
+        for file in _extended(conf_dir / group / f"{option}.yaml")
     ]
     return [*files, ("", conf_dir / "config.yaml")]
 
 
-def config_keys(conf_dir: Path = config.CONF_DIR) -> list[Key]:
+def config_keys(conf_dir: Path | None = None) -> list[Key]:
     """Every key of the default composition with its default, source file and description."""
+    conf_dir = conf_dir or config.conf_dir()
     schema = schema_docs()
     defaults = OmegaConf.to_container(config.compose([], config_dir=conf_dir), resolve=True)
     set_in: dict[str, tuple[str, str]] = {}
@@ -177,7 +191,9 @@ def config_keys(conf_dir: Path = config.CONF_DIR) -> list[Key]:
                 continue
             full = f"{prefix}.{dotted}" if prefix else dotted
             rel = path.relative_to(conf_dir.parent).as_posix()
-            set_in[full] = (rel, doc)  # later files win, as in Hydra's composition
+            # Later files win, as in Hydra's composition; an uncommented override keeps the
+            # description of the file it overrides (a group's _base.yaml).
+            set_in[full] = (rel, doc or set_in.get(full, ("", ""))[1])
 
     found: list[Key] = []
 
@@ -210,7 +226,7 @@ def _groups(conf_dir: Path) -> list[str]:
     chosen = {(group, package): option for group, package, option in _defaults_list(conf_dir)}
     rows = ["| group | options | default |", "|---|---|---|"]
     for folder in sorted(p for p in conf_dir.iterdir() if p.is_dir()):
-        options = ", ".join(f"`{p.stem}`" for p in sorted(folder.glob("*.yaml")))
+        options = ", ".join(f"`{name}`" for name in config.group_options(folder))
         used = [
             f"`{o}` ({pkg})" if pkg != g else f"`{o}`"
             for (g, pkg), o in chosen.items()
@@ -220,8 +236,9 @@ def _groups(conf_dir: Path) -> list[str]:
     return rows
 
 
-def render(conf_dir: Path = config.CONF_DIR) -> str:
+def render(conf_dir: Path | None = None) -> str:
     """The configuration reference page (Markdown)."""
+    conf_dir = conf_dir or config.conf_dir()
     lines = [
         "# Configuration reference",
         "",

@@ -6,7 +6,9 @@
 
 Differences from the seed, on purpose: images are *copied* (never moved) into
 `pseudo_data_path`, which is rebuilt from scratch on each call; the model's pixel scaling comes
-from its metadata (or `input_scale`), never from a hard-coded guess.
+from its metadata (or `input_scale`), never from a hard-coded guess; and the confidences are
+calibrated on the labelled val folder exactly as the pipeline's pseudo_label stage does (the
+same function), so the CSV equals the pipeline's for the same teacher and images.
 """
 
 from __future__ import annotations
@@ -40,13 +42,18 @@ class PseudoLabelGenerator:
         class_names: list[str] | None = None,
         input_scale: str = "auto",
         allow_unsafe: bool = False,
+        val_data_path: str | Path | None = None,
+        calibrate: bool = True,
     ) -> None:
         """Paths as in the seed (`model_path`: .keras, .h5 or a SavedModel folder).
         `class_names` defaults to the model's metadata, else to the sorted train folder names.
         For a model without metadata (one not trained by this project): `input_scale` says what
         pixels it expects ("auto": raw if it starts with a Rescaling layer; "0-255", "0-1",
         "-1-1", or a keras.applications name such as "resnet50"), and `allow_unsafe=True`
-        loads one with Lambda layers (arbitrary code: only for files you trust)."""
+        loads one with Lambda layers (arbitrary code: only for files you trust).
+        `val_data_path`: the labelled val folder the confidences are calibrated on
+        (temperature scaling, as the pipeline does); default: `val` beside the train folder
+        when it exists, else no calibration (with a log line). `calibrate=False`: raw softmax."""
         self.model_path = Path(model_path)
         self.train_data_path = Path(train_data_path)
         self.unlabeled_path = Path(unlabeled_path)
@@ -56,6 +63,11 @@ class PseudoLabelGenerator:
         self.class_names = list(class_names) if class_names else None
         self.input_scale = input_scale
         self.allow_unsafe = allow_unsafe
+        beside = self.train_data_path.parent / "val"
+        self.val_data_path = (
+            Path(val_data_path) if val_data_path else beside if beside.is_dir() else None
+        )
+        self.calibrate = calibrate
         self.threshold: float | None = None
         self._model: tuple[keras.Model, model_io.ModelMeta] | None = None
 
@@ -102,7 +114,17 @@ class PseudoLabelGenerator:
             class_names_from(self.train_data_path)
         self.threshold = threshold
         model, meta = self._teacher()
-        predictions, failed = labeling.predict_folder(model, meta, self.unlabeled_path, batch_size)
+        temperature = 1.0
+        if self.calibrate and self.val_data_path is not None:
+            _, _, fitted = labeling.val_calibration(
+                model, meta, self.val_data_path, batch_size, calibrate=True
+            )
+            temperature = fitted.temperature
+        elif self.calibrate:
+            log.info("no val folder beside %s: confidences not calibrated", self.train_data_path)
+        predictions, failed = labeling.predict_folder(
+            model, meta, self.unlabeled_path, batch_size, temperature=temperature
+        )
         labeling.write_csv(predictions, self.csv_path)
         if failed:
             errors = pd.DataFrame({"path": failed, "reason": "cannot be decoded"})

@@ -20,8 +20,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pseudolabel import calibration
 from pseudolabel.calibration import apply_temperature
-from pseudolabel.data.images import path_image_dataset, require_images
+from pseudolabel.data.images import (
+    labelled_dataset,
+    labelled_files,
+    path_image_dataset,
+    require_images,
+)
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models.io import ModelMeta
 
@@ -118,6 +124,23 @@ def _predict(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndar
     if short > 0:
         images = np.pad(images, [(0, short)] + [(0, 0)] * (images.ndim - 1))
     return np.asarray(model.predict_on_batch(images), np.float32)[: batch_size - short]
+
+
+def val_calibration(
+    model: keras.Model, meta: ModelMeta, val_dir: Path, batch_size: int, calibrate: bool = True
+) -> tuple[np.ndarray, np.ndarray, calibration.Calibration]:
+    """The teacher's raw probabilities on the labelled val folder, its true labels, and the
+    temperature fitted on them (`calibrate`; else measured at 1): how the pseudo_label stage
+    and PseudoLabelGenerator both scale the confidences they write."""
+    files, labels = labelled_files(val_dir, meta.class_names)
+    ds = labelled_dataset(
+        files, labels, meta.num_classes, meta.image_size, meta.channels, batch_size
+    )
+    raw = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+    fitted = (
+        calibration.fit_temperature(raw, labels) if calibrate else calibration.measure(raw, labels)
+    )
+    return raw, labels, fitted
 
 
 def predict_folder(

@@ -12,15 +12,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pseudolabel.config import SELECTIONS
 from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.labeling import PROB_PREFIX
 from pseudolabel.paths import MANIFEST
 
 log = logging.getLogger(__name__)
-
-
-SELECTIONS = ("threshold", "per_class", "topk")
 
 
 def select(predictions: pd.DataFrame, threshold: float | None) -> pd.DataFrame:

@@ -20,31 +20,28 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import shutil
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import hydra
+import mlflow
+import pandas as pd
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
-from hydra.core.utils import JobReturn, JobStatus  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from pseudolabel import plots, rounds, tracking  # noqa: E402
-from pseudolabel.config import CONF_DIR, load_params, validate  # noqa: E402
-from pseudolabel.errors import PseudoLabelError  # noqa: E402
-from pseudolabel.paths import Paths  # noqa: E402
+from pseudolabel import plots, rounds, tracking
+from pseudolabel.config import conf_dir, load_params, validate
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.paths import Paths
 
 log = logging.getLogger(__name__)
 rounds.register()  # conf/config.yaml's per-round keys (Hydra's plugin scan also registers them)
@@ -372,8 +369,7 @@ def swept_columns(table: pd.DataFrame) -> list[str]:
 # --- The Hydra app ------------------------------------------------------------------------------
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="sweep", version_base="1.3")
-def main(config: DictConfig) -> float:
+def job(config: DictConfig) -> float:
     """One job: select, merge, train the student, evaluate. Returns the student's accuracy."""
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir).resolve()
@@ -387,6 +383,17 @@ def main(config: DictConfig) -> float:
         (job_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         log.exception("job %s failed; the sweep goes on", hydra_cfg.job.num)
         return math.nan
+
+
+def main() -> None:
+    """`pseudolabel-sweep`: the Hydra app on the project's conf/sweep.yaml (found from the
+    working directory, so decided at run time, not at import)."""
+    try:
+        config_path = str(conf_dir())
+    except PseudoLabelError as exc:
+        print(f"pseudolabel-sweep: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    hydra.main(config_path=config_path, config_name="sweep", version_base="1.3")(job)()
 
 
 if __name__ == "__main__":

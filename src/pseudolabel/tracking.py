@@ -51,9 +51,17 @@ def tracking_uri(cfg) -> str:
     return uri
 
 
-def configure(cfg) -> None:
+def use_store(cfg) -> str:
+    """Point MLflow at the configured store: the one place set_tracking_uri is called, and
+    only when it changes (a process sets it once, however many runs it opens)."""
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def configure(cfg) -> None:
+    uri = use_store(cfg)
     name = cfg.tracking.experiment
     if uri.startswith(SQLITE) and mlflow.get_experiment_by_name(name) is None:
         # Artifacts beside the database (the project's mlruns/ for the default store), whichever
@@ -64,8 +72,8 @@ def configure(cfg) -> None:
             mlflow.create_experiment(name, artifacts.as_uri())
     experiment = mlflow.set_experiment(name)
     if KIND_TAG not in experiment.tags:
-        # MLflow 3's UI opens an experiment without this tag as GenAI (traces) or asks; with it,
-        # as model training: the runs table first.
+        # "Model training", not GenAI: what MLflow UIs without the workflow toggle read (3.17's
+        # toggle decides per browser, docs/team.md).
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, MODEL_TRAINING)
 
 

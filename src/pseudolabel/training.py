@@ -75,7 +75,7 @@ def precision(mixed: bool) -> Iterator[None]:
     `mixed_policy`); float32 otherwise, with a warning."""
     policy = mixed_policy() if mixed else None
     if mixed and policy is None:
-        log.warning("train.mixed_precision: no GPU and no bfloat16 CPU found, training in float32")
+        log.info("train.mixed_precision: no GPU and no bfloat16 CPU found, training in float32")
     if policy is None:
         yield
         return

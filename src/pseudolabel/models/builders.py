@@ -14,18 +14,14 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from pseudolabel.config import MODEL_NAMES, check_input_size, input_size
+from pseudolabel.config import BACKBONES, MODEL_NAMES, check_input_size, input_size
 from pseudolabel.errors import PseudoLabelError
 
 log = logging.getLogger(__name__)
 
-# Zoo name -> keras.applications constructor. These models scale raw 0..255 pixels themselves
-# (their first layers are Rescaling/Normalization), so nothing here rescales before them.
-BACKBONES = {
-    **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)},
-    **{f"efficientnetv2_b{i}": f"EfficientNetV2B{i}" for i in range(4)},
-    **{f"efficientnetv2_{s}": f"EfficientNetV2{s.upper()}" for s in "sml"},
-}
+# BACKBONES (config.py, the zoo): name -> keras.applications constructor. These models scale
+# raw 0..255 pixels themselves (their first layers are Rescaling/Normalization), so nothing here
+# rescales before them.
 # keras.applications builds every EfficientNet with this drop-connect (stochastic depth) rate,
 # rising linearly over the blocks; `model.drop_connect_rate` rescales those layers.
 KERAS_DROP_CONNECT = 0.2

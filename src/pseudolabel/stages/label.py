@@ -11,13 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import keras
 import mlflow
 import numpy as np
 import pandas as pd
 
 from pseudolabel import calibration, labeling, plots, thresholds, tracking
-from pseudolabel.data.images import labelled_dataset, labelled_files, require_images
+from pseudolabel.data.images import labelled_files, require_images
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import teacher_trust, write_json
@@ -30,17 +29,6 @@ PARTIAL = ".data.csv.partial"
 def analysis_csv(paths: Paths) -> Path:
     """The threshold-analysis table (`dvc plots show` renders it): `paths.threshold_analysis`."""
     return paths.threshold_analysis
-
-
-def _val_probabilities(
-    model: keras.Model, meta: model_io.ModelMeta, paths: Paths, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher's raw probabilities on the labelled val set, and the true labels."""
-    files, labels = labelled_files(paths.val, meta.class_names)
-    ds = labelled_dataset(
-        files, labels, meta.num_classes, meta.image_size, meta.channels, batch_size
-    )
-    return np.asarray(model.predict(ds, verbose=0), dtype=np.float64), labels
 
 
 def unlabeled_dvc_hash(paths: Paths) -> str | None:
@@ -90,11 +78,9 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     model, meta = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
     if pl.tta:
         model = labeling.with_flip_tta(model)
-    val_raw, val_true = _val_probabilities(model, meta, paths, pl.batch_size)
-    fitted = (
-        calibration.fit_temperature(val_raw, val_true)
-        if pl.calibrate
-        else calibration.measure(val_raw, val_true)
+    # The same calibration PseudoLabelGenerator applies (labeling.val_calibration).
+    val_raw, val_true, fitted = labeling.val_calibration(
+        model, meta, paths.val, pl.batch_size, pl.calibrate
     )
     with tracking.start_run(
         cfg,

@@ -15,7 +15,7 @@ import pandas as pd
 import tensorflow as tf
 
 from pseudolabel import consistency, labeling, merging, plots, tracking, training
-from pseudolabel.config import AugmentConfig, to_dict
+from pseudolabel.config import no_augmentation, to_dict, validate
 from pseudolabel.data.images import (
     labelled_dataset,
     labelled_files,
@@ -105,7 +105,7 @@ def _consistency_model(cfg, class_names, train_labels, size, channels, steps, n_
     the ConsistencyModel that trains it."""
     student = cfg.student
     n = len(class_names)
-    classifier = build_model(student.model, AugmentConfig(), n, size, channels, "student")
+    classifier = build_model(student.model, no_augmentation(), n, size, channels, "student")
     prior = np.bincount(train_labels, minlength=n).astype(np.float64) + 1.0
     return consistency.ConsistencyModel(
         classifier,
@@ -390,19 +390,15 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
         metrics = {"enabled": False}
         write_json(paths.metrics / "baseline.json", metrics)
         return metrics
-    student = cfg.student
+    student, raw = cfg.student, to_dict(cfg)
     if student.consistency.enabled:  # the consistency student's steps, without the unlabelled
-        raw = to_dict(cfg)
         steps = consistency_steps(cfg, len(list_images(paths.unlabeled)))
     else:  # the offline student's schedule: one pass over labelled + all unlabelled images
-        raw = to_dict(cfg)
         n = len(list_images(paths.train)) + len(list_images(paths.unlabeled))
         steps = student.train.steps_per_epoch or labeling.batches(n, student.train.batch_size)
         raw["student"]["train"]["labeled_fraction"] = None
         raw["student"]["labeled_finetune_epochs"] = 0
     raw["student"]["train"]["steps_per_epoch"] = steps
-    from pseudolabel.config import validate
-
     base_cfg = validate(raw, origin="train_baseline")
     tags = {"baseline": "labelled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
     return _train(

@@ -1,0 +1,137 @@
+"""The docs' gain tables, generated from the committed benchmark JSON so they cannot drift.
+
+    python benchmarks/gain_tables.py          # rewrite the generated part of docs/gain.md
+    python benchmarks/gain_tables.py --check  # exit 1 if docs/gain.md is out of date
+
+benchmarks/results/ssl_gain.json is written by benchmarks/ssl_gain.py; the block between the
+markers in docs/gain.md is this script's output (tests/test_docs.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "ssl_gain.json"
+DOC = ROOT / "docs" / "gain.md"
+START, END = "<!-- gain-tables:start -->", "<!-- gain-tables:end -->"
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    values = [v * scale for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["budget"], row["setting"], row["compute"], " ".join(row["overrides"]))
+        out.setdefault(key, []).append(row)
+    return dict(sorted(out.items()))
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean ± std over seeds, per label budget, setting, compute and overrides."""
+    head = (
+        "| labels/class | setting | compute | overrides | seeds | teacher | baseline | "
+        "best labelled-only | student | gain (points) | min gain | minutes/seed |"
+    )
+    lines = [head, "|---" * 12 + "|"]
+    for (budget, setting, compute, overrides), group in _groups(rows).items():
+        seeds = ", ".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]))
+        minutes = [
+            (r["shared_seconds"] + r["baseline_seconds"] + r["student_seconds"]) / 60 for r in group
+        ]
+        lines.append(
+            f"| {budget} | {setting} | {compute}x | {overrides or '–'} | {seeds} | "
+            f"{_cell([r['teacher'] for r in group])} | {_cell([r['baseline'] for r in group])} | "
+            f"{_cell([r['best_labelled_only'] for r in group])} | "
+            f"{_cell([r['student'] for r in group])} | "
+            f"{_cell([r['gain'] for r in group], 1)} | {min(r['gain'] for r in group):+.2f} | "
+            f"{_cell(minutes, 1, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def per_seed(rows: list[dict]) -> str:
+    """Every row: the paired figures of one budget, seed, setting and compute."""
+    lines = [
+        "| labels/class | seed | setting | compute | overrides | teacher | baseline | student | "
+        "gain | teacher's pseudo-label precision | online precision, last epoch | "
+        "mask rate, last epoch | student steps |",
+        "|---" * 13 + "|",
+    ]
+    key = ("budget", "seed", "setting", "compute")
+    for r in sorted(rows, key=lambda r: tuple(r[k] for k in key)):
+        online = r.get("online_pseudo_precision_last_epoch")
+        mask = r.get("mask_rate_last_epoch")
+        lines.append(
+            f"| {r['budget']} | {r['seed']} | {r['setting']} | {r['compute']}x | "
+            f"{' '.join(r['overrides']) or '–'} | {100 * r['teacher']:.2f} | "
+            f"{100 * r['baseline']:.2f} | {100 * r['student']:.2f} | {r['gain']:+.2f} | "
+            f"{r['pseudo_label_precision']:.3f} | "
+            f"{'–' if online is None else f'{online:.3f}'} | "
+            f"{'–' if mask is None else f'{mask:.3f}'} | {r['student_steps']} |"
+        )
+    return "\n".join(lines)
+
+
+def render(payload: dict) -> str:
+    rows = payload.get("rows", [])
+    if not rows:
+        return "No benchmark rows yet."
+    parts = [
+        "Mean ± std over the seeds listed (accuracies in %, on the 10,000 test images):",
+        "",
+        summary(rows),
+        "",
+        "Every run (seeds paired: one labelled split, teacher and pseudo-label CSV per seed):",
+        "",
+        per_seed(rows),
+    ]
+    if payload.get("full_reference"):
+        ref = payload["full_reference"]
+        parts += [
+            "",
+            f"All labels ({ref['labelled']} images, teacher's recipe, {ref['epochs']} epochs): "
+            f"{100 * ref['accuracy']:.2f} %.",
+        ]
+    commands = payload.get("commands", [])
+    if commands:
+        parts += ["", "Made by:", "", "```bash", *commands, "```"]
+    return "\n".join(parts)
+
+
+def updated(doc: str, payload: dict) -> str:
+    start, end = doc.index(START) + len(START), doc.index(END)
+    return doc[:start] + "\n" + render(payload) + "\n" + doc[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if docs/gain.md is stale")
+    args = parser.parse_args(argv)
+    payload = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
+    doc = DOC.read_text(encoding="utf-8")
+    new = updated(doc, payload)
+    if args.check:
+        if new != doc:
+            print(f"{DOC} is out of date: run python benchmarks/gain_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
