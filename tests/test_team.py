@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+def _wait(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -44,7 +44,7 @@ def _wait(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
             return
         except OSError:
             if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read().decode()[-3000:]) from None
+                raise AssertionError(log.read_text(errors="replace")[-3000:]) from None
             assert time.monotonic() < deadline, f"{url}: no answer in {seconds} s"
             time.sleep(1)
 
@@ -80,22 +80,25 @@ def server():
     ).stdout.strip()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    log = base / "server.log"
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", backend]
         + ["--artifacts-destination", str(base / "artifacts"), "--host", "127.0.0.1"]
         + ["--port", str(port), "--workers", "1"],
         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
-        stdout=subprocess.PIPE,
+        stdout=log.open("wb"),  # a file, not a pipe nobody reads: the server logs every request
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
-        _wait(url + "/health", proc)
+        _wait(url + "/health", proc, log)
         yield url
     finally:
-        _stop(proc)
-        subprocess.run([str(POSTGRES), "stop", str(pg_dir)], check=False, timeout=120)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            _stop(proc)
+        finally:  # PostgreSQL stopped and its folder removed whatever happened to the server
+            subprocess.run([str(POSTGRES), "stop", str(pg_dir)], check=False, timeout=120)
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def test_the_pipeline_logs_and_registers_on_the_tracking_server(

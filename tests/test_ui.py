@@ -30,13 +30,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ui(pipeline, tracking_uri):
+def ui(pipeline, tracking_uri, tmp_path_factory):
     """`mlflow ui` on the test store, on a free port."""
     port = _free_port()
+    log = tmp_path_factory.mktemp("mlflow-ui") / "ui.log"
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "ui", "--backend-store-uri", tracking_uri]
         + ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.PIPE,
+        stdout=log.open("wb"),  # a file: a pipe nobody reads would fill and stall the server
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -48,7 +49,7 @@ def ui(pipeline, tracking_uri):
                 urllib.request.urlopen(url + "/health", timeout=2).close()
                 break
             except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
                 assert time.monotonic() < deadline, "mlflow ui: no /health in 120 s"
                 time.sleep(1)
         yield url
