@@ -15,9 +15,12 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ssl_gain.json"
 DOC = ROOT / "docs" / "gain.md"
+FIGURE = ROOT / "docs" / "figures" / "gain_curves.png"
 START, END = "<!-- gain-tables:start -->", "<!-- gain-tables:end -->"
 
 
@@ -99,6 +102,12 @@ def render(payload: dict) -> str:
         "",
         per_seed(rows),
     ]
+    if any(r.get("student_test_curve") for r in rows):
+        parts += [
+            "",
+            "Test accuracy after every epoch (live weights; the saved model is their moving "
+            "average): ![student and baseline test curves](figures/gain_curves.png)",
+        ]
     if payload.get("full_reference"):
         ref = payload["full_reference"]
         parts += [
@@ -110,6 +119,37 @@ def render(payload: dict) -> str:
     if commands:
         parts += ["", "Made by:", "", "```bash", *commands, "```"]
     return "\n".join(parts)
+
+
+def curves_figure(rows: list[dict], path: Path) -> bool:
+    """Test accuracy per epoch of every student and its baseline (runs with --test-curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("student_test_curve") and r.get("baseline_test_curve")]
+    if not rows:
+        return False
+    budgets = sorted({r["budget"] for r in rows})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        for i, r in enumerate(r for r in rows if r["budget"] == budget):
+            label = f"seed {r['seed']} {r['setting']} {r['compute']}x"
+            colour = f"C{i}"
+            ax.plot(100 * np.asarray(r["student_test_curve"]), colour, label=f"student, {label}")
+            ax.plot(100 * np.asarray(r["baseline_test_curve"]), colour, ls="--", alpha=0.7,
+                    label=f"labelled-only baseline, {label}")  # fmt: skip
+            ax.axhline(100 * r["teacher"], color=colour, ls=":", lw=0.8)
+        ax.set(title=f"{budget} labels per class (dotted: teacher)", xlabel="epoch",
+               ylabel="test accuracy (%)")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def updated(doc: str, payload: dict) -> str:
@@ -130,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     DOC.write_text(new, encoding="utf-8")
+    curves_figure(payload.get("rows", []), FIGURE)
     return 0
 
 
