@@ -37,6 +37,7 @@ EFFICIENTNETS = tuple(BACKBONES)
 MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
 # How pseudo-labelled images are selected (pseudo_label.selection; merging.py applies them).
 SELECTIONS = ("threshold", "per_class", "topk")
+ENGINES = ("local", "ray")  # pseudo_label.engine
 # What data.labeled_root / unlabeled_root name for the built-in sources (conf/data/_base.yaml):
 # a folder every project has, since dvc.yaml's ingest depends on both roots. data=folder must
 # point them at the user's folders instead.
@@ -284,6 +285,8 @@ class PseudoLabelConfig:
     # mean over the unlabelled images matches the labelled images' class distribution.
     distribution_alignment: bool = MISSING
     batch_size: int = MISSING
+    # local (tf.data on this machine) | ray (a Ray Data pipeline on the cluster in `ray`).
+    engine: str = MISSING
     # Predictions are flushed every chunk_size images, so a killed run resumes from there.
     chunk_size: int = MISSING
     # Visual QA: images per row in each class's grid.
@@ -302,6 +305,16 @@ class TrackingConfig:
 
 
 @dataclass
+class RayConfig:
+    # The cluster pseudo_label.engine=ray labels on: None starts a local Ray instance, `auto`
+    # joins the one this machine is part of, HOST:PORT is the head node's address.
+    address: str | None = MISSING
+    # Teacher replicas (Ray Data actors, the model loaded once in each) and CPUs each reserves.
+    actors: int = MISSING
+    cpus_per_actor: float = MISSING
+
+
+@dataclass
 class Config:
     seed: int = MISSING
     # Derived from pseudo_label.rounds by conf/config.yaml (pseudolabel.rounds): dvc.yaml's
@@ -313,6 +326,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def validate(raw: Any, origin: str = "config") -> DictConfig:
@@ -401,6 +415,7 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
             "use a factor in (0, 1]",
         )
     _check_pseudo_label(cfg.pseudo_label, fail)
+    _check_ray(cfg.ray, fail)
     _check_rounds(cfg, origin)
 
 
@@ -492,6 +507,23 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
         fail("pseudo_label.rounds", pl.rounds, "use 1 (one student) or more")
     for name, value in (pl.per_class_threshold or {}).items():
         check_threshold(value, f"pseudo_label.per_class_threshold.{name}")
+    if pl.engine not in ENGINES:
+        fail("pseudo_label.engine", pl.engine, f"use one of {', '.join(ENGINES)}")
+
+
+def _check_ray(ray: DictConfig, fail) -> None:
+    if ray.actors < 1:
+        fail("ray.actors", ray.actors, "use >= 1 teacher replica")
+    if not ray.cpus_per_actor > 0:
+        fail("ray.cpus_per_actor", ray.cpus_per_actor, "must be > 0 (fractions allowed)")
+    address = ray.address
+    if address is not None and address != "auto" and not _host_port(address):
+        fail("ray.address", address, "use null (a local Ray), auto, or HOST:PORT")
+
+
+def _host_port(address: str) -> bool:
+    host, _, port = str(address).rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def _check_folder_keys(data: DictConfig, fail) -> None:

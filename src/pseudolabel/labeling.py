@@ -117,7 +117,7 @@ def with_flip_tta(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"{model.name}_flip_tta")
 
 
-def _predict(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_batch(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Probabilities for one batch; a short last batch is padded to the full size so the
     compiled predict function is never traced again for a new shape."""
     short = batch_size - len(images)
@@ -191,7 +191,7 @@ def predict_folder(
     ) as bar:
         for path_batch, image_batch in ds:
             batch_paths = [p.decode() for p in path_batch.numpy()]
-            pending_probs.append(_predict(model, image_batch.numpy(), batch_size))
+            pending_probs.append(predict_batch(model, image_batch.numpy(), batch_size))
             pending_paths.extend(_relative(p, root) for p in batch_paths)
             new_end = position[batch_paths[-1]] + 1
             bar.update(new_end - end)
@@ -205,11 +205,19 @@ def predict_folder(
     failed = [rel for rel in relative if rel not in done]
     if failed:
         log.warning("%d unlabelled file(s) could not be decoded and were skipped", len(failed))
-    raw = np.concatenate(probs) if probs else np.zeros((0, meta.num_classes), np.float32)
-    frame = to_frame(seen, apply_temperature(raw, temperature), meta.class_names, raw)
+    frame = raw_frame(seen, probs, meta.class_names, temperature)
     if chunks:
         shutil.rmtree(partial_dir)
     return frame, failed
+
+
+def raw_frame(
+    paths: list[str], raw_blocks: list[np.ndarray], class_names: list[str], temperature: float
+) -> pd.DataFrame:
+    """The teacher's raw softmax blocks (rows in `paths` order) -> the CSV's frame, scaled by
+    `temperature`: every engine (local, distributed.predict_folder on Ray) ends here."""
+    raw = np.concatenate(raw_blocks) if raw_blocks else np.zeros((0, len(class_names)), np.float32)
+    return to_frame(paths, apply_temperature(raw, temperature), class_names, raw)
 
 
 def to_frame(

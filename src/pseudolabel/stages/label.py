@@ -87,19 +87,42 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "pseudo_label",
         {
             f"pseudo_label.{key}": pl[key]
-            for key in ("batch_size", "chunk_size", "calibrate", "tta", "distribution_alignment")
+            for key in (
+                "batch_size",
+                "chunk_size",
+                "calibrate",
+                "tta",
+                "distribution_alignment",
+                "engine",
+            )
         },
         {"teacher_run_id": meta.run_id, "round": paths.round_number},
     ):
-        predictions, failed = labeling.predict_folder(
-            model,
-            meta,
-            paths.unlabeled,
-            pl.batch_size,
-            temperature=fitted.temperature,
-            partial_dir=paths.outputs / PARTIAL,
-            chunk_size=pl.chunk_size,
-        )
+        if pl.engine == "ray":
+            from pseudolabel import distributed
+
+            predictions, failed = distributed.predict_folder(
+                paths.model("teacher"),
+                teacher_trust(cfg),
+                meta,
+                paths.unlabeled,
+                pl.batch_size,
+                tta=pl.tta,
+                temperature=fitted.temperature,
+                address=cfg.ray.address,
+                actors=cfg.ray.actors,
+                cpus_per_actor=cfg.ray.cpus_per_actor,
+            )
+        else:
+            predictions, failed = labeling.predict_folder(
+                model,
+                meta,
+                paths.unlabeled,
+                pl.batch_size,
+                temperature=fitted.temperature,
+                partial_dir=paths.outputs / PARTIAL,
+                chunk_size=pl.chunk_size,
+            )
         weights = None
         if pl.distribution_alignment:
             weights = calibration.alignment_weights(

@@ -1,0 +1,163 @@
+"""pseudo_label.engine=ray: the teacher's raw probabilities from a Ray Data pipeline.
+
+The sorted relative paths of the unlabelled folder go through `ray.data.from_items`; tasks read
+and decode them in parallel (`decode_image`, the local pipeline's resize and channels), and a
+pool of actors, each loading the teacher once (`models.io.load`, safe mode as locally, the flip
+TTA wrapper when asked), returns the raw softmax of each batch (`labeling.predict_batch`,
+padded to the batch size as locally). Temperature scaling, distribution alignment and
+everything after happen on the driver, in the same code as the local engine
+(`labeling.raw_frame` and the pseudo_label stage), so both engines write the same CSV.
+
+Every node reads the unlabelled images and the teacher at the paths the driver sees (a shared
+or replicated file system) and runs the same Python environment (docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pseudolabel import labeling
+from pseudolabel.data.images import require_images
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.models.io import ModelMeta
+
+log = logging.getLogger(__name__)
+
+# CPUs each decoding task reserves: half a core, so that a node whose cores the teacher actors
+# hold in part (ray.cpus_per_actor) still has room to decode for them.
+DECODE_CPUS = 0.5
+
+
+def _decode(
+    batch: dict[str, np.ndarray], root: str, image_size: list[int], channels: int
+) -> dict[str, np.ndarray]:
+    """Read and decode a batch of files on a worker; a file that cannot be decoded is dropped
+    (as the local engine's `ignore_errors`), so the driver sees which are missing."""
+    import tensorflow as tf
+
+    from pseudolabel.data.images import decode_image
+
+    paths, images = [], []
+    for rel in batch["path"]:
+        try:
+            image = decode_image(tf.constant(os.path.join(root, str(rel))), image_size, channels)
+        except Exception:  # tf.errors.InvalidArgumentError and kin: what ignore_errors drops
+            continue
+        paths.append(str(rel))
+        images.append(image.numpy())
+    empty = np.zeros((0, *image_size, channels), np.float32)
+    return {
+        "path": np.asarray(paths, dtype=object),
+        "image": np.stack(images) if images else empty,
+    }
+
+
+class _Teacher:
+    """One teacher replica (a Ray Data actor): the model is loaded once, in __init__."""
+
+    def __init__(self, model_path: str, trust: dict[str, Any], tta: bool, batch_size: int):
+        from pseudolabel.models import io as model_io
+
+        model, _ = model_io.load(Path(model_path), **trust)
+        self.model = labeling.with_flip_tta(model) if tta else model
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch["path"]):
+            classes = self.model.output_shape[-1]
+            return {"path": batch["path"], "raw": np.zeros((0, classes), np.float32)}
+        raw = labeling.predict_batch(self.model, batch["image"], self.batch_size)
+        return {"path": batch["path"], "raw": raw}
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster at `address` (None: start a local Ray instance); True when this call
+    started the connection and so must close it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    return True
+
+
+def predict_folder(
+    model_path: Path,
+    trust: dict[str, Any],
+    meta: ModelMeta,
+    unlabeled_dir: Path,
+    batch_size: int,
+    tta: bool,
+    temperature: float,
+    address: str | None,
+    actors: int,
+    cpus_per_actor: float,
+) -> tuple[pd.DataFrame, list[str]]:
+    """labeling.predict_folder's result (rows sorted by relative path, probabilities scaled by
+    `temperature`, and the relative paths that could not be decoded), computed on Ray."""
+    try:
+        import ray
+    except ImportError:
+        raise PseudoLabelError(
+            "pseudo_label.engine=ray needs Ray: pip install 'pseudolabel[ray]' "
+            "(or use pseudo_label.engine=local)."
+        ) from None
+
+    root = str(unlabeled_dir)
+    files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
+    relative = [labeling._relative(f, root) for f in files]  # sorted, as the local engine's
+    started = _connect(address)
+    try:
+        log.info(
+            "pseudo-label on Ray (%s): %d images, %d actor(s)",
+            address or "local instance",
+            len(relative),
+            actors,
+        )
+        ds = (
+            ray.data.from_items([{"path": rel} for rel in relative])
+            .map_batches(
+                _decode,
+                fn_kwargs={
+                    "root": root,
+                    "image_size": list(meta.image_size),
+                    "channels": meta.channels,
+                },
+                batch_size=batch_size,
+                batch_format="numpy",
+                num_cpus=DECODE_CPUS,
+            )
+            .map_batches(
+                _Teacher,
+                fn_constructor_kwargs={
+                    "model_path": str(model_path),
+                    "trust": trust,
+                    "tta": tta,
+                    "batch_size": batch_size,
+                },
+                batch_size=batch_size,
+                batch_format="numpy",
+                concurrency=actors,
+                num_cpus=cpus_per_actor,
+            )
+        )
+        paths: list[str] = []
+        blocks: list[np.ndarray] = []
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if len(batch["path"]):
+                paths.extend(str(p) for p in batch["path"])
+                blocks.append(np.asarray(batch["raw"], np.float32))
+    finally:
+        if started:
+            ray.shutdown()
+    done = set(paths)
+    failed = [rel for rel in relative if rel not in done]
+    if failed:
+        log.warning("%d unlabelled file(s) could not be decoded and were skipped", len(failed))
+    return labeling.raw_frame(paths, blocks, meta.class_names, temperature), failed
