@@ -19,7 +19,7 @@ import pytest
 
 from pseudolabel.paths import Paths
 
-ray = pytest.importorskip("ray")
+ray = pytest.importorskip("ray")  # the optional extra (pip install ".[ray]")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RAY = Path(sys.executable).with_name("ray")
@@ -153,3 +153,33 @@ def test_ray_engine_writes_the_local_csv(ray_cluster, project, tmp_path):
     np.testing.assert_allclose(on_ray[numbers], local[numbers], atol=1e-6, rtol=0)
     assert local_errors["path"].tolist() == ["broken.png"]
     pd.testing.assert_frame_equal(ray_errors, local_errors)
+
+
+def test_actor_count_leaves_room_for_decoding():
+    from pseudolabel.distributed import actor_count
+    from pseudolabel.errors import PseudoLabelError
+
+    assert actor_count(None, 1, 2) == 1  # a 2-core machine: one actor, the rest decodes
+    assert actor_count(None, 0.5, 2) == 3
+    assert actor_count(2, 0.5, 2) == 2
+    with pytest.raises(PseudoLabelError, match="ray.actors <= 1"):
+        actor_count(2, 1, 2)  # both CPUs to actors: the decoding would wait forever
+    with pytest.raises(PseudoLabelError, match="leaves no CPU"):
+        actor_count(None, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pseudo_label.engine=spark", "pseudo_label.engine"),
+        ("ray.address=somewhere", "ray.address"),
+        ("ray.actors=0", "ray.actors"),
+        ("ray.cpus_per_actor=0", "ray.cpus_per_actor"),
+    ],
+)
+def test_engine_and_ray_keys_are_checked(override, message):
+    from pseudolabel.config import compose
+    from pseudolabel.errors import PseudoLabelError
+
+    with pytest.raises(PseudoLabelError, match=message):
+        compose(["+experiment=smoke", override])

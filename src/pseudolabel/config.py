@@ -309,8 +309,9 @@ class RayConfig:
     # The cluster pseudo_label.engine=ray labels on: None starts a local Ray instance, `auto`
     # joins the one this machine is part of, HOST:PORT is the head node's address.
     address: str | None = MISSING
-    # Teacher replicas (Ray Data actors, the model loaded once in each) and CPUs each reserves.
-    actors: int = MISSING
+    # Teacher replicas (Ray Data actors, the model loaded once in each; None: as many as the
+    # cluster's CPUs hold beside the decoding) and the CPUs each reserves.
+    actors: int | None = MISSING
     cpus_per_actor: float = MISSING
 
 
@@ -512,8 +513,8 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
 
 
 def _check_ray(ray: DictConfig, fail) -> None:
-    if ray.actors < 1:
-        fail("ray.actors", ray.actors, "use >= 1 teacher replica")
+    if ray.actors is not None and ray.actors < 1:
+        fail("ray.actors", ray.actors, "use >= 1 teacher replica, or null")
     if not ray.cpus_per_actor > 0:
         fail("ray.cpus_per_actor", ray.cpus_per_actor, "must be > 0 (fractions allowed)")
     address = ray.address

@@ -76,6 +76,21 @@ class _Teacher:
         return {"path": batch["path"], "raw": raw}
 
 
+def actor_count(requested: int | None, cpus_per_actor: float, cluster_cpus: float) -> int:
+    """The teacher replicas to start: `requested`, or with None as many as the cluster's CPUs
+    hold while leaving room for one decoding task. An actor pool that would take every CPU
+    leaves the decoding tasks none, and Ray Data would wait forever: refused here instead."""
+    fit = int((cluster_cpus - DECODE_CPUS) // cpus_per_actor)
+    if fit < 1 or (requested is not None and requested > fit):
+        asked = "" if requested is None else f"ray.actors={requested} x "
+        raise PseudoLabelError(
+            f"{asked}ray.cpus_per_actor={cpus_per_actor:g} leaves no CPU to decode on this Ray "
+            f"cluster ({cluster_cpus:g} CPUs, {DECODE_CPUS:g} per decoding task): "
+            f"use ray.actors <= {max(fit, 0)} or null, or a smaller ray.cpus_per_actor."
+        )
+    return fit if requested is None else requested
+
+
 def _connect(address: str | None) -> bool:
     """Join the cluster at `address` (None: start a local Ray instance); True when this call
     started the connection and so must close it."""
@@ -96,7 +111,7 @@ def predict_folder(
     tta: bool,
     temperature: float,
     address: str | None,
-    actors: int,
+    actors: int | None,
     cpus_per_actor: float,
 ) -> tuple[pd.DataFrame, list[str]]:
     """labeling.predict_folder's result (rows sorted by relative path, probabilities scaled by
@@ -114,6 +129,7 @@ def predict_folder(
     relative = [labeling._relative(f, root) for f in files]  # sorted, as the local engine's
     started = _connect(address)
     try:
+        actors = actor_count(actors, cpus_per_actor, ray.cluster_resources().get("CPU", 0.0))
         log.info(
             "pseudo-label on Ray (%s): %d images, %d actor(s)",
             address or "local instance",
