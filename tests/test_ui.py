@@ -80,7 +80,7 @@ def browser(tmp_path_factory):
         driver.quit()
 
 
-def test_the_runs_table_shows_the_pipeline_stages(ui, browser, smoke_cfg, tracking_uri):
+def test_the_runs_table_shows_the_pipeline_stages(ui, browser, smoke_cfg, tracking_uri, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -100,3 +100,5 @@ def test_the_runs_table_shows_the_pipeline_stages(ui, browser, smoke_cfg, tracki
     except Exception:
         body = browser.find_element("tag name", "body").text
         pytest.fail(f"the runs table did not list {stages}; the page shows:\n{body[:2000]}")
+    # What a user sees; UI_SCREENSHOT=docs/figures/mlflow_ui.png refreshes the README's picture.
+    assert browser.save_screenshot(os.environ.get("UI_SCREENSHOT") or str(tmp_path / "ui.png"))
