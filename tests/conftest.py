@@ -11,6 +11,27 @@ from pseudolabel.config import compose  # pseudolabel sets TF_CPP_MIN_LOG_LEVEL
 from pseudolabel.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_tracked_files(dest: Path) -> Path:
+    """A copy of the repository's tracked (and untracked, not ignored) files under `dest`."""
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in listed:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    return dest
+
+
 CONF_DIR = REPO / "conf"
 
 

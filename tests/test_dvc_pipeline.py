@@ -4,7 +4,6 @@ experiment that changes the threshold and must re-run only merge, student and ev
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import copy_tracked_files
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -36,17 +35,7 @@ def _ran(output):
 def project(tmp_path_factory):
     """A git + DVC copy of the tracked files, with params.yaml composed for digits."""
     root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
+    copy_tracked_files(root)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the project's own sqlite:///mlflow.db
     _run([str(BIN / "pseudolabel"), "compose", "+experiment=smoke"], root, env)

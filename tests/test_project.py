@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,7 +17,7 @@ import yaml
 from pseudolabel import __version__, config, project
 from pseudolabel.cli import LOCK
 from pseudolabel.errors import PseudoLabelError
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_tracked_files
 
 # Template file -> the top-level file it copies (`make template` refreshes them).
 TOP_LEVEL = {"dvc.yaml.in": "dvc.yaml", "dvcignore": ".dvcignore", "dvc_config": ".dvc/config"}
@@ -137,17 +136,7 @@ def test_the_wheel_runs_the_pipeline_in_a_fresh_repository(tmp_path):
     `dvc repro`. Nothing may come from this source tree."""
     # Build from a copy of the tracked files, so the build leaves nothing in the checkout.
     source = tmp_path / "source"
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in listed:
-        if (REPO / rel).is_file():
-            (source / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, source / rel)
+    copy_tracked_files(source)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     wheels = tmp_path / "wheels"
