@@ -48,6 +48,17 @@ def tracking_uri(tmp_path_factory) -> str:
     return uri
 
 
+@pytest.fixture(autouse=True)
+def _session_tracking_store(tracking_uri):
+    """Every test starts on the session's store: mlflow.set_tracking_uri also rewrites the
+    MLFLOW_TRACKING_URI variable, so a test that points MLflow elsewhere (a DVC project's
+    mlflow.db, a tracking server) would otherwise send every later stage's runs there."""
+    import mlflow
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+
+
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory, smoke_cfg) -> Paths:
     """A project root with the digits layout written by the ingest stage."""

@@ -80,8 +80,9 @@ def ran(project):
         env,
     )
     rounds_lock = yaml.safe_load((root / "dvc.lock").read_text())
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["pseudolabel"], output_format="list")
+    # A client of its own: mlflow.set_tracking_uri would also repoint later tests' stages.
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = list(client.search_runs([client.get_experiment_by_name("pseudolabel").experiment_id]))
     return SimpleNamespace(
         exp_merge=exp_merge,
         rounds=rounds,

@@ -81,11 +81,17 @@ def ray_cluster():
              f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", *common],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
-        subprocess.run(
-            [str(RAY), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-             *common],
-            env=env, check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
+        for attempt in range(3):  # a loaded machine may not have the head's GCS ready yet
+            worker = subprocess.run(
+                [str(RAY), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                 *common],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if worker.returncode == 0:
+                break
+            time.sleep(5 * (attempt + 1))
+        else:
+            pytest.fail(f"the worker node did not start: {worker.stderr[-2000:]}")
         yield f"127.0.0.1:{port}"
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
