@@ -73,6 +73,9 @@ def ray_cluster():
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Explicit, so a token left in ~/.ray by another cluster cannot split head and worker.
+    env["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver (ray.init in the stage) too
     common = ["--num-cpus=1", "--disable-usage-stats"]
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
