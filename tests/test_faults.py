@@ -215,20 +215,10 @@ def test_merge_refuses_a_symlink_out_of_the_unlabelled_folder(merge_project, smo
 
 
 def _folder_cfg(user: Path, *extra: str):
-    from pseudolabel.config import compose
+    """The smoke config on the user folders under `user` (the folder-source tests' own)."""
+    from tests.test_folder_source import _cfg
 
-    return compose(
-        [
-            "+experiment=smoke",
-            "data=folder",
-            f"data.labeled_root={user / 'labeled'}",
-            f"data.unlabeled_root={user / 'unlabeled'}",
-            "data.image_size=[8,8]",
-            "data.min_size=4",
-            "data.workers=2",
-            *extra,
-        ]
-    )
+    return _cfg(user, *extra)
 
 
 def _report(paths: Paths) -> dict[str, tuple[str, str]]:
