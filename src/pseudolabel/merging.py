@@ -147,6 +147,12 @@ def _guard(out_dir: Path, *sources: Path) -> None:
             )
 
 
+def copy_name(rel: str) -> str:
+    """The file name a pseudo-labelled image gets in the merged set: its path under the
+    unlabelled folder (any depth), flattened (-N is appended when a name is taken)."""
+    return "u__" + rel.replace("/", "__")
+
+
 def build_merged(
     train_dir: Path,
     unlabeled_dir: Path,
@@ -212,8 +218,7 @@ def _build(
     for rel, label, conf, row_probs in zip(
         accepted["path"], accepted["label"], accepted["confidence"], probs, strict=True
     ):
-        # Named after the path under the unlabelled folder (any depth), flattened.
-        name = "u__" + rel.replace("/", "__")
+        name = copy_name(rel)
         jobs.append((unlabeled_dir / rel, out_dir / label, name, "pseudo", float(conf), row_probs))
         counts[label]["pseudo"] += 1
     rows = []

@@ -83,8 +83,7 @@ def _unlabelled_targets(paths: Paths, class_names, truth):
     manifest = merging.read_manifest(paths.merged)
     pseudo = manifest.loc[manifest["source"] == "pseudo", "file"]
     merged = {file.split("/")[-1] for file in pseudo}
-    # merging.build_merged names a copy u__<path with / as __> (-N when duplicated).
-    accepted = np.array([("u__" + p.replace("/", "__")) in merged for p in frame["path"]])
+    accepted = np.array([merging.copy_name(p) in merged for p in frame["path"]])
     index = {name: i for i, name in enumerate(class_names)}
     known = truth(list(frame["path"])) if truth else [None] * len(frame)
     labels = np.array([index.get(k, -1) if k is not None else -1 for k in known], np.int32)
