@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,90 +14,6 @@ import pytest
 from pseudolabel.paths import Paths
 
 ray = pytest.importorskip("ray")  # the optional extra (pip install ".[ray]")
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-RAY = Path(sys.executable).with_name("ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ours(temp_dir: str) -> list[int]:
-    """The pids of this cluster's Ray processes: the daemons, which name its temp dir, and
-    their descendants (the workers, whose command line Ray rewrites)."""
-    parents: dict[int, int] = {}
-    roots: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(stat.rpartition(")")[2].split()[1])
-        if temp_dir in cmdline:
-            roots.add(pid)
-    ours = set(roots)
-    grown = True
-    while grown:
-        children = {pid for pid, parent in parents.items() if parent in ours} - ours
-        ours |= children
-        grown = bool(children)
-    return sorted(ours)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")  # so that a killed run still stops the cluster
-
-
-@pytest.fixture
-def ray_cluster():
-    """A head node and a worker node on localhost, one CPU each; its address. Stopped after,
-    even on failure: `ray stop --force` would also kill other Ray clusters on this machine,
-    so the teardown kills only the processes that name this cluster's own temp dir."""
-    temp_dir = tempfile.mkdtemp(prefix="ray17-", dir="/tmp")  # short: Unix socket paths
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Explicit, so a token left in ~/.ray by another cluster cannot split head and worker.
-    env["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver (ray.init in the stage) too
-    common = ["--num-cpus=1", "--disable-usage-stats"]
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        subprocess.run(
-            [str(RAY), "start", "--head", f"--port={port}", "--include-dashboard=false",
-             f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", *common],
-            env=env, check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
-        for attempt in range(3):  # a loaded machine may not have the head's GCS ready yet
-            worker = subprocess.run(
-                [str(RAY), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                 *common],
-                env=env, capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
-            if worker.returncode == 0:
-                break
-            time.sleep(5 * (attempt + 1))
-        else:
-            pytest.fail(f"the worker node did not start: {worker.stderr[-2000:]}")
-        yield f"127.0.0.1:{port}"
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _ours(temp_dir):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(1)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture

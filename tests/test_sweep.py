@@ -135,3 +135,32 @@ def test_unreachable_tracking_uri_is_one_error_before_any_job(project):
     assert result.returncode == 2
     assert "http://127.0.0.1:9' cannot be reached" in result.stderr
     assert "Launching" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow  # ~40 s: Ray workers import TensorFlow
+def test_jobs_run_in_parallel_on_a_ray_cluster(project, tracking_uri, ray_cluster):
+    """hydra/launcher=ray: both jobs run at once as Ray tasks on a two-node cluster, with the
+    parent/child runs and the summary of the basic launcher, on the project's sqlite store."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    result = _sweep(
+        project,
+        "hydra/launcher=ray",
+        f"ray.address={ray_cluster}",
+        "pseudo_label.threshold=0.3,0.6",
+        RAY_AUTH_MODE="disabled",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Ray Launcher is launching 2 jobs" in result.stdout + result.stderr
+    mlflow.set_tracking_uri(tracking_uri)
+    parent, children = _parent_and_children(project)
+    assert parent.info.status == "FINISHED"
+    assert [c.data.params["pseudo_label.threshold"] for c in children] == ["0.3", "0.6"]
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+    # In parallel: each job started before the other ended.
+    first, second = children
+    assert first.info.start_time < second.info.end_time
+    assert second.info.start_time < first.info.end_time
+    for child in children:
+        assert (Path(child.data.tags["sweep.job_dir"]) / "models" / "student.keras").is_file()
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"sweep_summary.png", "sweep_summary.csv"} <= artifacts

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import shutil
 import sys
 import traceback
@@ -241,8 +242,9 @@ def _override_params(overrides: list[str]) -> dict[str, str]:
 class MlflowSweepCallback(Callback):
     """One MLflow parent run per multirun, a nested child run per job, a summary at the end.
 
-    Jobs run one after another (Hydra's basic launcher): TensorFlow already uses every core, and
-    concurrent writers would lock the project's `sqlite:///mlflow.db`.
+    With Hydra's basic launcher the jobs run one after another (TensorFlow already uses every
+    core); with `hydra/launcher=ray` they run at once in Ray workers, which get this callback
+    pickled with its parent run id and open their child runs there.
     """
 
     def __init__(self) -> None:
@@ -276,6 +278,7 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow parent run %s for the sweep in %s", self.parent_run_id, self.sweep_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _enter_project(config.hydra.runtime.cwd)
         if self.parent_run_id is None:  # a single run: the stages' runs stand alone
             return
         cfg = _job_config(config)
@@ -369,9 +372,19 @@ def swept_columns(table: pd.DataFrame) -> list[str]:
 # --- The Hydra app ------------------------------------------------------------------------------
 
 
+def _enter_project(cwd: str) -> None:
+    """Run the job from the project root, as the basic launcher does: a job the Ray launcher
+    sends to a worker process starts in that worker's folder, where the relative paths of the
+    config (the sqlite store, conf/) would mean something else. The project must be at the same
+    path on every node (docs/scale.md)."""
+    if Path.cwd() != Path(cwd):
+        os.chdir(cwd)
+
+
 def job(config: DictConfig) -> float:
     """One job: select, merge, train the student, evaluate. Returns the student's accuracy."""
     hydra_cfg = HydraConfig.get()
+    _enter_project(hydra_cfg.runtime.cwd)
     job_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     try:
         cfg = _job_config(config)
