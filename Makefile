@@ -7,8 +7,8 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test test-fast test-services docs docs-serve ui server server-stop lint format \
-	params template fashion-mnist clean
+.PHONY: setup demo test test-fast test-services docs docs-serve ui plots server server-stop lint \
+	format params template fashion-mnist clean
 
 # The virtual environment, installed from the pinned constraints (a fresh install reproduces ours).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -64,6 +64,12 @@ ui: setup
 	@echo "MLflow 3's UI opens in GenAI mode: click 'Model training' (top left) once, or open" \
 	  "http://127.0.0.1:5000/#/experiments/<id>?workflowType=machine_learning"
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+# `dvc plots show` as a page that also renders offline: DVC's own page loads Vega from a CDN;
+# scripts/plots-template.py inlines it. Writes dvc_plots/index.html.
+plots: setup
+	python scripts/plots-template.py .dvc/tmp/plots-template.html
+	dvc plots show --html-template .dvc/tmp/plots-template.html
 
 # A team's tracking server (docs/team.md): PostgreSQL (installed when missing and root, created
 # on first start in .mlflow-server/) and `mlflow server` on 127.0.0.1:5000. Stop: make server-stop.

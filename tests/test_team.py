@@ -1,5 +1,6 @@
 """Team mode, end to end: the pipeline against `mlflow server` on PostgreSQL (what `make server`
-runs), found again through MlflowClient with its registered version and alias."""
+runs), found again through MlflowClient with its registered version and alias; an existing
+mlflow.db's runs copied onto that server (docs/team.md's migration)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
-from pseudolabel import registry
+from pseudolabel import registry, tracking
 from pseudolabel.data.images import class_names_from, list_images
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
@@ -127,3 +129,52 @@ def test_the_pipeline_logs_and_registers_on_the_tracking_server(
     image = list_images(paths.test)[0].read_bytes()
     predicted = model.predict(pd.DataFrame({"image": [image]}))["class"][0]
     assert predicted in class_names_from(paths.train)
+
+
+def _tool(name: str, tracking_uri: str, *args) -> None:
+    """One of mlflow-export-import's commands against `tracking_uri`."""
+    result = subprocess.run(
+        [str(BIN / name), *map(str, args)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{name}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+
+
+def test_export_import_copies_an_sqlite_history_to_the_server(server, tracking_uri, tmp_path):
+    """docs/team.md's migration: mlflow-export-import copies an experiment's runs from an
+    mlflow.db (the session's: a new one costs seconds of schema migrations) to the server
+    (params, metric history, tags, artifacts, the experiment's tags); run IDs change."""
+    old = MlflowClient(tracking_uri)
+    experiment_id = old.create_experiment(
+        "history",
+        artifact_location=(tmp_path / "mlruns").as_uri(),
+        tags={tracking.KIND_TAG: tracking.MODEL_TRAINING},
+    )
+    run = old.create_run(experiment_id, tags={"stage": "train_teacher"}, run_name="teacher")
+    old.log_param(run.info.run_id, "seed", "0")
+    for step, value in enumerate((0.5, 0.7)):
+        old.log_metric(run.info.run_id, "val_accuracy", value, step=step)
+    report = tmp_path / "report.txt"
+    report.write_text("what the run wrote")
+    old.log_artifact(run.info.run_id, str(report))
+    old.set_terminated(run.info.run_id)
+
+    exported = tmp_path / "exported"
+    _tool("export-experiment", tracking_uri, "--experiment", "history", "--output-dir", exported)
+    _tool("import-experiment", server, "--experiment-name", "history", "--input-dir", exported)
+
+    new = MlflowClient(server)
+    experiment = new.get_experiment_by_name("history")
+    assert experiment.tags[tracking.KIND_TAG] == tracking.MODEL_TRAINING
+    (copied,) = new.search_runs([experiment.experiment_id])
+    assert copied.info.run_id != run.info.run_id  # lineage tags holding run IDs go stale
+    assert copied.info.run_name == "teacher" and copied.data.tags["stage"] == "train_teacher"
+    assert copied.data.params == {"seed": "0"}
+    history = new.get_metric_history(copied.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(0, 0.5), (1, 0.7)]
+    # The artifact comes back through the server's proxy, from its own artifact store.
+    path = new.download_artifacts(copied.info.run_id, "report.txt", str(tmp_path / "back"))
+    assert Path(path).read_text() == "what the run wrote"

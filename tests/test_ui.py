@@ -1,10 +1,14 @@
-"""The MLflow UI, in a real browser: the smoke pipeline's experiment opens as model training and
-its runs table lists the stages (headless Chromium driven by Selenium)."""
+"""What a user sees in a real browser (headless Chromium driven by Selenium), on the smoke
+pipeline's runs: MLflow's UI opens the experiment as model training with the stages in its runs
+table, compares teacher and student test accuracy side by side, and shows the confidence
+histogram among the pseudo_label run's artifacts; `dvc plots show`'s page draws every plot."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,12 +19,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from PIL import Image
 
 from pseudolabel import tracking
+from pseudolabel.models import io as model_io
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+HISTOGRAM = "plots/confidence.png"  # the pseudo_label run's confidence histogram (stages/label.py)
 
 
 def _free_port() -> int:
@@ -71,6 +79,9 @@ def browser(tmp_path_factory):
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
+    # No calls home: on a closed network they only fail, and cost time on a loaded machine.
+    for arg in ("--disable-background-networking", "--disable-component-update", "--no-first-run"):
+        options.add_argument(arg)
     options.add_argument("--window-size=1600,1000")
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(DRIVER))
@@ -80,11 +91,24 @@ def browser(tmp_path_factory):
         driver.quit()
 
 
-def test_the_runs_table_shows_the_pipeline_stages(ui, browser, smoke_cfg, tracking_uri, tmp_path):
+def _wait(browser, condition, what: str, seconds: float = 120):
+    """condition(browser)'s first truthy value; on a timeout, fail with what the page shows."""
     from selenium.webdriver.support.ui import WebDriverWait
 
+    try:
+        return WebDriverWait(browser, seconds, poll_frequency=1).until(condition)
+    except Exception:
+        body = browser.find_element("tag name", "body").text
+        pytest.fail(f"{what}; the page shows:\n{body[:2000]}")
+
+
+@pytest.fixture(scope="module")
+def experiment(pipeline, smoke_cfg, tracking_uri):
     mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.get_experiment_by_name(smoke_cfg.tracking.experiment)
+    return mlflow.get_experiment_by_name(smoke_cfg.tracking.experiment)
+
+
+def test_the_runs_table_shows_the_pipeline_stages(ui, browser, experiment, tmp_path):
     assert experiment.tags[tracking.KIND_TAG] == tracking.MODEL_TRAINING
     # MLflow 3.17's UI picks GenAI or model training per browser (its toggle, or this URL
     # parameter); the experiment tag above is what builds without the toggle read.
@@ -95,10 +119,114 @@ def test_the_runs_table_shows_the_pipeline_stages(ui, browser, smoke_cfg, tracki
         text = driver.find_element("tag name", "body").text
         return "/runs" in driver.current_url and all(stage in text for stage in stages)
 
-    try:
-        WebDriverWait(browser, 120, poll_frequency=2).until(shown)
-    except Exception:
-        body = browser.find_element("tag name", "body").text
-        pytest.fail(f"the runs table did not list {stages}; the page shows:\n{body[:2000]}")
+    _wait(browser, shown, f"the runs table did not list {stages}")
     # What a user sees; UI_SCREENSHOT=docs/figures/mlflow_ui.png refreshes the README's picture.
     assert browser.save_screenshot(os.environ.get("UI_SCREENSHOT") or str(tmp_path / "ui.png"))
+
+
+# The compare view's metrics: one grid of names, then one of values, row by row, a column per run.
+METRIC_ROW = """
+const name = arguments[0];
+const grids = [...document.querySelectorAll('[role="grid"]')];
+const names = grids.find(g => [...g.querySelectorAll("a")].some(a => a.textContent.trim() == name));
+if (!names || grids.indexOf(names) + 1 >= grids.length) return null;
+const rows = [...names.querySelector('[role="rowgroup"]').children];
+const row = rows.findIndex(r => r.textContent.trim() === name);
+const cells = [...grids[grids.indexOf(names) + 1].querySelector('[role="rowgroup"]').children];
+const perRow = cells.length / rows.length;
+return cells.slice(row * perRow, (row + 1) * perRow).map(c => c.innerText.trim());
+"""
+
+
+def test_the_compare_view_shows_teacher_and_student_test_accuracy_side_by_side(
+    ui, browser, experiment, pipeline
+):
+    client = mlflow.MlflowClient()
+    runs = [
+        client.get_run(model_io.read_meta(pipeline.model(role)).run_id)
+        for role in ("teacher", "student")
+    ]
+    assert [run.data.tags["stage"] for run in runs] == ["train_teacher", "train_student"]
+    ids = json.dumps([run.info.run_id for run in runs], separators=(",", ":"))
+    browser.get(f'{ui}/#/compare-runs?runs={ids}&experiments=["{experiment.experiment_id}"]')
+    shown = _wait(
+        browser,
+        lambda driver: driver.execute_script(METRIC_ROW, "test_accuracy"),
+        "the compare view has no test_accuracy row",
+    )
+    assert "Comparing 2 Runs" in browser.find_element("tag name", "body").text
+    # The UI rounds to 3 decimals; the columns are the runs in the URL's order.
+    assert [float(value) for value in shown] == pytest.approx(
+        [run.data.metrics["test_accuracy"] for run in runs], abs=5e-4
+    )
+
+
+def test_the_confidence_histogram_renders_in_the_pseudo_label_runs_artifacts(
+    ui, browser, experiment, pipeline
+):
+    (run,) = mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id],
+        f"tags.stage = 'pseudo_label' and tags.{tracking.CSV_TAG} = '{tracking.md5(pipeline.csv)}'",
+        max_results=1,
+    )
+    browser.get(
+        f"{ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+        f"/artifacts/{HISTOGRAM}"
+    )
+    # The preview's <img> once the browser has decoded the PNG the server sent.
+    size = _wait(
+        browser,
+        lambda driver: driver.execute_script(
+            "const img = [...document.images].find(i => i.alt === arguments[0]);"
+            "return img && img.complete && img.naturalWidth > 0"
+            " ? [img.naturalWidth, img.naturalHeight] : null;",
+            HISTOGRAM,
+        ),
+        f"{HISTOGRAM} did not render in the run's artifacts",
+    )
+    with Image.open(pipeline.outputs / HISTOGRAM) as logged:
+        assert tuple(size) == logged.size
+
+
+# Each plot DVC's page draws: vega-embed's <svg> and at least one mark drawn from the data.
+RENDERED_PLOTS = """
+return [...document.querySelectorAll("body > div[id]")].map(div => [
+    div.id,
+    div.querySelector("svg.marks") !== null
+        && [...div.querySelectorAll("g.role-mark path")].some(p => p.getAttribute("d")),
+]);
+"""
+
+
+def test_dvc_plots_show_draws_the_pipelines_plots(browser, pipeline, tmp_path):
+    """`dvc plots show` on the smoke run's plot files with the project's dvc.yaml, through the
+    offline template (`make plots`): DVC's default page loads Vega from a CDN."""
+    project = tmp_path / "project"
+    shutil.copytree(pipeline.plots, project / "plots")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, project / name)
+    template = tmp_path / "template.html"
+    for cmd in (
+        [str(BIN / "dvc"), "init", "--no-scm", "-q"],
+        [sys.executable, str(REPO / "scripts" / "plots-template.py"), str(template)],
+        [str(BIN / "dvc"), "plots", "show", "--html-template", str(template), "-o", "out"],
+    ):
+        subprocess.run(cmd, cwd=project, check=True, capture_output=True, timeout=300)
+    page = project / "out" / "index.html"
+    assert "<script src" not in page.read_text()  # nothing to fetch: it renders offline
+    browser.get(page.as_uri())
+    plots = dict(
+        _wait(
+            browser,
+            lambda driver: (
+                (shown := driver.execute_script(RENDERED_PLOTS))
+                and all(drawn for _, drawn in shown)
+                and shown
+            ),
+            "dvc plots show's page did not draw every plot",
+            seconds=60,
+        )
+    )
+    # dvc.yaml's two top-level plots and the stages' own (learning curves, confusion matrices).
+    assert {"val_accuracy_by_epoch", "threshold_analysis"} <= set(plots)
+    assert {"plots_train_student_csv", "plots_evaluate_student_confusion_csv"} <= set(plots)
