@@ -7,6 +7,7 @@ docs/failure-modes.md lists every case.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -454,3 +455,135 @@ def test_negative_seed_is_refused_at_validation():
 
     with pytest.raises(PseudoLabelError, match="seed=-1 is invalid"):
         compose(["seed=-1"])
+
+
+# --- 7. the MLflow store: damaged, killed runs, deleted ---------------------------------------
+
+
+def test_damaged_mlflow_db_is_one_line_before_any_work(merge_project, smoke_cfg, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pseudolabel import tracking
+
+    paths = merge_project
+    before = _digest(paths.merged)
+    db = paths.root / "mlflow.db"
+    db.write_bytes(b"this is not a database\n" * 100)  # a file overwritten by something else
+    damaged = db.read_bytes()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "merge"],
+        cwd=paths.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot be opened (not an SQLite database)" in errors[0]
+    assert f"mv {db} {db}.broken" in errors[0]
+    assert time.monotonic() - start < 60
+    assert _digest(paths.merged) == before and db.read_bytes() == damaged
+    assert not (paths.metrics / "merge.json").exists()
+    # An SQLite header over damaged pages: sqlite's own error, still one line.
+    db.write_bytes(tracking.SQLITE_MAGIC + os.urandom(8192))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with pytest.raises(PseudoLabelError, match="cannot be opened") as err:
+        tracking.check_reachable(smoke_cfg)
+    assert "\n" not in str(err.value)
+
+
+def _stage_runs(db: Path, stage: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """Run id -> (status, tags) of a stage's runs, read from the sqlite store itself: MLflow's
+    client would create the tables while the stage is creating them, and caches its engine."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        try:
+            rows = con.execute(
+                "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = 'stage' AND t.value = ?",
+                (stage,),
+            ).fetchall()
+            tags = con.execute("SELECT run_uuid, key, value FROM tags").fetchall()
+        except sqlite3.OperationalError:  # the tables are not created yet
+            return {}
+    return {run: (status, {k: v for r, k, v in tags if r == run}) for run, status in rows}
+
+
+def test_killed_stage_run_is_failed_next_time_and_a_deleted_store_is_reported(
+    merge_project, smoke_cfg, monkeypatch, caplog
+):
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from pseudolabel.config import compose_raw, to_yaml
+    from pseudolabel.stages import train_teacher
+
+    paths = merge_project
+    db = paths.root / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    long = ["+experiment=smoke", "teacher.train.epochs=10000", "teacher.train.patience=10000"]
+    (paths.root / "params.yaml").write_text(to_yaml(compose_raw(long)))
+    # A real train_teacher, killed (SIGKILL) while its MLflow run is open.
+    log_file = paths.root / "train_teacher.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pseudolabel.cli", "train_teacher"],
+            cwd=paths.root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not (db.exists() and _stage_runs(db, "train_teacher")):
+            assert proc.poll() is None, log_file.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no run was opened"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    ((killed, (status, _)),) = _stage_runs(db, "train_teacher").items()
+    assert status == "RUNNING"  # what MLflow alone would leave forever
+
+    # The next start of the stage marks it FAILED, then runs.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with caplog.at_level(logging.WARNING, logger="pseudolabel.tracking"):
+        train_teacher(smoke_cfg, paths)
+    runs = _stage_runs(db, "train_teacher")
+    assert runs[killed][0] == "FAILED"
+    assert "ended without closing" in runs[killed][1]["pseudolabel_failure"]
+    assert [status for i, (status, _) in runs.items() if i != killed] == ["FINISHED"]
+    assert f"{killed} (train_teacher) was left RUNNING" in caplog.text
+    teacher_run = model_io.read_meta(paths.model("teacher")).run_id
+    assert teacher_run in runs
+
+    # The store deleted: the next stage recreates it and says the teacher's run is not there.
+    db.unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "pseudo_label"],
+        cwd=paths.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if f"has no run {teacher_run}" in line]
+    assert len(warnings) == 1 and "deleted, recreated or replaced" in warnings[0]
+    assert list(_stage_runs(db, "pseudo_label").values())[0][0] == "FINISHED"
