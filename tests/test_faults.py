@@ -417,6 +417,44 @@ def test_images_over_max_pixels_are_reported_not_decoded(user_folders, tmp_path)
     assert ingest(_folder_cfg(user), Paths(tmp_path / "default"))["unlabeled"] == 42
 
 
+def test_exif_orientation_is_applied_in_the_view_not_the_original(user_folders, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from pseudolabel.stages.ingest import ingest
+
+    user, _ = user_folders
+    # A phone photo: stored 40 wide x 20 high, bright in its top-left corner, with EXIF
+    # Orientation 6 (a viewer turns it a quarter clockwise: 20 wide x 40 high, bright top-right).
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[:8, :12] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    photo = user / "unlabeled" / "phone.jpg"
+    photo.write_bytes(buffer.getvalue())
+    original = hashlib.md5(photo.read_bytes()).hexdigest()
+
+    paths = Paths(tmp_path / "project")
+    summary = ingest(_folder_cfg(user), paths)
+    assert summary["unlabeled"] == 41
+    view = paths.unlabeled / "phone.jpg.png"  # converted: the view holds the upright pixels
+    seen = np.asarray(Image.open(view))
+    assert seen.shape == (40, 20)
+    assert seen[:12, -8:].mean() > 200 and seen[12:, :].mean() < 30  # bright top-right
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(photo)).convert("L"), np.int16)
+    assert np.abs(seen.astype(np.int16) - expected).max() <= 8  # TF's decode vs PIL's
+    assert _report(paths)[str(photo)] == (
+        "warning_exif_rotated",
+        "EXIF orientation 6; upright in phone.jpg.png",
+    )
+    assert hashlib.md5(photo.read_bytes()).hexdigest() == original  # the original untouched
+    assert not (paths.unlabeled / "phone.jpg").exists()
+
+
 # --- 6. refused up front: an unreachable tracking server, a negative seed ---------------------
 
 

@@ -163,6 +163,7 @@ def split_train(
 # --- the cache ------------------------------------------------------------------------------
 
 _COLUMNS = [f for f in FileCheck.__dataclass_fields__ if f != "path"]
+TABLE = "checks_v2"  # v2: FileCheck.orientation (EXIF), and oriented files are converted
 
 
 class CheckCache:
@@ -176,7 +177,7 @@ class CheckCache:
         self.channels, self.perceptual = channels, perceptual
         self.hits = 0  # results answered from the cache in this session
         self.db.execute(
-            "CREATE TABLE IF NOT EXISTS checks_v1 (path TEXT PRIMARY KEY, channels INTEGER, "
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (path TEXT PRIMARY KEY, channels INTEGER, "
             + ", ".join(_COLUMNS)
             + ")"
         )
@@ -191,7 +192,7 @@ class CheckCache:
         except OSError:
             return None
         row = self.db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM checks_v1 WHERE path=? AND channels=?",
+            f"SELECT {', '.join(_COLUMNS)} FROM {TABLE} WHERE path=? AND channels=?",
             (str(path), self.channels),
         ).fetchone()
         if row is None:
@@ -213,7 +214,7 @@ class CheckCache:
             if c.reason not in ("unreadable", "symlink_outside", "bad_name", "too_many_pixels")
         ]
         self.db.executemany(
-            f"INSERT OR REPLACE INTO checks_v1 VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
+            f"INSERT OR REPLACE INTO {TABLE} VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
             rows,
         )
         self.db.commit()
@@ -385,12 +386,15 @@ class _Ingest:
                     while target.name in used:  # same name from different sub-folders
                         target = target.with_name("_" + target.name)
                     used.add(target.name)
-                    self.place(check, target)
+                    self.place(check, target, part)
                 self.outcome.per_class[part][name] = len(checks)
 
-    def place(self, check: FileCheck, target: Path) -> None:
+    def place(self, check: FileCheck, target: Path, part: str) -> None:
         place(check, target, self.data.link, self.data.channels)
         self.outcome.converted += check.convert
+        if check.orientation != 1:  # phone photos: reported, so nobody wonders why
+            detail = f"EXIF orientation {check.orientation}; upright in {target.name}"
+            self.report.add(check.path, part, "warning_exif_rotated", detail)
 
     def write_unlabelled(self, root: Path, view: Path) -> None:
         for check in self.checked(validate.walk_files(root), root, "unlabeled"):
@@ -408,7 +412,8 @@ class _Ingest:
                 self.report.add(check.path, "unlabeled", "duplicate", f"same bytes as {first}")
                 continue
             rel = Path(check.path).relative_to(root)
-            self.place(check, view / rel.parent / validate.view_name(rel.name, check))
+            target = view / rel.parent / validate.view_name(rel.name, check)
+            self.place(check, target, "unlabeled")
             self.outcome.unlabeled += 1
 
 
