@@ -625,3 +625,131 @@ def test_killed_stage_run_is_failed_next_time_and_a_deleted_store_is_reported(
     warnings = [line for line in done.stderr.splitlines() if f"has no run {teacher_run}" in line]
     assert len(warnings) == 1 and "deleted, recreated or replaced" in warnings[0]
     assert list(_stage_runs(db, "pseudo_label").values())[0][0] == "FINISHED"
+
+
+# --- 8. the smaller ones: names, folders, special files, mismatched models ------------------
+
+
+def test_reserved_class_name_suggests_a_valid_one(user_folders, tmp_path):
+    import shutil
+
+    from pseudolabel.stages.ingest import ingest
+
+    user, _ = user_folders
+    paths = Paths(tmp_path / "project")
+    ingest(_folder_cfg(user), paths)
+    view = _digest(paths.labeled)
+    for part in ("train", "val", "test"):
+        shutil.move(user / "labeled" / part / "digit_3", user / "labeled" / part / "CON")
+    with pytest.raises(PseudoLabelError, match=r"Rename the folder, e\.g\. to 'CON_class'\."):
+        ingest(_folder_cfg(user), paths)
+    assert _digest(paths.labeled) == view  # refused before the view was touched
+
+
+def test_ingest_reports_a_fifo_instead_of_waiting_on_it(user_folders, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    user, _ = user_folders
+    unl = user / "unlabeled"
+    os.mkfifo(unl / "pipe.png")  # nobody ever writes to it: opening it would wait forever
+    (unl / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (unl / "notes.txt").write_text("not an image")
+    script = (
+        "import sys; from pathlib import Path; from tests.test_faults import _folder_cfg; "
+        "from pseudolabel.paths import Paths; from pseudolabel.stages.ingest import ingest; "
+        "print(ingest(_folder_cfg(Path(sys.argv[1])), Paths(Path(sys.argv[2])))['unlabeled'])"
+    )
+    done = subprocess.run(  # a subprocess, so that a hang is a failure, not a stuck suite
+        [sys.executable, "-c", script, str(user), str(tmp_path / "project")],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "40"
+    report = _report(Paths(tmp_path / "project"))
+    assert report[str(unl / "pipe.png")] == ("unreadable", "not a regular file (a FIFO)")
+    assert report[str(unl / "logo.svg")][0] in ("not_an_image", "unsupported_format")
+    assert report[str(unl / "notes.txt")][0] == "not_an_image"
+
+
+def test_facade_lists_what_it_does_not_label(tmp_path, digits_data):
+    import os
+    import shutil
+
+    import pandas as pd
+
+    from pseudolabel import PseudoLabelGenerator
+
+    unl = tmp_path / "unlabeled"
+    unl.mkdir()
+    for path in sorted(digits_data.unlabeled.iterdir())[:5]:
+        shutil.copyfile(path, unl / path.name)
+    (unl / "x.jpg").mkdir()  # a folder named like an image
+    os.mkfifo(unl / "pipe.png")
+    (unl / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (unl / "notes.txt").write_text("not an image")
+    inputs = keras.Input((8, 8, 1))
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(inputs))
+    model = tmp_path / "model.keras"
+    model_io.save(keras.Model(inputs, outputs), model, model_io.ModelMeta(CLASSES, [8, 8], 1))
+
+    gen = PseudoLabelGenerator(
+        model_path=model, unlabeled_path=unl, output_folder=tmp_path / "out", calibrate=False
+    )
+    predictions = gen.generate_pseudolabel_data()
+    assert len(predictions) == 5
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    reasons = dict(zip(errors["path"], errors["reason"], strict=True))
+    assert sorted(reasons) == ["logo.svg", "notes.txt", "pipe.png", "x.jpg"]
+    assert reasons["x.jpg"].startswith("a folder, not an image")
+    assert reasons["pipe.png"].startswith("not a regular file")
+    assert reasons["logo.svg"].startswith("not an image extension (.svg")
+
+
+def test_compose_refuses_a_data_root_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    from pseudolabel.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "params.yaml"
+    out.write_text("# the last good composition\n")
+    (tmp_path / "unlabeled").mkdir()
+    argv = [
+        "compose",
+        "data=folder",
+        f"data.labeled_root={tmp_path / 'no_such_folder'}",
+        f"data.unlabeled_root={tmp_path / 'unlabeled'}",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        f"pseudolabel compose: error: data.labeled_root={tmp_path / 'no_such_folder'}: folder "
+        f"not found ({tmp_path / 'no_such_folder'}); create it or fix the path, then compose again."
+    ]
+    assert out.read_text() == "# the last good composition\n"
+    (tmp_path / "no_such_folder").mkdir()
+    assert main(argv) == 0 and "labeled_root" in out.read_text()
+
+
+def test_imported_teacher_of_another_input_size_is_said(tmp_path, digits_data, caplog):
+    import logging
+
+    from pseudolabel.config import compose
+    from pseudolabel.stages import train_teacher
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inputs, outputs).save(tmp_path / "rgb32.keras")
+    paths = Paths(tmp_path / "project", data_root=digits_data.root)
+    cfg = compose(["+experiment=smoke", f"teacher.path={tmp_path / 'rgb32.keras'}"])
+    with caplog.at_level(logging.WARNING, logger="pseudolabel.stages.train"):
+        train_teacher(cfg, paths)
+    (line,) = [r.getMessage() for r in caplog.records if "expects" in r.getMessage()]
+    assert "expects 32x32x3 images but the data is 8x8x1" in line
+    assert "resized to 32x32 and its grey copied to 3 channels" in line

@@ -94,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "compose":
-            from pseudolabel.config import compose, compose_raw, project_root, to_yaml
+            from pseudolabel.config import (
+                check_data_roots,
+                compose,
+                compose_raw,
+                project_root,
+                to_yaml,
+            )
 
-            compose(args.overrides)  # validate before writing
             output = Path(args.output or project_root() / "params.yaml")
+            check_data_roots(compose(args.overrides), project_root())  # before writing
             output.write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
             logging.info("wrote %s", output)
             return 0

@@ -83,9 +83,17 @@ def check_class_name(folder: Path) -> None:
         raise PseudoLabelError(
             f"{folder}: {name!r} is not a valid class folder name on every file system "
             '(no <>:"/\\|?* or control characters, no leading/trailing space or trailing dot, '
-            "not a reserved name like CON). Rename the folder, e.g. to "
-            f"{_BAD_NAME.sub('_', name).strip().rstrip('.') or 'class_1'!r}."
+            f"not a reserved name like CON). Rename the folder, e.g. to {_valid_name(name)!r}."
         )
+
+
+def _valid_name(name: str) -> str:
+    """A name like `name` that check_class_name accepts (what its error suggests)."""
+    valid = _BAD_NAME.sub("_", name).strip().rstrip(".") or "class_1"
+    stem, dot, rest = valid.partition(".")
+    if stem.lower() in _RESERVED:  # CON -> CON_class
+        valid = f"{stem}_class{dot}{rest}"
+    return valid
 
 
 def _labelled_part(root: Path, part: str, classes: list[str] | None) -> dict[str, list[Path]]:

@@ -12,6 +12,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISREG, S_ISSOCK
 
 import numpy as np
 import tensorflow as tf
@@ -244,6 +245,18 @@ def too_many_pixels(raw: bytes, max_pixels: int | None) -> str | None:
     return None
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (S_ISFIFO, "a FIFO"),
+        (S_ISSOCK, "a socket"),
+        (S_ISCHR, "a character device"),
+        (S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a file"
+
+
 def check_file(
     path: Path,
     root: Path,
@@ -260,6 +273,10 @@ def check_file(
         return problem
     try:
         stat = path.stat()
+        if not S_ISREG(stat.st_mode):  # opening a FIFO would wait for a writer forever
+            return FileCheck(
+                path_str, reason="unreadable", detail=f"not a regular file ({_kind(stat.st_mode)})"
+            )
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
