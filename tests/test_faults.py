@@ -270,14 +270,18 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
     assert not any("caf" in name or "link" in name for name in view)
 
     # A class folder that is a link to a folder outside the labelled root: every file in it is
-    # reported, none followed into the view, and the class is refused as empty.
+    # reported, none followed into the view, and the class is refused as empty; the view built
+    # before stays whole (the new one is built aside and swapped in only when complete).
+    labelled_view = _digest(paths.labeled)
     val9 = user / "labeled" / "val" / "digit_9"
     shutil.move(val9, outside / "digit_9")
     val9.symlink_to(outside / "digit_9")
     with pytest.raises(PseudoLabelError, match="val/digit_9"):
-        ingest(_folder_cfg(user), Paths(tmp_path / "second"))
-    reasons = {r for p, (r, _) in _report(Paths(tmp_path / "second")).items() if "digit_9" in p}
+        ingest(_folder_cfg(user), paths)
+    reasons = {r for p, (r, _) in _report(paths).items() if "digit_9" in p}
     assert reasons == {"symlink_outside"}
+    assert _digest(paths.labeled) == labelled_view and _digest(paths.unlabeled) == view
+    assert sorted(p.name for p in paths.labeled.parent.iterdir()) == ["image_dataset", "unlabeled"]
 
     # A class folder whose name is not UTF-8 is refused in one line before the view is touched.
     val9.unlink()

@@ -446,9 +446,61 @@ def ingest_folder(
         "Set data.unlabeled_root to the folder of images to pseudo-label (any nesting).",
     )
     guard_overlap([labeled_root, unlabeled_root], [labeled_view, unlabeled_view])
-    for view in (labeled_view, unlabeled_view):
-        if view.exists():
-            shutil.rmtree(view)
+    # The new view is built beside the old one and swapped in only when complete: a class left
+    # without usable images, an error or a kill half-way leaves the previous view whole.
+    building = {
+        view: view.with_name(f".{view.name}.building") for view in (labeled_view, unlabeled_view)
+    }
+    for folder in building.values():
+        if folder.exists():
+            shutil.rmtree(folder)  # a killed run's leftovers
+    try:
+        outcome = _ingest(
+            data,
+            seed,
+            labeled_root,
+            unlabeled_root,
+            files,
+            building[labeled_view],
+            building[unlabeled_view],
+            report_path,
+            cache_path,
+        )
+    except BaseException:
+        for folder in building.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for view, new in building.items():
+        _swap(new, view)
+    log.info("ingest: %d classes %s; report: %s", len(classes), classes, dict(outcome.reasons))
+    return outcome
+
+
+def _swap(new: Path, view: Path) -> None:
+    """Put the complete folder `new` at `view`; the old one is removed only afterwards."""
+    old = view.with_name(f".{view.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if view.exists():
+        os.replace(view, old)
+    new.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(new, view)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _ingest(
+    data,
+    seed,
+    labeled_root,
+    unlabeled_root,
+    files,
+    labeled_view,
+    unlabeled_view,
+    report_path,
+    cache_path,
+) -> Outcome:
+    """Check every file and write the view into `labeled_view` / `unlabeled_view`."""
     cache = CheckCache(cache_path, data.channels, data.near_duplicates)
     report = Report(report_path)
     workers = data.workers or os.cpu_count() or 1
@@ -472,7 +524,6 @@ def ingest_folder(
         report.close()
         cache.close()
     run.outcome.reasons = report.counts
-    log.info("ingest: %d classes %s; report: %s", len(classes), classes, dict(report.counts))
     if run.outcome.unlabeled == 0:
         raise PseudoLabelError(
             f"{unlabeled_root}: no usable unlabelled image (see {report_path} for why each file "
