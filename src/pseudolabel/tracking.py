@@ -112,6 +112,11 @@ def check_reachable(cfg, timeout: float = 10) -> None:
     except Exception as exc:  # sqlalchemy, urllib and MLflow raise many types
         if uri.startswith(SQLITE):
             db = Path(uri[len(SQLITE) :])
+            if not db.is_file():
+                raise PseudoLabelError(
+                    f"MLflow tracking store {uri!r} cannot be created ({_one_line(exc)}); check "
+                    "that its folder exists and is writable, or fix tracking.uri."
+                ) from None
             raise PseudoLabelError(_corrupt(uri, db, _one_line(exc))) from None
         raise PseudoLabelError(
             f"MLflow tracking URI {uri!r} cannot be reached ({_one_line(exc)}); "
