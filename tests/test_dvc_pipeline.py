@@ -55,6 +55,7 @@ def ran(project):
     root, env = project
     first = _run([str(BIN / "dvc"), "repro"], root, env)
     lock = yaml.safe_load((root / "dvc.lock").read_text())
+    first_merge = json.loads((root / "metrics/merge.json").read_text())
     second = _run([str(BIN / "dvc"), "repro"], root, env)
     _run(["git", "add", "-A"], root, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], root, env)
@@ -85,6 +86,7 @@ def ran(project):
     runs = list(client.search_runs([client.get_experiment_by_name("pseudolabel").experiment_id]))
     return SimpleNamespace(
         exp_merge=exp_merge,
+        first_merge=first_merge,
         rounds=rounds,
         rounds_lock=rounds_lock,
         root=root,
@@ -123,6 +125,10 @@ def test_dvc_repro_then_nothing(ran):
         assert (root / rel).exists(), rel
     evaluation = json.loads((root / "metrics/evaluation.json").read_text())
     assert {"teacher_accuracy", "student_accuracy", "gain"} <= set(evaluation)
+    # The smoke teacher learns (chance is 0.1) and the merge copies pseudo-labels (issue 16).
+    assert json.loads((root / "metrics/teacher.json").read_text())["val_accuracy"] > 0.3
+    assert evaluation["teacher_accuracy"] > 0.3
+    assert ran.first_merge["pseudo_labeled"] >= 1
     pipeline_runs = [r for r in ran.runs if "dvc.exp_name" not in r.data.tags]
     assert {"evaluate", "pseudo_label", "train_student", "train_teacher"} <= {
         r.data.tags["stage"] for r in pipeline_runs

@@ -7,6 +7,7 @@ docs/failure-modes.md lists every case.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -269,14 +270,18 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
     assert not any("caf" in name or "link" in name for name in view)
 
     # A class folder that is a link to a folder outside the labelled root: every file in it is
-    # reported, none followed into the view, and the class is refused as empty.
+    # reported, none followed into the view, and the class is refused as empty; the view built
+    # before stays whole (the new one is built aside and swapped in only when complete).
+    labelled_view = _digest(paths.labeled)
     val9 = user / "labeled" / "val" / "digit_9"
     shutil.move(val9, outside / "digit_9")
     val9.symlink_to(outside / "digit_9")
     with pytest.raises(PseudoLabelError, match="val/digit_9"):
-        ingest(_folder_cfg(user), Paths(tmp_path / "second"))
-    reasons = {r for p, (r, _) in _report(Paths(tmp_path / "second")).items() if "digit_9" in p}
+        ingest(_folder_cfg(user), paths)
+    reasons = {r for p, (r, _) in _report(paths).items() if "digit_9" in p}
     assert reasons == {"symlink_outside"}
+    assert _digest(paths.labeled) == labelled_view and _digest(paths.unlabeled) == view
+    assert sorted(p.name for p in paths.labeled.parent.iterdir()) == ["image_dataset", "unlabeled"]
 
     # A class folder whose name is not UTF-8 is refused in one line before the view is touched.
     val9.unlink()
@@ -416,6 +421,44 @@ def test_images_over_max_pixels_are_reported_not_decoded(user_folders, tmp_path)
     assert ingest(_folder_cfg(user), Paths(tmp_path / "default"))["unlabeled"] == 42
 
 
+def test_exif_orientation_is_applied_in_the_view_not_the_original(user_folders, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from pseudolabel.stages.ingest import ingest
+
+    user, _ = user_folders
+    # A phone photo: stored 40 wide x 20 high, bright in its top-left corner, with EXIF
+    # Orientation 6 (a viewer turns it a quarter clockwise: 20 wide x 40 high, bright top-right).
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[:8, :12] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    photo = user / "unlabeled" / "phone.jpg"
+    photo.write_bytes(buffer.getvalue())
+    original = hashlib.md5(photo.read_bytes()).hexdigest()
+
+    paths = Paths(tmp_path / "project")
+    summary = ingest(_folder_cfg(user), paths)
+    assert summary["unlabeled"] == 41
+    view = paths.unlabeled / "phone.jpg.png"  # converted: the view holds the upright pixels
+    seen = np.asarray(Image.open(view))
+    assert seen.shape == (40, 20)
+    assert seen[:12, -8:].mean() > 200 and seen[12:, :].mean() < 30  # bright top-right
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(photo)).convert("L"), np.int16)
+    assert np.abs(seen.astype(np.int16) - expected).max() <= 8  # TF's decode vs PIL's
+    assert _report(paths)[str(photo)] == (
+        "warning_exif_rotated",
+        "EXIF orientation 6; upright in phone.jpg.png",
+    )
+    assert hashlib.md5(photo.read_bytes()).hexdigest() == original  # the original untouched
+    assert not (paths.unlabeled / "phone.jpg").exists()
+
+
 # --- 6. refused up front: an unreachable tracking server, a negative seed ---------------------
 
 
@@ -454,3 +497,263 @@ def test_negative_seed_is_refused_at_validation():
 
     with pytest.raises(PseudoLabelError, match="seed=-1 is invalid"):
         compose(["seed=-1"])
+
+
+# --- 7. the MLflow store: damaged, killed runs, deleted ---------------------------------------
+
+
+def test_damaged_mlflow_db_is_one_line_before_any_work(merge_project, smoke_cfg, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pseudolabel import tracking
+
+    paths = merge_project
+    before = _digest(paths.merged)
+    db = paths.root / "mlflow.db"
+    db.write_bytes(b"this is not a database\n" * 100)  # a file overwritten by something else
+    damaged = db.read_bytes()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "merge"],
+        cwd=paths.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot be opened (not an SQLite database)" in errors[0]
+    assert f"mv {db} {db}.broken" in errors[0]
+    assert time.monotonic() - start < 60
+    assert _digest(paths.merged) == before and db.read_bytes() == damaged
+    assert not (paths.metrics / "merge.json").exists()
+    # An SQLite header over damaged pages: sqlite's own error, still one line.
+    db.write_bytes(tracking.SQLITE_MAGIC + os.urandom(8192))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with pytest.raises(PseudoLabelError, match="cannot be opened") as err:
+        tracking.check_reachable(smoke_cfg)
+    assert "\n" not in str(err.value)
+
+
+def _stage_runs(db: Path, stage: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """Run id -> (status, tags) of a stage's runs, read from the sqlite store itself: MLflow's
+    client would create the tables while the stage is creating them, and caches its engine."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        try:
+            rows = con.execute(
+                "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = 'stage' AND t.value = ?",
+                (stage,),
+            ).fetchall()
+            tags = con.execute("SELECT run_uuid, key, value FROM tags").fetchall()
+        except sqlite3.OperationalError:  # the tables are not created yet
+            return {}
+    return {run: (status, {k: v for r, k, v in tags if r == run}) for run, status in rows}
+
+
+def test_killed_stage_run_is_failed_next_time_and_a_deleted_store_is_reported(
+    merge_project, smoke_cfg, monkeypatch, caplog
+):
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from pseudolabel.config import compose_raw, to_yaml
+    from pseudolabel.stages import train_teacher
+
+    paths = merge_project
+    db = paths.root / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    long = ["+experiment=smoke", "teacher.train.epochs=10000", "teacher.train.patience=10000"]
+    (paths.root / "params.yaml").write_text(to_yaml(compose_raw(long)))
+    # A real train_teacher, killed (SIGKILL) while its MLflow run is open.
+    log_file = paths.root / "train_teacher.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pseudolabel.cli", "train_teacher"],
+            cwd=paths.root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not (db.exists() and _stage_runs(db, "train_teacher")):
+            assert proc.poll() is None, log_file.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no run was opened"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    ((killed, (status, _)),) = _stage_runs(db, "train_teacher").items()
+    assert status == "RUNNING"  # what MLflow alone would leave forever
+
+    # The next start of the stage marks it FAILED, then runs.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with caplog.at_level(logging.WARNING, logger="pseudolabel.tracking"):
+        train_teacher(smoke_cfg, paths)
+    runs = _stage_runs(db, "train_teacher")
+    assert runs[killed][0] == "FAILED"
+    assert "ended without closing" in runs[killed][1]["pseudolabel_failure"]
+    assert [status for i, (status, _) in runs.items() if i != killed] == ["FINISHED"]
+    assert f"{killed} (train_teacher) was left RUNNING" in caplog.text
+    teacher_run = model_io.read_meta(paths.model("teacher")).run_id
+    assert teacher_run in runs
+
+    # The store deleted: the next stage recreates it and says the teacher's run is not there.
+    db.unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "pseudo_label"],
+        cwd=paths.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if f"has no run {teacher_run}" in line]
+    assert len(warnings) == 1 and "deleted, recreated or replaced" in warnings[0]
+    assert list(_stage_runs(db, "pseudo_label").values())[0][0] == "FINISHED"
+
+
+# --- 8. the smaller ones: names, folders, special files, mismatched models ------------------
+
+
+def test_reserved_class_name_suggests_a_valid_one(user_folders, tmp_path):
+    import shutil
+
+    from pseudolabel.stages.ingest import ingest
+
+    user, _ = user_folders
+    paths = Paths(tmp_path / "project")
+    ingest(_folder_cfg(user), paths)
+    view = _digest(paths.labeled)
+    for part in ("train", "val", "test"):
+        shutil.move(user / "labeled" / part / "digit_3", user / "labeled" / part / "CON")
+    with pytest.raises(PseudoLabelError, match=r"Rename the folder, e\.g\. to 'CON_class'\."):
+        ingest(_folder_cfg(user), paths)
+    assert _digest(paths.labeled) == view  # refused before the view was touched
+
+
+def test_ingest_reports_a_fifo_instead_of_waiting_on_it(user_folders, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    user, _ = user_folders
+    unl = user / "unlabeled"
+    os.mkfifo(unl / "pipe.png")  # nobody ever writes to it: opening it would wait forever
+    (unl / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (unl / "notes.txt").write_text("not an image")
+    script = (
+        "import sys; from pathlib import Path; from tests.test_faults import _folder_cfg; "
+        "from pseudolabel.paths import Paths; from pseudolabel.stages.ingest import ingest; "
+        "print(ingest(_folder_cfg(Path(sys.argv[1])), Paths(Path(sys.argv[2])))['unlabeled'])"
+    )
+    done = subprocess.run(  # a subprocess, so that a hang is a failure, not a stuck suite
+        [sys.executable, "-c", script, str(user), str(tmp_path / "project")],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "40"
+    report = _report(Paths(tmp_path / "project"))
+    assert report[str(unl / "pipe.png")] == ("unreadable", "not a regular file (a FIFO)")
+    assert report[str(unl / "logo.svg")][0] in ("not_an_image", "unsupported_format")
+    assert report[str(unl / "notes.txt")][0] == "not_an_image"
+
+
+def test_facade_lists_what_it_does_not_label(tmp_path, digits_data):
+    import os
+    import shutil
+
+    import pandas as pd
+
+    from pseudolabel import PseudoLabelGenerator
+
+    unl = tmp_path / "unlabeled"
+    unl.mkdir()
+    for path in sorted(digits_data.unlabeled.iterdir())[:5]:
+        shutil.copyfile(path, unl / path.name)
+    (unl / "x.jpg").mkdir()  # a folder named like an image
+    os.mkfifo(unl / "pipe.png")
+    (unl / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (unl / "notes.txt").write_text("not an image")
+    inputs = keras.Input((8, 8, 1))
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(inputs))
+    model = tmp_path / "model.keras"
+    model_io.save(keras.Model(inputs, outputs), model, model_io.ModelMeta(CLASSES, [8, 8], 1))
+
+    gen = PseudoLabelGenerator(
+        model_path=model, unlabeled_path=unl, output_folder=tmp_path / "out", calibrate=False
+    )
+    predictions = gen.generate_pseudolabel_data()
+    assert len(predictions) == 5
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    reasons = dict(zip(errors["path"], errors["reason"], strict=True))
+    assert sorted(reasons) == ["logo.svg", "notes.txt", "pipe.png", "x.jpg"]
+    assert reasons["x.jpg"].startswith("a folder, not an image")
+    assert reasons["pipe.png"].startswith("not a regular file")
+    assert reasons["logo.svg"].startswith("not an image extension (.svg")
+
+
+def test_compose_refuses_a_data_root_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    from pseudolabel.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "params.yaml"
+    out.write_text("# the last good composition\n")
+    (tmp_path / "unlabeled").mkdir()
+    argv = [
+        "compose",
+        "data=folder",
+        f"data.labeled_root={tmp_path / 'no_such_folder'}",
+        f"data.unlabeled_root={tmp_path / 'unlabeled'}",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        f"pseudolabel compose: error: data.labeled_root={tmp_path / 'no_such_folder'}: folder "
+        f"not found ({tmp_path / 'no_such_folder'}); create it or fix the path, then compose again."
+    ]
+    assert out.read_text() == "# the last good composition\n"
+    (tmp_path / "no_such_folder").mkdir()
+    assert main(argv) == 0 and "labeled_root" in out.read_text()
+
+
+def test_imported_teacher_of_another_input_size_is_said(tmp_path, digits_data, caplog):
+    import logging
+
+    from pseudolabel.config import compose
+    from pseudolabel.stages import train_teacher
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inputs, outputs).save(tmp_path / "rgb32.keras")
+    paths = Paths(tmp_path / "project", data_root=digits_data.root)
+    cfg = compose(["+experiment=smoke", f"teacher.path={tmp_path / 'rgb32.keras'}"])
+    with caplog.at_level(logging.WARNING, logger="pseudolabel.stages.train"):
+        train_teacher(cfg, paths)
+    (line,) = [r.getMessage() for r in caplog.records if "expects" in r.getMessage()]
+    assert "expects 32x32x3 images but the data is 8x8x1" in line
+    assert "resized to 32x32 and its grey copied to 3 channels" in line

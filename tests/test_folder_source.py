@@ -237,7 +237,7 @@ def test_poisoned_folder_runs_the_whole_pipeline(poisoned, tmp_path, tracking_ur
 
     # A re-run answers from the cache: same report, no file re-decoded.
     cache = folder.CheckCache(paths.ingest_cache, cfg.data.channels)
-    cached = cache.db.execute("SELECT COUNT(*) FROM checks_v1").fetchone()[0]
+    cached = cache.db.execute(f"SELECT COUNT(*) FROM {folder.TABLE}").fetchone()[0]
     cache.close()
     assert cached > 300
     STAGES["ingest"](cfg, paths)

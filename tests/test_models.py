@@ -90,6 +90,7 @@ def test_head_and_stochastic_depth_options():
 
 def test_noise_layers_act_only_while_training():
     cfg = _cfg(
+        "teacher.train.augment.flip=true",  # the smoke teacher trains without noise
         "teacher.train.augment.randaugment_ops=2",
         "teacher.train.augment.randaugment_magnitude=0.8",
         "teacher.train.augment.erasing=1.0",

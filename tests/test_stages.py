@@ -60,6 +60,16 @@ def test_merge_counts_match_the_threshold(pipeline, smoke_cfg):
     assert len(list_images(pipeline.merged)) == kept + merged["labeled"]
 
 
+def test_smoke_teacher_learns_and_merge_copies_pseudo_labels(pipeline):
+    """The smoke configuration trains a teacher well above chance (0.1) and its merge copies
+    pseudo-labels, so the end-to-end tests exercise them (issue 16, finding 9)."""
+    assert _json(pipeline.metrics / "teacher.json")["val_accuracy"] > 0.3
+    assert _json(pipeline.metrics / "evaluation.json")["teacher_accuracy"] > 0.3
+    assert _json(pipeline.metrics / "merge.json")["pseudo_labeled"] >= 1
+    copies = [p for p in list_images(pipeline.merged) if p.name.startswith("u__")]
+    assert copies, "no pseudo-labelled image was copied into the merged set"
+
+
 def test_models_carry_metadata_and_the_student_is_larger(pipeline, smoke_cfg):
     sizes = {}
     for role in ("teacher", "student"):

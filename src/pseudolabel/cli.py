@@ -79,13 +79,12 @@ def _print_lineage(run_id: str, params: str) -> int:
     return 0
 
 
-def _check_tracking_server(cfg) -> None:
-    """An http(s) tracking server that does not answer fails the stage in seconds, before any
-    work (a local sqlite/file store is checked when the stage opens it)."""
+def _check_tracking_store(cfg) -> None:
+    """The tracking store answers and is sound, checked before any work: an http(s) server that
+    does not answer or a damaged mlflow.db stops the stage in seconds, in one line."""
     from pseudolabel import tracking
 
-    if tracking.tracking_uri(cfg).startswith(tracking.HTTP):
-        tracking.check_reachable(cfg, timeout=5)
+    tracking.check_reachable(cfg, timeout=5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "compose":
-            from pseudolabel.config import compose, compose_raw, project_root, to_yaml
+            from pseudolabel.config import (
+                check_data_roots,
+                compose,
+                compose_raw,
+                project_root,
+                to_yaml,
+            )
 
-            compose(args.overrides)  # validate before writing
             output = Path(args.output or project_root() / "params.yaml")
+            check_data_roots(compose(args.overrides), project_root())  # before writing
             output.write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
             logging.info("wrote %s", output)
             return 0
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_lock()
         cfg = load_params(args.params)
-        _check_tracking_server(cfg)
+        _check_tracking_store(cfg)
         stage = entry(args.command)
         if args.command == "round":
             stage(cfg, number=args.number)

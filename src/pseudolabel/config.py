@@ -614,6 +614,22 @@ def compose(overrides: list[str] | None = None, config_dir: Path | None = None) 
     return validate(raw, origin="conf/ " + " ".join(overrides or []))
 
 
+def check_data_roots(cfg: DictConfig, root: str | Path) -> None:
+    """The user's folders (data.source=folder) exist, relative paths read from the project
+    `root` as the stages read them: refused when composing, before DVC removes the ingest
+    outputs to re-run it."""
+    if cfg.data.source != "folder":
+        return
+    for key in ("labeled_root", "unlabeled_root"):
+        folder = Path(cfg.data[key])
+        where = folder if folder.is_absolute() else Path(root) / folder
+        if not where.is_dir():
+            raise PseudoLabelError(
+                f"data.{key}={cfg.data[key]}: folder not found ({where}); create it or fix the "
+                "path, then compose again."
+            )
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from pseudolabel import labeling, merging, plots
 from pseudolabel.config import check_threshold
-from pseudolabel.data.images import class_names_from
+from pseudolabel.data.images import class_names_from, skipped_entries
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 
@@ -126,9 +126,21 @@ class PseudoLabelGenerator:
             model, meta, self.unlabeled_path, batch_size, temperature=temperature
         )
         labeling.write_csv(predictions, self.csv_path)
-        if failed:
-            errors = pd.DataFrame({"path": failed, "reason": "cannot be decoded"})
-            labeling.write_csv(errors, self.csv_path.with_name("errors.csv"))
+        # Every entry of the folder not labelled is listed, with why (nothing skipped silently).
+        skipped = [(path, "cannot be decoded") for path in failed]
+        skipped += skipped_entries(self.unlabeled_path)
+        errors_csv = self.csv_path.with_name("errors.csv")
+        if skipped:
+            errors = pd.DataFrame(skipped, columns=["path", "reason"])
+            labeling.write_csv(errors, errors_csv)
+            log.warning(
+                "%d entries of %s were not labelled (see %s for why)",
+                len(skipped),
+                self.unlabeled_path,
+                errors_csv,
+            )
+        elif errors_csv.is_file():
+            errors_csv.unlink()  # a list from an earlier call no longer applies
         log.info("wrote %d pseudo-labels to %s", len(predictions), self.csv_path)
         if plot_confidences:
             self.plot_confidence_scores()

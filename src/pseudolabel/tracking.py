@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import socket
 import subprocess
 import urllib.request
 import warnings
@@ -25,6 +27,8 @@ import mlflow
 from omegaconf import OmegaConf
 
 from pseudolabel.errors import PseudoLabelError
+
+log = logging.getLogger(__name__)
 
 SQLITE = "sqlite:///"
 KIND_TAG = "mlflow.experimentKind"
@@ -80,20 +84,52 @@ def configure(cfg) -> None:
 HTTP = ("http://", "https://")
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line (sqlalchemy's messages carry the SQL and a URL)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
 def check_reachable(cfg, timeout: float = 10) -> None:
-    """Open the tracking store once; raise PseudoLabelError at once if it cannot be used
-    (MLflow's own client retries an unreachable server for minutes)."""
+    """Open the tracking store once; raise PseudoLabelError at once, in one line, if it cannot
+    be used: a server that does not answer (MLflow's own client retries it for minutes) or a
+    local database that is not one (MLflow would end the stage in a sqlalchemy traceback)."""
     uri = tracking_uri(cfg)
+    if uri.startswith(SQLITE):
+        db = Path(uri[len(SQLITE) :])
+        if db.is_file() and db.stat().st_size:
+            with open(db, "rb") as f:
+                if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                    raise PseudoLabelError(_corrupt(uri, db, "not an SQLite database"))
     try:
         if uri.startswith(HTTP):
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         configure(cfg)
         mlflow.search_experiments(max_results=1)
     except Exception as exc:  # sqlalchemy, urllib and MLflow raise many types
+        if uri.startswith(SQLITE):
+            db = Path(uri[len(SQLITE) :])
+            if not db.is_file():
+                raise PseudoLabelError(
+                    f"MLflow tracking store {uri!r} cannot be created ({_one_line(exc)}); check "
+                    "that its folder exists and is writable, or fix tracking.uri."
+                ) from None
+            raise PseudoLabelError(_corrupt(uri, db, _one_line(exc))) from None
         raise PseudoLabelError(
-            f"MLflow tracking URI {uri!r} cannot be reached ({type(exc).__name__}: {exc}); "
+            f"MLflow tracking URI {uri!r} cannot be reached ({_one_line(exc)}); "
             "start the server, fix tracking.uri in conf/tracking/, or unset MLFLOW_TRACKING_URI."
         ) from None
+
+
+def _corrupt(uri: str, db: Path, why: str) -> str:
+    return (
+        f"MLflow tracking store {uri!r} cannot be opened ({why}): the file is damaged. Move it "
+        f"aside (`mv {db} {db}.broken`) to start a new, empty store (the old runs stay in the "
+        "moved file), or point tracking.uri / MLFLOW_TRACKING_URI at a working store."
+    )
 
 
 def md5(path: Path) -> str:
@@ -141,14 +177,129 @@ def context_tags() -> dict[str, str]:
 
 CONFIG_ARTIFACT = "config.yaml"  # the full composed config, on every run
 
+# Which process opened a run: "host|boot id|pid|process start time". A run left RUNNING whose
+# process has ended was killed (SIGKILL, out of memory, power): the next stage run marks it
+# FAILED (see close_orphaned_runs).
+PROCESS_TAG = "pseudolabel_process"
+_SEP = "|"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), "" where /proc is not
+    available but the process exists, None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the name
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+    except (OSError, IndexError):
+        pass
+    try:  # no /proc (macOS): whether the pid exists at all
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass
+    return ""
+
+
+def process_id(pid: int | None = None) -> str:
+    """The PROCESS_TAG value of process `pid` (default: this one)."""
+    pid = os.getpid() if pid is None else pid
+    return _SEP.join([socket.gethostname(), _boot_id(), str(pid), _start_time(pid) or ""])
+
+
+def _ended(process: str) -> bool:
+    """True when the process a PROCESS_TAG names has surely ended; False when it may run still
+    (or ran on another machine, which cannot be checked from here)."""
+    try:
+        host, boot, pid, started = process.split(_SEP)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    if boot and boot != _boot_id():
+        return True  # the machine restarted since
+    now = _start_time(int(pid))
+    return now is None or bool(started and now and now != started)  # gone, or the pid reused
+
+
+def close_orphaned_runs(client: mlflow.MlflowClient | None = None) -> list[str]:
+    """Mark FAILED the runs left RUNNING by a stage process of this machine that has ended
+    (killed before it could close its run); returns their ids. Runs of live processes (a
+    parallel sweep job) and of other machines are left alone."""
+    client = client or mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs(
+        experiments,
+        f"attributes.status = 'RUNNING' and tags.{PROCESS_TAG} LIKE '{host}{_SEP}%'",
+        max_results=1000,
+    )
+    closed = []
+    for run in runs:
+        process = run.data.tags.get(PROCESS_TAG, "")
+        if not _ended(process):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            "pseudolabel_failure",
+            f"process {process.split(_SEP)[2]} ended without closing this run (killed?)",
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+        log.warning(
+            "MLflow run %s (%s) was left RUNNING by process %s, which has ended (killed?): "
+            "marked FAILED",
+            run.info.run_id,
+            run.info.run_name,
+            process.split(_SEP)[2],
+        )
+        closed.append(run.info.run_id)
+    return closed
+
+
+def warn_unknown_run(client: mlflow.MlflowClient, run_id: str | None, what: str) -> bool:
+    """Log one warning when the store holds no run `run_id` that an earlier output recorded
+    (the store was deleted, recreated or swapped since): the lineage stops there. True if
+    the run is missing."""
+    if not run_id or run_id == "None" or find_run(client, run_id) is not None:
+        return False
+    log.warning(
+        "MLflow store %s has no run %s (%s): the store was deleted, recreated or replaced "
+        "since; this run's lineage stops there (restore the old mlflow.db to keep it whole)",
+        mlflow.get_tracking_uri(),
+        run_id,
+        what,
+    )
+    return True
+
 
 @contextmanager
 def start_run(
     cfg, stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None
 ) -> Iterator[mlflow.ActiveRun]:
-    """A run named after its stage, with the stage's params and the context tags."""
+    """A run named after its stage, with the stage's params and the context tags. Runs that
+    killed stages left RUNNING are marked FAILED first; a teacher run the tags name but the
+    store does not hold is reported (see warn_unknown_run)."""
     configure(cfg)
-    all_tags = {"stage": stage, **context_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+    client = mlflow.MlflowClient()
+    close_orphaned_runs(client)
+    tags = dict(tags or {})
+    warn_unknown_run(client, tags.get(TEACHER_TAG), "the teacher's, recorded in its metadata")
+    all_tags = {
+        "stage": stage,
+        PROCESS_TAG: process_id(),
+        **context_tags(),
+        **{k: str(v) for k, v in tags.items()},
+    }
     # Inside a sweep job's run, a stage's run is its child.
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name=stage, tags=all_tags, nested=nested) as run:

@@ -83,9 +83,17 @@ def check_class_name(folder: Path) -> None:
         raise PseudoLabelError(
             f"{folder}: {name!r} is not a valid class folder name on every file system "
             '(no <>:"/\\|?* or control characters, no leading/trailing space or trailing dot, '
-            "not a reserved name like CON). Rename the folder, e.g. to "
-            f"{_BAD_NAME.sub('_', name).strip().rstrip('.') or 'class_1'!r}."
+            f"not a reserved name like CON). Rename the folder, e.g. to {_valid_name(name)!r}."
         )
+
+
+def _valid_name(name: str) -> str:
+    """A name like `name` that check_class_name accepts (what its error suggests)."""
+    valid = _BAD_NAME.sub("_", name).strip().rstrip(".") or "class_1"
+    stem, dot, rest = valid.partition(".")
+    if stem.lower() in _RESERVED:  # CON -> CON_class
+        valid = f"{stem}_class{dot}{rest}"
+    return valid
 
 
 def _labelled_part(root: Path, part: str, classes: list[str] | None) -> dict[str, list[Path]]:
@@ -163,6 +171,7 @@ def split_train(
 # --- the cache ------------------------------------------------------------------------------
 
 _COLUMNS = [f for f in FileCheck.__dataclass_fields__ if f != "path"]
+TABLE = "checks_v2"  # v2: FileCheck.orientation (EXIF), and oriented files are converted
 
 
 class CheckCache:
@@ -176,7 +185,7 @@ class CheckCache:
         self.channels, self.perceptual = channels, perceptual
         self.hits = 0  # results answered from the cache in this session
         self.db.execute(
-            "CREATE TABLE IF NOT EXISTS checks_v1 (path TEXT PRIMARY KEY, channels INTEGER, "
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (path TEXT PRIMARY KEY, channels INTEGER, "
             + ", ".join(_COLUMNS)
             + ")"
         )
@@ -191,7 +200,7 @@ class CheckCache:
         except OSError:
             return None
         row = self.db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM checks_v1 WHERE path=? AND channels=?",
+            f"SELECT {', '.join(_COLUMNS)} FROM {TABLE} WHERE path=? AND channels=?",
             (str(path), self.channels),
         ).fetchone()
         if row is None:
@@ -213,7 +222,7 @@ class CheckCache:
             if c.reason not in ("unreadable", "symlink_outside", "bad_name", "too_many_pixels")
         ]
         self.db.executemany(
-            f"INSERT OR REPLACE INTO checks_v1 VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
+            f"INSERT OR REPLACE INTO {TABLE} VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
             rows,
         )
         self.db.commit()
@@ -385,12 +394,15 @@ class _Ingest:
                     while target.name in used:  # same name from different sub-folders
                         target = target.with_name("_" + target.name)
                     used.add(target.name)
-                    self.place(check, target)
+                    self.place(check, target, part)
                 self.outcome.per_class[part][name] = len(checks)
 
-    def place(self, check: FileCheck, target: Path) -> None:
+    def place(self, check: FileCheck, target: Path, part: str) -> None:
         place(check, target, self.data.link, self.data.channels)
         self.outcome.converted += check.convert
+        if check.orientation != 1:  # phone photos: reported, so nobody wonders why
+            detail = f"EXIF orientation {check.orientation}; upright in {target.name}"
+            self.report.add(check.path, part, "warning_exif_rotated", detail)
 
     def write_unlabelled(self, root: Path, view: Path) -> None:
         for check in self.checked(validate.walk_files(root), root, "unlabeled"):
@@ -408,7 +420,8 @@ class _Ingest:
                 self.report.add(check.path, "unlabeled", "duplicate", f"same bytes as {first}")
                 continue
             rel = Path(check.path).relative_to(root)
-            self.place(check, view / rel.parent / validate.view_name(rel.name, check))
+            target = view / rel.parent / validate.view_name(rel.name, check)
+            self.place(check, target, "unlabeled")
             self.outcome.unlabeled += 1
 
 
@@ -433,9 +446,61 @@ def ingest_folder(
         "Set data.unlabeled_root to the folder of images to pseudo-label (any nesting).",
     )
     guard_overlap([labeled_root, unlabeled_root], [labeled_view, unlabeled_view])
-    for view in (labeled_view, unlabeled_view):
-        if view.exists():
-            shutil.rmtree(view)
+    # The new view is built beside the old one and swapped in only when complete: a class left
+    # without usable images, an error or a kill half-way leaves the previous view whole.
+    building = {
+        view: view.with_name(f".{view.name}.building") for view in (labeled_view, unlabeled_view)
+    }
+    for folder in building.values():
+        if folder.exists():
+            shutil.rmtree(folder)  # a killed run's leftovers
+    try:
+        outcome = _ingest(
+            data,
+            seed,
+            labeled_root,
+            unlabeled_root,
+            files,
+            building[labeled_view],
+            building[unlabeled_view],
+            report_path,
+            cache_path,
+        )
+    except BaseException:
+        for folder in building.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for view, new in building.items():
+        _swap(new, view)
+    log.info("ingest: %d classes %s; report: %s", len(classes), classes, dict(outcome.reasons))
+    return outcome
+
+
+def _swap(new: Path, view: Path) -> None:
+    """Put the complete folder `new` at `view`; the old one is removed only afterwards."""
+    old = view.with_name(f".{view.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if view.exists():
+        os.replace(view, old)
+    new.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(new, view)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _ingest(
+    data,
+    seed,
+    labeled_root,
+    unlabeled_root,
+    files,
+    labeled_view,
+    unlabeled_view,
+    report_path,
+    cache_path,
+) -> Outcome:
+    """Check every file and write the view into `labeled_view` / `unlabeled_view`."""
     cache = CheckCache(cache_path, data.channels, data.near_duplicates)
     report = Report(report_path)
     workers = data.workers or os.cpu_count() or 1
@@ -459,7 +524,6 @@ def ingest_folder(
         report.close()
         cache.close()
     run.outcome.reasons = report.counts
-    log.info("ingest: %d classes %s; report: %s", len(classes), classes, dict(report.counts))
     if run.outcome.unlabeled == 0:
         raise PseudoLabelError(
             f"{unlabeled_root}: no usable unlabelled image (see {report_path} for why each file "

@@ -27,6 +27,26 @@ def list_images(root: Path) -> list[Path]:
     )
 
 
+def skipped_entries(root: Path) -> list[tuple[str, str]]:
+    """What `list_images` leaves out under `root` besides hidden ones, as (relative path,
+    why): other extensions (.svg, .txt), folders named like images (`x.jpg/`), and entries
+    with an image name that are not regular files (a FIFO, a socket, a broken link)."""
+    skipped = []
+    for path in sorted(root.rglob("*")):
+        if not _visible(path, root):
+            continue
+        rel, suffix = str(path.relative_to(root)), path.suffix.lower()
+        if path.is_dir():
+            if suffix in IMAGE_EXTENSIONS:
+                skipped.append((rel, "a folder, not an image (images inside it are labelled)"))
+        elif suffix not in IMAGE_EXTENSIONS:
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            skipped.append((rel, f"not an image extension ({suffix or 'none'}; read: {kinds})"))
+        elif not path.is_file():
+            skipped.append((rel, "not a regular file (a FIFO, socket, device or broken link)"))
+    return skipped
+
+
 def class_names_from(folder: Path, what: str = "training") -> list[str]:
     """Sorted class-folder names of a labelled folder; errors name the path and the fix."""
     if not folder.is_dir():

@@ -12,6 +12,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISREG, S_ISSOCK
 
 import numpy as np
 import tensorflow as tf
@@ -36,8 +37,10 @@ REASONS = {
     "leak_near_duplicate": "unlabelled near-copy of a val/test image (excluded: leak)",
     "duplicate": "duplicate inside the unlabelled folder (the first copy is kept)",
     "warning_train_duplicate": "warning: train image identical to a val/test image (kept)",
+    "warning_exif_rotated": "warning: EXIF orientation applied, the view holds the upright "
+    "image as a PNG (kept; the original is untouched)",
 }
-WARNINGS = ("warning_train_duplicate",)
+WARNINGS = ("warning_train_duplicate", "warning_exif_rotated")
 
 # Magic bytes of the formats TensorFlow's decode_image reads.
 _MAGIC = (
@@ -67,6 +70,9 @@ class FileCheck:
     # TensorFlow decodes it only as RGB (GIF/BMP/WebP/CMYK JPEG with channels=1): the view then
     # holds a PNG converted by TensorFlow, so training and labelling decode the same pixels.
     convert: bool = False
+    # The EXIF Orientation tag (1: upright, 2-8: flipped/rotated, as phones save photos).
+    # TensorFlow's decoders ignore it, so an oriented file is converted (see `upright`).
+    orientation: int = 1
 
 
 def sniff(head: bytes) -> str | None:
@@ -96,6 +102,33 @@ class Fingerprint:
     converted: bool  # decoded as RGB and converted to grey (see FileCheck.convert)
 
 
+def exif_orientation(raw: bytes) -> int:
+    """The EXIF Orientation tag of image bytes (1 when absent or unreadable), from the header
+    only: nothing is decoded."""
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            value = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - no readable EXIF: upright
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(image: np.ndarray, orientation: int) -> np.ndarray:
+    """An (H, W, C) image as a viewer shows it: the EXIF orientation applied, as PIL's
+    ImageOps.exif_transpose does."""
+    transpose = lambda a: a.transpose(1, 0, 2)  # noqa: E731 - swap rows and columns
+    turn = {
+        2: lambda a: a[:, ::-1],  # mirrored left-right
+        3: lambda a: a[::-1, ::-1],  # upside down
+        4: lambda a: a[::-1],  # mirrored top-bottom
+        5: transpose,
+        6: lambda a: np.rot90(a, -1),  # a quarter turn clockwise
+        7: lambda a: transpose(a)[::-1, ::-1],
+        8: lambda a: np.rot90(a, 1),  # a quarter turn counter-clockwise
+    }.get(orientation)
+    return np.ascontiguousarray(turn(image)) if turn else image
+
+
 def _decode(raw: bytes, channels: int) -> np.ndarray:
     return tf.io.decode_image(raw, channels=channels, expand_animations=False).numpy()
 
@@ -108,17 +141,20 @@ def difference_hash(grey: np.ndarray) -> int:
     return int(np.frombuffer(packed, dtype=">i8")[0])
 
 
-def fingerprint(raw: bytes, channels: int, perceptual: bool = True) -> Fingerprint:
-    """Size (and perceptual hash) of image bytes as training decodes them; raises
-    tf.errors.OpError when TensorFlow cannot decode them. Eager ops: a tf.function call costs
-    more than decoding a small image."""
-    converted = False
+def fingerprint(
+    raw: bytes, channels: int, perceptual: bool = True, orientation: int = 1
+) -> Fingerprint:
+    """Size (and perceptual hash) of image bytes as training decodes them, upright (the EXIF
+    `orientation` applied); raises tf.errors.OpError when TensorFlow cannot decode them. Eager
+    ops: a tf.function call costs more than decoding a small image."""
+    converted = orientation != 1  # the view holds the upright PNG
     try:
         image = _decode(raw, channels)
     except tf.errors.OpError:
         if channels != 1:
             raise
         image, converted = _decode(raw, 3), True
+    image = upright(image, orientation)
     dhash = None
     if perceptual:
         grey = image if image.shape[-1] == 1 else tf.image.rgb_to_grayscale(image).numpy()
@@ -127,8 +163,9 @@ def fingerprint(raw: bytes, channels: int, perceptual: bool = True) -> Fingerpri
 
 
 def encode_png(raw: bytes, channels: int) -> bytes:
-    """The PNG the view holds for a converted file: TensorFlow's RGB decode, made grey."""
-    rgb = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    """The PNG the view holds for a converted file: TensorFlow's RGB decode, upright (EXIF
+    orientation applied), made grey when `channels` is 1."""
+    rgb = upright(_decode(raw, 3), exif_orientation(raw))
     image = tf.image.rgb_to_grayscale(rgb) if channels == 1 else rgb
     return tf.io.encode_png(image).numpy()
 
@@ -208,6 +245,18 @@ def too_many_pixels(raw: bytes, max_pixels: int | None) -> str | None:
     return None
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (S_ISFIFO, "a FIFO"),
+        (S_ISSOCK, "a socket"),
+        (S_ISCHR, "a character device"),
+        (S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a file"
+
+
 def check_file(
     path: Path,
     root: Path,
@@ -224,6 +273,10 @@ def check_file(
         return problem
     try:
         stat = path.stat()
+        if not S_ISREG(stat.st_mode):  # opening a FIFO would wait for a writer forever
+            return FileCheck(
+                path_str, reason="unreadable", detail=f"not a regular file ({_kind(stat.st_mode)})"
+            )
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
@@ -237,8 +290,9 @@ def check_file(
     bomb = too_many_pixels(raw, max_pixels)
     if bomb:
         return FileCheck(**base, reason="too_many_pixels", detail=bomb, fmt=fmt)
+    orientation = exif_orientation(raw)
     try:
-        found = fingerprint(raw, channels, perceptual)
+        found = fingerprint(raw, channels, perceptual, orientation)
     except tf.errors.OpError as exc:
         detail = exc.message.strip().splitlines()[-1][:200] if exc.message else ""
         return FileCheck(**base, reason="corrupt", detail=f"{fmt}: {detail}", fmt=fmt)
@@ -250,6 +304,7 @@ def check_file(
         dhash=found.dhash,
         fmt=fmt,
         convert=found.converted,
+        orientation=orientation,
     )
 
 

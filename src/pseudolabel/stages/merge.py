@@ -119,6 +119,15 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     if labelling:  # shown nested under the labelling run in the MLflow UI
         parent = labelling.info.run_id
         tags |= {"mlflow.parentRunId": parent, "pseudo_label_run_id": parent}
+    else:
+        log.warning(
+            "MLflow store %s has no pseudo_label run that wrote %s (md5 %s): the store was "
+            "deleted or replaced since labelling, or the CSV was edited; this merge's lineage "
+            "stops at the CSV",
+            mlflow.get_tracking_uri(),
+            paths.csv,
+            csv_md5,
+        )
     params = {f"pseudo_label.{k}": v for k, v in to_dict(pl).items()}
     with tracking.start_run(cfg, "merge", params, tags):
         mlflow.log_metrics(

@@ -326,6 +326,7 @@ def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
     source = Path(cfg.teacher.path)
     foreign = model_io.load_foreign(source, allow_unsafe=cfg.teacher.allow_unsafe)
     model, meta = model_io.adopt(foreign, class_names, cfg.teacher.input_scale, str(source))
+    _warn_input_mismatch(meta, cfg.data, source)
     with tracking.start_run(
         cfg,
         "train_teacher",
@@ -356,6 +357,27 @@ def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
     }
     write_json(paths.metrics / "teacher.json", metrics)
     return metrics
+
+
+def _warn_input_mismatch(meta: model_io.ModelMeta, data, source: Path) -> None:
+    """An imported model is fed the data's images resized to its own input; say so when that
+    input is not the data's (a 32x32 RGB model given 8x8 grey images, say), never silently."""
+    expected = (list(meta.image_size), meta.channels)
+    given = (list(data.image_size), data.channels)
+    if expected != given:
+        log.warning(
+            "teacher.path %s expects %dx%dx%d images but the data is %dx%dx%d "
+            "(data.image_size, data.channels): each image is resized to %dx%d%s for it. If the "
+            "model was made for other images, import the right one, or set data.image_size "
+            "and data.channels to match.",
+            source,
+            *expected[0],
+            expected[1],
+            *given[0],
+            given[1],
+            *expected[0],
+            " and its grey copied to 3 channels" if (given[1], expected[1]) == (1, 3) else "",
+        )
 
 
 def _teacher_classes(cfg, paths: Paths) -> list[str]:
