@@ -9,7 +9,7 @@ predict per batch).
 
 Images are Fashion-MNIST PNGs written once under --workdir (a pool of distinct images, then
 hard links, so large sets repeat images). For each teacher it reports, from one process:
-labelling images/s (`labeling.predict_folder`, the pseudo_label stage's streaming loop, with
+labelling images/s (`predicting.predict_folder`, the pseudo_label stage's streaming loop, with
 chunked flushing), `model.predict` images/s on the same images pre-decoded (same model, same
 batch size), the tf.data decode-only rate, the bound that decoding and the model sharing the
 CPU allow, and the decavision-style rate; then the peak RSS of labelling N images, each size in
@@ -101,16 +101,16 @@ def _timed(fn) -> tuple[float, object]:
 
 def label(model, meta, folder: Path, batch_size: int) -> tuple[float, int]:
     """Seconds and images for the labelling stage's loop (with chunked flushing) + CSV write."""
-    from pseudolabel import labeling
+    from pseudolabel import predicting
 
     with tempfile.TemporaryDirectory() as scratch:
         seconds, (frame, _) = _timed(
-            lambda: labeling.predict_folder(
+            lambda: predicting.predict_folder(
                 model, meta, folder, batch_size, partial_dir=Path(scratch) / "partial"
             )
         )
         start = time.perf_counter()
-        labeling.write_csv(frame, Path(scratch) / "data.csv")
+        predicting.write_csv(frame, Path(scratch) / "data.csv")
         seconds += time.perf_counter() - start
     return seconds, len(frame)
 

@@ -45,7 +45,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pseudolabel import merging, stages  # noqa: E402
+from pseudolabel import merged_set, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.data import sources  # noqa: E402
 from pseudolabel.data.images import labelled_dataset, labelled_files, list_images  # noqa: E402
@@ -88,7 +88,7 @@ def truth_of(idx_dir: str):
 
 def pseudo_label_precision(paths: Paths, lookup) -> float:
     """Share of the kept (merged) pseudo-labels that equal the true label."""
-    manifest = merging.read_manifest(paths.merged)
+    manifest = merged_set.read_manifest(paths.merged)
     pseudo = manifest[manifest["source"] == "pseudo"]
     if pseudo.empty:
         return float("nan")

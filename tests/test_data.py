@@ -6,7 +6,7 @@ import pytest
 
 from pseudolabel.data import sources
 from pseudolabel.data.images import class_names_from, list_images, require_images
-from pseudolabel.data.ingest import split_indices
+from pseudolabel.data.layout import split_indices
 from pseudolabel.errors import PseudoLabelError
 
 

@@ -91,8 +91,8 @@ def merge_project(tmp_path, digits_data):
 
     from pseudolabel.config import compose_raw, to_yaml
     from pseudolabel.data.images import list_images
-    from pseudolabel.labeling import to_frame, write_csv
-    from pseudolabel.merging import build_merged
+    from pseudolabel.merged_set import build_merged
+    from pseudolabel.predicting import to_frame, write_csv
 
     root = tmp_path / "project"
     shutil.copytree(digits_data.root / "data", root / "data")
@@ -197,7 +197,7 @@ def test_merge_refuses_a_symlink_out_of_the_unlabelled_folder(merge_project, smo
     import numpy as np
     import pandas as pd
 
-    from pseudolabel.labeling import read_csv, to_frame, write_csv
+    from pseudolabel.predicting import read_csv, to_frame, write_csv
     from pseudolabel.stages.merge import merge
 
     paths = merge_project
@@ -296,7 +296,7 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
 
 
 def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg, monkeypatch):
-    from pseudolabel import merging
+    from pseudolabel import merged_set
     from pseudolabel.stages.merge import merge
 
     paths = merge_project
@@ -309,8 +309,8 @@ def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg
             raise OSError(28, "No space left on device")
         return copy(src, dst)
 
-    copy = merging.shutil.copyfile
-    monkeypatch.setattr(merging.shutil, "copyfile", copy_then_fail)
+    copy = merged_set.shutil.copyfile
+    monkeypatch.setattr(merged_set.shutil, "copyfile", copy_then_fail)
     with pytest.raises(OSError, match="No space left"):
         merge(smoke_cfg, paths)
     assert _digest(paths.merged) == before
@@ -320,7 +320,7 @@ def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg
 
 
 def test_student_refuses_an_incomplete_merged_folder(merge_project, smoke_cfg):
-    from pseudolabel.merging import MANIFEST
+    from pseudolabel.merged_set import MANIFEST
     from pseudolabel.stages import train_student
 
     paths = merge_project

@@ -10,8 +10,8 @@ import pytest
 from pseudolabel import PseudoLabelGenerator
 from pseudolabel.data.images import class_names_from, list_images
 from pseudolabel.errors import PseudoLabelError
-from pseudolabel.labeling import predict_folder
 from pseudolabel.models import io as model_io
+from pseudolabel.predicting import predict_folder
 
 
 def _tree_digest(folder):
@@ -116,7 +116,7 @@ def test_facade_writes_the_pipelines_csv_for_the_same_teacher_and_images(
 ):
     """The facade calibrates on the val folder beside train/ with the stage's own function,
     so its confidences are the pipeline's, not the raw softmax."""
-    from pseudolabel.labeling import read_csv
+    from pseudolabel.predicting import read_csv
 
     gen = _generator(pipeline, tmp_path)
     assert gen.val_data_path == pipeline.val

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pseudolabel import training
+from pseudolabel import fitting
 from pseudolabel.config import KERAS_PREPROCESSING, MODEL_NAMES, compose, group_options
 from pseudolabel.data.images import labelled_files, path_image_dataset
 from pseudolabel.errors import PseudoLabelError
@@ -135,13 +135,13 @@ def test_imagenet_weights_unavailable_say_how_to_provide_them(monkeypatch):
 
 
 def test_class_weights_and_mixed_precision_on_cpu(monkeypatch):
-    weights = training.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+    weights = fitting.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
     assert weights == {0: 4 / 9, 1: 4 / 3, 2: 1.0}
-    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: False)
-    with training.precision(True):  # no GPU, no bfloat16 CPU: stays float32, with a warning
+    monkeypatch.setattr(fitting, "cpu_has_bfloat16", lambda: False)
+    with fitting.precision(True):  # no GPU, no bfloat16 CPU: stays float32, with a warning
         assert keras.config.dtype_policy().name == "float32"
-    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: True)
-    with training.precision(True):
+    monkeypatch.setattr(fitting, "cpu_has_bfloat16", lambda: True)
+    with fitting.precision(True):
         assert keras.config.dtype_policy().name == "mixed_bfloat16"
         bf16 = _build(_cfg("teacher.train.augment.randaugment_ops=2"))
     assert keras.config.dtype_policy().name == "float32"  # restored
@@ -188,7 +188,7 @@ def test_fit_keeps_the_best_val_epoch_or_the_last(tmp_path, restore):
             self.weights.append(self.model.get_weights())
 
     snapshots = Snapshots()
-    history = training.fit(
+    history = fitting.fit(
         model, train_ds, val_ds, cfg.teacher.train, 2, tmp_path / "h.csv", [snapshots]
     )
     val = history.history["val_accuracy"]
@@ -264,7 +264,7 @@ def test_efficientnet_transfer_learning_in_two_phases(tmp_path, digits_data, tra
     assert run.data.params["optimizer_name"] == "adam"  # phase 1 logged, phase 2 no clash
     model, meta = model_io.load(paths.model("teacher"))
     backbone = backbone_of(model)
-    start = training.fine_tune_start(backbone, "block6a")
+    start = fitting.fine_tune_start(backbone, "block6a")
     assert start > 0
     for i, layer in enumerate(backbone.layers):
         if not layer.weights:
@@ -446,7 +446,7 @@ def test_named_keras_preprocessing_matches_keras(module, tmp_path):
 def test_student_init_from_a_shallower_teacher_copies_its_blocks():
     teacher = _build(_cfg("teacher.model.width=8", "teacher.model.depth=1"))
     student = _build(_cfg("teacher.model.width=8", "teacher.model.depth=2"))
-    copied = training.init_from(student, teacher)
+    copied = fitting.init_from(student, teacher)
     assert copied == 4  # block 1: two convolutions and their BatchNorms; then shapes differ
     mine = [layer for layer in student.layers if layer.weights]
     theirs = [layer for layer in teacher.layers if layer.weights]
@@ -454,11 +454,11 @@ def test_student_init_from_a_shallower_teacher_copies_its_blocks():
         for a, b in zip(a_layer.get_weights(), b_layer.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
     wider = _build(_cfg("teacher.model.width=16", "teacher.model.depth=2"))
-    assert training.init_from(wider, teacher) == 0
+    assert fitting.init_from(wider, teacher) == 0
 
 
 def test_flip_tta_averages_the_image_and_its_mirror():
-    from pseudolabel.labeling import with_flip_tta
+    from pseudolabel.predicting import with_flip_tta
 
     model = _build(_cfg())
     images = _raw_pixels((4, 8, 8, 1))

@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pseudolabel import calibration, merging, thresholds, tracking
+from pseudolabel import calibration, merged_set, thresholds, tracking
 from pseudolabel.config import to_dict, to_yaml, validate
 from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
-from pseudolabel.labeling import prob_columns, read_csv
 from pseudolabel.paths import Paths
+from pseudolabel.predicting import prob_columns, read_csv
 from pseudolabel.stages import pseudo_label
 from pseudolabel.stages.label import PARTIAL, analysis_csv
 from pseudolabel.stages.merge import merge
@@ -54,17 +54,17 @@ def _project(pipeline, tmp_path) -> Paths:
 
 def test_global_threshold_and_null(pipeline):
     frame = read_csv(pipeline.csv)
-    kept = merging.choose(frame, "threshold", CLASSES, threshold=0.6)
+    kept = merged_set.choose(frame, "threshold", CLASSES, threshold=0.6)
     assert (kept["confidence"] >= 0.6).all()
     assert len(kept) == int((frame["confidence"] >= 0.6).sum())
-    assert len(merging.choose(frame, "threshold", CLASSES, threshold=None)) == len(frame)
+    assert len(merged_set.choose(frame, "threshold", CLASSES, threshold=None)) == len(frame)
 
 
 def test_per_class_thresholds_configured_and_derived(pipeline):
     frame = read_csv(pipeline.csv)
     limits = thresholds.class_thresholds(CLASSES, {"digit_0": 0.95}, 0.2, None, 0.9)
     assert limits["digit_0"] == 0.95 and limits["digit_5"] == 0.2
-    kept = merging.choose(frame, "per_class", CLASSES, thresholds=limits)
+    kept = merged_set.choose(frame, "per_class", CLASSES, thresholds=limits)
     assert (kept["confidence"] >= kept["label"].map(limits.get).astype(float)).all()
     rejected = frame.drop(kept.index)
     assert (rejected["confidence"] < rejected["label"].map(limits.get).astype(float)).all()
@@ -82,22 +82,22 @@ def test_topk_is_class_balanced_and_duplicates_rare_classes(pipeline):
     frame = read_csv(pipeline.csv)
     per_class = frame["label"].value_counts()
     k = int(per_class.median())
-    kept = merging.choose(frame, "topk", CLASSES, k=k)
+    kept = merged_set.choose(frame, "topk", CLASSES, k=k)
     for name in CLASSES:
         mine, theirs = kept[kept["label"] == name], frame[frame["label"] == name]
         assert len(mine) == min(k, len(theirs))
         if len(theirs) > k:  # the most confident ones
             assert mine["confidence"].min() >= theirs.drop(mine.index)["confidence"].max()
     k = int(per_class.max()) + 1  # every class is now rare: its images are repeated up to k
-    padded = merging.choose(frame, "topk", CLASSES, k=k, duplicate=True)
+    padded = merged_set.choose(frame, "topk", CLASSES, k=k, duplicate=True)
     counts = padded["label"].value_counts()
     assert all(counts[name] == k for name in per_class.index)
     assert set(padded["path"]) == set(frame["path"])
     assert padded["path"].duplicated().any()
     with pytest.raises(PseudoLabelError, match="top_k=0"):
-        merging.choose(frame, "topk", CLASSES, k=0)
+        merged_set.choose(frame, "topk", CLASSES, k=0)
     with pytest.raises(PseudoLabelError, match="unknown"):
-        merging.choose(frame, "random", CLASSES)
+        merged_set.choose(frame, "random", CLASSES)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_merge_topk_writes_soft_targets_qa_grids_and_analysis(pipeline, smoke_cf
     metrics = merge(cfg, paths)
     predicted = read_csv(paths.csv)["label"].value_counts()
     assert all(metrics["per_class"][name]["pseudo"] == 30 for name in predicted.index)
-    manifest = merging.read_manifest(paths.merged)
+    manifest = merged_set.read_manifest(paths.merged)
     pseudo = manifest[manifest["source"] == "pseudo"]
     assert len(pseudo) == 30 * len(predicted)
     assert np.allclose(pseudo[prob_columns(CLASSES)].sum(axis=1), 1.0, atol=1e-4)
@@ -145,8 +145,8 @@ def test_soft_labels_feed_probability_vectors(pipeline, smoke_cfg, tmp_path):
     assert np.allclose(targets.sum(axis=1), 1.0, atol=1e-5)
     assert (targets.max(axis=1) < 0.999).any()  # soft, not one-hot
 
-    manifest = merging.read_manifest(paths.merged)
-    manifest.drop(columns=prob_columns(CLASSES)).to_csv(paths.merged / merging.MANIFEST)
+    manifest = merged_set.read_manifest(paths.merged)
+    manifest.drop(columns=prob_columns(CLASSES)).to_csv(paths.merged / merged_set.MANIFEST)
     with pytest.raises(PseudoLabelError, match="probability column"):
         _training_data(cfg.student, paths.merged, files, None, CLASSES, [8, 8], 1, 0)
 
@@ -313,7 +313,7 @@ def test_killed_labelling_resumes_to_the_same_csv(pipeline, smoke_cfg, tmp_path,
     done_before = len(list(partial.glob("chunk-*.npz")))
     assert done_before >= 3 and not killed.csv.exists()
 
-    with caplog.at_level(logging.INFO, logger="pseudolabel.labeling"):
+    with caplog.at_level(logging.INFO, logger="pseudolabel.predicting"):
         pseudo_label(cfg, killed)
     assert "resuming after" in caplog.text
     assert not partial.exists()

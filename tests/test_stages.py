@@ -247,7 +247,7 @@ def test_steps_per_epoch_repeats_a_small_training_set(pipeline, tmp_path, tracki
     """train.steps_per_epoch: epochs of that many optimiser steps over a folder smaller than
     one such epoch (the data repeats), val scored and MLflow logged once per epoch."""
     from pseudolabel.config import compose
-    from pseudolabel.labeling import batches
+    from pseudolabel.predicting import batches
     from pseudolabel.stages.train import _train
 
     cfg = compose(

@@ -35,7 +35,7 @@ BACKBONES = {
 }
 EFFICIENTNETS = tuple(BACKBONES)
 MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
-# How pseudo-labelled images are selected (pseudo_label.selection; merging.py applies them).
+# How pseudo-labelled images are selected (pseudo_label.selection; merged_set.py applies them).
 SELECTIONS = ("threshold", "per_class", "topk")
 ENGINES = ("local", "ray")  # pseudo_label.engine
 # What data.labeled_root / unlabeled_root name for the built-in sources (conf/data/_base.yaml):
@@ -423,7 +423,7 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
 def _check_rounds(cfg: DictConfig, origin: str) -> None:
     """The derived keys must match pseudo_label.rounds (a hand-edited params.yaml may not)."""
     n = cfg.pseudo_label.rounds
-    expected = (rounds.later_rounds(n), rounds.final_student(n))
+    expected = (rounds.foreach_items(n), rounds.final_student(n))
     found = (OmegaConf.to_container(cfg.rounds), cfg.final_student)
     if found != expected:
         raise PseudoLabelError(

@@ -3,10 +3,10 @@
 The sorted relative paths of the unlabelled folder go through `ray.data.from_items`; tasks read
 and decode them in parallel (`decode_image`, the local pipeline's resize and channels), and a
 pool of actors, each loading the teacher once (`models.io.load`, safe mode as locally, the flip
-TTA wrapper when asked), returns the raw softmax of each batch (`labeling.predict_batch`,
+TTA wrapper when asked), returns the raw softmax of each batch (`predicting.predict_batch`,
 padded to the batch size as locally). Temperature scaling, distribution alignment and
 everything after happen on the driver, in the same code as the local engine
-(`labeling.raw_frame` and the pseudo_label stage), so both engines write the same CSV.
+(`predicting.raw_frame` and the pseudo_label stage), so both engines write the same CSV.
 
 Every node reads the unlabelled images and the teacher at the paths the driver sees (a shared
 or replicated file system) and runs the same Python environment (docs/scale.md).
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pseudolabel import labeling
+from pseudolabel import predicting
 from pseudolabel.data.images import require_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models.io import ModelMeta
@@ -65,14 +65,14 @@ class _Teacher:
         from pseudolabel.models import io as model_io
 
         model, _ = model_io.load(Path(model_path), **trust)
-        self.model = labeling.with_flip_tta(model) if tta else model
+        self.model = predicting.with_flip_tta(model) if tta else model
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not len(batch["path"]):
             classes = self.model.output_shape[-1]
             return {"path": batch["path"], "raw": np.zeros((0, classes), np.float32)}
-        raw = labeling.predict_batch(self.model, batch["image"], self.batch_size)
+        raw = predicting.predict_batch(self.model, batch["image"], self.batch_size)
         return {"path": batch["path"], "raw": raw}
 
 
@@ -114,7 +114,7 @@ def predict_folder(
     actors: int | None,
     cpus_per_actor: float,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """labeling.predict_folder's result (rows sorted by relative path, probabilities scaled by
+    """predicting.predict_folder's result (rows sorted by relative path, probabilities scaled by
     `temperature`, and the relative paths that could not be decoded), computed on Ray."""
     try:
         import ray
@@ -126,7 +126,7 @@ def predict_folder(
 
     root = str(unlabeled_dir)
     files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
-    relative = [labeling._relative(f, root) for f in files]  # sorted, as the local engine's
+    relative = [predicting._relative(f, root) for f in files]  # sorted, as the local engine's
     started = _connect(address)
     try:
         actors = actor_count(actors, cpus_per_actor, ray.cluster_resources().get("CPU", 0.0))
@@ -176,4 +176,4 @@ def predict_folder(
     failed = [rel for rel in relative if rel not in done]
     if failed:
         log.warning("%d unlabelled file(s) could not be decoded and were skipped", len(failed))
-    return labeling.raw_frame(paths, blocks, meta.class_names, temperature), failed
+    return predicting.raw_frame(paths, blocks, meta.class_names, temperature), failed

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import pandas as pd
 
-from pseudolabel import labeling, merging, plots
+from pseudolabel import merged_set, plots, predicting
 from pseudolabel.config import check_threshold
 from pseudolabel.data.images import class_names_from, skipped_entries
 from pseudolabel.errors import PseudoLabelError
@@ -94,7 +94,7 @@ class PseudoLabelGenerator:
             raise PseudoLabelError(
                 f"{self.csv_path}: no pseudo-labels yet; call generate_pseudolabel_data() first."
             )
-        return labeling.read_csv(self.csv_path)
+        return predicting.read_csv(self.csv_path)
 
     def generate_pseudolabel_data(
         self,
@@ -116,23 +116,23 @@ class PseudoLabelGenerator:
         model, meta = self._teacher()
         temperature = 1.0
         if self.calibrate and self.val_data_path is not None:
-            _, _, fitted = labeling.val_calibration(
+            _, _, fitted = predicting.val_calibration(
                 model, meta, self.val_data_path, batch_size, calibrate=True
             )
             temperature = fitted.temperature
         elif self.calibrate:
             log.info("no val folder beside %s: confidences not calibrated", self.train_data_path)
-        predictions, failed = labeling.predict_folder(
+        predictions, failed = predicting.predict_folder(
             model, meta, self.unlabeled_path, batch_size, temperature=temperature
         )
-        labeling.write_csv(predictions, self.csv_path)
+        predicting.write_csv(predictions, self.csv_path)
         # Every entry of the folder not labelled is listed, with why (nothing skipped silently).
         skipped = [(path, "cannot be decoded") for path in failed]
         skipped += skipped_entries(self.unlabeled_path)
         errors_csv = self.csv_path.with_name("errors.csv")
         if skipped:
             errors = pd.DataFrame(skipped, columns=["path", "reason"])
-            labeling.write_csv(errors, errors_csv)
+            predicting.write_csv(errors, errors_csv)
             log.warning(
                 "%d entries of %s were not labelled (see %s for why)",
                 len(skipped),
@@ -167,8 +167,8 @@ class PseudoLabelGenerator:
         check_threshold(threshold)
         predictions = self._predictions()
         class_names = self.class_names or class_names_from(self.train_data_path)
-        accepted = merging.select(predictions, threshold)
-        counts = merging.build_merged(
+        accepted = merged_set.select(predictions, threshold)
+        counts = merged_set.build_merged(
             self.train_data_path, self.unlabeled_path, accepted, self.pseudo_data_path, class_names
         )
         log.info("copied %d pseudo-labelled images into %s", len(accepted), self.pseudo_data_path)

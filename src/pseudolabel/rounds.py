@@ -29,7 +29,7 @@ def student_model(round_: int) -> str:
     return "models/student" if round_ == 1 else f"{round_dir(round_)}/models/student"
 
 
-def later_rounds(rounds: int) -> dict[str, dict[str, Any]]:
+def foreach_items(rounds: int) -> dict[str, dict[str, Any]]:
     """dvc.yaml's `foreach` items: rounds 2..N, each with its folder and its teacher."""
     rounds = int(rounds)
     return {
@@ -47,7 +47,7 @@ def register() -> None:
     """Make ${pseudolabel.later_rounds:N} and ${pseudolabel.final_student:N} resolvable."""
     resolvers = {
         # A DictConfig, not a dict: OmegaConf.resolve (which DVC calls too) cannot store a dict.
-        "later_rounds": lambda n: OmegaConf.create(later_rounds(n)),
+        "later_rounds": lambda n: OmegaConf.create(foreach_items(n)),
         "final_student": final_student,
     }
     for name, fn in resolvers.items():

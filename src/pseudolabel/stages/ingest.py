@@ -8,8 +8,7 @@ from typing import Any
 import mlflow
 
 from pseudolabel import tracking
-from pseudolabel.data import folder, sources
-from pseudolabel.data import ingest as ingest_lib
+from pseudolabel.data import folder, layout, sources
 from pseudolabel.data.validate import REASONS
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import write_json
@@ -23,7 +22,7 @@ def ingest(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         return _ingest_folder(cfg, paths)
     data = cfg.data
     source = sources.load(data.source, data.idx_dir)
-    split = ingest_lib.split_indices(
+    split = layout.split_indices(
         source,
         data.train_per_class,
         data.val_per_class,
@@ -31,7 +30,7 @@ def ingest(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         data.unlabeled,
         cfg.seed,
     )
-    counts = ingest_lib.write_layout(source, split, paths.labeled, paths.unlabeled)
+    counts = layout.write_layout(source, split, paths.labeled, paths.unlabeled)
     folder.Report(paths.ingest_report).close()  # generated images: nothing to report
     summary = {part: sum(per_class.values()) for part, per_class in counts.items()}
     write_json(paths.metrics / "ingest.json", {"images": summary, "per_class": counts})

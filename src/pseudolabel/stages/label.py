@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pseudolabel import calibration, labeling, plots, thresholds, tracking
+from pseudolabel import calibration, plots, predicting, thresholds, tracking
 from pseudolabel.data.images import labelled_files, require_images
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
@@ -65,8 +65,8 @@ def _aligned(
 ) -> pd.DataFrame:
     """The predictions with every probability reweighted per class (label, confidence, margin
     and entropy follow); raw_confidence keeps the teacher's own top-1."""
-    probs = calibration.align(labeling.probabilities(predictions, class_names), weights)
-    frame = labeling.to_frame(predictions["path"].tolist(), probs, class_names)
+    probs = calibration.align(predicting.probabilities(predictions, class_names), weights)
+    frame = predicting.to_frame(predictions["path"].tolist(), probs, class_names)
     frame["raw_confidence"] = predictions["raw_confidence"].to_numpy()
     return frame
 
@@ -77,9 +77,9 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     require_images(paths.unlabeled, "unlabelled")
     model, meta = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
     if pl.tta:
-        model = labeling.with_flip_tta(model)
-    # The same calibration PseudoLabelGenerator applies (labeling.val_calibration).
-    val_raw, val_true, fitted = labeling.val_calibration(
+        model = predicting.with_flip_tta(model)
+    # The same calibration PseudoLabelGenerator applies (predicting.val_calibration).
+    val_raw, val_true, fitted = predicting.val_calibration(
         model, meta, paths.val, pl.batch_size, pl.calibrate
     )
     with tracking.start_run(
@@ -114,7 +114,7 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
                 cpus_per_actor=cfg.ray.cpus_per_actor,
             )
         else:
-            predictions, failed = labeling.predict_folder(
+            predictions, failed = predicting.predict_folder(
                 model,
                 meta,
                 paths.unlabeled,
@@ -126,12 +126,13 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         weights = None
         if pl.distribution_alignment:
             weights = calibration.alignment_weights(
-                labeling.probabilities(predictions, meta.class_names), _labelled_prior(paths, meta)
+                predicting.probabilities(predictions, meta.class_names),
+                _labelled_prior(paths, meta),
             )
             predictions = _aligned(predictions, weights, meta.class_names)
-        labeling.write_csv(predictions, paths.csv)
+        predicting.write_csv(predictions, paths.csv)
         errors = pd.DataFrame({"path": failed, "reason": "cannot be decoded"})
-        labeling.write_csv(errors, paths.outputs / "errors.csv")
+        predicting.write_csv(errors, paths.outputs / "errors.csv")
         val_probs = calibration.apply_temperature(val_raw, fitted.temperature)
         if weights is not None:  # val's confidences on the same scale as the CSV's
             val_probs = calibration.align(val_probs, weights)
@@ -143,7 +144,7 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             val_true,
             meta.class_names,
         )
-        labeling.write_csv(table, analysis_csv(paths))
+        predicting.write_csv(table, analysis_csv(paths))
         figures = {
             "confidence.png": plots.confidence_overview(predictions),
             "confidence_per_class.png": plots.confidence_per_class(predictions, meta.class_names),

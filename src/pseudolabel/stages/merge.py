@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pseudolabel import labeling, merging, plots, thresholds, tracking
+from pseudolabel import merged_set, plots, predicting, thresholds, tracking
 from pseudolabel.config import to_dict
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
@@ -44,7 +44,7 @@ def qa_grids(
     """One PNG per class: its least confident accepted and most confident rejected images."""
     written = []
     for name in class_names:
-        low, high, totals = merging.qa_examples(predictions, accepted, name, n)
+        low, high, totals = merged_set.qa_examples(predictions, accepted, name, n)
         fig = plots.qa_grid(
             name, _images(low, unlabeled_dir), _images(high, unlabeled_dir), n, totals
         )
@@ -66,14 +66,14 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             f"{paths.csv}: pseudo-label CSV not found; run the pseudo_label stage."
         )
     class_names = meta.class_names
-    predictions = labeling.read_csv(paths.csv)
+    predictions = predicting.read_csv(paths.csv)
     # With `data.link: symlink` the view's files are links into the user's folder.
     link_roots = (
         [Path(cfg.data.unlabeled_root)]
         if cfg.data.source == "folder" and cfg.data.link == "symlink"
         else []
     )
-    merging.check_rows(predictions, paths.unlabeled, class_names, link_roots)  # before writing
+    merged_set.check_rows(predictions, paths.unlabeled, class_names, link_roots)  # before writing
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
     recommended = thresholds.recommend(table, pl.target_precision) if table is not None else None
@@ -83,10 +83,10 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         per_class = thresholds.class_thresholds(
             class_names, configured, threshold, table, pl.target_precision
         )
-    accepted = merging.choose(
+    accepted = merged_set.choose(
         predictions, pl.selection, class_names, threshold, per_class, pl.top_k, pl.duplicate
     )
-    counts = merging.build_merged(
+    counts = merged_set.build_merged(
         paths.train, paths.unlabeled, accepted, paths.merged, class_names, link_roots
     )
     out = paths.outputs / "selection"

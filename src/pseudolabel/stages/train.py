@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pseudolabel import consistency, labeling, merging, plots, tracking, training
+from pseudolabel import consistency, fitting, merged_set, plots, predicting, tracking
 from pseudolabel.config import no_augmentation, to_dict, validate
 from pseudolabel.data.images import (
     labelled_dataset,
@@ -41,12 +41,12 @@ def _training_data(role_cfg, train_dir, files, labels, class_names, size, channe
     fraction = train_cfg.labeled_fraction
     n = len(class_names)
     soft = bool(role_cfg.get("soft_labels", False))  # the teacher's config has no such key
-    has_manifest = train_dir.joinpath(merging.MANIFEST).exists()
+    has_manifest = train_dir.joinpath(merged_set.MANIFEST).exists()
     if not has_manifest or (not soft and fraction is None):  # a plain labelled folder
         return labelled_dataset(
             files, labels, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
         )
-    manifest = merging.read_manifest(train_dir)
+    manifest = merged_set.read_manifest(train_dir)
     index = {name: i for i, name in enumerate(class_names)}
     groups = []
     for source in ("labeled", "pseudo"):
@@ -55,8 +55,8 @@ def _training_data(role_cfg, train_dir, files, labels, class_names, size, channe
         if soft:
             targets = np.eye(n, dtype=np.float32)[targets]
             if source == "pseudo":
-                what = f"{train_dir / merging.MANIFEST} (student.soft_labels: true)"
-                probs = labeling.probabilities(rows, class_names, what).astype(np.float32)
+                what = f"{train_dir / merged_set.MANIFEST} (student.soft_labels: true)"
+                probs = predicting.probabilities(rows, class_names, what).astype(np.float32)
                 targets = probs / probs.sum(axis=1, keepdims=True)
         groups.append(([str(train_dir / f) for f in rows["file"]], targets))
     if fraction is None:  # the whole merged set, sampled uniformly
@@ -77,13 +77,13 @@ def _training_data(role_cfg, train_dir, files, labels, class_names, size, channe
 def _unlabelled_targets(paths: Paths, class_names, truth):
     """Every unlabelled image of the CSV with the teacher's probabilities, whether merge
     accepted it (the teacher term's weight) and its true class where `truth` knows it (-1)."""
-    frame = labeling.read_csv(paths.csv)
-    probs = labeling.probabilities(frame, class_names, str(paths.csv)).astype(np.float32)
+    frame = predicting.read_csv(paths.csv)
+    probs = predicting.probabilities(frame, class_names, str(paths.csv)).astype(np.float32)
     probs /= probs.sum(axis=1, keepdims=True)
-    manifest = merging.read_manifest(paths.merged)
+    manifest = merged_set.read_manifest(paths.merged)
     pseudo = manifest.loc[manifest["source"] == "pseudo", "file"]
     merged = {file.split("/")[-1] for file in pseudo}
-    accepted = np.array([merging.copy_name(p) in merged for p in frame["path"]])
+    accepted = np.array([merged_set.copy_name(p) in merged for p in frame["path"]])
     index = {name: i for i, name in enumerate(class_names)}
     known = truth(list(frame["path"])) if truth else [None] * len(frame)
     labels = np.array([index.get(k, -1) if k is not None else -1 for k in known], np.int32)
@@ -96,7 +96,7 @@ def consistency_steps(cfg, n_unlabeled: int) -> int:
     pass over the unlabelled images (ratio * batch_size of them per step)."""
     train = cfg.student.train
     per_step = cfg.student.consistency.ratio * train.batch_size
-    return train.steps_per_epoch or max(1, labeling.batches(n_unlabeled, per_step))
+    return train.steps_per_epoch or max(1, predicting.batches(n_unlabeled, per_step))
 
 
 def _consistency_model(cfg, class_names, train_labels, size, channels, steps, n_unlabeled):
@@ -149,12 +149,12 @@ def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, hist
         ema=role_cfg.train.ema,
     )
     log.info("student: fine-tuning on %d labelled images for %d epochs", len(files), epochs)
-    tuned = training.fit(
+    tuned = fitting.fit(
         model,
         train_ds,
         val_ds,
         train_cfg,
-        labeling.batches(len(files), role_cfg.train.batch_size),
+        predicting.batches(len(files), role_cfg.train.batch_size),
         history_csv,
         initial_epoch=len(history.epoch),
     )
@@ -163,7 +163,7 @@ def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, hist
             "labelled fine-tuning did not beat val %.4f: keeping the weights before", before[0]
         )
         model.set_weights(before[1])
-    return training.merge_histories([history, tuned])
+    return fitting.merge_histories([history, tuned])
 
 
 def _log_model(model: keras.Model, val_ds, name: str) -> None:
@@ -205,13 +205,13 @@ def _train(
     train_files, train_labels = labelled_files(train_dir, class_names)
     val_files, val_labels = labelled_files(paths.val, class_names)
     size, channels = list(cfg.data.image_size), cfg.data.channels
-    training.seed_everything(cfg.seed, role_cfg.train.deterministic)
+    fitting.seed_everything(cfg.seed, role_cfg.train.deterministic)
     batch = role_cfg.train.batch_size
     val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
     online = role == "student" and role_cfg.consistency.enabled
     if online:
         if train_dir == paths.merged:  # the labelled rows of the merged set, not its pseudo ones
-            manifest = merging.read_manifest(train_dir)
+            manifest = merged_set.read_manifest(train_dir)
             rows = manifest[manifest["source"] == "labeled"]
             index = {label: i for i, label in enumerate(class_names)}
             train_files = [str(train_dir / file) for file in rows["file"]]
@@ -229,7 +229,7 @@ def _train(
             )
         steps = consistency_steps(cfg, n_unlabeled)
         train_ds = consistency.training_stream(labelled, unlabelled_ds)
-        with training.precision(role_cfg.train.mixed_precision):
+        with fitting.precision(role_cfg.train.mixed_precision):
             model = _consistency_model(
                 cfg, class_names, train_labels, size, channels, steps, n_unlabeled
             )
@@ -240,23 +240,23 @@ def _train(
         )
         if role_cfg.train.augment.mixup:
             train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, cfg.seed)
-        with training.precision(role_cfg.train.mixed_precision):
+        with fitting.precision(role_cfg.train.mixed_precision):
             model = build_model(
                 role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
             )
         classifier = model
-        steps = role_cfg.train.steps_per_epoch or labeling.batches(len(train_files), batch)
+        steps = role_cfg.train.steps_per_epoch or predicting.batches(len(train_files), batch)
         endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
         if role_cfg.train.steps_per_epoch and not endless:
             train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
     if role == "student" and role_cfg.init_from_teacher:
         teacher, _ = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
-        copied = training.init_from(classifier, teacher)
+        copied = fitting.init_from(classifier, teacher)
         log.info("%s: %d leading layers initialised from the teacher", name, copied)
         if not copied:
             log.warning("student.init_from_teacher: no layer matches the teacher's; from scratch")
     class_weight = (
-        training.balanced_class_weights(train_labels, len(class_names))
+        fitting.balanced_class_weights(train_labels, len(class_names))
         if role_cfg.train.class_weights and not online
         else None
     )
@@ -270,7 +270,7 @@ def _train(
         "steps_per_epoch": steps,
     }
     with tracking.start_run(cfg, f"train_{name}", params, {"role": name, **tags}) as run:
-        history = training.fit(
+        history = fitting.fit(
             model,
             train_ds,
             val_ds,
@@ -416,7 +416,7 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
         steps = consistency_steps(cfg, len(list_images(paths.unlabeled)))
     else:  # the offline student's schedule: one pass over labelled + all unlabelled images
         n = len(list_images(paths.train)) + len(list_images(paths.unlabeled))
-        steps = student.train.steps_per_epoch or labeling.batches(n, student.train.batch_size)
+        steps = student.train.steps_per_epoch or predicting.batches(n, student.train.batch_size)
         raw["student"]["train"]["labeled_fraction"] = None
         raw["student"]["labeled_finetune_epochs"] = 0
     raw["student"]["train"]["steps_per_epoch"] = steps
@@ -431,7 +431,7 @@ def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict
     """The larger, noised student on the merged set (and, with student.consistency, every
     unlabelled image), tagged with the pseudo-label set it used. `truth` and `callbacks` are for
     benchmarks: the unlabelled images' true classes, extra Keras callbacks."""
-    merging.check_complete(paths.merged)  # a merge's complete output, nothing more or less
+    merged_set.check_complete(paths.merged)  # a merge's complete output, nothing more or less
     teacher_meta = model_io.read_meta(paths.model("teacher"))
     merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
     # Lineage (see tracking.lineage): the same tags whether dvc repro, a sweep job or a DVC

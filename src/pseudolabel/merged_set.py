@@ -15,8 +15,8 @@ from tqdm import tqdm
 from pseudolabel.config import SELECTIONS
 from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
-from pseudolabel.labeling import PROB_PREFIX
 from pseudolabel.paths import MANIFEST
+from pseudolabel.predicting import PROB_PREFIX
 
 log = logging.getLogger(__name__)
 

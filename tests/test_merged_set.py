@@ -6,8 +6,8 @@ import pytest
 
 from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
-from pseudolabel.labeling import read_csv, to_frame, write_csv
-from pseudolabel.merging import build_merged, select
+from pseudolabel.merged_set import build_merged, select
+from pseudolabel.predicting import read_csv, to_frame, write_csv
 
 CLASSES = [f"digit_{i}" for i in range(10)]
 
