@@ -6,9 +6,10 @@ Run it from the project root after `dvc repro` (or `dvc repro pseudo_label`). Ea
 pipeline's teacher and `outputs/data.csv`, copied into its own job folder
 (`multirun/<date>/<time>/<job>/`), then runs merge, train_student and evaluate there: it reads
 the project's images and never writes over the DVC workspace outputs. A job whose overrides
-change a parameter the teacher or the labelling depends on (dvc.yaml's `params` of those
-stages) trains its own teacher and relabels in its folder; a change to the data set itself
-(the ingest stage's params) is refused: use `dvc exp run -S ... --queue` for that.
+change a parameter the teacher or the labelling depends on (those stages' `params`, read
+through DVC's own API, not re-parsed here) trains its own teacher and relabels in its folder;
+a change to the data set itself (the ingest stage's params) is refused: use
+`dvc exp run -S ... --queue` for that.
 
 `MlflowSweepCallback` (conf/sweep.yaml) checks every job's config before the first one trains,
 makes one MLflow parent run per multirun, a child run per job and a summary at the end. The task
@@ -30,7 +31,6 @@ from typing import Any
 import hydra
 import mlflow
 import pandas as pd
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
@@ -58,35 +58,38 @@ JOB_TAG = "sweep.job"
 # --- What a job runs --------------------------------------------------------------------------
 
 
-def _dvc_stages(project: Path) -> dict[str, Any]:
-    path = project / "dvc.yaml"
-    if not path.is_file():
+def _dvc_stages(project: Path, names: tuple[str, ...]) -> list:
+    """The named stages of the project's dvc.yaml, as DVC itself reads them (templating,
+    params files and all), so the sweep's plan cannot disagree with `dvc repro`'s."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    if not (project / "dvc.yaml").is_file():
         raise PseudoLabelError(
-            f"{path}: not found; run pseudolabel-sweep from the project root (where dvc.yaml, "
-            "params.yaml and the pipeline's outputs are)."
+            f"{project / 'dvc.yaml'}: not found; run pseudolabel-sweep from the project root "
+            "(where dvc.yaml, params.yaml and the pipeline's outputs are)."
         )
-    return yaml.safe_load(path.read_text(encoding="utf-8"))["stages"]
+    try:
+        with Repo(str(project), uninitialized=True) as repo:  # reads; never writes .dvc/
+            return [stage for name in names for stage in repo.stage.collect(name)]
+    except DvcException as exc:
+        raise PseudoLabelError(f"{project / 'dvc.yaml'}: {exc}") from None
 
 
-def _entries(items: list | None) -> list[str]:
-    """Paths or keys of a dvc.yaml list: plain strings or one-key mappings ({path: options})."""
-    names: list[str] = []
-    for item in items or []:
-        if isinstance(item, str):
-            names.append(item)
-        elif isinstance(item, dict):
-            for key, value in item.items():  # `params.yaml: [keys]` or `path: {cache: false}`
-                names.extend(value if key == "params.yaml" and isinstance(value, list) else [key])
-    return [n for n in names if "${" not in n]
+def _stage_params(project: Path, names: tuple[str, ...]) -> list[str]:
+    """The params.yaml keys the named stages depend on (dvc.yaml's `params`)."""
+    return [
+        key
+        for stage in _dvc_stages(project, names)
+        for dep in stage.deps
+        if hasattr(dep, "params")  # a ParamsDependency
+        for key in dep.params or []
+    ]
 
 
-def _stage_params(stages: dict[str, Any], names: tuple[str, ...]) -> list[str]:
-    return [key for name in names for key in _entries(stages[name].get("params"))]
-
-
-def _stage_outputs(stages: dict[str, Any], names: tuple[str, ...]) -> list[str]:
-    kinds = ("outs", "metrics", "plots")
-    return [p for name in names for kind in kinds for p in _entries(stages[name].get(kind))]
+def _stage_outputs(project: Path, names: tuple[str, ...]) -> list[str]:
+    """What the named stages write (outs, metrics and plots), relative to the project."""
+    return [out.def_path for stage in _dvc_stages(project, names) for out in stage.outs]
 
 
 def _changed(cfg: DictConfig, reference: DictConfig, keys: list[str]) -> list[str]:
@@ -100,18 +103,17 @@ def _changed(cfg: DictConfig, reference: DictConfig, keys: list[str]) -> list[st
 def plan(cfg: DictConfig, project: Path) -> tuple[str, ...]:
     """The stages a job runs: the selection and the student, plus teacher and labelling when
     the job changes a parameter they depend on. Raises if the job cannot run here."""
-    stages = _dvc_stages(project)
     reference = load_params(project / "params.yaml")
-    data_changes = _changed(cfg, reference, _stage_params(stages, ("ingest",)))
+    data_changes = _changed(cfg, reference, _stage_params(project, ("ingest",)))
     if data_changes:
         raise PseudoLabelError(
             f"{', '.join(data_changes)} differ from {project / 'params.yaml'}: they change the "
             "data set itself, which a sweep job does not rebuild. Sweep them with "
             "`dvc exp run -S key=a,b --queue` and `dvc queue start` instead."
         )
-    if _changed(cfg, reference, _stage_params(stages, LABELS_STAGES)):
+    if _changed(cfg, reference, _stage_params(project, LABELS_STAGES)):
         return LABELS_STAGES + JOB_STAGES
-    missing = [p for p in _stage_outputs(stages, LABELS_STAGES) if not (project / p).exists()]
+    missing = [p for p in _stage_outputs(project, LABELS_STAGES) if not (project / p).exists()]
     if missing:
         raise PseudoLabelError(
             f"{', '.join(missing)} missing under {project}: the sweep reuses the pipeline's "
@@ -122,7 +124,7 @@ def plan(cfg: DictConfig, project: Path) -> tuple[str, ...]:
 
 def _copy_reused(project: Path, job_dir: Path) -> None:
     """The reused stages' outputs, copied: the job folder holds exactly what the job used."""
-    for rel in _stage_outputs(_dvc_stages(project), LABELS_STAGES):
+    for rel in _stage_outputs(project, LABELS_STAGES):
         source, target = project / rel, job_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
