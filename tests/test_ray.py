@@ -12,16 +12,18 @@ import pandas as pd
 import pytest
 
 from pseudolabel.paths import Paths
+from tests.conftest import SRC
 
 ray = pytest.importorskip("ray")  # the optional extra (pip install ".[ray]")
 
 
-@pytest.fixture
-def project(digits_data, tmp_path, tracking_uri) -> Paths:
+@pytest.fixture(scope="module")
+def project(digits_data, tmp_path_factory, tracking_uri) -> Paths:
     """The digits images plus one file that cannot be decoded, and a trained teacher."""
     from pseudolabel.config import compose
     from pseudolabel.stages import train_teacher
 
+    tmp_path = tmp_path_factory.mktemp("ray_project")
     data = tmp_path / "data_root"
     (data / "data").mkdir(parents=True)
     os.symlink(digits_data.root / "data" / "image_dataset", data / "data" / "image_dataset")
@@ -102,3 +104,74 @@ def test_engine_and_ray_keys_are_checked(override, message):
 
     with pytest.raises(PseudoLabelError, match=message):
         compose(["+experiment=smoke", override])
+
+
+_KILLED_RUN = """
+import sys
+from pathlib import Path
+
+from pseudolabel import distributed
+from pseudolabel.models import io as model_io
+
+model, unlabeled, partial = map(Path, sys.argv[1:4])
+address = sys.argv[4]
+distributed.predict_folder(
+    model, {"allow_unsafe": False, "trusted_saved_model": None}, model_io.read_meta(model),
+    unlabeled, 16, tta=False, temperature=1.0, address=address, actors=1,
+    cpus_per_actor=0.5, partial_dir=partial, chunk_size=16,
+)
+"""
+
+
+@pytest.mark.slow
+def test_ray_engine_resumes_a_killed_run_from_its_saved_chunks(
+    ray_cluster, project, tmp_path, caplog
+):
+    """A driver killed (SIGKILL) mid-run leaves its finished chunks; the next run sends Ray only
+    the files no chunk holds and writes what an uninterrupted run writes."""
+    import signal
+    import subprocess
+    import sys
+
+    from pseudolabel import distributed, predicting
+    from pseudolabel.models import io as model_io
+
+    model = project.model("teacher")
+    meta = model_io.read_meta(model)
+    partial = tmp_path / "partial"
+    unlabeled = project.unlabeled
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    killed = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RUN, str(model), str(unlabeled), str(partial), ray_cluster],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and killed.poll() is None:
+        if len(list(partial.glob("chunk-*.npz"))) >= 2:
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    killed.wait(timeout=30)
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = len(list(partial.glob("chunk-*.npz")))
+    assert saved >= 2
+
+    with caplog.at_level("INFO", logger="pseudolabel.distributed"):
+        resumed, failed = distributed.predict_folder(
+            model, {"allow_unsafe": False, "trusted_saved_model": None}, meta, unlabeled, 16,
+            tta=False, temperature=1.0, address=ray_cluster, actors=1, cpus_per_actor=0.5,
+            partial_dir=partial, chunk_size=16,
+        )  # fmt: skip
+    assert "resuming:" in caplog.text
+    done = int(caplog.text.split("resuming: ")[1].split()[0])
+    assert 32 <= done < len(resumed)
+    assert not partial.exists()  # removed once complete
+    whole, whole_failed = predicting.predict_folder(
+        model_io.load(model)[0], meta, unlabeled, 16, temperature=1.0
+    )
+    assert failed == whole_failed == ["broken.png"]
+    assert resumed["path"].tolist() == whole["path"].tolist()
+    numbers = [c for c in whole.columns if c not in ("path", "label")]
+    np.testing.assert_allclose(resumed[numbers], whole[numbers], atol=1e-6, rtol=0)

@@ -14,8 +14,11 @@ or replicated file system) and runs the same Python environment (docs/scale.md).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,27 @@ def _connect(address: str | None) -> bool:
     return True
 
 
+def _fingerprint(
+    model_path: Path, meta: ModelMeta, tta: bool, relative: list[str], batch_size: int
+) -> str:
+    """What a partial Ray run depends on: the model file's bytes (the driver does not load the
+    model), its input, the TTA, the files and the batching."""
+    digest = hashlib.md5()
+    files = (
+        sorted(p for p in model_path.rglob("*") if p.is_file())
+        if model_path.is_dir()
+        else [model_path]
+    )
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    header = [meta.class_names, meta.image_size, meta.channels, meta.input_scale, batch_size, tta]
+    digest.update(json.dumps(header).encode())
+    digest.update("\n".join(relative).encode())
+    return digest.hexdigest()
+
+
 def predict_folder(
     model_path: Path,
     trust: dict[str, Any],
@@ -113,11 +137,18 @@ def predict_folder(
     address: str | None,
     actors: int | None,
     cpus_per_actor: float,
+    partial_dir: Path | None = None,
+    chunk_size: int = predicting.CHUNK_SIZE,
 ) -> tuple[pd.DataFrame, list[str]]:
     """predicting.predict_folder's result (rows sorted by relative path, probabilities scaled by
-    `temperature`, and the relative paths that could not be decoded), computed on Ray."""
+    `temperature`, and the relative paths that could not be decoded), computed on Ray.
+
+    With `partial_dir`, the raw predictions are saved there as they arrive, every `chunk_size`
+    images, in the local engine's chunk format; a run killed at any point and started again
+    sends Ray only the files no chunk holds, and the folder is removed once the predictions are
+    complete."""
     try:
-        import ray
+        import ray  # noqa: F401  (checked before anything else)
     except ImportError:
         raise PseudoLabelError(
             "pseudo_label.engine=ray needs Ray: pip install 'pseudolabel[ray]' "
@@ -127,17 +158,80 @@ def predict_folder(
     root = str(unlabeled_dir)
     files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
     relative = [predicting._relative(f, root) for f in files]  # sorted, as the local engine's
+    chunks = (
+        predicting.Chunks(partial_dir, _fingerprint(model_path, meta, tta, relative, batch_size))
+        if partial_dir is not None
+        else None
+    )
+    paths, blocks, _ = chunks.load() if chunks else ([], [], 0)
+    saved = set(paths)
+    todo = [rel for rel in relative if rel not in saved]
+    if saved:
+        log.info(
+            "resuming: %d of %d images already labelled (%s)",
+            len(saved),
+            len(relative),
+            partial_dir,
+        )
+    if todo:
+        _label_on_ray(
+            todo, root, model_path, trust, meta, batch_size, tta, address, actors, cpus_per_actor,
+            chunks, chunk_size, paths, blocks,
+        )  # fmt: skip
+    done = set(paths)
+    failed = [rel for rel in relative if rel not in done]
+    if failed:
+        log.warning("%d unlabelled file(s) could not be decoded and were skipped", len(failed))
+    frame = predicting.raw_frame(paths, blocks, meta.class_names, temperature)
+    if chunks:
+        shutil.rmtree(partial_dir)
+    return frame, failed
+
+
+def _label_on_ray(
+    todo: list[str],
+    root: str,
+    model_path: Path,
+    trust: dict[str, Any],
+    meta: ModelMeta,
+    batch_size: int,
+    tta: bool,
+    address: str | None,
+    actors: int | None,
+    cpus_per_actor: float,
+    chunks: predicting.Chunks | None,
+    chunk_size: int,
+    paths: list[str],
+    blocks: list[np.ndarray],
+) -> None:
+    """Label `todo` on the cluster; append each batch's paths and raw softmax to `paths` and
+    `blocks`, saving them to `chunks` every `chunk_size` images."""
+    import ray
+
+    pending_paths: list[str] = []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending_paths:
+            block = np.concatenate(pending)
+            if chunks:
+                chunks.save(pending_paths, block, 0)  # order-free: resumed by path
+            paths.extend(pending_paths)
+            blocks.append(block)
+            pending_paths.clear()
+            pending.clear()
+
     started = _connect(address)
     try:
         actors = actor_count(actors, cpus_per_actor, ray.cluster_resources().get("CPU", 0.0))
         log.info(
             "pseudo-label on Ray (%s): %d images, %d actor(s)",
             address or "local instance",
-            len(relative),
+            len(todo),
             actors,
         )
         ds = (
-            ray.data.from_items([{"path": rel} for rel in relative])
+            ray.data.from_items([{"path": rel} for rel in todo])
             .map_batches(
                 _decode,
                 fn_kwargs={
@@ -163,17 +257,13 @@ def predict_folder(
                 num_cpus=cpus_per_actor,
             )
         )
-        paths: list[str] = []
-        blocks: list[np.ndarray] = []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if len(batch["path"]):
-                paths.extend(str(p) for p in batch["path"])
-                blocks.append(np.asarray(batch["raw"], np.float32))
+                pending_paths.extend(str(p) for p in batch["path"])
+                pending.append(np.asarray(batch["raw"], np.float32))
+                if len(pending_paths) >= chunk_size:
+                    flush()
+        flush()
     finally:
         if started:
             ray.shutdown()
-    done = set(paths)
-    failed = [rel for rel in relative if rel not in done]
-    if failed:
-        log.warning("%d unlabelled file(s) could not be decoded and were skipped", len(failed))
-    return predicting.raw_frame(paths, blocks, meta.class_names, temperature), failed

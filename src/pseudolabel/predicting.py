@@ -69,8 +69,10 @@ def _fingerprint(model: keras.Model, meta: ModelMeta, relative: list[str], batch
     return digest.hexdigest()
 
 
-class _Chunks:
-    """Raw predictions flushed to numbered .npz files, each written atomically."""
+class Chunks:
+    """Raw predictions flushed to numbered .npz files, each written atomically; a folder whose
+    fingerprint (model, files, batching) differs from the run's is started afresh. Both engines
+    resume from it (the local one by position, the Ray one by the paths already saved)."""
 
     def __init__(self, folder: Path, fingerprint: str) -> None:
         self.folder = folder
@@ -164,7 +166,7 @@ def predict_folder(
     relative = [_relative(f, root) for f in files]
     position = {f: i for i, f in enumerate(files)}
     chunks = (
-        _Chunks(partial_dir, _fingerprint(model, meta, relative, batch_size))
+        Chunks(partial_dir, _fingerprint(model, meta, relative, batch_size))
         if partial_dir is not None
         else None
     )

@@ -112,6 +112,8 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
                 address=cfg.ray.address,
                 actors=cfg.ray.actors,
                 cpus_per_actor=cfg.ray.cpus_per_actor,
+                partial_dir=paths.outputs / PARTIAL,
+                chunk_size=pl.chunk_size,
             )
         else:
             predictions, failed = predicting.predict_folder(
