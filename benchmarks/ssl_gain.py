@@ -311,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="EPOCHS",
         help="also train the teacher's recipe on all labels for EPOCHS epochs (first seed)",
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="only merge the rows (and commands) of these result files, written by runs with "
+        "--out elsewhere (e.g. seeds run in parallel on other machines), into --out",
+    )
     args = parser.parse_args(argv)
     payload = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     rows: list[dict] = payload["rows"]
@@ -324,12 +333,20 @@ def main(argv: list[str] | None = None) -> int:
         if "full_reference" in payload and rows:
             payload["gap"] = gap_closed(rows, payload["full_reference"]["accuracy"])
         payload.setdefault("commands", [])
-        if " ".join(sys.argv) not in payload["commands"]:
+        if not args.merge and " ".join(sys.argv) not in payload["commands"]:
             payload["commands"].append(" ".join(sys.argv))
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
         os.replace(tmp, args.out)
 
+    if args.merge:
+        for other in map(lambda f: json.loads(f.read_text()), args.merge):
+            for command in other.get("commands", []):
+                if command not in payload.setdefault("commands", []):
+                    payload["commands"].append(command)
+            for row in other["rows"]:
+                save(row)
+        return 0
     if args.full_reference:
         payload["full_reference"] = full_reference(
             args.full_reference, args.seeds[0], overrides, args.work
