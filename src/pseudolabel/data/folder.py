@@ -20,9 +20,10 @@ import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
+from stat import S_ISLNK
 
 import numpy as np
 from PIL import Image
@@ -191,27 +192,40 @@ class CheckCache:
         )
 
     def get(self, path: Path) -> FileCheck | None:
-        if not validate.utf8_name(path):
-            return None  # SQLite text cannot hold it; check_file reports it
-        if path.is_symlink():
-            return None  # where a link points is not in its size/mtime: always re-check
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        row = self.db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM {TABLE} WHERE path=? AND channels=?",
-            (str(path), self.channels),
-        ).fetchone()
-        if row is None:
-            return None
-        check = FileCheck(str(path), *row)
-        if (check.size, check.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            return None
-        if self.perceptual and check.reason is None and check.dhash is None:
-            return None
-        self.hits += 1
-        return FileCheck(**{**asdict(check), "convert": bool(check.convert)})
+        return self.get_many([path])[path]
+
+    def get_many(self, paths: list[Path]) -> dict[Path, FileCheck | None]:
+        """The cached result of each path, or None (one query for all of them)."""
+        found: dict[Path, FileCheck | None] = dict.fromkeys(paths)
+        stats = {}
+        for path in paths:
+            if not validate.utf8_name(path):
+                continue  # SQLite text cannot hold it; check_file reports it
+            try:
+                stat = os.lstat(path)
+            except OSError:
+                continue
+            if not S_ISLNK(stat.st_mode):  # where a link points is not in its size/mtime
+                stats[str(path)] = (path, stat)
+        names = list(stats)
+        rows = []
+        for start in range(0, len(names), 500):  # SQLite's limit on parameters is 999 or more
+            part = names[start : start + 500]
+            rows += self.db.execute(
+                f"SELECT path, {', '.join(_COLUMNS)} FROM {TABLE} "
+                f"WHERE channels=? AND path IN ({', '.join('?' * len(part))})",
+                (self.channels, *part),
+            ).fetchall()
+        for row in rows:
+            path, stat = stats[row[0]]
+            check = FileCheck(*row)
+            if (check.size, check.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+                continue
+            if self.perceptual and check.reason is None and check.dhash is None:
+                continue
+            self.hits += 1
+            found[path] = replace(check, convert=bool(check.convert))
+        return found
 
     def put(self, checks: Iterable[FileCheck]) -> None:
         # Unreadable files can become readable without a new mtime (chmod): never cached.
@@ -242,16 +256,16 @@ def check_all(
     """Check results in file order, `CHUNK` files at a time on the pool, cached ones skipped."""
 
     def check(batch: list[Path]) -> list[FileCheck]:
-        return [
-            validate.check_file(p, root, cache.channels, cache.perceptual, max_pixels)
-            for p in batch
-        ]
+        channels, perceptual = cache.channels, cache.perceptual
+        return validate.check_files(batch, root, channels, perceptual, max_pixels, placed=True)
 
     files = iter(files)
+    resolved: dict[Path, Path] = {}  # folders -> where they resolve to, for where_problem
     with tqdm(desc=desc, unit="file", mininterval=2) as bar:
         while chunk := list(islice(files, CHUNK)):
             # A bad name or a link out of the root first (never cached), then the cache.
-            cached = {p: validate.where_problem(p, root) or cache.get(p) for p in chunk}
+            cached = {p: validate.where_problem(p, root, resolved) for p in chunk}
+            cached.update(cache.get_many([p for p, c in cached.items() if c is None]))
             todo = [p for p, c in cached.items() if c is None]
             # Tasks of BATCH files: one task per file spends its time on the pool's locks.
             batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
