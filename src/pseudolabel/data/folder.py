@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
 CHUNK = 512  # files listed, checked and reported at a time (bounds memory)
-BATCH = 32  # files per thread-pool task
+BATCH = 128  # files per thread-pool task (decoded together by validate.check_files)
+COMMIT_EVERY_S = 5.0  # how often the check cache is written to disk
 # Characters that are not valid in a folder name on some common file system (Windows, macOS),
 # so a class called that could not be checked out everywhere.
 _BAD_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -185,6 +187,7 @@ class CheckCache:
         self.db = sqlite3.connect(path)
         self.channels, self.perceptual = channels, perceptual
         self.hits = 0  # results answered from the cache in this session
+        self.committed = time.monotonic()
         self.db.execute(
             f"CREATE TABLE IF NOT EXISTS {TABLE} (path TEXT PRIMARY KEY, channels INTEGER, "
             + ", ".join(_COLUMNS)
@@ -239,9 +242,17 @@ class CheckCache:
             f"INSERT OR REPLACE INTO {TABLE} VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
             rows,
         )
+        # A commit syncs the file to disk, which costs more than checking a chunk of small
+        # images: commit every few seconds (a killed run loses only those results).
+        if time.monotonic() - self.committed > COMMIT_EVERY_S:
+            self.commit()
+
+    def commit(self) -> None:
         self.db.commit()
+        self.committed = time.monotonic()
 
     def close(self) -> None:
+        self.commit()
         self.db.close()
 
 
@@ -253,28 +264,41 @@ def check_all(
     desc: str,
     max_pixels: int | None = None,
 ) -> Iterator[FileCheck]:
-    """Check results in file order, `CHUNK` files at a time on the pool, cached ones skipped."""
+    """Check results in file order, `CHUNK` files at a time on the pool, cached ones skipped.
+    The next chunk is looked up (links, cache) while the pool checks the current one."""
 
     def check(batch: list[Path]) -> list[FileCheck]:
         channels, perceptual = cache.channels, cache.perceptual
         return validate.check_files(batch, root, channels, perceptual, max_pixels, placed=True)
 
+    resolved: dict = {}  # folders -> where they resolve to, for where_problem
+
+    def start(chunk: list[Path]) -> tuple:
+        # A bad name or a link out of the root first (never cached), then the cache.
+        cached = {p: validate.where_problem(p, root, resolved) for p in chunk}
+        cached.update(cache.get_many([p for p, c in cached.items() if c is None]))
+        todo = [p for p, c in cached.items() if c is None]
+        # Tasks of BATCH files: one task per file spends its time on the pool's locks.
+        tasks = [pool.submit(check, todo[i : i + BATCH]) for i in range(0, len(todo), BATCH)]
+        return chunk, cached, todo, tasks
+
+    def finish(chunk, cached, todo, tasks) -> Iterator[FileCheck]:
+        fresh = dict(zip(todo, (c for task in tasks for c in task.result()), strict=True))
+        cache.put(fresh.values())
+        bar.update(len(chunk))
+        for path in chunk:
+            yield cached[path] or fresh[path]
+
     files = iter(files)
-    resolved: dict[Path, Path] = {}  # folders -> where they resolve to, for where_problem
     with tqdm(desc=desc, unit="file", mininterval=2) as bar:
+        running = None
         while chunk := list(islice(files, CHUNK)):
-            # A bad name or a link out of the root first (never cached), then the cache.
-            cached = {p: validate.where_problem(p, root, resolved) for p in chunk}
-            cached.update(cache.get_many([p for p, c in cached.items() if c is None]))
-            todo = [p for p, c in cached.items() if c is None]
-            # Tasks of BATCH files: one task per file spends its time on the pool's locks.
-            batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
-            results = [c for batch in pool.map(check, batches) for c in batch]
-            fresh = dict(zip(todo, results, strict=True))
-            cache.put(fresh.values())
-            bar.update(len(chunk))
-            for path in chunk:
-                yield cached[path] or fresh[path]
+            started = start(chunk)
+            if running:
+                yield from finish(*running)
+            running = started
+        if running:
+            yield from finish(*running)
 
 
 # --- the report and the view ----------------------------------------------------------------

@@ -232,9 +232,7 @@ def _outside(path: Path, root: Path) -> FileCheck | None:
     return None
 
 
-def where_problem(
-    path: Path, root: Path, resolved: dict[Path, Path] | None = None
-) -> FileCheck | None:
+def where_problem(path: Path, root: Path, resolved: dict | None = None) -> FileCheck | None:
     """What is wrong with a file's name or location, before its bytes are read: a name that is
     not UTF-8, or a link (its own, or a linked folder on the way) out of `root`. Never cached:
     the file's size and mtime do not change when a link does.
@@ -251,14 +249,14 @@ def where_problem(
         if S_ISLNK(os.lstat(path).st_mode):
             return _symlink_problem(path, root)
         if root not in resolved:
-            resolved[root] = root.resolve()
-        folder = path.parent
+            resolved[root] = os.path.realpath(root)
+        folder, name = os.path.split(path)
         if folder not in resolved:
-            resolved[folder] = folder.resolve(strict=True)
+            resolved[folder] = os.path.realpath(folder, strict=True)
     except (OSError, RuntimeError):
         return _outside(path, root)  # gone or unreadable: decided as without `resolved`
-    target = resolved[folder] / path.name
-    if not target.is_relative_to(resolved[root]):
+    target, inside = os.path.join(resolved[folder], name), resolved[root]
+    if not target.startswith(inside if inside.endswith(os.sep) else inside + os.sep):
         return FileCheck(str(path), reason="symlink_outside", detail=f"-> {target}")
     return None
 
@@ -306,6 +304,19 @@ class _Read:
     orientation: int
 
 
+def _read_bytes(path: Path, size: int) -> bytes:
+    """A file's bytes, to its end (os.read: a buffered file object costs more than reading a
+    small image)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = []
+        while part := os.read(fd, max(size, 1 << 16) + 1):
+            parts.append(part)
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _read(path: Path, max_pixels: int | None) -> FileCheck | _Read:
     """Everything before the decode: stat, read, sniff, the pixel limit, EXIF orientation."""
     path_str = str(path)
@@ -315,8 +326,7 @@ def _read(path: Path, max_pixels: int | None) -> FileCheck | _Read:
             return FileCheck(
                 path_str, reason="unreadable", detail=f"not a regular file ({_kind(stat.st_mode)})"
             )
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = _read_bytes(path, stat.st_size)
     except OSError as exc:
         return FileCheck(path_str, reason="unreadable", detail=exc.strerror or str(exc))
     base = {"path": path_str, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -401,7 +411,7 @@ def check_files(
     only their size are decoded together in one graph call; the rest, and every file of a batch
     in which one does not decode, one at a time as `check_file` does. `placed`: `where_problem`
     already found nothing for each of `paths`."""
-    resolved: dict[Path, Path] = {}
+    resolved: dict = {}
     out: list[FileCheck | _Read] = []
     for path in paths:
         problem = None if placed else where_problem(path, root, resolved)
