@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -294,8 +295,7 @@ def _kind(mode: int) -> str:
     return "not a file"
 
 
-@dataclass(frozen=True)
-class _Read:
+class _Read(NamedTuple):
     """A file read and sniffed, waiting for its decode."""
 
     base: dict
@@ -383,20 +383,34 @@ def check_file(
     return read if isinstance(read, FileCheck) else _finish(read, channels, perceptual)
 
 
+_GRAPH_BATCH = 64  # images per graph call (a shorter list is padded)
+
+
 @functools.cache
 def _sizes_of(channels: int):
-    """A graph that decodes a batch of images and returns their (height, width): the same
+    """A graph that decodes `_GRAPH_BATCH` images and returns their (height, width): the same
     decoder as `_decode`, without eager dispatch per file, which costs more than decoding a
-    small image."""
+    small image. One decode node per image, not a loop: the graph runs them side by side."""
 
-    def size(raw: tf.Tensor) -> tf.Tensor:
-        return tf.shape(tf.io.decode_image(raw, channels=channels, expand_animations=False))[:2]
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    @tf.function(input_signature=[tf.TensorSpec([_GRAPH_BATCH], tf.string)])
     def sizes(raws: tf.Tensor) -> tf.Tensor:
-        return tf.map_fn(size, raws, fn_output_signature=tf.int32)
+        decode = functools.partial(tf.io.decode_image, channels=channels, expand_animations=False)
+        return tf.stack([tf.shape(decode(raws[i]))[:2] for i in range(_GRAPH_BATCH)])
 
     return sizes
+
+
+def _sizes(raws: list[bytes], channels: int) -> list[tuple[int, int] | None]:
+    """(height, width) of each image, None for every image of a graph call that failed."""
+    out: list = []
+    for start in range(0, len(raws), _GRAPH_BATCH):
+        part = raws[start : start + _GRAPH_BATCH]
+        padded = part + part[-1:] * (_GRAPH_BATCH - len(part))
+        try:
+            out += _sizes_of(channels)(tf.constant(padded)).numpy()[: len(part)].tolist()
+        except tf.errors.OpError:
+            out += [None] * len(part)  # one fails: each is decoded alone, for its own reason
+    return out
 
 
 def check_files(
@@ -424,14 +438,10 @@ def check_files(
         and r.orientation == 1
         and r.fmt in ("PNG", "JPEG")
     ]
-    if together:
-        try:
-            sizes = _sizes_of(channels)(tf.constant([out[i].raw for i in together])).numpy()
-        except tf.errors.OpError:
-            sizes = None  # one of them fails: each is decoded alone below, for its own reason
-        if sizes is not None:
-            for i, (height, width) in zip(together, sizes.tolist(), strict=True):
-                out[i] = _decoded(out[i], Fingerprint(height, width, None, False))
+    sizes = _sizes([out[i].raw for i in together], channels) if together else []
+    for i, size in zip(together, sizes, strict=True):
+        if size is not None:
+            out[i] = _decoded(out[i], Fingerprint(*size, None, False))
     return [r if isinstance(r, FileCheck) else _finish(r, channels, perceptual) for r in out]
 
 
