@@ -5,8 +5,8 @@ and data/unlabeled/ as copies, hard links or symbolic links (`data.link`); every
 listed in the report with its reason. The unlabelled folder is streamed in chunks (memory does
 not grow with its size); the labelled set is listed in memory. Checks run on a thread pool
 (TensorFlow's decoders release the GIL), PNG and JPEG files decoded in batches by
-`validate.check_files`, and their results are cached in SQLite next to the report, keyed by path, size and modification time, so a re-run re-checks only changed
-files.
+`validate.check_files`, and their results are cached in SQLite next to the report, keyed by
+path, size and modification time, so a re-run re-checks only changed files.
 """
 
 from __future__ import annotations
