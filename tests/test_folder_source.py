@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pseudolabel.config import compose
 from pseudolabel.data import folder, validate
@@ -358,3 +358,27 @@ def test_perceptual_hash_finds_near_copies_only():
     assert validate.hamming_min(values, a) == 0
     assert validate.hamming_min(values, b) <= 4
     assert validate.hamming_min(values, other) > 10
+
+
+def test_checks_in_batches_match_one_file_at_a_time(poisoned, tmp_path):
+    """check_files (a batch decode, PNG headers read without PIL) gives check_file's results,
+    bad files included, and PNGs whose EXIF or XMP chunks turn them still count as turned."""
+    user, _, _ = poisoned
+    turned = user / "unlabeled" / "turned"
+    turned.mkdir(exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture = Image.fromarray(_image(9, 12)[:6])
+    (turned / "exif.png").write_bytes(_encode(picture, "PNG", exif=exif.tobytes()))
+    xmp = PngImagePlugin.PngInfo()
+    xmp.add_itxt("XML:com.adobe.xmp", '<rdf:Description tiff:Orientation="8"/>')
+    (turned / "xmp.png").write_bytes(_encode(picture, "PNG", pnginfo=xmp))
+    for channels, perceptual, max_pixels in ((1, False, 10_000), (3, False, None), (1, True, 50)):
+        for root in (user / "labeled", user / "unlabeled"):
+            files = list(validate.walk_files(root))
+            one = [validate.check_file(p, root, channels, perceptual, max_pixels) for p in files]
+            batch = validate.check_files(files, root, channels, perceptual, max_pixels)
+            assert batch == one
+    checks = validate.check_files(list(validate.walk_files(turned)), turned, 1)
+    orientation = {Path(c.path).name: c.orientation for c in checks}
+    assert orientation["exif.png"] == 6 and orientation["xmp.png"] == 8

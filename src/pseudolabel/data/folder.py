@@ -3,10 +3,10 @@
 The user's folders are only read. Usable files reach data/image_dataset/{train,val,test}/<class>/
 and data/unlabeled/ as copies, hard links or symbolic links (`data.link`); every other file is
 listed in the report with its reason. The unlabelled folder is streamed in chunks (memory does
-not grow with its size); the labelled set is listed in memory. Checks run on a thread pool (the
-hashing and TensorFlow's decoders release the GIL) and their results are cached in SQLite next
-to the report, keyed by path, size and modification time, so a re-run re-checks only changed
-files.
+not grow with its size); the labelled set is listed in memory. Checks run on a thread pool
+(TensorFlow's decoders release the GIL), PNG and JPEG files decoded in batches by
+`validate.check_files`, and their results are cached in SQLite next to the report, keyed by
+path, size and modification time, so a re-run re-checks only changed files.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import os
 import re
 import shutil
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
+from stat import S_ISLNK
 
 import numpy as np
 from PIL import Image
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
 CHUNK = 512  # files listed, checked and reported at a time (bounds memory)
-BATCH = 32  # files per thread-pool task
+BATCH = 128  # files per thread-pool task (decoded together by validate.check_files)
+COMMIT_EVERY_S = 5.0  # how often the check cache is written to disk
 # Characters that are not valid in a folder name on some common file system (Windows, macOS),
 # so a class called that could not be checked out everywhere.
 _BAD_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -184,6 +187,7 @@ class CheckCache:
         self.db = sqlite3.connect(path)
         self.channels, self.perceptual = channels, perceptual
         self.hits = 0  # results answered from the cache in this session
+        self.committed = time.monotonic()
         self.db.execute(
             f"CREATE TABLE IF NOT EXISTS {TABLE} (path TEXT PRIMARY KEY, channels INTEGER, "
             + ", ".join(_COLUMNS)
@@ -191,27 +195,40 @@ class CheckCache:
         )
 
     def get(self, path: Path) -> FileCheck | None:
-        if not validate.utf8_name(path):
-            return None  # SQLite text cannot hold it; check_file reports it
-        if path.is_symlink():
-            return None  # where a link points is not in its size/mtime: always re-check
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        row = self.db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM {TABLE} WHERE path=? AND channels=?",
-            (str(path), self.channels),
-        ).fetchone()
-        if row is None:
-            return None
-        check = FileCheck(str(path), *row)
-        if (check.size, check.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            return None
-        if self.perceptual and check.reason is None and check.dhash is None:
-            return None
-        self.hits += 1
-        return FileCheck(**{**asdict(check), "convert": bool(check.convert)})
+        return self.get_many([path])[path]
+
+    def get_many(self, paths: list[Path]) -> dict[Path, FileCheck | None]:
+        """The cached result of each path, or None (one query for all of them)."""
+        found: dict[Path, FileCheck | None] = dict.fromkeys(paths)
+        stats = {}
+        for path in paths:
+            if not validate.utf8_name(path):
+                continue  # SQLite text cannot hold it; check_file reports it
+            try:
+                stat = os.lstat(path)
+            except OSError:
+                continue
+            if not S_ISLNK(stat.st_mode):  # where a link points is not in its size/mtime
+                stats[str(path)] = (path, stat)
+        names = list(stats)
+        rows = []
+        for start in range(0, len(names), 500):  # SQLite's limit on parameters is 999 or more
+            part = names[start : start + 500]
+            rows += self.db.execute(
+                f"SELECT path, {', '.join(_COLUMNS)} FROM {TABLE} "
+                f"WHERE channels=? AND path IN ({', '.join('?' * len(part))})",
+                (self.channels, *part),
+            ).fetchall()
+        for row in rows:
+            path, stat = stats[row[0]]
+            check = FileCheck(*row)
+            if (check.size, check.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+                continue
+            if self.perceptual and check.reason is None and check.dhash is None:
+                continue
+            self.hits += 1
+            found[path] = replace(check, convert=bool(check.convert))
+        return found
 
     def put(self, checks: Iterable[FileCheck]) -> None:
         # Unreadable files can become readable without a new mtime (chmod): never cached.
@@ -225,9 +242,17 @@ class CheckCache:
             f"INSERT OR REPLACE INTO {TABLE} VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
             rows,
         )
+        # A commit syncs the file to disk, which costs more than checking a chunk of small
+        # images: commit every few seconds (a killed run loses only those results).
+        if time.monotonic() - self.committed > COMMIT_EVERY_S:
+            self.commit()
+
+    def commit(self) -> None:
         self.db.commit()
+        self.committed = time.monotonic()
 
     def close(self) -> None:
+        self.commit()
         self.db.close()
 
 
@@ -239,28 +264,41 @@ def check_all(
     desc: str,
     max_pixels: int | None = None,
 ) -> Iterator[FileCheck]:
-    """Check results in file order, `CHUNK` files at a time on the pool, cached ones skipped."""
+    """Check results in file order, `CHUNK` files at a time on the pool, cached ones skipped.
+    The next chunk is looked up (links, cache) while the pool checks the current one."""
 
     def check(batch: list[Path]) -> list[FileCheck]:
-        return [
-            validate.check_file(p, root, cache.channels, cache.perceptual, max_pixels)
-            for p in batch
-        ]
+        channels, perceptual = cache.channels, cache.perceptual
+        return validate.check_files(batch, root, channels, perceptual, max_pixels, placed=True)
+
+    resolved: dict = {}  # folders -> where they resolve to, for where_problem
+
+    def start(chunk: list[Path]) -> tuple:
+        # A bad name or a link out of the root first (never cached), then the cache.
+        cached = {p: validate.where_problem(p, root, resolved) for p in chunk}
+        cached.update(cache.get_many([p for p, c in cached.items() if c is None]))
+        todo = [p for p, c in cached.items() if c is None]
+        # Tasks of BATCH files: one task per file spends its time on the pool's locks.
+        tasks = [pool.submit(check, todo[i : i + BATCH]) for i in range(0, len(todo), BATCH)]
+        return chunk, cached, todo, tasks
+
+    def finish(chunk, cached, todo, tasks) -> Iterator[FileCheck]:
+        fresh = dict(zip(todo, (c for task in tasks for c in task.result()), strict=True))
+        cache.put(fresh.values())
+        bar.update(len(chunk))
+        for path in chunk:
+            yield cached[path] or fresh[path]
 
     files = iter(files)
     with tqdm(desc=desc, unit="file", mininterval=2) as bar:
+        running = None
         while chunk := list(islice(files, CHUNK)):
-            # A bad name or a link out of the root first (never cached), then the cache.
-            cached = {p: validate.where_problem(p, root) or cache.get(p) for p in chunk}
-            todo = [p for p, c in cached.items() if c is None]
-            # Tasks of BATCH files: one task per file spends its time on the pool's locks.
-            batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
-            results = [c for batch in pool.map(check, batches) for c in batch]
-            fresh = dict(zip(todo, results, strict=True))
-            cache.put(fresh.values())
-            bar.update(len(chunk))
-            for path in chunk:
-                yield cached[path] or fresh[path]
+            started = start(chunk)
+            if running:
+                yield from finish(*running)
+            running = started
+        if running:
+            yield from finish(*running)
 
 
 # --- the report and the view ----------------------------------------------------------------

@@ -7,12 +7,14 @@ with `tf.io.decode_image(..., expand_animations=False)` like `images.decode_imag
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISREG, S_ISSOCK
+from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -102,9 +104,23 @@ class Fingerprint:
     converted: bool  # decoded as RGB and converted to grey (see FileCheck.convert)
 
 
+def _png_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (always the first), or None when malformed."""
+    if raw[8:16] != b"\x00\x00\x00\rIHDR" or len(raw) < 24:
+        return None
+    return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+
+
+# PIL reads a PNG's EXIF (and XMP orientation) only from these chunks; a PNG without them is
+# upright, and PIL would decode the whole image to find that out.
+_PNG_METADATA = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+
+
 def exif_orientation(raw: bytes) -> int:
     """The EXIF Orientation tag of image bytes (1 when absent or unreadable), from the header
     only: nothing is decoded."""
+    if raw.startswith(b"\x89PNG") and not any(chunk in raw for chunk in _PNG_METADATA):
+        return 1
     try:
         with Image.open(io.BytesIO(raw)) as img:
             value = img.getexif().get(0x0112, 1)
@@ -217,15 +233,33 @@ def _outside(path: Path, root: Path) -> FileCheck | None:
     return None
 
 
-def where_problem(path: Path, root: Path) -> FileCheck | None:
+def where_problem(path: Path, root: Path, resolved: dict | None = None) -> FileCheck | None:
     """What is wrong with a file's name or location, before its bytes are read: a name that is
     not UTF-8, or a link (its own, or a linked folder on the way) out of `root`. Never cached:
-    the file's size and mtime do not change when a link does."""
+    the file's size and mtime do not change when a link does.
+
+    `resolved`: where folders resolve to, filled in as it goes, for checking many files of the
+    same folders in one pass (a file that is not a link is where its folder resolves to)."""
     if not utf8_name(path):
         return FileCheck(str(path), reason="bad_name", detail=printable(path))
-    if path.is_symlink():
-        return _symlink_problem(path, root)
-    return _outside(path, root)
+    if resolved is None:
+        if path.is_symlink():
+            return _symlink_problem(path, root)
+        return _outside(path, root)
+    try:
+        if S_ISLNK(os.lstat(path).st_mode):
+            return _symlink_problem(path, root)
+        if root not in resolved:
+            resolved[root] = os.path.realpath(root)
+        folder, name = os.path.split(path)
+        if folder not in resolved:
+            resolved[folder] = os.path.realpath(folder, strict=True)
+    except (OSError, RuntimeError):
+        return _outside(path, root)  # gone or unreadable: decided as without `resolved`
+    target, inside = os.path.join(resolved[folder], name), resolved[root]
+    if not target.startswith(inside if inside.endswith(os.sep) else inside + os.sep):
+        return FileCheck(str(path), reason="symlink_outside", detail=f"-> {target}")
+    return None
 
 
 def too_many_pixels(raw: bytes, max_pixels: int | None) -> str | None:
@@ -233,6 +267,10 @@ def too_many_pixels(raw: bytes, max_pixels: int | None) -> str | None:
     without decoding (a decompression bomb would exhaust memory in TensorFlow's decoder)."""
     if max_pixels is None:
         return None
+    size = _png_size(raw) if raw.startswith(b"\x89PNG") else None
+    pil_limit = Image.MAX_IMAGE_PIXELS or max_pixels
+    if size and size[0] * size[1] <= min(max_pixels, pil_limit):
+        return None  # what PIL would answer, without its parser's cost
     try:
         with Image.open(io.BytesIO(raw)) as img:
             width, height = img.size
@@ -257,28 +295,38 @@ def _kind(mode: int) -> str:
     return "not a file"
 
 
-def check_file(
-    path: Path,
-    root: Path,
-    channels: int,
-    perceptual: bool = False,
-    max_pixels: int | None = None,
-) -> FileCheck:
-    """Check one file under `root` (the user folder it belongs to); never raises for bad data.
-    `perceptual`: also compute the perceptual hash (for near-duplicate checks). `max_pixels`:
-    refuse larger images from their header, before anything decodes them."""
+class _Read(NamedTuple):
+    """A file read and sniffed, waiting for its decode."""
+
+    base: dict
+    raw: bytes
+    fmt: str
+    orientation: int
+
+
+def _read_bytes(path: Path, size: int) -> bytes:
+    """A file's bytes, to its end (os.read: a buffered file object costs more than reading a
+    small image)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = []
+        while part := os.read(fd, max(size, 1 << 16) + 1):
+            parts.append(part)
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _read(path: Path, max_pixels: int | None) -> FileCheck | _Read:
+    """Everything before the decode: stat, read, sniff, the pixel limit, EXIF orientation."""
     path_str = str(path)
-    problem = where_problem(path, root)
-    if problem:
-        return problem
     try:
         stat = path.stat()
         if not S_ISREG(stat.st_mode):  # opening a FIFO would wait for a writer forever
             return FileCheck(
                 path_str, reason="unreadable", detail=f"not a regular file ({_kind(stat.st_mode)})"
             )
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = _read_bytes(path, stat.st_size)
     except OSError as exc:
         return FileCheck(path_str, reason="unreadable", detail=exc.strerror or str(exc))
     base = {"path": path_str, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -290,22 +338,111 @@ def check_file(
     bomb = too_many_pixels(raw, max_pixels)
     if bomb:
         return FileCheck(**base, reason="too_many_pixels", detail=bomb, fmt=fmt)
-    orientation = exif_orientation(raw)
-    try:
-        found = fingerprint(raw, channels, perceptual, orientation)
-    except tf.errors.OpError as exc:
-        detail = exc.message.strip().splitlines()[-1][:200] if exc.message else ""
-        return FileCheck(**base, reason="corrupt", detail=f"{fmt}: {detail}", fmt=fmt)
+    return _Read(base, raw, fmt, exif_orientation(raw))
+
+
+def _decoded(read: _Read, found: Fingerprint) -> FileCheck:
     return FileCheck(
-        **base,
-        sha256=hashlib.sha256(raw).hexdigest(),
+        **read.base,
+        sha256=hashlib.sha256(read.raw).hexdigest(),
         height=found.height,
         width=found.width,
         dhash=found.dhash,
-        fmt=fmt,
+        fmt=read.fmt,
         convert=found.converted,
-        orientation=orientation,
+        orientation=read.orientation,
     )
+
+
+def _finish(read: _Read, channels: int, perceptual: bool) -> FileCheck:
+    """The decode of one read file, as training decodes it (eager, one file)."""
+    try:
+        found = fingerprint(read.raw, channels, perceptual, read.orientation)
+    except tf.errors.OpError as exc:
+        detail = exc.message.strip().splitlines()[-1][:200] if exc.message else ""
+        return FileCheck(
+            **read.base, reason="corrupt", detail=f"{read.fmt}: {detail}", fmt=read.fmt
+        )
+    return _decoded(read, found)
+
+
+def check_file(
+    path: Path,
+    root: Path,
+    channels: int,
+    perceptual: bool = False,
+    max_pixels: int | None = None,
+) -> FileCheck:
+    """Check one file under `root` (the user folder it belongs to); never raises for bad data.
+    `perceptual`: also compute the perceptual hash (for near-duplicate checks). `max_pixels`:
+    refuse larger images from their header, before anything decodes them."""
+    problem = where_problem(path, root)
+    if problem:
+        return problem
+    read = _read(path, max_pixels)
+    return read if isinstance(read, FileCheck) else _finish(read, channels, perceptual)
+
+
+_GRAPH_BATCH = 64  # images per graph call (a shorter list is padded)
+
+
+@functools.cache
+def _sizes_of(channels: int):
+    """A graph that decodes `_GRAPH_BATCH` images and returns their (height, width): the same
+    decoder as `_decode`, without eager dispatch per file, which costs more than decoding a
+    small image. One decode node per image, not a loop: the graph runs them side by side."""
+
+    @tf.function(input_signature=[tf.TensorSpec([_GRAPH_BATCH], tf.string)])
+    def sizes(raws: tf.Tensor) -> tf.Tensor:
+        decode = functools.partial(tf.io.decode_image, channels=channels, expand_animations=False)
+        return tf.stack([tf.shape(decode(raws[i]))[:2] for i in range(_GRAPH_BATCH)])
+
+    return sizes
+
+
+def _sizes(raws: list[bytes], channels: int) -> list[tuple[int, int] | None]:
+    """(height, width) of each image, None for every image of a graph call that failed."""
+    out: list = []
+    for start in range(0, len(raws), _GRAPH_BATCH):
+        part = raws[start : start + _GRAPH_BATCH]
+        padded = part + part[-1:] * (_GRAPH_BATCH - len(part))
+        try:
+            out += _sizes_of(channels)(tf.constant(padded)).numpy()[: len(part)].tolist()
+        except tf.errors.OpError:
+            out += [None] * len(part)  # one fails: each is decoded alone, for its own reason
+    return out
+
+
+def check_files(
+    paths: list[Path],
+    root: Path,
+    channels: int,
+    perceptual: bool = False,
+    max_pixels: int | None = None,
+    placed: bool = False,
+) -> list[FileCheck]:
+    """`check_file` for many files, with the same results: upright PNG and JPEG files that need
+    only their size are decoded together in one graph call; the rest, and every file of a batch
+    in which one does not decode, one at a time as `check_file` does. `placed`: `where_problem`
+    already found nothing for each of `paths`."""
+    resolved: dict = {}
+    out: list[FileCheck | _Read] = []
+    for path in paths:
+        problem = None if placed else where_problem(path, root, resolved)
+        out.append(problem or _read(path, max_pixels))
+    together = [
+        i
+        for i, r in enumerate(out)
+        if isinstance(r, _Read)
+        and not perceptual
+        and r.orientation == 1
+        and r.fmt in ("PNG", "JPEG")
+    ]
+    sizes = _sizes([out[i].raw for i in together], channels) if together else []
+    for i, size in zip(together, sizes, strict=True):
+        if size is not None:
+            out[i] = _decoded(out[i], Fingerprint(*size, None, False))
+    return [r if isinstance(r, FileCheck) else _finish(r, channels, perceptual) for r in out]
 
 
 def hamming_min(values: np.ndarray, value: int) -> int:
