@@ -696,19 +696,28 @@ def test_facade_lists_what_it_does_not_label(tmp_path, digits_data):
     os.mkfifo(unl / "pipe.png")
     (unl / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
     (unl / "notes.txt").write_text("not an image")
+    from PIL import Image
+
+    Image.new("L", (400, 300)).save(unl / "huge.png")  # over max_pixels below: never decoded
     inputs = keras.Input((8, 8, 1))
     outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(inputs))
     model = tmp_path / "model.keras"
     model_io.save(keras.Model(inputs, outputs), model, model_io.ModelMeta(CLASSES, [8, 8], 1))
 
     gen = PseudoLabelGenerator(
-        model_path=model, unlabeled_path=unl, output_folder=tmp_path / "out", calibrate=False
+        model_path=model,
+        unlabeled_path=unl,
+        output_folder=tmp_path / "out",
+        calibrate=False,
+        max_pixels=100_000,
     )
     predictions = gen.generate_pseudolabel_data()
     assert len(predictions) == 5
     errors = pd.read_csv(tmp_path / "out" / "errors.csv")
     reasons = dict(zip(errors["path"], errors["reason"], strict=True))
-    assert sorted(reasons) == ["logo.svg", "notes.txt", "pipe.png", "x.jpg"]
+    assert sorted(reasons) == ["huge.png", "logo.svg", "notes.txt", "pipe.png", "x.jpg"]
+    assert reasons["huge.png"].startswith("more pixels than max_pixels")
+    assert reasons["huge.png"].endswith("300x400 = 120000 pixels > max_pixels=100000")
     assert reasons["x.jpg"].startswith("a folder, not an image")
     assert reasons["pipe.png"].startswith("not a regular file")
     assert reasons["logo.svg"].startswith("not an image extension (.svg")

@@ -21,7 +21,8 @@ import pandas as pd
 
 from pseudolabel import merged_set, plots, predicting
 from pseudolabel.config import check_threshold
-from pseudolabel.data.images import class_names_from, skipped_entries
+from pseudolabel.data.images import class_names_from, list_images, skipped_entries
+from pseudolabel.data.validate import too_many_pixels
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 
@@ -44,6 +45,7 @@ class PseudoLabelGenerator:
         allow_unsafe: bool = False,
         val_data_path: str | Path | None = None,
         calibrate: bool = True,
+        max_pixels: int | None = 40_000_000,
     ) -> None:
         """Paths as in the seed (`model_path`: .keras, .h5 or a SavedModel folder).
         `class_names` defaults to the model's metadata, else to the sorted train folder names.
@@ -53,7 +55,10 @@ class PseudoLabelGenerator:
         loads one with Lambda layers (arbitrary code: only for files you trust).
         `val_data_path`: the labelled val folder the confidences are calibrated on
         (temperature scaling, as the pipeline does); default: `val` beside the train folder
-        when it exists, else no calibration (with a log line). `calibrate=False`: raw softmax."""
+        when it exists, else no calibration (with a log line). `calibrate=False`: raw softmax.
+        `max_pixels`: images whose header declares more pixels (height x width; decompression
+        bombs) are listed in errors.csv and never decoded, as the pipeline's ingest does with
+        `data.max_pixels` (the same default); None: no limit."""
         self.model_path = Path(model_path)
         self.train_data_path = Path(train_data_path)
         self.unlabeled_path = Path(unlabeled_path)
@@ -68,6 +73,9 @@ class PseudoLabelGenerator:
             Path(val_data_path) if val_data_path else beside if beside.is_dir() else None
         )
         self.calibrate = calibrate
+        if max_pixels is not None and max_pixels < 1:
+            raise PseudoLabelError(f"max_pixels={max_pixels} is invalid: use 1 or more, or None.")
+        self.max_pixels = max_pixels
         self.threshold: float | None = None
         self._model: tuple[keras.Model, model_io.ModelMeta] | None = None
 
@@ -88,6 +96,18 @@ class PseudoLabelGenerator:
                 foreign = model_io.load_foreign(self.model_path, self.allow_unsafe)
                 self._model = model_io.adopt(foreign, names, self.input_scale, str(self.model_path))
         return self._model
+
+    def _oversized(self) -> dict[str, str]:
+        """Unlabelled images whose header declares more than `max_pixels` pixels (read without
+        decoding), by relative path: left out before TensorFlow's decoder sees them."""
+        if self.max_pixels is None:
+            return {}
+        found = {}
+        for path in list_images(self.unlabeled_path):
+            why = too_many_pixels(path.read_bytes(), self.max_pixels, "max_pixels")
+            if why:
+                found[path.relative_to(self.unlabeled_path).as_posix()] = why
+        return found
 
     def _predictions(self) -> pd.DataFrame:
         if not self.csv_path.is_file():
@@ -122,12 +142,15 @@ class PseudoLabelGenerator:
             temperature = fitted.temperature
         elif self.calibrate:
             log.info("no val folder beside %s: confidences not calibrated", self.train_data_path)
+        oversized = self._oversized()
         predictions, failed = predicting.predict_folder(
-            model, meta, self.unlabeled_path, batch_size, temperature=temperature
+            model, meta, self.unlabeled_path, batch_size, temperature, skip=frozenset(oversized)
         )
         predicting.write_csv(predictions, self.csv_path)
         # Every entry of the folder not labelled is listed, with why (nothing skipped silently).
         skipped = [(path, "cannot be decoded") for path in failed]
+        bomb = "more pixels than max_pixels (a possible decompression bomb)"
+        skipped += [(path, f"{bomb}: {why}") for path, why in oversized.items()]
         skipped += skipped_entries(self.unlabeled_path)
         errors_csv = self.csv_path.with_name("errors.csv")
         if skipped:

@@ -153,16 +153,19 @@ def predict_folder(
     temperature: float = 1.0,
     partial_dir: Path | None = None,
     chunk_size: int = CHUNK_SIZE,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Predict every image under `unlabeled_dir`, streamed in batches with a progress bar.
+    """Predict every image under `unlabeled_dir` (but the relative paths in `skip`), streamed
+    in batches with a progress bar.
 
     Returns the predictions (sorted by path, relative to `unlabeled_dir`, probabilities scaled by
     `temperature`) and the relative paths of files that could not be decoded. With
     `partial_dir`, results are flushed there every `chunk_size` images and a later call resumes
     from them; the folder is removed once the predictions are complete.
     """
-    files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
     root = str(unlabeled_dir)
+    files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
+    files = [f for f in files if _relative(f, root) not in skip]
     relative = [_relative(f, root) for f in files]
     position = {f: i for i, f in enumerate(files)}
     chunks = (

@@ -262,9 +262,10 @@ def where_problem(path: Path, root: Path, resolved: dict | None = None) -> FileC
     return None
 
 
-def too_many_pixels(raw: bytes, max_pixels: int | None) -> str | None:
-    """A detail when the image's header declares more than `max_pixels` pixels, read by PIL
-    without decoding (a decompression bomb would exhaust memory in TensorFlow's decoder)."""
+def too_many_pixels(raw: bytes, max_pixels: int | None, key: str = "data.max_pixels") -> str | None:
+    """A detail when the image's header declares more than `max_pixels` pixels (the setting
+    `key`), read by PIL without decoding (a decompression bomb would exhaust memory in
+    TensorFlow's decoder)."""
     if max_pixels is None:
         return None
     size = _png_size(raw) if raw.startswith(b"\x89PNG") else None
@@ -279,7 +280,7 @@ def too_many_pixels(raw: bytes, max_pixels: int | None) -> str | None:
     except Exception:  # noqa: BLE001 - PIL cannot read the header: TensorFlow's decode decides
         return None
     if width * height > max_pixels:
-        return f"{height}x{width} = {width * height} pixels > data.max_pixels={max_pixels}"
+        return f"{height}x{width} = {width * height} pixels > {key}={max_pixels}"
     return None
 
 
