@@ -319,6 +319,61 @@ def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg
     )  # no half-built folder left behind either
 
 
+_MERGE_LOOP = """
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pseudolabel.merged_set import build_merged
+from pseudolabel.paths import Paths
+
+paths, classes = Paths(Path(sys.argv[1])), sys.argv[2].split(",")
+accepted = pd.read_csv(paths.csv)
+while True:  # the merge stage's write, again and again: a kill lands mid-build
+    build_merged(paths.train, paths.unlabeled, accepted, paths.merged, classes)
+    print("built", flush=True)
+"""
+
+
+def test_sigkill_during_merge_leaves_a_whole_merged_folder(merge_project, tmp_path):
+    """A real SIGKILL at any moment of the merged set's write (copies, manifest, swap) leaves
+    data/train_ssl whole (the last complete build, which check_complete accepts), and the next
+    build clears the killed one's leftovers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pseudolabel.merged_set import build_merged, check_complete
+    from pseudolabel.predicting import read_csv
+
+    paths = merge_project
+    script = tmp_path / "merge_loop.py"
+    script.write_text(_MERGE_LOOP)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(paths.root), ",".join(CLASSES)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(2):  # two complete builds, then a kill at any moment of the third
+            assert proc.stdout.readline(), "the merge loop died"
+        time.sleep(0.031)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    check_complete(paths.merged)  # the manifest and the files agree
+    expected = tmp_path / "expected"
+    build_merged(paths.train, paths.unlabeled, read_csv(paths.csv), expected, CLASSES)
+    assert _digest(paths.merged) == _digest(expected)
+    build_merged(paths.train, paths.unlabeled, read_csv(paths.csv), paths.merged, CLASSES)
+    assert sorted(p.name for p in paths.merged.parent.iterdir()) == sorted(
+        ["image_dataset", "unlabeled", "train_ssl"]
+    )  # the killed build's sibling folders are gone
+
+
 def test_student_refuses_an_incomplete_merged_folder(merge_project, smoke_cfg):
     from pseudolabel.merged_set import MANIFEST
     from pseudolabel.stages import train_student
