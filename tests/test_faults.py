@@ -517,32 +517,41 @@ def test_exif_orientation_is_applied_in_the_view_not_the_original(user_folders, 
 # --- 6. refused up front: an unreachable tracking server, a negative seed ---------------------
 
 
-def test_unreachable_tracking_server_fails_before_any_work(merge_project):
+def _cli_merge_fails(paths: Paths, tracking_uri: str) -> list[str]:
+    """`pseudolabel merge` run against `tracking_uri`: it must fail within a minute with exit
+    code 2, one `error:` line and no traceback; that line."""
     import os
-    import socket
     import subprocess
     import sys
     import time
+
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "merge"],
+        cwd=paths.root,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, done.stderr
+    assert time.monotonic() - start < 60
+    return errors
+
+
+def test_unreachable_tracking_server_fails_before_any_work(merge_project):
+    import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     paths = merge_project
     before = _digest(paths.merged)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    start = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "pseudolabel.cli", "merge"],
-        cwd=paths.root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr
-    errors = [line for line in done.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "cannot be reached" in errors[0]
-    assert time.monotonic() - start < 60
+    errors = _cli_merge_fails(paths, f"http://127.0.0.1:{port}")
+    assert "cannot be reached" in errors[0]
     assert _digest(paths.merged) == before
     assert not (paths.outputs / "selection").exists()
 
@@ -559,9 +568,6 @@ def test_negative_seed_is_refused_at_validation():
 
 def test_damaged_mlflow_db_is_one_line_before_any_work(merge_project, smoke_cfg, monkeypatch):
     import os
-    import subprocess
-    import sys
-    import time
 
     from pseudolabel import tracking
 
@@ -570,22 +576,9 @@ def test_damaged_mlflow_db_is_one_line_before_any_work(merge_project, smoke_cfg,
     db = paths.root / "mlflow.db"
     db.write_bytes(b"this is not a database\n" * 100)  # a file overwritten by something else
     damaged = db.read_bytes()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    start = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "pseudolabel.cli", "merge"],
-        cwd=paths.root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "cannot be opened (not an SQLite database)" in errors[0]
+    errors = _cli_merge_fails(paths, f"sqlite:///{db}")
+    assert "cannot be opened (not an SQLite database)" in errors[0]
     assert f"mv {db} {db}.broken" in errors[0]
-    assert time.monotonic() - start < 60
     assert _digest(paths.merged) == before and db.read_bytes() == damaged
     assert not (paths.metrics / "merge.json").exists()
     # An SQLite header over damaged pages: sqlite's own error, still one line.

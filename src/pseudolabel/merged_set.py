@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pseudolabel.config import SELECTIONS
 from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
-from pseudolabel.paths import MANIFEST
+from pseudolabel.paths import MANIFEST, swap_folder
 from pseudolabel.predicting import PROB_PREFIX
 
 log = logging.getLogger(__name__)
@@ -181,20 +181,8 @@ def build_merged(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    _swap(building, out_dir)
+    swap_folder(building, out_dir)
     return counts
-
-
-def _swap(new: Path, out_dir: Path) -> None:
-    """Put the complete folder `new` at `out_dir`; the old one is removed only afterwards."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(new, out_dir)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _build(

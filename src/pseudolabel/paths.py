@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +124,18 @@ class Paths:
     def history(self, role: str) -> Path:
         """The per-epoch training log (dvc plots)."""
         return self.plots / "train" / f"{role}.csv"
+
+
+def swap_folder(new: Path, target: Path) -> None:
+    """Put the complete folder `new` at `target` (ingest's views, merge's data/train_ssl): the
+    old one is moved aside first and removed only afterwards, so a kill at any moment leaves
+    `target` whole, old or new (a leftover `.<name>.old` is cleared by the next swap)."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(new, target)
+    if old.exists():
+        shutil.rmtree(old)

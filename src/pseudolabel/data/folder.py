@@ -33,6 +33,7 @@ from tqdm import tqdm
 from pseudolabel.data import validate
 from pseudolabel.data.validate import FileCheck
 from pseudolabel.errors import PseudoLabelError
+from pseudolabel.paths import swap_folder
 
 log = logging.getLogger(__name__)
 
@@ -509,22 +510,9 @@ def ingest_folder(
             shutil.rmtree(folder, ignore_errors=True)
         raise
     for view, new in building.items():
-        _swap(new, view)
+        swap_folder(new, view)
     log.info("ingest: %d classes %s; report: %s", len(classes), classes, dict(outcome.reasons))
     return outcome
-
-
-def _swap(new: Path, view: Path) -> None:
-    """Put the complete folder `new` at `view`; the old one is removed only afterwards."""
-    old = view.with_name(f".{view.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if view.exists():
-        os.replace(view, old)
-    new.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(new, view)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _ingest(
