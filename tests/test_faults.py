@@ -18,6 +18,7 @@ import pytest
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
+from tests.conftest import REPO
 
 CLASSES = [f"digit_{i}" for i in range(10)]
 
@@ -293,6 +294,60 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
 
 
 # --- 4. writes are atomic: a failure or a kill leaves the previous complete output ------------
+
+
+_INGEST_LOOP = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[3])  # the repository: the folder-source tests' config builder
+from pseudolabel.data.folder import ingest_folder
+from pseudolabel.paths import Paths
+from tests.test_folder_source import _cfg
+
+user, paths = Path(sys.argv[1]), Paths(Path(sys.argv[2]))
+cfg = _cfg(user)
+while True:  # the ingest stage's write, again and again: a kill lands mid-build
+    ingest_folder(cfg.data, cfg.seed, paths.labeled, paths.unlabeled, paths.ingest_report,
+                  paths.ingest_cache)
+    print("built", flush=True)
+"""
+
+
+def test_sigkill_during_ingest_leaves_whole_views(user_folders, tmp_path):
+    """A real SIGKILL at any moment of the view's write leaves each view (labelled and
+    unlabelled) whole, the last complete build's, and the next ingest clears the leftovers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pseudolabel.stages.ingest import ingest
+
+    user, _ = user_folders
+    cfg = _folder_cfg(user)
+    expected = Paths(tmp_path / "expected")
+    ingest(cfg, expected)
+    paths = Paths(tmp_path / "project")
+    script = tmp_path / "ingest_loop.py"
+    script.write_text(_INGEST_LOOP)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(user), str(paths.root), str(REPO)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(2):  # two complete builds, then a kill at any moment of the third
+            assert proc.stdout.readline(), "the ingest loop died"
+        time.sleep(0.023)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert _digest(paths.labeled) == _digest(expected.labeled)
+    assert _digest(paths.unlabeled) == _digest(expected.unlabeled)
+    ingest(cfg, paths)
+    assert sorted(p.name for p in paths.labeled.parent.iterdir()) == ["image_dataset", "unlabeled"]
 
 
 def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg, monkeypatch):
