@@ -82,49 +82,14 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     val_raw, val_true, fitted = predicting.val_calibration(
         model, meta, paths.val, pl.batch_size, pl.calibrate
     )
+    keys = ("batch_size", "chunk_size", "calibrate", "tta", "distribution_alignment", "engine")
     with tracking.start_run(
         cfg,
         "pseudo_label",
-        {
-            f"pseudo_label.{key}": pl[key]
-            for key in (
-                "batch_size",
-                "chunk_size",
-                "calibrate",
-                "tta",
-                "distribution_alignment",
-                "engine",
-            )
-        },
+        {f"pseudo_label.{key}": pl[key] for key in keys},
         {"teacher_run_id": meta.run_id, "round": paths.round_number},
     ):
-        if pl.engine == "ray":
-            from pseudolabel import distributed
-
-            predictions, failed = distributed.predict_folder(
-                paths.model("teacher"),
-                teacher_trust(cfg),
-                meta,
-                paths.unlabeled,
-                pl.batch_size,
-                tta=pl.tta,
-                temperature=fitted.temperature,
-                address=cfg.ray.address,
-                actors=cfg.ray.actors,
-                cpus_per_actor=cfg.ray.cpus_per_actor,
-                partial_dir=paths.outputs / PARTIAL,
-                chunk_size=pl.chunk_size,
-            )
-        else:
-            predictions, failed = predicting.predict_folder(
-                model,
-                meta,
-                paths.unlabeled,
-                pl.batch_size,
-                temperature=fitted.temperature,
-                partial_dir=paths.outputs / PARTIAL,
-                chunk_size=pl.chunk_size,
-            )
+        predictions, failed = _predict(cfg, paths, model, meta, fitted.temperature)
         weights = None
         if pl.distribution_alignment:
             weights = calibration.alignment_weights(
@@ -138,63 +103,113 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         val_probs = calibration.apply_temperature(val_raw, fitted.temperature)
         if weights is not None:  # val's confidences on the same scale as the CSV's
             val_probs = calibration.align(val_probs, weights)
-        table = thresholds.analysis_table(
-            predictions["confidence"].to_numpy(),
-            _class_indices(predictions["label"], meta.class_names),
-            val_probs.max(axis=1),
-            val_probs.argmax(axis=1),
-            val_true,
-            meta.class_names,
-        )
-        predicting.write_csv(table, analysis_csv(paths))
-        figures = {
-            "confidence.png": plots.confidence_overview(predictions),
-            "confidence_per_class.png": plots.confidence_per_class(predictions, meta.class_names),
-            "reliability.png": plots.reliability_diagram(
-                calibration.reliability(val_raw, val_true),
-                calibration.reliability(val_probs, val_true),
-            ),
-        }
-        for name, fig in figures.items():
-            plots.save(fig, paths.outputs / "plots" / name)
-        conf = predictions["confidence"]
-        metrics = {
-            "images": len(predictions),
-            "failed": len(failed),
-            "mean_confidence": round(float(conf.mean()), 6),
-            "mean_raw_confidence": round(float(predictions["raw_confidence"].mean()), 6),
-            "calibration": fitted.metrics(),
-            "alignment_weights": None
-            if weights is None
-            else {n: round(float(w), 6) for n, w in zip(meta.class_names, weights, strict=True)},
-            "fraction_at_least": {
-                f"{t:g}": round(float((conf >= t).mean()), 6) for t in (0.5, 0.7, 0.8, 0.9, 0.95)
-            },
-            "predicted_per_class": {
-                name: int((predictions["label"] == name).sum()) for name in meta.class_names
-            },
-        }
-        mlflow.log_metrics(
-            tracking.flatten(
-                {
-                    k: v
-                    for k, v in metrics.items()
-                    if k not in ("predicted_per_class", "alignment_weights")
-                }
-            )
-        )
-        if weights is not None:
-            mlflow.log_metrics(
-                {f"alignment.{k}": v for k, v in metrics["alignment_weights"].items()}
-            )
-        mlflow.log_metrics({f"predicted.{k}": v for k, v in metrics["predicted_per_class"].items()})
-        mlflow.set_tag(tracking.CSV_TAG, tracking.md5(paths.csv))
-        data_hash = unlabeled_dvc_hash(paths)
-        if data_hash:
-            mlflow.set_tag(tracking.UNLABELED_TAG, data_hash)
-        mlflow.log_artifact(str(paths.csv))
-        mlflow.log_artifact(str(analysis_csv(paths)))
-        mlflow.log_artifacts(str(paths.outputs / "plots"), "plots")
+        _analysis_and_plots(paths, predictions, meta.class_names, val_raw, val_probs, val_true)
+        metrics = _metrics(predictions, failed, fitted, weights, meta.class_names)
+        _log_run(paths, metrics)
     write_json(paths.metrics / "pseudo_label.json", metrics)
     log.info("pseudo_label: %d images labelled, %d failed", len(predictions), len(failed))
     return metrics
+
+
+def _predict(cfg, paths: Paths, model, meta, temperature: float) -> tuple[pd.DataFrame, list[str]]:
+    """The raw predictions (scaled by `temperature`) on the configured engine, resumable."""
+    pl = cfg.pseudo_label
+    if pl.engine == "ray":
+        from pseudolabel import distributed
+
+        return distributed.predict_folder(
+            paths.model("teacher"),
+            teacher_trust(cfg),
+            meta,
+            paths.unlabeled,
+            pl.batch_size,
+            tta=pl.tta,
+            temperature=temperature,
+            address=cfg.ray.address,
+            actors=cfg.ray.actors,
+            cpus_per_actor=cfg.ray.cpus_per_actor,
+            partial_dir=paths.outputs / PARTIAL,
+            chunk_size=pl.chunk_size,
+        )
+    return predicting.predict_folder(
+        model,
+        meta,
+        paths.unlabeled,
+        pl.batch_size,
+        temperature=temperature,
+        partial_dir=paths.outputs / PARTIAL,
+        chunk_size=pl.chunk_size,
+    )
+
+
+def _analysis_and_plots(
+    paths: Paths,
+    predictions: pd.DataFrame,
+    class_names: list[str],
+    val_raw: np.ndarray,
+    val_probs: np.ndarray,
+    val_true: np.ndarray,
+) -> None:
+    """The threshold-analysis table (coverage on the unlabelled set, precision estimated on
+    val) and the confidence and reliability charts."""
+    table = thresholds.analysis_table(
+        predictions["confidence"].to_numpy(),
+        _class_indices(predictions["label"], class_names),
+        val_probs.max(axis=1),
+        val_probs.argmax(axis=1),
+        val_true,
+        class_names,
+    )
+    predicting.write_csv(table, analysis_csv(paths))
+    figures = {
+        "confidence.png": plots.confidence_overview(predictions),
+        "confidence_per_class.png": plots.confidence_per_class(predictions, class_names),
+        "reliability.png": plots.reliability_diagram(
+            calibration.reliability(val_raw, val_true),
+            calibration.reliability(val_probs, val_true),
+        ),
+    }
+    for name, fig in figures.items():
+        plots.save(fig, paths.outputs / "plots" / name)
+
+
+def _metrics(
+    predictions: pd.DataFrame,
+    failed: list[str],
+    fitted: calibration.Calibration,
+    weights: np.ndarray | None,
+    class_names: list[str],
+) -> dict[str, Any]:
+    conf = predictions["confidence"]
+    return {
+        "images": len(predictions),
+        "failed": len(failed),
+        "mean_confidence": round(float(conf.mean()), 6),
+        "mean_raw_confidence": round(float(predictions["raw_confidence"].mean()), 6),
+        "calibration": fitted.metrics(),
+        "alignment_weights": None
+        if weights is None
+        else {n: round(float(w), 6) for n, w in zip(class_names, weights, strict=True)},
+        "fraction_at_least": {
+            f"{t:g}": round(float((conf >= t).mean()), 6) for t in (0.5, 0.7, 0.8, 0.9, 0.95)
+        },
+        "predicted_per_class": {
+            name: int((predictions["label"] == name).sum()) for name in class_names
+        },
+    }
+
+
+def _log_run(paths: Paths, metrics: dict[str, Any]) -> None:
+    """The metrics, the CSV's lineage tags and the outputs on the active MLflow run."""
+    per_class = ("predicted_per_class", "alignment_weights")
+    mlflow.log_metrics(tracking.flatten({k: v for k, v in metrics.items() if k not in per_class}))
+    if metrics["alignment_weights"] is not None:
+        mlflow.log_metrics({f"alignment.{k}": v for k, v in metrics["alignment_weights"].items()})
+    mlflow.log_metrics({f"predicted.{k}": v for k, v in metrics["predicted_per_class"].items()})
+    mlflow.set_tag(tracking.CSV_TAG, tracking.md5(paths.csv))
+    data_hash = unlabeled_dvc_hash(paths)
+    if data_hash:
+        mlflow.set_tag(tracking.UNLABELED_TAG, data_hash)
+    mlflow.log_artifact(str(paths.csv))
+    mlflow.log_artifact(str(analysis_csv(paths)))
+    mlflow.log_artifacts(str(paths.outputs / "plots"), "plots")
