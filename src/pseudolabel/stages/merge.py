@@ -55,25 +55,7 @@ def qa_grids(
 def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """data/train_ssl/<class>/: copies of the labelled images plus the selected pseudo-labels."""
     pl = cfg.pseudo_label
-    threshold = pl.threshold
-    meta = model_io.read_meta(paths.model("teacher"))
-    if meta is None:
-        raise PseudoLabelError(
-            f"{paths.model('teacher')}: teacher metadata missing; run train_teacher."
-        )
-    if not paths.csv.is_file():
-        raise PseudoLabelError(
-            f"{paths.csv}: pseudo-label CSV not found; run the pseudo_label stage."
-        )
-    class_names = meta.class_names
-    predictions = predicting.read_csv(paths.csv)
-    # With `data.link: symlink` the view's files are links into the user's folder.
-    link_roots = (
-        [Path(cfg.data.unlabeled_root)]
-        if cfg.data.source == "folder" and cfg.data.link == "symlink"
-        else []
-    )
-    merged_set.check_rows(predictions, paths.unlabeled, class_names, link_roots)  # before writing
+    class_names, predictions, link_roots = _inputs(cfg, paths)  # checked before writing
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
     recommended = thresholds.recommend(table, pl.target_precision) if table is not None else None
@@ -81,28 +63,18 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     if pl.selection == "per_class":
         configured = to_dict(pl.per_class_threshold) if pl.per_class_threshold else None
         per_class = thresholds.class_thresholds(
-            class_names, configured, threshold, table, pl.target_precision
+            class_names, configured, pl.threshold, table, pl.target_precision
         )
     accepted = merged_set.choose(
-        predictions, pl.selection, class_names, threshold, per_class, pl.top_k, pl.duplicate
+        predictions, pl.selection, class_names, pl.threshold, per_class, pl.top_k, pl.duplicate
     )
     counts = merged_set.build_merged(
         paths.train, paths.unlabeled, accepted, paths.merged, class_names, link_roots
     )
     out = paths.outputs / "selection"
-    figures = {
-        "confidence.png": plots.confidence_overview(predictions, threshold),
-        "confidence_per_class.png": plots.confidence_per_class(predictions, class_names, threshold),
-    }
-    if table is not None:
-        figures["threshold_analysis.png"] = plots.threshold_analysis(
-            table, class_names, threshold, recommended, pl.target_precision
-        )
-    for name, fig in figures.items():
-        plots.save(fig, out / name)
-    qa_grids(predictions, accepted, class_names, paths.unlabeled, out / "qa", pl.qa_images)
+    _charts(pl, predictions, accepted, class_names, table, recommended, paths, out)
     metrics = {
-        "threshold": threshold,
+        "threshold": pl.threshold,
         "selection": pl.selection,
         "recommended_threshold": recommended,
         "target_precision": pl.target_precision,
@@ -112,24 +84,8 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "labeled": sum(c["labeled"] for c in counts.values()),
         "per_class": counts,
     }
-    csv_md5 = tracking.md5(paths.csv)
-    tracking.configure(cfg)
-    labelling = tracking.find_labelling_run(csv_md5, mlflow.MlflowClient())
-    tags = {tracking.CSV_TAG: csv_md5, "round": paths.round_number}
-    if labelling:  # shown nested under the labelling run in the MLflow UI
-        parent = labelling.info.run_id
-        tags |= {"mlflow.parentRunId": parent, "pseudo_label_run_id": parent}
-    else:
-        log.warning(
-            "MLflow store %s has no pseudo_label run that wrote %s (md5 %s): the store was "
-            "deleted or replaced since labelling, or the CSV was edited; this merge's lineage "
-            "stops at the CSV",
-            mlflow.get_tracking_uri(),
-            paths.csv,
-            csv_md5,
-        )
     params = {f"pseudo_label.{k}": v for k, v in to_dict(pl).items()}
-    with tracking.start_run(cfg, "merge", params, tags):
+    with tracking.start_run(cfg, "merge", params, _lineage_tags(cfg, paths)):
         mlflow.log_metrics(
             {
                 "pseudo_labeled": len(accepted),
@@ -151,3 +107,74 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         pl.target_precision,
     )
     return metrics
+
+
+def _inputs(cfg, paths: Paths) -> tuple[list[str], pd.DataFrame, list[Path]]:
+    """The teacher's class names, the CSV's rows (every row checked) and the roots the view's
+    links may point into; raises before anything is written."""
+    meta = model_io.read_meta(paths.model("teacher"))
+    if meta is None:
+        raise PseudoLabelError(
+            f"{paths.model('teacher')}: teacher metadata missing; run train_teacher."
+        )
+    if not paths.csv.is_file():
+        raise PseudoLabelError(
+            f"{paths.csv}: pseudo-label CSV not found; run the pseudo_label stage."
+        )
+    predictions = predicting.read_csv(paths.csv)
+    # With `data.link: symlink` the view's files are links into the user's folder.
+    link_roots = (
+        [Path(cfg.data.unlabeled_root)]
+        if cfg.data.source == "folder" and cfg.data.link == "symlink"
+        else []
+    )
+    merged_set.check_rows(predictions, paths.unlabeled, meta.class_names, link_roots)
+    return meta.class_names, predictions, link_roots
+
+
+def _charts(
+    pl,
+    predictions: pd.DataFrame,
+    accepted: pd.DataFrame,
+    class_names: list[str],
+    table: pd.DataFrame | None,
+    recommended: float | None,
+    paths: Paths,
+    out: Path,
+) -> None:
+    """The confidence charts with the threshold marked, the threshold analysis and the QA
+    grids, under outputs/selection/."""
+    threshold = pl.threshold
+    figures = {
+        "confidence.png": plots.confidence_overview(predictions, threshold),
+        "confidence_per_class.png": plots.confidence_per_class(predictions, class_names, threshold),
+    }
+    if table is not None:
+        figures["threshold_analysis.png"] = plots.threshold_analysis(
+            table, class_names, threshold, recommended, pl.target_precision
+        )
+    for name, fig in figures.items():
+        plots.save(fig, out / name)
+    qa_grids(predictions, accepted, class_names, paths.unlabeled, out / "qa", pl.qa_images)
+
+
+def _lineage_tags(cfg, paths: Paths) -> dict[str, Any]:
+    """The CSV's md5 and, when the store holds it, the labelling run that wrote the CSV (the
+    merge run is shown nested under it in the MLflow UI)."""
+    csv_md5 = tracking.md5(paths.csv)
+    tracking.configure(cfg)
+    labelling = tracking.find_labelling_run(csv_md5, mlflow.MlflowClient())
+    tags = {tracking.CSV_TAG: csv_md5, "round": paths.round_number}
+    if labelling:
+        parent = labelling.info.run_id
+        tags |= {"mlflow.parentRunId": parent, "pseudo_label_run_id": parent}
+    else:
+        log.warning(
+            "MLflow store %s has no pseudo_label run that wrote %s (md5 %s): the store was "
+            "deleted or replaced since labelling, or the CSV was edited; this merge's lineage "
+            "stops at the CSV",
+            mlflow.get_tracking_uri(),
+            paths.csv,
+            csv_md5,
+        )
+    return tags
