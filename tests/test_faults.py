@@ -296,6 +296,30 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
 # --- 4. writes are atomic: a failure or a kill leaves the previous complete output ------------
 
 
+def _kill_during_loop(tmp_path: Path, source: str, *args, rounds: int = 2, after: float = 0.03):
+    """Run `source` (a script that writes in a loop and prints a line per complete round) in a
+    subprocess; after `rounds` complete rounds and `after` seconds, SIGKILL it: a real kill
+    at an arbitrary moment of the next round's write."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "loop.py"
+    script.write_text(source)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(rounds):
+            assert proc.stdout.readline(), "the write loop died"
+        time.sleep(after)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 _INGEST_LOOP = """
 import sys
 from pathlib import Path
@@ -317,12 +341,6 @@ while True:  # the ingest stage's write, again and again: a kill lands mid-build
 def test_sigkill_during_ingest_leaves_whole_views(user_folders, tmp_path):
     """A real SIGKILL at any moment of the view's write leaves each view (labelled and
     unlabelled) whole, the last complete build's, and the next ingest clears the leftovers."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from pseudolabel.stages.ingest import ingest
 
     user, _ = user_folders
@@ -330,20 +348,7 @@ def test_sigkill_during_ingest_leaves_whole_views(user_folders, tmp_path):
     expected = Paths(tmp_path / "expected")
     ingest(cfg, expected)
     paths = Paths(tmp_path / "project")
-    script = tmp_path / "ingest_loop.py"
-    script.write_text(_INGEST_LOOP)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(user), str(paths.root), str(REPO)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        for _ in range(2):  # two complete builds, then a kill at any moment of the third
-            assert proc.stdout.readline(), "the ingest loop died"
-        time.sleep(0.023)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    _kill_during_loop(tmp_path, _INGEST_LOOP, user, paths.root, REPO, after=0.023)
     assert _digest(paths.labeled) == _digest(expected.labeled)
     assert _digest(paths.unlabeled) == _digest(expected.unlabeled)
     ingest(cfg, paths)
@@ -395,30 +400,11 @@ def test_sigkill_during_merge_leaves_a_whole_merged_folder(merge_project, tmp_pa
     """A real SIGKILL at any moment of the merged set's write (copies, manifest, swap) leaves
     data/train_ssl whole (the last complete build, which check_complete accepts), and the next
     build clears the killed one's leftovers."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from pseudolabel.merged_set import build_merged, check_complete
     from pseudolabel.predicting import read_csv
 
     paths = merge_project
-    script = tmp_path / "merge_loop.py"
-    script.write_text(_MERGE_LOOP)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(paths.root), ",".join(CLASSES)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        for _ in range(2):  # two complete builds, then a kill at any moment of the third
-            assert proc.stdout.readline(), "the merge loop died"
-        time.sleep(0.031)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    _kill_during_loop(tmp_path, _MERGE_LOOP, paths.root, ",".join(CLASSES), after=0.031)
     check_complete(paths.merged)  # the manifest and the files agree
     expected = tmp_path / "expected"
     build_merged(paths.train, paths.unlabeled, read_csv(paths.csv), expected, CLASSES)
@@ -475,24 +461,7 @@ while True:
 
 
 def test_sigkill_during_saves_leaves_complete_files(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    script = tmp_path / "save_loop.py"
-    script.write_text(_SAVE_LOOP)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        for _ in range(3):  # three complete rounds of saves, then a kill at any moment
-            assert proc.stdout.readline(), "the save loop died"
-        time.sleep(0.137)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    _kill_during_loop(tmp_path, _SAVE_LOOP, tmp_path, rounds=3, after=0.137)
     model, meta = model_io.load(tmp_path / "teacher.keras")
     assert model.outputs[0].shape[-1] == 10 and meta.num_classes == 10
     assert json.loads((tmp_path / "teacher.json.metrics").read_text())["n"] >= 2
