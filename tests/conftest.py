@@ -93,7 +93,23 @@ def pipeline(tmp_path_factory, smoke_cfg, tracking_uri) -> Paths:
 # --- A real two-node Ray cluster on localhost (tests/test_ray.py, tests/test_sweep.py) -----
 
 
-def _free_port() -> int:
+def wait_until_answers(url: str, proc: subprocess.Popen, output, seconds: float = 120) -> None:
+    """Poll `url` until it answers; fail with the server's last output (`output()`) as soon as
+    `proc` has exited, or after `seconds`."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            assert proc.poll() is None, output()[-3000:]
+            assert time.monotonic() < deadline, f"{url}: no answer in {seconds} s"
+            time.sleep(1)
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -136,7 +152,7 @@ def ray_cluster():
     even on failure: `ray stop --force` would also kill other Ray clusters on this machine,
     so the teardown kills only the processes that name this cluster's own temp dir."""
     temp_dir = tempfile.mkdtemp(prefix="ray17-", dir="/tmp")  # short: Unix socket paths
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),

@@ -7,10 +7,8 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -26,6 +24,7 @@ from pseudolabel import registry, tracking
 from pseudolabel.config import compose
 from pseudolabel.data.images import class_names_from, list_images
 from pseudolabel.stages.evaluate import evaluate
+from tests.conftest import free_port, wait_until_answers
 
 BIN = Path(sys.executable).parent
 
@@ -116,15 +115,9 @@ def test_the_registered_pyfunc_takes_encoded_images_and_pixel_arrays(registered,
     assert direct["class"][0] == out["class"][0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_a_class_name(registered, pipeline, tracking_uri):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{BIN}:{os.environ['PATH']}"}
     uri = f"models:/{registered.name}@{registry.CHAMPION}"
     server = subprocess.Popen(
@@ -137,15 +130,7 @@ def test_mlflow_models_serve_answers_with_a_class_name(registered, pipeline, tra
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/ping", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "mlflow models serve: no /ping in 120 s"
-                time.sleep(1)
+        wait_until_answers(base + "/ping", server, lambda: server.stdout.read().decode())
         data, _ = _png(pipeline)
         body = {
             "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(data).decode()]]}

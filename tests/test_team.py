@@ -8,12 +8,9 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -25,30 +22,11 @@ from pseudolabel import registry, tracking
 from pseudolabel.data.images import class_names_from, list_images
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, wait_until_answers
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 POSTGRES = REPO / "scripts" / "postgres.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(log.read_text(errors="replace")[-3000:]) from None
-            assert time.monotonic() < deadline, f"{url}: no answer in {seconds} s"
-            time.sleep(1)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -74,13 +52,13 @@ def server():
     base.chmod(0o755)
     pg_dir = base / "postgres"
     backend = subprocess.run(
-        [str(POSTGRES), "start", str(pg_dir), str(_free_port())],
+        [str(POSTGRES), "start", str(pg_dir), str(free_port())],
         capture_output=True,
         text=True,
         check=True,
         timeout=600,
     ).stdout.strip()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = base / "server.log"
     proc = subprocess.Popen(
@@ -93,7 +71,7 @@ def server():
         start_new_session=True,
     )
     try:
-        _wait(url + "/health", proc, log)
+        wait_until_answers(url + "/health", proc, lambda: log.read_text(errors="replace"), 180)
         yield url
     finally:
         try:

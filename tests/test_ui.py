@@ -10,11 +10,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -23,7 +20,7 @@ from PIL import Image
 
 from pseudolabel import tracking
 from pseudolabel.models import io as model_io
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, wait_until_answers
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -31,16 +28,10 @@ CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HISTOGRAM = "plots/confidence.png"  # the pseudo_label run's confidence histogram (stages/label.py)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(pipeline, tracking_uri, tmp_path_factory):
     """`mlflow ui` on the test store, on a free port."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("mlflow-ui") / "ui.log"
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "ui", "--backend-store-uri", tracking_uri]
@@ -51,15 +42,7 @@ def ui(pipeline, tracking_uri, tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-                assert time.monotonic() < deadline, "mlflow ui: no /health in 120 s"
-                time.sleep(1)
+        wait_until_answers(url + "/health", proc, lambda: log.read_text(errors="replace"))
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
