@@ -112,8 +112,20 @@ def render(payload: dict) -> str:
         ref = payload["full_reference"]
         parts += [
             "",
-            f"All labels ({ref['labelled']} images, teacher's recipe, {ref['epochs']} epochs): "
-            f"{100 * ref['accuracy']:.2f} %.",
+            f"All labels ({ref['labelled']} images, the student's network trained by the teacher "
+            f"stage, {ref['epochs']} epochs at batch 128, seed {ref['seed']}): "
+            f"{100 * ref['accuracy']:.2f} %. Share of the labelled-only → all-labels gap the "
+            "student closes (stretch target: 0.5):",
+            "",
+            "| labels/class | setting | compute | best labelled-only | student | all labels "
+            "| gap closed |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {key.split('/')[0]} | {key.split('/')[1]} | {key.split('/')[2]} "
+                f"| {100 * g['best_labelled_only']:.2f} | {100 * g['student']:.2f} "
+                f"| {100 * g['all_labels']:.2f} | {g['gap_closed']:.2f} |"
+                for key, g in payload.get("gap", {}).items()
+            ),
         ]
     commands = payload.get("commands", [])
     if commands:

@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="JSON",
-        help="only merge the rows (and commands) of these result files, written by runs with "
+        help="only merge the rows, commands and all-labels reference of these result files, "
+        "written by runs with "
         "--out elsewhere (e.g. seeds run in parallel on other machines), into --out",
     )
     args = parser.parse_args(argv)
@@ -346,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
             for command in other.get("commands", []):
                 if command not in payload.setdefault("commands", []):
                     payload["commands"].append(command)
+            if "full_reference" in other:
+                payload["full_reference"] = other["full_reference"]
             for row in other["rows"]:
                 save(row)
+        save()  # the table and the gap closed, recomputed over every row
         return 0
     if args.full_reference:
         payload["full_reference"] = full_reference(
