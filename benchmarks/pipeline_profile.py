@@ -1,0 +1,267 @@
+"""Where the demo's time goes: seconds and images/s per stage, and per phase of the student's
+step, as ratios to bare baselines measured in the same run.
+
+    .venv/bin/python benchmarks/pipeline_profile.py                 # the demo's stages, full size
+    .venv/bin/python benchmarks/pipeline_profile.py --scale 0.1     # a scaled-down copy (~2 min)
+    .venv/bin/python benchmarks/pipeline_profile.py --skip-stages   # the phase table only
+
+Stages: the demo's configuration (conf/, Fashion-MNIST) run through the pipeline's own stage
+functions in `dvc repro`'s order, in a scratch project under --work; `--scale` multiplies the
+epochs of the teacher, the baseline and the student and the number of unlabelled images
+(1.0 = the demo). Images/s counts the images a stage pushes through its network (a training
+step of the consistency student: its labelled batch plus `ratio` unlabelled images, each seen
+twice: a weak view in inference and a strong one in training).
+
+Phases of the student's step (fixed in-memory batches of the demo's shape, no input pipeline):
+decode (tf.data decoding the unlabelled PNGs), augment (the weak and strong views), forward
+(the weak-view inference pass), the bare training step (`fit` of the classifier alone on the
+same 128 images: the baseline every phase is a ratio of), the whole consistency step, and the
+variants the issue asks about: the step in float32 instead of bfloat16, and XLA (`jit_compile`)
+on the bare step (Keras refuses XLA on the consistency step: its augmentation layers do not
+support it). Writes --out (JSON) and prints both tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from pseudolabel import consistency, fitting, stages  # noqa: E402
+from pseudolabel.config import compose, no_augmentation  # noqa: E402
+from pseudolabel.data.images import decode_image, list_images  # noqa: E402
+from pseudolabel.models.builders import augmentation_layers, build_model  # noqa: E402
+from pseudolabel.paths import Paths  # noqa: E402
+
+ORDER = ("ingest", "train_teacher", "train_baseline", "pseudo_label", "merge", "train_student",
+         "evaluate")  # fmt: skip
+
+
+def scaled_config(scale: float, overrides: list[str]):
+    cfg = compose(overrides)
+    if scale == 1.0:
+        return cfg
+    epochs = {
+        role: max(1, round(cfg[role].train.epochs * scale)) for role in ("teacher", "student")
+    }
+    return compose(
+        [
+            *overrides,
+            f"data.unlabeled={max(1000, round(cfg.data.unlabeled * scale))}",
+            *(f"{role}.train.epochs={n}" for role, n in epochs.items()),
+            *(f"{role}.train.patience={n}" for role, n in epochs.items()),
+        ]
+    )
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def profile_stages(cfg, work: Path) -> list[dict]:
+    """Each stage of the demo, timed, with the images it pushed through its network."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    paths = Paths(work)
+    rows = []
+    for name in ORDER:
+        print(f"stage {name} ...", flush=True)
+        start = time.perf_counter()
+        stages.STAGES[name](cfg, paths)
+        seconds = time.perf_counter() - start
+        images = None
+        if name == "ingest":
+            images = sum(len(list_images(d)) for d in (paths.train, paths.val, paths.test))
+            images += len(list_images(paths.unlabeled))
+        elif name.startswith("train_"):
+            role = name.removeprefix("train_")
+            steps = _read(paths.metrics / f"{role}.json").get("steps", 0)
+            per_step = cfg.student.train.batch_size if role != "teacher" else 0
+            if role == "teacher":
+                per_step = cfg.teacher.train.batch_size
+            elif role == "student" and cfg.student.consistency.enabled:
+                per_step *= 1 + 2 * cfg.student.consistency.ratio
+            images = steps * per_step
+        elif name == "pseudo_label":
+            images = _read(paths.metrics / "pseudo_label.json").get("images")
+        elif name == "evaluate":
+            images = len(list_images(paths.test))
+        rows.append(
+            {
+                "stage": name,
+                "seconds": round(seconds, 1),
+                "images": images,
+                "images_per_s": round(images / seconds, 1) if images else None,
+            }
+        )
+        print(f"stage {name}: {seconds:.1f} s", flush=True)
+    total = sum(r["seconds"] for r in rows)
+    for row in rows:
+        row["share"] = round(row["seconds"] / total, 3)
+    return rows
+
+
+def _rate(fn, calls: int, images_per_call: int) -> float:
+    fn()  # warm-up: tracing, allocation
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return calls * images_per_call / (time.perf_counter() - start)
+
+
+def _fit_rate(model: keras.Model, data, steps: int, images_per_step: int) -> float:
+    model.fit(data, steps_per_epoch=5, epochs=1, verbose=0)  # tracing
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    return steps * images_per_step / (time.perf_counter() - start)
+
+
+def profile_phases(cfg, unlabelled: list[str], steps: int) -> dict:
+    """Images/s of each phase of the student's step on in-memory batches (see the docstring)."""
+    student, n, size, channels = cfg.student, 10, list(cfg.data.image_size), cfg.data.channels
+    b = student.train.batch_size
+    u = student.consistency.ratio * b
+    rng = np.random.default_rng(0)
+    x_l = rng.integers(0, 256, (b, *size, channels)).astype(np.uint8)
+    y_l = np.eye(n, dtype=np.float32)[rng.integers(0, n, b)]
+    x_u = rng.integers(0, 256, (u, *size, channels)).astype(np.uint8)
+    side = (np.full((u, n), 1 / n, np.float32), np.ones(u, np.float32),
+            np.full(u, -1, np.int32), np.arange(u, dtype=np.int32))  # fmt: skip
+    step_data = tf.data.Dataset.from_tensors(((x_l, y_l), (x_u, *side))).repeat()
+    both = np.concatenate([x_l, x_u]).astype(np.float32)
+    bare_data = tf.data.Dataset.from_tensors(
+        (both, np.eye(n, dtype=np.float32)[rng.integers(0, n, b + u)])
+    ).repeat()
+
+    def classifier(mixed: bool):
+        keras.utils.set_random_seed(0)
+        with fitting.precision(mixed):
+            return build_model(student.model, no_augmentation(), n, size, channels, "student")
+
+    def optimizer():
+        return keras.optimizers.Adam(1e-3, use_ema=bool(student.train.ema),
+                                     ema_momentum=student.train.ema or 0.99)  # fmt: skip
+
+    def bare(mixed: bool, jit: bool) -> float:
+        model = classifier(mixed)
+        model.compile(optimizer=optimizer(), loss="categorical_crossentropy", jit_compile=jit)
+        return _fit_rate(model, bare_data, steps, b + u)
+
+    def step(mixed: bool) -> float:
+        with fitting.precision(mixed):
+            model = consistency.ConsistencyModel(
+                classifier(mixed), augmentation_layers(student.consistency.weak),
+                augmentation_layers(student.consistency.strong), student.consistency, n, 20000,
+                np.ones(n), total_steps=steps * 10, label_smoothing=0.0,
+            )  # fmt: skip
+        model.compile(optimizer=optimizer())
+        return _fit_rate(model, step_data, steps, b + u)  # images trained on per step
+
+    mixed = bool(student.train.mixed_precision)
+    print("phases: decode ...", flush=True)
+    decode = None
+    if unlabelled:
+        files = tf.data.Dataset.from_tensor_slices(unlabelled[:4000]).map(
+            lambda p: decode_image(p, size, channels), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        start = time.perf_counter()
+        for _ in files.batch(256):
+            pass
+        decode = min(len(unlabelled), 4000) / (time.perf_counter() - start)
+    weak = augmentation_layers(student.consistency.weak)
+    strong = augmentation_layers(student.consistency.strong)
+    view = tf.function(lambda x: consistency.ConsistencyModel._view(weak, x))
+    strong_view = tf.function(
+        lambda x: consistency.ConsistencyModel._view(strong, x, consistency.STRONG_SLICES)
+    )
+    xu = tf.constant(x_u)
+    print("phases: augment, forward ...", flush=True)
+    augment = _rate(lambda: (view(xu), strong_view(xu)), steps, u)
+    net = classifier(mixed)
+    infer = tf.function(lambda x: net(x, training=False))
+    xf = tf.constant(x_u.astype(np.float32))
+    forward = _rate(lambda: infer(xf), steps, u)
+    print("phases: training steps ...", flush=True)
+    rates = {
+        "decode_png": decode,
+        "augment_weak_and_strong": augment,
+        "forward_weak_view": forward,
+        "bare_step": bare(mixed, False),
+        "consistency_step": step(mixed),
+        "consistency_step_other_precision": step(not mixed),
+        "bare_step_xla": bare(mixed, True),
+        "bare_step_other_precision": bare(not mixed, False),
+    }
+    base = rates["bare_step"]
+    return {
+        "mixed_precision": mixed,
+        "steps": steps,
+        "images_per_s": {k: round(v, 1) for k, v in rates.items() if v},
+        "ratio_to_bare_step": {k: round(v / base, 3) for k, v in rates.items() if v},
+    }
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="epochs and unlabelled x this")
+    parser.add_argument("--steps", type=int, default=100, help="steps per phase measurement")
+    parser.add_argument("--skip-stages", action="store_true", help="only the phase table")
+    parser.add_argument("--work", type=Path, default=None, help="scratch project (default: tmp)")
+    default_out = Path(__file__).parent / "results" / "pipeline_profile.json"
+    parser.add_argument("--out", type=Path, default=default_out, help="the JSON written")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage")
+    args = parser.parse_args(argv)
+    cfg = scaled_config(args.scale, args.overrides)
+    work = args.work or Path(tempfile.mkdtemp(prefix="pipeline_profile_"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {
+        "command": " ".join(["benchmarks/pipeline_profile.py", *(argv or sys.argv[1:])]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "scale": args.scale,
+        "load_average_at_start": round(os.getloadavg()[0], 2),
+    }
+    if os.getloadavg()[0] > 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.1f}: other jobs share the CPU; "
+              "oversubscribed cores make TensorFlow's thread pools spin and the phase rates "
+              "meaningless. Measure on an idle machine.", flush=True)  # fmt: skip
+    if not args.skip_stages:
+        result["stages"] = profile_stages(cfg, work)
+        result["pipeline_seconds"] = round(sum(r["seconds"] for r in result["stages"]), 1)
+        unlabelled = [str(p) for p in list_images(Paths(work).unlabeled)]
+    else:
+        stages.STAGES["ingest"](cfg, Paths(work))
+        unlabelled = [str(p) for p in list_images(Paths(work).unlabeled)]
+    result["phases"] = profile_phases(cfg, unlabelled, args.steps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    if "stages" in result:
+        print(_table(result["stages"], ["stage", "seconds", "share", "images", "images_per_s"]))
+        print(f"pipeline: {result['pipeline_seconds']} s")
+    phases = result["phases"]
+    rows = [{"phase": k, "images/s": v, "x bare step": phases["ratio_to_bare_step"][k]}
+            for k, v in phases["images_per_s"].items()]  # fmt: skip
+    print(_table(rows, ["phase", "images/s", "x bare step"]))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
