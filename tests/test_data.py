@@ -92,3 +92,31 @@ def test_mixup_blends_images_and_targets_of_a_batch():
     np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-5)
     assert (y.max(axis=1) < 1.0 - 1e-4).any()  # some targets are blends
     assert x.min() >= 0.0 and x.max() <= 150.0 and not np.allclose(x, images)
+
+
+def test_training_images_are_decoded_once_in_the_same_shuffled_order(
+    digits_data, smoke_cfg, monkeypatch
+):
+    """A shuffled training set is kept decoded in memory after the first pass, and its batches
+    (order and pixels, epoch after epoch) are those of decoding the files every pass."""
+    from pseudolabel.data import images
+
+    class_names = sorted(p.name for p in digits_data.train.iterdir() if p.is_dir())
+    files, labels = images.labelled_files(digits_data.train, class_names)
+
+    def two_epochs():
+        size, channels = list(smoke_cfg.data.image_size), smoke_cfg.data.channels
+        ds = images.labelled_dataset(files, labels, len(class_names), size, channels, 16, True, 7)
+        return [(x.numpy(), y.numpy()) for _ in range(2) for x, y in ds]
+
+    cached = two_epochs()
+    monkeypatch.setattr(images, "CACHE_BYTES", 0)  # too big: decoded again every pass
+    decoded = two_epochs()
+    assert len(cached) == len(decoded) > 2
+    for (xa, ya), (xb, yb) in zip(cached, decoded, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    half = len(cached) // 2
+    epoch1 = np.concatenate([x for x, _ in cached[:half]])
+    epoch2 = np.concatenate([x for x, _ in cached[half:]])
+    assert not np.array_equal(epoch1, epoch2)  # reshuffled each epoch, in both ways alike

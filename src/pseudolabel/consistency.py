@@ -28,27 +28,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pseudolabel.data.images import AUTOTUNE, decode_image
+from pseudolabel.data.images import AUTOTUNE, decode_image, fits_in_memory
 
 log = logging.getLogger(__name__)
 
 # Images held decoded in memory (uint8) up to this size; larger sets are decoded every pass.
-CACHE_BYTES = 2 * 1024**3
 # RandAugment picks its ops once per call: the strong view is made in this many slices of the
 # batch, so that a batch sees several op combinations.
 STRONG_SLICES = 8
 
 
 def _decoded(paths: Sequence[str], image_size, channels: int) -> tf.data.Dataset:
-    """uint8 images, decoded once and cached in memory when they fit (see CACHE_BYTES)."""
+    """uint8 images, decoded once and cached in memory when they fit (data.images.CACHE_BYTES)."""
     ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
         lambda p: tf.cast(tf.round(decode_image(p, image_size, channels)), tf.uint8),
         num_parallel_calls=AUTOTUNE,
     )
-    size = len(paths) * math.prod(image_size) * channels
-    if size <= CACHE_BYTES:
+    if fits_in_memory(len(paths), image_size, channels, 1):
         ds = ds.cache()
     else:
+        size = len(paths) * math.prod(image_size) * channels
         log.info("%d images (%.1f GB): not cached, decoded every pass", len(paths), size / 1e9)
     return ds
 

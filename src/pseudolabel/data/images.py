@@ -12,6 +12,8 @@ from pseudolabel.errors import PseudoLabelError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 AUTOTUNE = tf.data.AUTOTUNE
+# Decoded images a training stream keeps in memory (beyond this, each pass decodes again).
+CACHE_BYTES = 2 * 1024**3
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -120,16 +122,32 @@ def labelled_dataset(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
+    cache: bool = False,
 ) -> tf.data.Dataset:
-    """(image, one-hot label) batches decoded in parallel; one-hot so label smoothing works."""
+    """(image, one-hot label) batches decoded in parallel; one-hot so label smoothing works.
+
+    Decoded once: with `shuffle` (a training set, read every epoch) or `cache` (e.g. a
+    validation set) the decoded images stay in memory when they fit in CACHE_BYTES, and every
+    later pass reads them from there. The shuffled order is the same either way (tf.data's
+    permutation depends on the seed and the count, not on the elements)."""
     ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
-    if shuffle:
+    in_memory = (shuffle or cache) and fits_in_memory(len(paths), image_size, channels, 4)
+    if shuffle and not in_memory:  # shuffle the paths: a buffer of names, not of images
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(
         lambda p, y: (decode_image(p, image_size, channels), _target(y, num_classes)),
         num_parallel_calls=AUTOTUNE,
     )
+    if in_memory:
+        ds = ds.cache()
+        if shuffle:
+            ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def fits_in_memory(count: int, image_size: Sequence[int], channels: int, itemsize: int) -> bool:
+    """Whether `count` decoded images of this size take at most CACHE_BYTES."""
+    return count * int(np.prod(image_size)) * channels * itemsize <= CACHE_BYTES
 
 
 def mixed_dataset(
