@@ -38,6 +38,7 @@ MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
 # How pseudo-labelled images are selected (pseudo_label.selection; merged_set.py applies them).
 SELECTIONS = ("threshold", "per_class", "topk")
 ENGINES = ("local", "ray")  # pseudo_label.engine
+STRATEGIES = ("auto", "mirrored", "multi_worker")  # teacher/student.train.strategy
 # What data.labeled_root / unlabeled_root name for the built-in sources (conf/data/_base.yaml):
 # a folder every project has, since dvc.yaml's ingest depends on both roots. data=folder must
 # point them at the user's folders instead.
@@ -186,6 +187,15 @@ class TrainConfig:
     # Keep an exponential moving average of the weights with this momentum (e.g. 0.999) and
     # save it as the model (Keras optimizers' use_ema); 0: off.
     ema: float = MISSING
+    # Where training runs (docs/scale.md): auto (one process, TensorFlow's default device),
+    # mirrored (tf.distribute.MirroredStrategy over this machine's GPUs; one device without
+    # any), multi_worker (`workers` Ray Train workers on the cluster in `ray`,
+    # MultiWorkerMirroredStrategy). batch_size is always the global batch: each step's batch is
+    # split across the workers/devices, so the steps and results do not depend on their number.
+    strategy: str = MISSING
+    # Ray Train workers of strategy=multi_worker (one CPU each, and one GPU each when the
+    # cluster has that many); ignored by the other strategies.
+    workers: int = MISSING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -405,6 +415,8 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
     _check_consistency(cfg.student.consistency, fail)
     for role in ("teacher", "student"):
+        _check_strategy(cfg, role, fail)
+    for role in ("teacher", "student"):
         if not 0.0 <= cfg[role].train.ema < 1.0:
             fail(f"{role}.train.ema", cfg[role].train.ema, "use a momentum in [0, 1), 0: off")
     if cfg.student.labeled_finetune_epochs < 0:
@@ -510,6 +522,32 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
         check_threshold(value, f"pseudo_label.per_class_threshold.{name}")
     if pl.engine not in ENGINES:
         fail("pseudo_label.engine", pl.engine, f"use one of {', '.join(ENGINES)}")
+
+
+def _check_strategy(cfg: DictConfig, role: str, fail) -> None:
+    train = cfg[role].train
+    key = f"{role}.train"
+    if train.strategy not in STRATEGIES:
+        fail(f"{key}.strategy", train.strategy, f"use one of {', '.join(STRATEGIES)}")
+    if train.workers < 1:
+        fail(f"{key}.workers", train.workers, "use >= 1 Ray Train worker")
+    if train.strategy != "multi_worker":
+        return
+    if train.batch_size < train.workers:
+        fail(
+            f"{key}.batch_size",
+            train.batch_size,
+            f"the global batch is split across {key}.workers={train.workers}: use at least one "
+            "image per worker",
+        )
+    if role == "student" and cfg.student.consistency.enabled:
+        fail(
+            f"{key}.strategy",
+            train.strategy,
+            "the consistency student (student.consistency.enabled=true) trains in one process "
+            "only: set student.consistency.enabled=false (the offline student) or "
+            f"{key}.strategy=auto|mirrored",
+        )
 
 
 def _check_ray(ray: DictConfig, fail) -> None:
