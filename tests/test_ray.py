@@ -96,6 +96,9 @@ def test_actor_count_leaves_room_for_decoding():
         ("ray.address=somewhere", "ray.address"),
         ("ray.actors=0", "ray.actors"),
         ("ray.cpus_per_actor=0", "ray.cpus_per_actor"),
+        ("teacher.train.strategy=horovod", "teacher.train.strategy"),
+        ("student.train.workers=0", "student.train.workers"),
+        ("teacher.train.strategy=multi_worker teacher.train.workers=9", "teacher.train.batch_size"),
     ],
 )
 def test_engine_and_ray_keys_are_checked(override, message):
@@ -103,7 +106,80 @@ def test_engine_and_ray_keys_are_checked(override, message):
     from pseudolabel.errors import PseudoLabelError
 
     with pytest.raises(PseudoLabelError, match=message):
-        compose(["+experiment=smoke", override])
+        compose(["+experiment=smoke", *override.split()])
+
+
+def test_multi_worker_consistency_student_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The consistency student's custom train_step does not run under Keras 3's
+    MultiWorkerMirroredStrategy: one line, exit code 2, no params file written."""
+    from pseudolabel import cli
+
+    output = tmp_path / "params.yaml"
+    code = cli.main(["compose", "-o", str(output), "student.train.strategy=multi_worker"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and not output.exists()
+    assert len(error.splitlines()) == 1
+    assert "student.consistency.enabled=false" in error
+    assert cli.main(["compose", "-o", str(output), "student.train.strategy=multi_worker",
+                     "student.consistency.enabled=false"]) == 0  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_worker_training_on_the_cluster(ray_cluster, project, tmp_path, tracking_uri):
+    """The smoke teacher trained by two Ray Train workers (one per node): the chief writes a
+    model the usual loader loads and logs exactly one MLflow run with the usual params and
+    metrics; batch_size is global, so the steps per epoch are the local run's."""
+    import json
+
+    import mlflow
+
+    from pseudolabel.config import compose
+    from pseudolabel.models import io as model_io
+    from pseudolabel.stages import train_teacher
+
+    cfg = compose(
+        [
+            "+experiment=smoke",
+            "teacher.train.strategy=multi_worker",
+            "teacher.train.workers=2",
+            "teacher.train.epochs=2",
+            "teacher.train.patience=2",
+            f"ray.address={ray_cluster}",
+        ]
+    )
+    paths = Paths(tmp_path / "two_workers", data_root=project.input_root)
+    client = mlflow.MlflowClient(tracking_uri)
+    before = {r.info.run_id for r in client.search_runs(_experiments(client))}
+    start = time.perf_counter()
+    metrics = train_teacher(cfg, paths)
+    print(f"two-worker teacher: {time.perf_counter() - start:.1f} s")
+
+    model, meta = model_io.load(paths.model("teacher"))
+    assert meta.class_names == model_io.read_meta(project.model("teacher")).class_names
+    assert model.predict(np.zeros((2, 8, 8, 1), np.float32), verbose=0).shape == (2, 10)
+    assert json.loads((paths.metrics / "teacher.json").read_text()) == metrics
+    assert metrics["epochs"] == 2
+    assert metrics["steps"] == 2 * -(-metrics["train_images"] // cfg.teacher.train.batch_size)
+    assert len(pd.read_csv(paths.history("teacher"))) == 2
+    new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]
+    assert [r.info.run_id for r in new] == [meta.run_id]  # one run: the chief's
+    run = new[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["teacher.train.strategy"] == "multi_worker"
+    assert {"val_accuracy", "best_val_accuracy", "loss"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2  # chief only
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "teacher_training_curves.png"} <= artifacts
+    logged = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+    assert len(logged) == 1
+
+
+def _experiments(client) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments()]
 
 
 _KILLED_RUN = """

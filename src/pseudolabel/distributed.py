@@ -425,7 +425,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     uri = config["tracking_uri"]
     if rank != 0:
         scratch = Path(tempfile.mkdtemp(prefix=f"pseudolabel-worker{rank}-"))
-        arguments["paths"] = _scratch_paths(arguments["paths"], scratch)
+        name = arguments.get("name") or arguments["role"]
+        arguments["paths"] = _scratch_paths(arguments["paths"], scratch, name)
         uri = f"sqlite:///{scratch / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
@@ -437,9 +438,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _scratch_paths(paths, scratch: Path):
+def _scratch_paths(paths, scratch: Path, name: str):
     """`paths` whose outputs (models, metrics, plots) are under `scratch`; every input (the
-    images, the merged set, the CSV, the teacher) is read where the chief reads it."""
+    images, the merged set, the CSV, the teacher a student starts from) is read where the chief
+    reads it. `name`: the model being trained, written under `scratch` whatever it is."""
     from dataclasses import dataclass
 
     from pseudolabel.paths import Paths
@@ -464,7 +466,7 @@ def _scratch_paths(paths, scratch: Path):
         root=paths.root,
         data_root=paths.data_root,
         round_number=paths.round_number,
-        teacher_model=paths.model("teacher"),
+        teacher_model=None if name == "teacher" else paths.model("teacher"),
         scratch=scratch,
     )
 
