@@ -109,18 +109,21 @@ def test_engine_and_ray_keys_are_checked(override, message):
         compose(["+experiment=smoke", *override.split()])
 
 
-def test_multi_worker_consistency_student_is_refused_before_anything_is_written(tmp_path, capsys):
-    """The consistency student's custom train_step does not run under Keras 3's
-    MultiWorkerMirroredStrategy: one line, exit code 2, no params file written."""
+@pytest.mark.parametrize("strategy", ["multi_worker", "mirrored"])
+def test_distributed_consistency_student_is_refused_before_anything_is_written(
+    strategy, tmp_path, capsys
+):
+    """The consistency student's custom train_step does not build under a tf.distribute
+    strategy in Keras 3: one line, exit code 2, no params file written."""
     from pseudolabel import cli
 
     output = tmp_path / "params.yaml"
-    code = cli.main(["compose", "-o", str(output), "student.train.strategy=multi_worker"])
+    code = cli.main(["compose", "-o", str(output), f"student.train.strategy={strategy}"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and not output.exists()
     assert len(error.splitlines()) == 1
     assert "student.consistency.enabled=false" in error
-    assert cli.main(["compose", "-o", str(output), "student.train.strategy=multi_worker",
+    assert cli.main(["compose", "-o", str(output), f"student.train.strategy={strategy}",
                      "student.consistency.enabled=false"]) == 0  # fmt: skip
 
 
