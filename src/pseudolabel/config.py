@@ -317,7 +317,8 @@ class TrackingConfig:
 
 @dataclass
 class RayConfig:
-    # The cluster pseudo_label.engine=ray labels on: None starts a local Ray instance, `auto`
+    # The cluster pseudo_label.engine=ray labels on (and train.strategy=multi_worker trains
+    # on): None starts a local Ray instance, `auto`
     # joins the one this machine is part of, HOST:PORT is the head node's address.
     address: str | None = MISSING
     # Teacher replicas (Ray Data actors, the model loaded once in each; None: as many as the
