@@ -254,3 +254,65 @@ def test_ray_engine_resumes_a_killed_run_from_its_saved_chunks(
     assert resumed["path"].tolist() == whole["path"].tolist()
     numbers = [c for c in whole.columns if c not in ("path", "label")]
     np.testing.assert_allclose(resumed[numbers], whole[numbers], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_ray_engine_survives_a_killed_worker(ray_cluster, project, tmp_path):
+    """SIGKILL the teacher actor's worker process once the first results are back: Ray restarts
+    the actor and retries its batches, and the run still returns every image, equal to local."""
+    import signal
+    import threading
+
+    from pseudolabel import distributed, predicting
+    from pseudolabel.models import io as model_io
+
+    model = project.model("teacher")
+    meta = model_io.read_meta(model)
+    partial = tmp_path / "partial"
+    result: dict = {}
+
+    def label() -> None:
+        try:
+            result["out"] = distributed.predict_folder(
+                model, {"allow_unsafe": False, "trusted_saved_model": None}, meta,
+                project.unlabeled, 16, tta=False, temperature=1.0, address=ray_cluster,
+                actors=1, cpus_per_actor=0.5, partial_dir=partial, chunk_size=16,
+            )  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            result["error"] = exc
+
+    thread = threading.Thread(target=label)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        if list(partial.glob("chunk-*.npz")):  # results are coming back: mid-run
+            for pid in _actor_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+        time.sleep(0.02)
+    thread.join(timeout=300)
+    assert killed is not None, "no teacher actor was found to kill before the run ended"
+    assert "error" not in result, result.get("error")
+    frame, failed = result["out"]
+    whole, whole_failed = predicting.predict_folder(
+        model_io.load(model)[0], meta, project.unlabeled, 16, temperature=1.0
+    )
+    assert failed == whole_failed == ["broken.png"]
+    assert frame["path"].tolist() == whole["path"].tolist()
+    numbers = [c for c in whole.columns if c not in ("path", "label")]
+    np.testing.assert_allclose(frame[numbers], whole[numbers], atol=1e-6, rtol=0)
+
+
+def _actor_pids() -> list[int]:
+    """The processes of Ray Data's teacher actors (their command line names the class)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith("ray::") and "_Teacher" in cmdline:
+                pids.append(int(entry.name))
+    return pids
