@@ -491,9 +491,11 @@ def _patch_keras_multi_worker() -> None:
         if iterator is not None:
             for _, _, it in iterator:
                 data_batch = tree.map_structure(
-                    lambda x: self.distribute_strategy.experimental_local_results(x)[0]
-                    if isinstance(x, tf.distribute.DistributedValues)
-                    else x,
+                    lambda x: (
+                        self.distribute_strategy.experimental_local_results(x)[0]
+                        if isinstance(x, tf.distribute.DistributedValues)
+                        else x
+                    ),
                     next(it),
                 )
                 break
