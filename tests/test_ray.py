@@ -316,3 +316,17 @@ def _actor_pids() -> list[int]:
             if cmdline.startswith("ray::") and "_Teacher" in cmdline:
                 pids.append(int(entry.name))
     return pids
+
+
+def test_a_workers_user_error_comes_back_as_one_line():
+    """A PseudoLabelError raised in a Ray Train worker is re-raised as itself (exit code 2)."""
+    from ray.train import WorkerGroupError
+
+    from pseudolabel.distributed import _worker_error
+    from pseudolabel.errors import PseudoLabelError
+
+    failure = WorkerGroupError("rank 0 failed", {0: PseudoLabelError("models/teacher.keras: no")})
+    error = _worker_error(failure)
+    assert isinstance(error, PseudoLabelError) and str(error) == "models/teacher.keras: no"
+    other = WorkerGroupError("rank 1 failed", {1: ValueError("a bug")})
+    assert _worker_error(other) is other
