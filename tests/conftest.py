@@ -145,10 +145,11 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")  # so that a killed run still stops the cluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A head node and a worker node on localhost, one CPU each; its address (one per test
-    module: starting one costs tens of seconds). Stopped after,
+    session, shared by tests/test_ray.py and tests/test_sweep.py: starting one costs tens of
+    seconds). Stopped after,
     even on failure: `ray stop --force` would also kill other Ray clusters on this machine,
     so the teardown kills only the processes that name this cluster's own temp dir."""
     temp_dir = tempfile.mkdtemp(prefix="ray17-", dir="/tmp")  # short: Unix socket paths

@@ -96,6 +96,9 @@ def test_actor_count_leaves_room_for_decoding():
         ("ray.address=somewhere", "ray.address"),
         ("ray.actors=0", "ray.actors"),
         ("ray.cpus_per_actor=0", "ray.cpus_per_actor"),
+        ("teacher.train.strategy=horovod", "teacher.train.strategy"),
+        ("student.train.workers=0", "student.train.workers"),
+        ("teacher.train.strategy=multi_worker teacher.train.workers=9", "teacher.train.batch_size"),
     ],
 )
 def test_engine_and_ray_keys_are_checked(override, message):
@@ -103,7 +106,83 @@ def test_engine_and_ray_keys_are_checked(override, message):
     from pseudolabel.errors import PseudoLabelError
 
     with pytest.raises(PseudoLabelError, match=message):
-        compose(["+experiment=smoke", override])
+        compose(["+experiment=smoke", *override.split()])
+
+
+@pytest.mark.parametrize("strategy", ["multi_worker", "mirrored"])
+def test_distributed_consistency_student_is_refused_before_anything_is_written(
+    strategy, tmp_path, capsys
+):
+    """The consistency student's custom train_step does not build under a tf.distribute
+    strategy in Keras 3: one line, exit code 2, no params file written."""
+    from pseudolabel import cli
+
+    output = tmp_path / "params.yaml"
+    code = cli.main(["compose", "-o", str(output), f"student.train.strategy={strategy}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and not output.exists()
+    assert len(error.splitlines()) == 1
+    assert "student.consistency.enabled=false" in error
+    assert cli.main(["compose", "-o", str(output), f"student.train.strategy={strategy}",
+                     "student.consistency.enabled=false"]) == 0  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_worker_training_on_the_cluster(ray_cluster, project, tmp_path, tracking_uri):
+    """The smoke teacher trained by two Ray Train workers (one per node): the chief writes a
+    model the usual loader loads and logs exactly one MLflow run with the usual params and
+    metrics; batch_size is global, so the steps per epoch are the local run's."""
+    import json
+
+    import mlflow
+
+    from pseudolabel.config import compose
+    from pseudolabel.models import io as model_io
+    from pseudolabel.stages import train_teacher
+
+    cfg = compose(
+        [
+            "+experiment=smoke",
+            "teacher.train.strategy=multi_worker",
+            "teacher.train.workers=2",
+            "teacher.train.epochs=2",
+            "teacher.train.patience=2",
+            f"ray.address={ray_cluster}",
+        ]
+    )
+    paths = Paths(tmp_path / "two_workers", data_root=project.input_root)
+    client = mlflow.MlflowClient(tracking_uri)
+    before = {r.info.run_id for r in client.search_runs(_experiments(client))}
+    start = time.perf_counter()
+    metrics = train_teacher(cfg, paths)
+    print(f"two-worker teacher: {time.perf_counter() - start:.1f} s")
+
+    model, meta = model_io.load(paths.model("teacher"))
+    assert meta.class_names == model_io.read_meta(project.model("teacher")).class_names
+    assert model.predict(np.zeros((2, 8, 8, 1), np.float32), verbose=0).shape == (2, 10)
+    assert json.loads((paths.metrics / "teacher.json").read_text()) == metrics
+    assert metrics["epochs"] == 2
+    assert metrics["steps"] == 2 * -(-metrics["train_images"] // cfg.teacher.train.batch_size)
+    assert len(pd.read_csv(paths.history("teacher"))) == 2
+    new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]
+    assert [r.info.run_id for r in new] == [meta.run_id]  # one run: the chief's
+    run = new[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["teacher.train.strategy"] == "multi_worker"
+    assert {"val_accuracy", "best_val_accuracy", "loss"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2  # chief only
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "teacher_training_curves.png"} <= artifacts
+    logged = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+    assert len(logged) == 1
+
+
+def _experiments(client) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments()]
 
 
 _KILLED_RUN = """
@@ -175,3 +254,79 @@ def test_ray_engine_resumes_a_killed_run_from_its_saved_chunks(
     assert resumed["path"].tolist() == whole["path"].tolist()
     numbers = [c for c in whole.columns if c not in ("path", "label")]
     np.testing.assert_allclose(resumed[numbers], whole[numbers], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_ray_engine_survives_a_killed_worker(ray_cluster, project, tmp_path):
+    """SIGKILL the teacher actor's worker process once the first results are back: Ray restarts
+    the actor and retries its batches, and the run still returns every image, equal to local."""
+    import signal
+    import threading
+
+    from pseudolabel import distributed, predicting
+    from pseudolabel.models import io as model_io
+
+    model = project.model("teacher")
+    meta = model_io.read_meta(model)
+    partial = tmp_path / "partial"
+    result: dict = {}
+
+    def label() -> None:
+        try:
+            result["out"] = distributed.predict_folder(
+                model, {"allow_unsafe": False, "trusted_saved_model": None}, meta,
+                project.unlabeled, 16, tta=False, temperature=1.0, address=ray_cluster,
+                actors=1, cpus_per_actor=0.5, partial_dir=partial, chunk_size=16,
+            )  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            result["error"] = exc
+
+    thread = threading.Thread(target=label)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        if list(partial.glob("chunk-*.npz")):  # results are coming back: mid-run
+            for pid in _actor_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+        time.sleep(0.02)
+    thread.join(timeout=300)
+    assert killed is not None, "no teacher actor was found to kill before the run ended"
+    assert "error" not in result, result.get("error")
+    frame, failed = result["out"]
+    whole, whole_failed = predicting.predict_folder(
+        model_io.load(model)[0], meta, project.unlabeled, 16, temperature=1.0
+    )
+    assert failed == whole_failed == ["broken.png"]
+    assert frame["path"].tolist() == whole["path"].tolist()
+    numbers = [c for c in whole.columns if c not in ("path", "label")]
+    np.testing.assert_allclose(frame[numbers], whole[numbers], atol=1e-6, rtol=0)
+
+
+def _actor_pids() -> list[int]:
+    """The processes of Ray Data's teacher actors (their command line names the class)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith("ray::") and "_Teacher" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_workers_user_error_comes_back_as_one_line():
+    """A PseudoLabelError raised in a Ray Train worker is re-raised as itself (exit code 2)."""
+    from ray.train import WorkerGroupError
+
+    from pseudolabel.distributed import _worker_error
+    from pseudolabel.errors import PseudoLabelError
+
+    failure = WorkerGroupError("rank 0 failed", {0: PseudoLabelError("models/teacher.keras: no")})
+    error = _worker_error(failure)
+    assert isinstance(error, PseudoLabelError) and str(error) == "models/teacher.keras: no"
+    other = WorkerGroupError("rank 1 failed", {1: ValueError("a bug")})
+    assert _worker_error(other) is other

@@ -38,6 +38,7 @@ MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
 # How pseudo-labelled images are selected (pseudo_label.selection; merged_set.py applies them).
 SELECTIONS = ("threshold", "per_class", "topk")
 ENGINES = ("local", "ray")  # pseudo_label.engine
+STRATEGIES = ("auto", "mirrored", "multi_worker")  # teacher/student.train.strategy
 # What data.labeled_root / unlabeled_root name for the built-in sources (conf/data/_base.yaml):
 # a folder every project has, since dvc.yaml's ingest depends on both roots. data=folder must
 # point them at the user's folders instead.
@@ -186,6 +187,16 @@ class TrainConfig:
     # Keep an exponential moving average of the weights with this momentum (e.g. 0.999) and
     # save it as the model (Keras optimizers' use_ema); 0: off.
     ema: float = MISSING
+    # Where training runs (docs/scale.md): auto (one process, TensorFlow's default device),
+    # mirrored (tf.distribute.MirroredStrategy over this machine's GPUs; one device without
+    # any), multi_worker (`workers` Ray Train workers on the cluster in `ray`,
+    # MultiWorkerMirroredStrategy). batch_size is always the global batch: each step's batch is
+    # split across the workers/devices, so the steps and results do not depend on their number.
+    # The consistency student (student.consistency.enabled) supports auto only.
+    strategy: str = MISSING
+    # Ray Train workers of strategy=multi_worker (one CPU each, and one GPU each when the
+    # cluster has that many); ignored by the other strategies.
+    workers: int = MISSING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -306,7 +317,8 @@ class TrackingConfig:
 
 @dataclass
 class RayConfig:
-    # The cluster pseudo_label.engine=ray labels on: None starts a local Ray instance, `auto`
+    # The cluster pseudo_label.engine=ray labels on (and train.strategy=multi_worker trains
+    # on): None starts a local Ray instance, `auto`
     # joins the one this machine is part of, HOST:PORT is the head node's address.
     address: str | None = MISSING
     # Teacher replicas (Ray Data actors, the model loaded once in each; None: as many as the
@@ -404,6 +416,8 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
         if train.learning_rate <= 0:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
     _check_consistency(cfg.student.consistency, fail)
+    for role in ("teacher", "student"):
+        _check_strategy(cfg, role, fail)
     for role in ("teacher", "student"):
         if not 0.0 <= cfg[role].train.ema < 1.0:
             fail(f"{role}.train.ema", cfg[role].train.ema, "use a momentum in [0, 1), 0: off")
@@ -510,6 +524,31 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
         check_threshold(value, f"pseudo_label.per_class_threshold.{name}")
     if pl.engine not in ENGINES:
         fail("pseudo_label.engine", pl.engine, f"use one of {', '.join(ENGINES)}")
+
+
+def _check_strategy(cfg: DictConfig, role: str, fail) -> None:
+    train = cfg[role].train
+    key = f"{role}.train"
+    if train.strategy not in STRATEGIES:
+        fail(f"{key}.strategy", train.strategy, f"use one of {', '.join(STRATEGIES)}")
+    if train.workers < 1:
+        fail(f"{key}.workers", train.workers, "use >= 1 Ray Train worker")
+    if role == "student" and train.strategy != "auto" and cfg.student.consistency.enabled:
+        fail(
+            f"{key}.strategy",
+            train.strategy,
+            "the consistency student (student.consistency.enabled=true) trains in one process "
+            "on the default device only (its custom train_step does not build under a "
+            "tf.distribute strategy in Keras 3): set student.consistency.enabled=false (the "
+            f"offline student) or {key}.strategy=auto",
+        )
+    if train.strategy == "multi_worker" and train.batch_size < train.workers:
+        fail(
+            f"{key}.batch_size",
+            train.batch_size,
+            f"the global batch is split across {key}.workers={train.workers}: use at least one "
+            "image per worker",
+        )
 
 
 def _check_ray(ray: DictConfig, fail) -> None:

@@ -33,7 +33,10 @@ UNCOMMENTED = {
     "DataConfig.image_size": "[height, width] of the images the models take.",
     "DataConfig.channels": "1: grey, 3: RGB.",
     "TrainConfig.epochs": "Training epochs (see steps_per_epoch for their length).",
-    "TrainConfig.batch_size": "Images per training batch.",
+    "TrainConfig.batch_size": (
+        "Images per training step: the global batch, split across the workers or GPUs of "
+        "train.strategy (per worker: batch_size / workers)."
+    ),
     "TrainConfig.learning_rate": "Adam's initial learning rate, decayed on a cosine schedule.",
     "TrainConfig.patience": "Early stopping: epochs without a better val accuracy.",
     "TrainConfig.label_smoothing": "Label smoothing of the cross-entropy loss (0: none).",

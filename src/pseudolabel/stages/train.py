@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pseudolabel import consistency, fitting, merged_set, plots, predicting, tracking
+from pseudolabel import consistency, distributed, fitting, merged_set, plots, predicting, tracking
 from pseudolabel.config import no_augmentation, to_dict, validate
 from pseudolabel.data.images import (
     labelled_dataset,
@@ -180,6 +180,7 @@ def _log_model(model: keras.Model, val_ds, name: str) -> None:
     )
 
 
+@distributed.with_strategy  # train.strategy: here (auto), MirroredStrategy or Ray Train workers
 def _train(
     cfg,
     role: str,
