@@ -203,6 +203,48 @@ def test_lineage_survives_a_teacher_run_missing_from_the_store(tracking_uri):
     assert chain["teacher run"].startswith("0" * 32) and "not in" in chain["teacher run"]
 
 
+def test_publish_metrics_writes_the_json_and_logs_the_same_numbers(tmp_path, tracking_uri):
+    """The one helper every stage publishes with: the metrics file holds the metrics as given
+    (nested, in order), the active MLflow run the same numbers, nested keys dotted, a boolean as
+    0/1, text and None left out, `exclude` left out; with nothing to log, no run is needed."""
+    from pseudolabel.stages.common import publish_metrics
+
+    metrics = {
+        "student_accuracy": 0.75,
+        "unlabelled_helped": True,
+        "round_accuracy": {"round1": 0.5, "round2": 0.75},
+        "selection": "threshold",
+        "recommended_threshold": None,
+        "per_class": {"a": {"pseudo": 3}},
+        "rounds": 2,
+    }
+    path = tmp_path / "metrics" / "stage.json"
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("publish-metrics-test")
+    with mlflow.start_run() as run:
+        logged = publish_metrics(path, metrics, exclude=("per_class",))
+    assert path.read_text() == json.dumps(metrics, indent=2) + "\n"
+    expected = {
+        "student_accuracy": 0.75,
+        "unlabelled_helped": 1.0,
+        "round_accuracy.round1": 0.5,
+        "round_accuracy.round2": 0.75,
+        "rounds": 2.0,
+    }
+    assert logged == expected
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == expected
+    # Other names in MLflow than in the file (`logged`), or the file alone (logged={}).
+    with mlflow.start_run() as run:
+        publish_metrics(path, metrics, {"best": {"accuracy": metrics["student_accuracy"]}})
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {"best.accuracy": 0.75}
+    assert publish_metrics(tmp_path / "off.json", {"enabled": False}, logged={}) == {}
+    assert _json(tmp_path / "off.json") == {"enabled": False}
+    # Numbers to log but no run to log them to: an error, not a stray run (nor a file).
+    with pytest.raises(RuntimeError, match="no active MLflow run"):
+        publish_metrics(tmp_path / "stray.json", {"enabled": False})
+    assert not (tmp_path / "stray.json").exists() and mlflow.active_run() is None
+
+
 def test_student_from_the_teacher_with_a_labelled_fine_tune(pipeline, tmp_path, caplog):
     """student.init_from_teacher and labeled_finetune_epochs: the history gains the fine-tune
     epochs, numbered on, and the log says how many layers came from the teacher."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -12,7 +13,7 @@ from pseudolabel import plots, registry, tracking
 from pseudolabel.evaluation import evaluate as evaluate_model
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import teacher_trust, write_json
+from pseudolabel.stages.common import publish_metrics, teacher_trust
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +23,53 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     the teacher and over the best labelled-only model, confusion matrices. With
     pseudo_label.rounds > 1 the student is the last round's, and every round is scored."""
     n = cfg.pseudo_label.rounds
+    models = _models(paths, n)
+    results, metas = _score(cfg, models, paths)
+    names = metas[f"round{n}"].class_names
+    run_ids = {name: meta.run_id for name, meta in metas.items()}
+    run_ids["student"] = run_ids[f"round{n}"]
+    _write_confusions(paths, results, names)
+    metrics = _metrics(results, n)
+    roles = [role for role in ("teacher", "baseline", "student") if role in run_ids]
+    tags = {f"{role}_run_id": run_ids[role] for role in roles}
+    with tracking.start_run(cfg, "evaluate", tags=tags) as run:
+        for role in ("teacher", "student"):
+            result = results[role]
+            fig = plots.confusion(
+                result.confusion, names, f"{role}: test accuracy {result.accuracy:.2%}"
+            )
+            mlflow.log_figure(fig, f"{role}_confusion.png")
+        # unlabelled_helped as 0/1; test_images is no score
+        publish_metrics(paths.metrics / "evaluation.json", metrics, exclude=("test_images",))
+    _log_test_accuracy(run_ids, results)
+    if cfg.tracking.registered_model:
+        _register(cfg, paths, models[f"round{n}"], metas[f"round{n}"], results, metrics, run)
+    log.info("evaluate: %s", metrics)
+    return metrics
+
+
+def _models(paths: Paths, rounds: int) -> dict[str, Path]:
+    """The models to score by name: teacher, baseline (when train_baseline made one) and the
+    student of each round (round1..round<rounds>)."""
     models = {"teacher": paths.model("teacher")}
     if paths.model("baseline").is_file():  # train_baseline ran (student.baseline.enabled)
         models["baseline"] = paths.model("baseline")
-    models |= {f"round{r}": paths.round(r).model("student") for r in range(1, n + 1)}
-    results, run_ids, metas = {}, {}, {}
+    return models | {f"round{r}": paths.round(r).model("student") for r in range(1, rounds + 1)}
+
+
+def _score(cfg, models: dict[str, Path], paths: Paths):
+    """Each model's result on the test folder and its metadata, by name; the last round's
+    result is also the student's."""
+    results, metas = {}, {}
     for name, path in models.items():
         model, metas[name] = model_io.load(path, **teacher_trust(cfg))
-        meta = metas[name]
-        results[name], run_ids[name] = evaluate_model(model, meta, paths.test), meta.run_id
-        names = meta.class_names
-    results["student"], run_ids["student"] = results[f"round{n}"], run_ids[f"round{n}"]
+        results[name] = evaluate_model(model, metas[name], paths.test)
+    results["student"] = results[f"round{cfg.pseudo_label.rounds}"]
+    return results, metas
+
+
+def _write_confusions(paths: Paths, results, names: list[str]) -> None:
+    """The teacher's and the student's (actual, predicted) pairs: `dvc plots` confusion data."""
     (paths.plots / "evaluate").mkdir(parents=True, exist_ok=True)
     for role in ("teacher", "student"):
         result = results[role]
@@ -42,18 +79,24 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
                 "predicted": [names[i] for i in result.y_pred],
             }
         ).to_csv(paths.plots / "evaluate" / f"{role}_confusion.csv", index=False)
+
+
+def _metrics(results, rounds: int) -> dict[str, Any]:
+    """Accuracies and gains (6 decimals); with a baseline, the gain over the best labelled-only
+    model (a warning when there is none); with several rounds, each round's accuracy."""
+    teacher, student = results["teacher"].accuracy, results["student"].accuracy
     metrics: dict[str, Any] = {
-        "teacher_accuracy": round(results["teacher"].accuracy, 6),
-        "student_accuracy": round(results["student"].accuracy, 6),
-        "gain": round(results["student"].accuracy - results["teacher"].accuracy, 6),
+        "teacher_accuracy": round(teacher, 6),
+        "student_accuracy": round(student, 6),
+        "gain": round(student - teacher, 6),
         "test_images": len(results["teacher"].y_true),
-        "rounds": n,
+        "rounds": rounds,
     }
     if "baseline" in results:
         # What a user asks: did the unlabelled images help, over the best model the labelled
         # images alone gave (the teacher, or the student's network trained on them alone)?
-        best = max(results["teacher"].accuracy, results["baseline"].accuracy)
-        gain = results["student"].accuracy - best
+        best = max(teacher, results["baseline"].accuracy)
+        gain = student - best
         metrics |= {
             "baseline_accuracy": round(results["baseline"].accuracy, 6),
             "labelled_only_best": round(best, 6),
@@ -65,49 +108,42 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
                 "evaluate: the student (%.2f %%) does NOT beat the best labelled-only model "
                 "(%.2f %%): the unlabelled images did not help here. Keep the better model; see "
                 "the docs' 'Does the student win?' for levers.",
-                100 * results["student"].accuracy,
+                100 * student,
                 100 * best,
             )
-    if n > 1:  # the student after each round: does iterating still help?
+    if rounds > 1:  # the student after each round: does iterating still help?
         metrics["round_accuracy"] = {
-            f"round{r}": round(results[f"round{r}"].accuracy, 6) for r in range(1, n + 1)
+            f"round{r}": round(results[f"round{r}"].accuracy, 6) for r in range(1, rounds + 1)
         }
-    roles = [role for role in ("teacher", "baseline", "student") if role in run_ids]
-    tags = {f"{role}_run_id": run_ids[role] for role in roles}
-    with tracking.start_run(cfg, "evaluate", tags=tags) as run:
-        flat = tracking.flatten({k: v for k, v in metrics.items() if k != "test_images"})
-        mlflow.log_metrics({k: float(v) for k, v in flat.items()})  # unlabelled_helped: 0/1
-        for role in ("teacher", "student"):
-            result = results[role]
-            fig = plots.confusion(
-                result.confusion, names, f"{role}: test accuracy {result.accuracy:.2%}"
-            )
-            mlflow.log_figure(fig, f"{role}_confusion.png")
+    return metrics
+
+
+def _log_test_accuracy(run_ids: dict[str, str | None], results) -> None:
+    """test_accuracy on each scored model's own run: the same metric name on every run, to
+    compare them in the UI. A model whose run is not in this tracking store (trained against
+    another one) is skipped."""
     client = mlflow.MlflowClient()
     for name, run_id in run_ids.items():
-        # The same metric name on every run: compare them in the UI. A model whose run is not
-        # in this tracking store (trained against another one) is skipped.
         if name != "student" and tracking.find_run(client, run_id) is not None:
             client.log_metric(run_id, "test_accuracy", results[name].accuracy)
-    if cfg.tracking.registered_model:
-        version = registry.register_student(
-            cfg.tracking.registered_model,
-            models[f"round{n}"],
-            metas[f"round{n}"],
-            results["student"].accuracy,
-            tracking.dvc_hash(paths.test),
-            {
-                "evaluate_run_id": run.info.run_id,
-                "teacher_test_accuracy": metrics["teacher_accuracy"],
-            },
-            fallback_run_id=run.info.run_id,
-        )
-        for key, value in (
-            ("registered_model", version.name),
-            ("registered_version", version.version),
-            ("registered_alias", version.tags["promotion"]),
-        ):
-            client.set_tag(run.info.run_id, key, value)
-    write_json(paths.metrics / "evaluation.json", metrics)
-    log.info("evaluate: %s", metrics)
-    return metrics
+
+
+def _register(cfg, paths: Paths, model_path: Path, meta, results, metrics, run) -> None:
+    """The last round's student in the model registry (registry.register_student decides the
+    alias), and where it went as tags of the evaluate run."""
+    version = registry.register_student(
+        cfg.tracking.registered_model,
+        model_path,
+        meta,
+        results["student"].accuracy,
+        tracking.dvc_hash(paths.test),
+        {"evaluate_run_id": run.info.run_id, "teacher_test_accuracy": metrics["teacher_accuracy"]},
+        fallback_run_id=run.info.run_id,
+    )
+    client = mlflow.MlflowClient()
+    for key, value in (
+        ("registered_model", version.name),
+        ("registered_version", version.version),
+        ("registered_alias", version.tags["promotion"]),
+    ):
+        client.set_tag(run.info.run_id, key, value)

@@ -11,7 +11,7 @@ from pseudolabel import tracking
 from pseudolabel.data import folder, layout, sources
 from pseudolabel.data.validate import REASONS
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import write_json
+from pseudolabel.stages.common import publish_metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def ingest(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     counts = layout.write_layout(source, split, paths.labeled, paths.unlabeled)
     folder.Report(paths.ingest_report).close()  # generated images: nothing to report
     summary = {part: sum(per_class.values()) for part, per_class in counts.items()}
-    write_json(paths.metrics / "ingest.json", {"images": summary, "per_class": counts})
+    metrics = {"images": summary, "per_class": counts}
+    publish_metrics(paths.metrics / "ingest.json", metrics, logged={})  # no MLflow run here
     log.info("ingest: %s", summary)
     return summary
 
@@ -64,19 +65,12 @@ def _ingest_folder(cfg, paths: Paths) -> dict[str, Any]:
             "unlabeled": outcome.unlabeled,
         }
         reported = {reason: outcome.reasons.get(reason, 0) for reason in REASONS}
-        mlflow.log_metrics(
-            {
-                **{f"images.{k}": v for k, v in summary.items()},
-                **{f"reported.{k}": v for k, v in reported.items()},
-                "converted_to_png": outcome.converted,
-            }
-        )
-    metrics = {
-        "images": summary,
-        "per_class": outcome.per_class,
-        "reported": reported,
-        "converted_to_png": outcome.converted,
-    }
-    write_json(paths.metrics / "ingest.json", metrics)
+        metrics = {
+            "images": summary,
+            "per_class": outcome.per_class,
+            "reported": reported,
+            "converted_to_png": outcome.converted,
+        }
+        publish_metrics(paths.metrics / "ingest.json", metrics, exclude=("per_class",))
     log.info("ingest: %s; reported %s", summary, {k: v for k, v in reported.items() if v})
     return summary

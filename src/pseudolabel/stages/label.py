@@ -19,7 +19,7 @@ from pseudolabel import calibration, plots, predicting, thresholds, tracking
 from pseudolabel.data.images import labelled_files, require_images
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import teacher_trust, write_json
+from pseudolabel.stages.common import publish_metrics, teacher_trust
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,6 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         _analysis_and_plots(paths, predictions, meta.class_names, val_raw, val_probs, val_true)
         metrics = _metrics(predictions, failed, fitted, weights, meta.class_names)
         _log_run(paths, metrics)
-    write_json(paths.metrics / "pseudo_label.json", metrics)
     log.info("pseudo_label: %d images labelled, %d failed", len(predictions), len(failed))
     return metrics
 
@@ -200,12 +199,9 @@ def _metrics(
 
 
 def _log_run(paths: Paths, metrics: dict[str, Any]) -> None:
-    """The metrics, the CSV's lineage tags and the outputs on the active MLflow run."""
-    per_class = ("predicted_per_class", "alignment_weights")
-    mlflow.log_metrics(tracking.flatten({k: v for k, v in metrics.items() if k not in per_class}))
-    if metrics["alignment_weights"] is not None:
-        mlflow.log_metrics({f"alignment.{k}": v for k, v in metrics["alignment_weights"].items()})
-    mlflow.log_metrics({f"predicted.{k}": v for k, v in metrics["predicted_per_class"].items()})
+    """The CSV's lineage tags and the outputs on the active MLflow run, and the metrics there
+    and in metrics/pseudo_label.json (in MLflow the per-class ones as alignment.<class> and
+    predicted.<class>)."""
     mlflow.set_tag(tracking.CSV_TAG, tracking.md5(paths.csv))
     data_hash = unlabeled_dvc_hash(paths)
     if data_hash:
@@ -213,3 +209,13 @@ def _log_run(paths: Paths, metrics: dict[str, Any]) -> None:
     mlflow.log_artifact(str(paths.csv))
     mlflow.log_artifact(str(analysis_csv(paths)))
     mlflow.log_artifacts(str(paths.outputs / "plots"), "plots")
+    per_class = {
+        "alignment": metrics["alignment_weights"],  # None (no alignment): left out
+        "predicted": metrics["predicted_per_class"],
+    }
+    publish_metrics(
+        paths.metrics / "pseudo_label.json",
+        metrics,
+        {**metrics, **per_class},
+        exclude=("alignment_weights", "predicted_per_class"),
+    )

@@ -21,7 +21,7 @@ from pseudolabel.config import to_dict
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import write_json
+from pseudolabel.stages.common import publish_metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +58,7 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     class_names, predictions, link_roots = _inputs(cfg, paths)  # checked before writing
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
-    recommended = thresholds.recommend(table, pl.target_precision) if table is not None else None
-    per_class = None
-    if pl.selection == "per_class":
-        configured = to_dict(pl.per_class_threshold) if pl.per_class_threshold else None
-        per_class = thresholds.class_thresholds(
-            class_names, configured, pl.threshold, table, pl.target_precision
-        )
-    accepted = merged_set.choose(
-        predictions, pl.selection, class_names, pl.threshold, per_class, pl.top_k, pl.duplicate
-    )
+    accepted, per_class, recommended = _select(pl, predictions, class_names, table)
     counts = merged_set.build_merged(
         paths.train, paths.unlabeled, accepted, paths.merged, class_names, link_roots
     )
@@ -84,20 +75,7 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "labeled": sum(c["labeled"] for c in counts.values()),
         "per_class": counts,
     }
-    params = {f"pseudo_label.{k}": v for k, v in to_dict(pl).items()}
-    with tracking.start_run(cfg, "merge", params, _lineage_tags(cfg, paths)):
-        mlflow.log_metrics(
-            {
-                "pseudo_labeled": len(accepted),
-                "kept_fraction": metrics["kept_fraction"],
-                **({"recommended_threshold": recommended} if recommended is not None else {}),
-                **{f"kept.{name}": c["pseudo"] for name, c in counts.items()},
-            }
-        )
-        mlflow.log_artifacts(str(out), "selection")
-        if table is not None:
-            mlflow.log_artifact(str(paths.threshold_analysis))
-    write_json(paths.metrics / "merge.json", metrics)
+    _log_run(cfg, paths, metrics, out, with_table=table is not None)
     log.info(
         "merge (%s): kept %d of %d pseudo-labels; recommended threshold %s for precision %g",
         pl.selection,
@@ -107,6 +85,41 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         pl.target_precision,
     )
     return metrics
+
+
+def _select(
+    pl, predictions: pd.DataFrame, class_names: list[str], table: pd.DataFrame | None
+) -> tuple[pd.DataFrame, dict[str, float] | None, float | None]:
+    """The accepted rows of the CSV, the per-class thresholds used (selection: per_class) and
+    the threshold the analysis table recommends for pseudo_label.target_precision."""
+    recommended = thresholds.recommend(table, pl.target_precision) if table is not None else None
+    per_class = None
+    if pl.selection == "per_class":
+        configured = to_dict(pl.per_class_threshold) if pl.per_class_threshold else None
+        per_class = thresholds.class_thresholds(
+            class_names, configured, pl.threshold, table, pl.target_precision
+        )
+    accepted = merged_set.choose(
+        predictions, pl.selection, class_names, pl.threshold, per_class, pl.top_k, pl.duplicate
+    )
+    return accepted, per_class, recommended
+
+
+def _log_run(cfg, paths: Paths, metrics: dict[str, Any], out: Path, with_table: bool) -> None:
+    """The merge run (settings as params, lineage tags, the charts) and the metrics, in MLflow
+    as counts: pseudo_labeled, kept_fraction, recommended_threshold, kept.<class>."""
+    params = {f"pseudo_label.{k}": v for k, v in to_dict(cfg.pseudo_label).items()}
+    with tracking.start_run(cfg, "merge", params, _lineage_tags(cfg, paths)):
+        mlflow.log_artifacts(str(out), "selection")
+        if with_table:
+            mlflow.log_artifact(str(paths.threshold_analysis))
+        logged = {
+            "pseudo_labeled": metrics["pseudo_labeled"],
+            "kept_fraction": metrics["kept_fraction"],
+            "recommended_threshold": metrics["recommended_threshold"],  # None: left out
+            "kept": {name: c["pseudo"] for name, c in metrics["per_class"].items()},
+        }
+        publish_metrics(paths.metrics / "merge.json", metrics, logged)
 
 
 def _inputs(cfg, paths: Paths) -> tuple[list[str], pd.DataFrame, list[Path]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,9 +28,40 @@ from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import augmentation_layers, build_model
 from pseudolabel.paths import Paths
-from pseudolabel.stages.common import labelled_classes, teacher_trust, write_json
+from pseudolabel.stages.common import (
+    labelled_classes,
+    publish_metrics,
+    teacher_trust,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the steps of one training share: its config and name, and the labelled images."""
+
+    cfg: Any
+    role: str  # teacher | student: the config section (cfg[role]) and the network's name
+    name: str  # the model, its metrics and its MLflow run (the baseline is a "student")
+    paths: Paths
+    class_names: list[str]
+    train_files: list[str]
+    train_labels: np.ndarray
+    val_files: list[str]
+    val_ds: tf.data.Dataset
+    size: list[int]
+    channels: int
+
+    @property
+    def role_cfg(self):
+        return self.cfg[self.role]
+
+    @property
+    def online(self) -> bool:
+        """The student trains in a ConsistencyModel (student.consistency.enabled)."""
+        return self.role == "student" and self.role_cfg.consistency.enabled
 
 
 def _training_data(role_cfg, train_dir, files, labels, class_names, size, channels, seed):
@@ -129,14 +161,15 @@ class _EpochLogger(mlflow.keras.MlflowCallback):
             super().on_train_begin(logs)
 
 
-def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, history_csv, seed):
+def _labeled_finetune(model, job: _Job, history):
     """A last few epochs on the labelled images alone at a lower learning rate; kept only if
     they beat the best val accuracy of the training before (always, when the training keeps
     its last epoch's weights rather than the best val epoch's)."""
-    files, labels = labelled_files(paths.train, class_names)
+    role_cfg, n = job.role_cfg, len(job.class_names)
+    files, labels = labelled_files(job.paths.train, job.class_names)
     size, channels = list(model.input_shape[1:3]), model.input_shape[3]
     train_ds = labelled_dataset(
-        files, labels, len(class_names), size, channels, role_cfg.train.batch_size, True, seed
+        files, labels, n, size, channels, role_cfg.train.batch_size, True, job.cfg.seed
     )
     before = (max(history.history["val_accuracy"]), model.get_weights())
     epochs = role_cfg.labeled_finetune_epochs
@@ -152,10 +185,10 @@ def _labeled_finetune(model, role_cfg, paths, class_names, val_ds, history, hist
     tuned = fitting.fit(
         model,
         train_ds,
-        val_ds,
+        job.val_ds,
         train_cfg,
         predicting.batches(len(files), role_cfg.train.batch_size),
-        history_csv,
+        job.paths.history(job.name),
         initial_epoch=len(history.epoch),
     )
     if role_cfg.train.restore_best_weights and max(tuned.history["val_accuracy"]) < before[0]:
@@ -200,125 +233,172 @@ def _train(
     (the labelled-only baseline with the same network, views, steps and EMA). `truth` (path
     under data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels'
     precision to the logged metrics."""
-    name = name or role
-    role_cfg = cfg[role]
+    job = _job(cfg, role, name or role, train_dir, paths)
+    if job.online:
+        job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabelled, truth)
+    else:
+        train_ds, model, steps = _supervised_setup(job, train_dir)
+    classifier = model.classifier if job.online else model  # what is saved
+    if role == "student" and job.role_cfg.init_from_teacher:
+        _init_from_teacher(job, classifier)
+    params = {
+        "seed": cfg.seed,
+        "data": to_dict(cfg.data),
+        role: to_dict(job.role_cfg),
+        "train_images": len(job.train_files),
+        "val_images": len(job.val_files),
+        "steps_per_epoch": steps,
+    }
+    with tracking.start_run(cfg, f"train_{job.name}", params, {"role": job.name, **tags}) as run:
+        history = _fit(job, model, train_ds, steps, callbacks)
+        if job.online:  # the consistency wrapper only trained it
+            classifier.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+        if role == "student" and job.role_cfg.labeled_finetune_epochs:
+            history = _labeled_finetune(classifier, job, history)
+        return _save_and_publish(job, classifier, history, steps, run.info.run_id, tags)
+
+
+def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
+    """The labelled train and val images (val as batches), with the run seeded."""
     class_names = labelled_classes(paths)
     train_files, train_labels = labelled_files(train_dir, class_names)
     val_files, val_labels = labelled_files(paths.val, class_names)
     size, channels = list(cfg.data.image_size), cfg.data.channels
-    fitting.seed_everything(cfg.seed, role_cfg.train.deterministic)
-    batch = role_cfg.train.batch_size
+    fitting.seed_everything(cfg.seed, cfg[role].train.deterministic)
     val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
-    online = role == "student" and role_cfg.consistency.enabled
-    if online:
-        if train_dir == paths.merged:  # the labelled rows of the merged set, not its pseudo ones
-            manifest = merged_set.read_manifest(train_dir)
-            rows = manifest[manifest["source"] == "labeled"]
-            index = {label: i for i, label in enumerate(class_names)}
-            train_files = [str(train_dir / file) for file in rows["file"]]
-            train_labels = np.array([index[label] for label in rows["label"]], np.int64)
-        labelled = consistency.labelled_stream(
-            train_files, train_labels, len(class_names), size, channels, batch, cfg.seed
+    return _Job(
+        cfg,
+        role,
+        name,
+        paths,
+        class_names,
+        train_files,
+        train_labels,
+        val_files,
+        val_ds,
+        size,
+        channels,
+    )
+
+
+def _consistency_setup(job: _Job, train_dir: Path, unlabelled: bool, truth):
+    """The consistency student's streams (labelled and, if `unlabelled`, every unlabelled image
+    with the teacher's probabilities), its ConsistencyModel and its steps per epoch. From the
+    merged set it takes the labelled rows only (the job it returns says so)."""
+    cfg, paths, n = job.cfg, job.paths, len(job.class_names)
+    if train_dir == paths.merged:  # the labelled rows of the merged set, not its pseudo ones
+        manifest = merged_set.read_manifest(train_dir)
+        rows = manifest[manifest["source"] == "labeled"]
+        index = {label: i for i, label in enumerate(job.class_names)}
+        job = replace(
+            job,
+            train_files=[str(train_dir / file) for file in rows["file"]],
+            train_labels=np.array([index[label] for label in rows["label"]], np.int64),
         )
-        unlabelled_ds, n_unlabeled = None, 0
-        if unlabelled:
-            parts = _unlabelled_targets(paths, class_names, truth)
-            n_unlabeled = len(parts[0])
-            per_step = role_cfg.consistency.ratio * batch
-            unlabelled_ds = consistency.unlabelled_stream(
-                *parts, size, channels, per_step, cfg.seed
-            )
-        steps = consistency_steps(cfg, n_unlabeled)
-        train_ds = consistency.training_stream(labelled, unlabelled_ds)
-        with fitting.precision(role_cfg.train.mixed_precision):
-            model = _consistency_model(
-                cfg, class_names, train_labels, size, channels, steps, n_unlabeled
-            )
-        classifier = model.classifier
-    else:
-        train_ds = _training_data(
-            role_cfg, train_dir, train_files, train_labels, class_names, size, channels, cfg.seed
+    batch = job.role_cfg.train.batch_size
+    labelled = consistency.labelled_stream(
+        job.train_files, job.train_labels, n, job.size, job.channels, batch, cfg.seed
+    )
+    unlabelled_ds, n_unlabeled = None, 0
+    if unlabelled:
+        parts = _unlabelled_targets(paths, job.class_names, truth)
+        n_unlabeled = len(parts[0])
+        per_step = job.role_cfg.consistency.ratio * batch
+        unlabelled_ds = consistency.unlabelled_stream(
+            *parts, job.size, job.channels, per_step, cfg.seed
         )
-        if role_cfg.train.augment.mixup:
-            train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, cfg.seed)
-        with fitting.precision(role_cfg.train.mixed_precision):
-            model = build_model(
-                role_cfg.model, role_cfg.train.augment, len(class_names), size, channels, role
-            )
-        classifier = model
-        steps = role_cfg.train.steps_per_epoch or predicting.batches(len(train_files), batch)
-        endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
-        if role_cfg.train.steps_per_epoch and not endless:
-            train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
-    if role == "student" and role_cfg.init_from_teacher:
-        teacher, _ = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
-        copied = fitting.init_from(classifier, teacher)
-        log.info("%s: %d leading layers initialised from the teacher", name, copied)
-        if not copied:
-            log.warning("student.init_from_teacher: no layer matches the teacher's; from scratch")
+    steps = consistency_steps(cfg, n_unlabeled)
+    train_ds = consistency.training_stream(labelled, unlabelled_ds)
+    with fitting.precision(job.role_cfg.train.mixed_precision):
+        model = _consistency_model(
+            cfg, job.class_names, job.train_labels, job.size, job.channels, steps, n_unlabeled
+        )
+    return job, train_ds, model, steps
+
+
+def _supervised_setup(job: _Job, train_dir: Path):
+    """The teacher's (or the merged-set student's) batches, network and steps per epoch."""
+    role_cfg, n = job.role_cfg, len(job.class_names)
+    data = (job.train_files, job.train_labels, job.class_names, job.size, job.channels)
+    train_ds = _training_data(role_cfg, train_dir, *data, job.cfg.seed)
+    if role_cfg.train.augment.mixup:
+        train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, job.cfg.seed)
+    with fitting.precision(role_cfg.train.mixed_precision):
+        model = build_model(
+            role_cfg.model, role_cfg.train.augment, n, job.size, job.channels, job.role
+        )
+    batch = role_cfg.train.batch_size
+    steps = role_cfg.train.steps_per_epoch or predicting.batches(len(job.train_files), batch)
+    endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
+    if role_cfg.train.steps_per_epoch and not endless:
+        train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
+    return train_ds, model, steps
+
+
+def _init_from_teacher(job: _Job, classifier: keras.Model) -> None:
+    """student.init_from_teacher: the leading layers that match the teacher's take its weights."""
+    teacher, _ = model_io.load(job.paths.model("teacher"), **teacher_trust(job.cfg))
+    copied = fitting.init_from(classifier, teacher)
+    log.info("%s: %d leading layers initialised from the teacher", job.name, copied)
+    if not copied:
+        log.warning("student.init_from_teacher: no layer matches the teacher's; from scratch")
+
+
+def _fit(job: _Job, model: keras.Model, train_ds, steps: int, callbacks) -> keras.callbacks.History:
+    """The training itself, each epoch logged to MLflow and to plots/train/<name>.csv."""
+    train_cfg = job.role_cfg.train
     class_weight = (
-        fitting.balanced_class_weights(train_labels, len(class_names))
-        if role_cfg.train.class_weights and not online
+        fitting.balanced_class_weights(job.train_labels, len(job.class_names))
+        if train_cfg.class_weights and not job.online
         else None
     )
-    history_csv = paths.history(name)
-    params = {
-        "seed": cfg.seed,
-        "data": to_dict(cfg.data),
-        role: to_dict(role_cfg),
-        "train_images": len(train_files),
-        "val_images": len(val_files),
-        "steps_per_epoch": steps,
+    return fitting.fit(
+        model,
+        train_ds,
+        job.val_ds,
+        train_cfg,
+        steps,
+        job.paths.history(job.name),
+        callbacks=[_EpochLogger(), *callbacks],
+        model_cfg=None if job.online else job.role_cfg.model,
+        class_weight=class_weight,
+    )
+
+
+def _save_and_publish(job: _Job, model, history, steps: int, run_id: str, tags) -> dict[str, Any]:
+    """Score on val, save the model with its metadata, and log it, its training curves and its
+    metrics (best_val_accuracy, best_val_loss in MLflow) to the active run."""
+    val_loss, val_accuracy = model.evaluate(job.val_ds, verbose=0)
+    extra = {"role": job.name, **{k: str(v) for k, v in tags.items()}}
+    meta = model_io.ModelMeta(job.class_names, job.size, job.channels, run_id=run_id, extra=extra)
+    model_path = job.paths.model(job.name)
+    model_io.save(model, model_path, meta)
+    metrics = {
+        "val_accuracy": float(val_accuracy),
+        "val_loss": float(val_loss),
+        "epochs": len(history.epoch),
+        "steps": int(len(history.epoch) * steps),
+        "train_images": len(job.train_files),
+        "params": int(model.count_params()),
     }
-    with tracking.start_run(cfg, f"train_{name}", params, {"role": name, **tags}) as run:
-        history = fitting.fit(
-            model,
-            train_ds,
-            val_ds,
-            role_cfg.train,
-            steps,
-            history_csv,
-            callbacks=[_EpochLogger(), *callbacks],
-            model_cfg=None if online else role_cfg.model,
-            class_weight=class_weight,
-        )
-        model = classifier  # the consistency wrapper only trains it
-        if online:
-            model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
-        if role == "student" and role_cfg.labeled_finetune_epochs:
-            history = _labeled_finetune(
-                model, role_cfg, paths, class_names, val_ds, history, history_csv, cfg.seed
-            )
-        val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
-        meta = model_io.ModelMeta(
-            class_names,
-            size,
-            channels,
-            run_id=run.info.run_id,
-            extra={"role": name, **{k: str(v) for k, v in tags.items()}},
-        )
-        model_path = paths.model(name)
-        model_io.save(model, model_path, meta)
-        metrics = {
-            "val_accuracy": float(val_accuracy),
-            "val_loss": float(val_loss),
-            "epochs": len(history.epoch),
-            "steps": int(len(history.epoch) * steps),
-            "train_images": len(train_files),
-            "params": int(model.count_params()),
-        }
-        mlflow.log_metrics(
-            {"best_val_accuracy": metrics["val_accuracy"], "best_val_loss": metrics["val_loss"]}
-        )
-        mlflow.log_figure(
-            plots.training_curves(pd.read_csv(history_csv), f"{name} training"),
-            f"{name}_training_curves.png",
-        )
-        _log_model(model, val_ds, name)
-        mlflow.log_artifact(str(model_io.meta_path(model_path)), "model")
-    write_json(paths.metrics / f"{name}.json", metrics)
-    log.info("%s: val_accuracy=%.4f after %d epochs", name, val_accuracy, len(history.epoch))
+    mlflow.log_figure(
+        plots.training_curves(pd.read_csv(job.paths.history(job.name)), f"{job.name} training"),
+        f"{job.name}_training_curves.png",
+    )
+    _log_model(model, job.val_ds, job.name)
+    mlflow.log_artifact(str(model_io.meta_path(model_path)), "model")
+    _publish(job.paths, job.name, metrics)
     return metrics
+
+
+def _publish(paths: Paths, name: str, metrics: dict[str, Any]) -> None:
+    """metrics/<name>.json; in MLflow the val scores as best_val_accuracy and best_val_loss
+    (val_accuracy and val_loss there are the per-epoch curves)."""
+    best = {"best_val_accuracy": metrics["val_accuracy"], "best_val_loss": metrics["val_loss"]}
+    publish_metrics(paths.metrics / f"{name}.json", metrics, best)
+    log.info(
+        "%s: val_accuracy=%.4f after %d epochs", name, best["best_val_accuracy"], metrics["epochs"]
+    )
 
 
 def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
@@ -346,17 +426,16 @@ def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
         model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
         val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
         model_io.save(model, paths.model("teacher"), meta)
-        mlflow.log_metrics({"best_val_accuracy": val_accuracy, "best_val_loss": val_loss})
         _log_model(model, val_ds, "teacher")
         mlflow.log_artifact(str(model_io.meta_path(paths.model("teacher"))), "model")
-    metrics = {
-        "val_accuracy": float(val_accuracy),
-        "val_loss": float(val_loss),
-        "epochs": 0,
-        "train_images": 0,
-        "params": int(model.count_params()),
-    }
-    write_json(paths.metrics / "teacher.json", metrics)
+        metrics = {
+            "val_accuracy": float(val_accuracy),
+            "val_loss": float(val_loss),
+            "epochs": 0,
+            "train_images": 0,
+            "params": int(model.count_params()),
+        }
+        _publish(paths, "teacher", metrics)
     return metrics
 
 
@@ -410,7 +489,7 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
             paths.history("baseline"), index=False
         )
         metrics = {"enabled": False}
-        write_json(paths.metrics / "baseline.json", metrics)
+        publish_metrics(paths.metrics / "baseline.json", metrics, logged={})  # no MLflow run
         return metrics
     student, raw = cfg.student, to_dict(cfg)
     if student.consistency.enabled:  # the consistency student's steps, without the unlabelled
