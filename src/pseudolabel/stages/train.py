@@ -265,7 +265,8 @@ def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
     val_files, val_labels = labelled_files(paths.val, class_names)
     size, channels = list(cfg.data.image_size), cfg.data.channels
     fitting.seed_everything(cfg.seed, cfg[role].train.deterministic)
-    val_ds = labelled_dataset(val_files, val_labels, len(class_names), size, channels, 256)
+    n = len(class_names)  # val is read after every epoch: decoded once, kept when it fits
+    val_ds = labelled_dataset(val_files, val_labels, n, size, channels, 256, cache=True)
     return _Job(
         cfg,
         role,
