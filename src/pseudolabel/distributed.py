@@ -408,7 +408,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     MultiWorkerMirroredStrategy scope; the chief writes, the others write to scratch."""
     import importlib
 
-    import mlflow
     import ray.train
     import tensorflow as tf
 
@@ -428,8 +427,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         name = arguments.get("name") or arguments["role"]
         arguments["paths"] = _scratch_paths(arguments["paths"], scratch, name)
         uri = f"sqlite:///{scratch / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # tracking.use_store reads it (it wins over cfg)
     try:
         with strategy.scope():
             train(**arguments)
