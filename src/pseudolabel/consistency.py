@@ -101,6 +101,33 @@ def training_stream(labelled: tf.data.Dataset, unlabelled: tf.data.Dataset | Non
     return tf.data.Dataset.zip((labelled, unlabelled)).prefetch(AUTOTUNE)
 
 
+# --- under a tf.distribute strategy (train.strategy mirrored or multi_worker) -------------------
+# A train_step runs once per replica on its share of the global batch. The state variables
+# (p_model, selected) are mirrored: every replica computes the same update from what all the
+# replicas saw, and the first replica's is kept (aggregation only_first_replica). Outside a
+# strategy (or with one replica) these are no-ops.
+
+
+def _replicas() -> int:
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _across_replicas(value: tf.Tensor) -> tf.Tensor:
+    """`value` summed over the replicas."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _gathered(*values: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """`values` (per-image) concatenated over the replicas, in replica order."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return values
+    return tuple(context.all_gather(value, axis=0) for value in values)
+
+
 class ConsistencyModel(keras.Model):
     """Trains `classifier` (raw pixels -> probabilities) with the loss of the module docstring.
 
@@ -140,6 +167,7 @@ class ConsistencyModel(keras.Model):
             shape=(num_classes,),
             initializer=keras.initializers.Constant(prior / prior.sum()),
             trainable=False,
+            aggregation="only_first_replica",  # every replica assigns the same value
             name="p_model",
         )
         # FlexMatch: each unlabelled image's last confident class (-1: never confident yet).
@@ -148,6 +176,7 @@ class ConsistencyModel(keras.Model):
             initializer=keras.initializers.Constant(-1),
             dtype="int32",
             trainable=False,
+            aggregation="only_first_replica",
             name="selected",
         )
         names = ("loss", "accuracy", "loss_labeled", "loss_unlabeled", "loss_teacher")
@@ -155,6 +184,8 @@ class ConsistencyModel(keras.Model):
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
 
     def call(self, inputs, training=False):
+        if isinstance(inputs, (tuple, list)):  # a training batch's x (symbolic build): images
+            inputs = inputs[0]
         return self.classifier(inputs, training=training)
 
     @property
@@ -180,8 +211,10 @@ class ConsistencyModel(keras.Model):
 
     def _masked_pseudo_loss(self, p_weak, p_strong, truth, index):
         """FixMatch/FlexMatch on the aligned weak prediction; returns loss, mask, pseudo."""
-        if self.align:
-            self.p_model.assign(0.999 * self.p_model.value + 0.001 * tf.reduce_mean(p_weak, 0))
+        if self.align:  # the mean over the global batch, the same on every replica
+            total = _across_replicas(tf.reduce_sum(p_weak, 0))
+            count = _across_replicas(tf.cast(tf.shape(p_weak)[0], p_weak.dtype))
+            self.p_model.assign(0.999 * self.p_model.value + 0.001 * total / count)
             p_weak = p_weak * self.prior / self.p_model.value
             p_weak = p_weak / tf.reduce_sum(p_weak, -1, keepdims=True)
         confidence = tf.reduce_max(p_weak, -1)
@@ -197,12 +230,15 @@ class ConsistencyModel(keras.Model):
             learnt = counts / tf.maximum(tf.maximum(tf.reduce_max(counts), unused), 1.0)
             learnt = learnt / (2.0 - learnt)  # FlexMatch's convex mapping
             limits = self.threshold * tf.gather(learnt, pseudo)
-            sure = confidence > self.threshold
+            # Every replica's confident images (each sees its share of the batch) land on all.
+            sure = tf.cast(confidence > self.threshold, tf.int32)  # all_gather takes no bool
+            seen, classes, sure = _gathered(index, pseudo, sure)
+            sure = sure > 0
             self.selected.assign(
                 tf.tensor_scatter_nd_update(
                     self.selected.value,
-                    tf.expand_dims(tf.boolean_mask(index, sure), 1),
-                    tf.boolean_mask(pseudo, sure),
+                    tf.expand_dims(tf.boolean_mask(seen, sure), 1),
+                    tf.boolean_mask(classes, sure),
                 )
             )
         else:
@@ -244,12 +280,13 @@ class ConsistencyModel(keras.Model):
                 loss_t = tf.reduce_mean(accepted * self._ce(teacher, p_strong))
                 loss = loss + w_u * loss_u + w_t * loss_t
             loss += sum(self.classifier.losses) if self.classifier.losses else 0.0
-            scaled = self.optimizer.scale_loss(loss)
+            # Replicas' gradients are summed: each contributes its share of the mean.
+            scaled = self.optimizer.scale_loss(loss / _replicas())
         variables = self.classifier.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self.trackers["loss"].update_state(loss)
         self.trackers["loss_labeled"].update_state(loss_l)
-        hits = tf.cast(tf.argmax(p_l, -1) == tf.argmax(y_l, -1), tf.float32)
+        hits = tf.cast(tf.equal(tf.argmax(p_l, -1), tf.argmax(y_l, -1)), tf.float32)
         self.trackers["accuracy"].update_state(hits)
         if x_u is not None:
             self.trackers["loss_unlabeled"].update_state(loss_u)
@@ -263,6 +300,6 @@ class ConsistencyModel(keras.Model):
         x, y = data[:2]
         probs = self.classifier(x, training=False)
         self.trackers["loss"].update_state(tf.reduce_mean(self._ce(y, probs)))
-        hits = tf.cast(tf.argmax(probs, -1) == tf.argmax(y, -1), tf.float32)
+        hits = tf.cast(tf.equal(tf.argmax(probs, -1), tf.argmax(y, -1)), tf.float32)
         self.trackers["accuracy"].update_state(hits)
         return {name: self.trackers[name].result() for name in ("loss", "accuracy")}
