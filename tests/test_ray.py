@@ -128,51 +128,64 @@ def test_distributed_consistency_student_is_refused_before_anything_is_written(
 
 
 @pytest.mark.slow
-def test_two_worker_training_on_the_cluster(ray_cluster, project, tmp_path, tracking_uri):
-    """The smoke teacher trained by two Ray Train workers (one per node): the chief writes a
-    model the usual loader loads and logs exactly one MLflow run with the usual params and
-    metrics; batch_size is global, so the steps per epoch are the local run's."""
+def test_two_worker_training_on_the_cluster(ray_cluster, pipeline, tmp_path, tracking_uri):
+    """The smoke student (the consistency student, its custom train_step) trained by two Ray
+    Train workers (one per node) from the pipeline's teacher, CSV and merged set: the chief
+    writes a model the usual loader loads and logs exactly one MLflow run with the usual params
+    and metrics; batch_size is global, so the steps per epoch are the local run's."""
     import json
 
     import mlflow
 
     from pseudolabel.config import compose
     from pseudolabel.models import io as model_io
-    from pseudolabel.stages import train_teacher
+    from pseudolabel.stages import train_student
+    from pseudolabel.stages.train import consistency_steps
 
     cfg = compose(
         [
             "+experiment=smoke",
-            "teacher.train.strategy=multi_worker",
-            "teacher.train.workers=2",
-            "teacher.train.epochs=2",
-            "teacher.train.patience=2",
+            "student.train.strategy=multi_worker",
+            "student.train.workers=2",
+            "student.train.epochs=1",
+            "student.train.patience=1",
             f"ray.address={ray_cluster}",
         ]
     )
-    paths = Paths(tmp_path / "two_workers", data_root=project.input_root)
+    assert cfg.student.consistency.enabled  # the default student
+    paths = Paths(
+        tmp_path / "two_workers", data_root=pipeline.input_root,
+        teacher_model=pipeline.model("teacher"),
+    )  # fmt: skip
+    shutil.copytree(pipeline.merged, paths.merged)
+    paths.outputs.mkdir(parents=True)
+    shutil.copy(pipeline.csv, paths.csv)
+    paths.metrics.mkdir(parents=True)
+    shutil.copy(pipeline.metrics / "merge.json", paths.metrics / "merge.json")
     client = mlflow.MlflowClient(tracking_uri)
     before = {r.info.run_id for r in client.search_runs(_experiments(client))}
     start = time.perf_counter()
-    metrics = train_teacher(cfg, paths)
-    print(f"two-worker teacher: {time.perf_counter() - start:.1f} s")
+    metrics = train_student(cfg, paths)
+    print(f"two-worker student: {time.perf_counter() - start:.1f} s")
 
-    model, meta = model_io.load(paths.model("teacher"))
-    assert meta.class_names == model_io.read_meta(project.model("teacher")).class_names
+    model, meta = model_io.load(paths.model("student"))
+    assert meta.class_names == model_io.read_meta(pipeline.model("teacher")).class_names
     assert model.predict(np.zeros((2, 8, 8, 1), np.float32), verbose=0).shape == (2, 10)
-    assert json.loads((paths.metrics / "teacher.json").read_text()) == metrics
-    assert metrics["epochs"] == 2
-    assert metrics["steps"] == 2 * -(-metrics["train_images"] // cfg.teacher.train.batch_size)
-    assert len(pd.read_csv(paths.history("teacher"))) == 2
+    assert json.loads((paths.metrics / "student.json").read_text()) == metrics
+    assert metrics["epochs"] == 1
+    unlabelled = len(pd.read_csv(paths.csv))
+    assert metrics["steps"] == consistency_steps(cfg, unlabelled)
+    history = pd.read_csv(paths.history("student"))
+    assert len(history) == 1 and {"mask_rate", "loss_unlabeled"} <= set(history.columns)
     new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]
     assert [r.info.run_id for r in new] == [meta.run_id]  # one run: the chief's
     run = new[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["teacher.train.strategy"] == "multi_worker"
-    assert {"val_accuracy", "best_val_accuracy", "loss"} <= set(run.data.metrics)
-    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2  # chief only
+    assert run.data.params["student.train.strategy"] == "multi_worker"
+    assert {"val_accuracy", "best_val_accuracy", "loss", "mask_rate"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 1  # chief only
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "teacher_training_curves.png"} <= artifacts
+    assert {"model", "student_training_curves.png"} <= artifacts
     logged = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}'",

@@ -192,7 +192,6 @@ class TrainConfig:
     # any), multi_worker (`workers` Ray Train workers on the cluster in `ray`,
     # MultiWorkerMirroredStrategy). batch_size is always the global batch: each step's batch is
     # split across the workers/devices, so the steps and results do not depend on their number.
-    # The consistency student (student.consistency.enabled) supports auto only.
     strategy: str = MISSING
     # Ray Train workers of strategy=multi_worker (one CPU each, and one GPU each when the
     # cluster has that many); ignored by the other strategies.
@@ -533,15 +532,6 @@ def _check_strategy(cfg: DictConfig, role: str, fail) -> None:
         fail(f"{key}.strategy", train.strategy, f"use one of {', '.join(STRATEGIES)}")
     if train.workers < 1:
         fail(f"{key}.workers", train.workers, "use >= 1 Ray Train worker")
-    if role == "student" and train.strategy != "auto" and cfg.student.consistency.enabled:
-        fail(
-            f"{key}.strategy",
-            train.strategy,
-            "the consistency student (student.consistency.enabled=true) trains in one process "
-            "on the default device only (its custom train_step does not build under a "
-            "tf.distribute strategy in Keras 3): set student.consistency.enabled=false (the "
-            f"offline student) or {key}.strategy=auto",
-        )
     if train.strategy == "multi_worker" and train.batch_size < train.workers:
         fail(
             f"{key}.batch_size",

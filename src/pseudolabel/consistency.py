@@ -121,11 +121,26 @@ def _across_replicas(value: tf.Tensor) -> tf.Tensor:
 
 
 def _gathered(*values: tf.Tensor) -> tuple[tf.Tensor, ...]:
-    """`values` (per-image) concatenated over the replicas, in replica order."""
+    """`values` (int32, per image: the same length) concatenated over the replicas, each
+    replica's padded with zeros to the longest share. An all-reduce of each replica's values
+    at its own offset: ReplicaContext.all_gather fails under MultiWorkerMirroredStrategy
+    (TensorFlow 2.21: "destinations can not be empty")."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return values
-    return tuple(context.all_gather(value, axis=0) for value in values)
+    replicas = context.num_replicas_in_sync
+    me = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=tf.int32)
+    size = tf.shape(values[0])[0]
+    longest = tf.reduce_max(context.all_reduce(tf.distribute.ReduceOp.SUM, me * size))
+    offset = tf.cast(context.replica_id_in_sync_group, tf.int32) * longest
+    places = tf.expand_dims(offset + tf.range(size), 1)
+    return tuple(
+        context.all_reduce(
+            tf.distribute.ReduceOp.SUM,
+            tf.scatter_nd(places, value, tf.expand_dims(replicas * longest, 0)),
+        )
+        for value in values
+    )
 
 
 class ConsistencyModel(keras.Model):
@@ -182,6 +197,16 @@ class ConsistencyModel(keras.Model):
         names = ("loss", "accuracy", "loss_labeled", "loss_unlabeled", "loss_teacher")
         names += ("mask_rate", "pseudo_precision", "unlabeled_weight", "mean_threshold")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """Only the optimizer (and Keras's options) are kept: the losses and the metrics are
+        this model's own (train_step, test_step). A compiled loss or metric would be built by
+        Keras's symbolic build under a strategy, on the training batch's structure."""
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def build(self, input_shape=None):
+        """Nothing to build: the classifier is built, the views build when first called."""
+        self.built = True
 
     def call(self, inputs, training=False):
         if isinstance(inputs, (tuple, list)):  # a training batch's x (symbolic build): images
