@@ -237,9 +237,12 @@ class ConsistencyModel(keras.Model):
     def _masked_pseudo_loss(self, p_weak, p_strong, truth, index):
         """FixMatch/FlexMatch on the aligned weak prediction; returns loss, mask, pseudo."""
         if self.align:  # the mean over the global batch, the same on every replica
-            total = _across_replicas(tf.reduce_sum(p_weak, 0))
-            count = _across_replicas(tf.cast(tf.shape(p_weak)[0], p_weak.dtype))
-            self.p_model.assign(0.999 * self.p_model.value + 0.001 * total / count)
+            if _replicas() == 1:  # (one replica: the very same ops as always, bit for bit)
+                mean = tf.reduce_mean(p_weak, 0)
+            else:
+                total = _across_replicas(tf.reduce_sum(p_weak, 0))
+                mean = total / _across_replicas(tf.cast(tf.shape(p_weak)[0], p_weak.dtype))
+            self.p_model.assign(0.999 * self.p_model.value + 0.001 * mean)
             p_weak = p_weak * self.prior / self.p_model.value
             p_weak = p_weak / tf.reduce_sum(p_weak, -1, keepdims=True)
         confidence = tf.reduce_max(p_weak, -1)
@@ -305,8 +308,9 @@ class ConsistencyModel(keras.Model):
                 loss_t = tf.reduce_mean(accepted * self._ce(teacher, p_strong))
                 loss = loss + w_u * loss_u + w_t * loss_t
             loss += sum(self.classifier.losses) if self.classifier.losses else 0.0
-            # Replicas' gradients are summed: each contributes its share of the mean.
-            scaled = self.optimizer.scale_loss(loss / _replicas())
+            # Replicas' gradients are summed: each gives its share (one replica: undivided).
+            share = loss / _replicas() if _replicas() > 1 else loss
+            scaled = self.optimizer.scale_loss(share)
         variables = self.classifier.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self.trackers["loss"].update_state(loss)
