@@ -115,9 +115,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ours(temp_dir: str) -> list[int]:
-    """The pids of this cluster's Ray processes: the daemons, which name its temp dir, and
-    their descendants (the workers, whose command line Ray rewrites)."""
+def _ours(temp_dir: str, port: int) -> list[int]:
+    """The pids of this cluster's Ray processes: the daemons, which name its temp dir or its
+    GCS port (the head's Ray Client server names only the port, and is re-parented to init),
+    and their descendants (the workers, whose command line Ray rewrites)."""
     parents: dict[int, int] = {}
     roots: set[int] = set()
     for entry in Path("/proc").iterdir():
@@ -130,7 +131,7 @@ def _ours(temp_dir: str) -> list[int]:
             continue
         pid = int(entry.name)
         parents[pid] = int(stat.rpartition(")")[2].split()[1])
-        if temp_dir in cmdline:
+        if temp_dir in cmdline or f":{port}\x00" in cmdline or f":{port} " in cmdline:
             roots.add(pid)
     ours = set(roots)
     grown = True
@@ -184,7 +185,7 @@ def ray_cluster():
         yield f"127.0.0.1:{port}"
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _ours(temp_dir):
+            for pid in _ours(temp_dir, port):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
             time.sleep(1)
