@@ -126,7 +126,7 @@ def _fit_rate(model: keras.Model, data, steps: int, images_per_step: int) -> flo
     return steps * images_per_step / (time.perf_counter() - start)
 
 
-def profile_phases(cfg, unlabelled: list[str], steps: int) -> dict:
+def profile_phases(cfg, unlabelled: list[str], steps: int, repeats: int = 3) -> dict:
     """Images/s of each phase of the student's step on in-memory batches (see the docstring)."""
     student, n, size, channels = cfg.student, 10, list(cfg.data.image_size), cfg.data.channels
     b = student.train.batch_size
@@ -192,20 +192,28 @@ def profile_phases(cfg, unlabelled: list[str], steps: int) -> dict:
     xf = tf.constant(x_u.astype(np.float32))
     forward = _rate(lambda: infer(xf), steps, u)
     print("phases: training steps ...", flush=True)
+    variants = {
+        "bare_step": lambda: bare(mixed, False),
+        "consistency_step": lambda: step(mixed),
+        "consistency_step_other_precision": lambda: step(not mixed),
+        "bare_step_xla": lambda: bare(mixed, True),
+        "bare_step_other_precision": lambda: bare(not mixed, False),
+    }
+    best: dict[str, float] = {}
+    for _ in range(repeats):  # alternating, best of: a disturbance hits one run, not a variant
+        for name, measure in variants.items():
+            best[name] = max(best.get(name, 0.0), measure())
     rates = {
         "decode_png": decode,
         "augment_weak_and_strong": augment,
         "forward_weak_view": forward,
-        "bare_step": bare(mixed, False),
-        "consistency_step": step(mixed),
-        "consistency_step_other_precision": step(not mixed),
-        "bare_step_xla": bare(mixed, True),
-        "bare_step_other_precision": bare(not mixed, False),
+        **best,
     }
     base = rates["bare_step"]
     return {
         "mixed_precision": mixed,
         "steps": steps,
+        "repeats": repeats,
         "images_per_s": {k: round(v, 1) for k, v in rates.items() if v},
         "ratio_to_bare_step": {k: round(v / base, 3) for k, v in rates.items() if v},
     }
@@ -221,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="epochs and unlabelled x this")
     parser.add_argument("--steps", type=int, default=100, help="steps per phase measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many, alternating")
     parser.add_argument("--skip-stages", action="store_true", help="only the phase table")
     parser.add_argument("--work", type=Path, default=None, help="scratch project (default: tmp)")
     default_out = Path(__file__).parent / "results" / "pipeline_profile.json"
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         stages.STAGES["ingest"](cfg, Paths(work))
         unlabelled = [str(p) for p in list_images(Paths(work).unlabeled)]
-    result["phases"] = profile_phases(cfg, unlabelled, args.steps)
+    result["phases"] = profile_phases(cfg, unlabelled, args.steps, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
