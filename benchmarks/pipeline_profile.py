@@ -86,10 +86,8 @@ def profile_stages(cfg, work: Path) -> list[dict]:
         elif name.startswith("train_"):
             role = name.removeprefix("train_")
             steps = _read(paths.metrics / f"{role}.json").get("steps", 0)
-            per_step = cfg.student.train.batch_size if role != "teacher" else 0
-            if role == "teacher":
-                per_step = cfg.teacher.train.batch_size
-            elif role == "student" and cfg.student.consistency.enabled:
+            per_step = cfg["teacher" if role == "teacher" else "student"].train.batch_size
+            if role == "student" and cfg.student.consistency.enabled:
                 per_step *= 1 + 2 * cfg.student.consistency.ratio
             images = steps * per_step
         elif name == "pseudo_label":
