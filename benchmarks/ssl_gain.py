@@ -127,11 +127,19 @@ def _test_accuracy(path: Path, test: Path) -> float:
     return evaluate(model, meta, test).accuracy
 
 
+def shared_overrides(overrides: list[str]) -> list[str]:
+    """The overrides the shared part (ingest, teacher, labels, merge) depends on: not `student.*`,
+    which only the student and its baseline read. Two student recipes on the same seed thus share
+    one labelled split, teacher and CSV (paired), and their baselines are peers (`with_gains`)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith("student.")]
+
+
 def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tuple[Paths, dict]:
     """ingest, teacher, pseudo_label, merge for one budget and seed (reused when done)."""
     root = work / f"budget{budget}_seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    overrides = shared_overrides(overrides)
     cfg = compose([f"data.train_per_class={budget}", f"seed={seed}", *overrides])
     paths = Paths(root)
     done = root / "shared_done.json"
@@ -164,8 +172,9 @@ def run_setting(
     chosen = [f"data.train_per_class={budget}", f"seed={seed}", *SETTINGS[setting], *overrides]
     epochs = compose(chosen).student.train.epochs * compute
     cfg = compose([*chosen, f"student.train.epochs={epochs}", f"student.train.patience={epochs}"])
+    tag = "".join(f"_{o}" for o in overrides if o not in shared_overrides(overrides))
     run = Paths(
-        shared.root / f"{setting}_x{compute}",
+        shared.root / re.sub(r"[^\w.=-]+", "_", f"{setting}_x{compute}{tag}"),
         data_root=shared.root,
         teacher_model=shared.model("teacher"),
     )
@@ -235,15 +244,16 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def with_gains(rows: list[dict]) -> list[dict]:
-    """best labelled-only = max(teacher, every baseline of the same budget, seed, compute and
-    overrides); gain = student - that."""
+    """best labelled-only = max(teacher, every baseline of the same budget, seed and compute on
+    the same shared part: whatever `student.*` overrides trained it, a baseline is a labelled-only
+    model with the same steps, so a recipe is judged against the strongest one measured);
+    gain = student - that."""
+
+    def peer(r: dict) -> tuple:
+        return (r["budget"], r["seed"], r["compute"], shared_overrides(r["overrides"]))
+
     for row in rows:
-        peers = [
-            r["baseline"]
-            for r in rows
-            if (r["budget"], r["seed"], r["compute"], r["overrides"])
-            == (row["budget"], row["seed"], row["compute"], row["overrides"])
-        ]
+        peers = [r["baseline"] for r in rows if peer(r) == peer(row)]
         row["best_labelled_only"] = max([row["teacher"], *peers])
         row["gain"] = round(100 * (row["student"] - row["best_labelled_only"]), 2)
         row["gain_vs_own_baseline"] = round(100 * (row["student"] - row["baseline"]), 2)
