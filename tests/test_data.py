@@ -98,7 +98,9 @@ def test_training_images_are_decoded_once_in_the_same_shuffled_order(
     digits_data, smoke_cfg, monkeypatch
 ):
     """A shuffled training set is kept decoded in memory after the first pass, and its batches
-    (order and pixels, epoch after epoch) are those of decoding the files every pass."""
+    (order and pixels, epoch after epoch) are those of reading ingest's decoded copy every pass
+    and of decoding the files every pass."""
+    from pseudolabel.data import decoded as decoded_copy
     from pseudolabel.data import images
 
     class_names = sorted(p.name for p in digits_data.train.iterdir() if p.is_dir())
@@ -109,14 +111,86 @@ def test_training_images_are_decoded_once_in_the_same_shuffled_order(
         ds = images.labelled_dataset(files, labels, len(class_names), size, channels, 16, True, 7)
         return [(x.numpy(), y.numpy()) for _ in range(2) for x, y in ds]
 
-    cached = two_epochs()
-    monkeypatch.setattr(images, "CACHE_BYTES", 0)  # too big: decoded again every pass
-    decoded = two_epochs()
-    assert len(cached) == len(decoded) > 2
-    for (xa, ya), (xb, yb) in zip(cached, decoded, strict=True):
+    cached = two_epochs()  # ingest's decoded copy, read in order, kept in memory
+    monkeypatch.setattr(images, "CACHE_BYTES", 0)  # too big: read again every pass
+    streamed = two_epochs()  # rows of the decoded copy, read one by one in shuffled order
+    monkeypatch.setattr(decoded_copy, "DIRNAME", ".no-copy")
+    decoded = two_epochs()  # no copy: the files decoded every pass
+    assert len(cached) == len(streamed) == len(decoded) > 2
+    for (xa, ya), (xb, yb), (xc, yc) in zip(cached, streamed, decoded, strict=True):
         np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(xa, xc)
         np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(ya, yc)
     half = len(cached) // 2
     epoch1 = np.concatenate([x for x, _ in cached[:half]])
     epoch2 = np.concatenate([x for x, _ in cached[half:]])
     assert not np.array_equal(epoch1, epoch2)  # reshuffled each epoch, in both ways alike
+
+
+def test_ingest_decodes_each_folder_once_and_a_stale_copy_is_not_used(
+    digits_data, smoke_cfg, tmp_path, caplog
+):
+    """ingest writes a uint8 copy of every folder's images (data.decoded) inside the folder,
+    hidden from every listing; after a hand edit (a file replaced, one removed) readers decode the
+    files instead, with a warning."""
+    import shutil
+
+    from PIL import Image
+
+    from pseudolabel.data import decoded
+    from pseudolabel.data.images import decode_image
+
+    size, channels = list(smoke_cfg.data.image_size), smoke_cfg.data.channels
+    for part in (digits_data.train, digits_data.val, digits_data.test, digits_data.unlabeled):
+        files = list_images(part)
+        rows = decoded.open_rows(part, files, size, channels)
+        assert rows is not None and len(rows) == len(files)
+        assert not any(decoded.DIRNAME in str(f) for f in files)
+        first = decode_image(str(files[0]), size, channels).numpy()
+        np.testing.assert_array_equal(rows.read(0, 1)[0], first.astype(np.uint8))
+    assert class_names_from(digits_data.train) == [f"digit_{i}" for i in range(10)]
+
+    folder = tmp_path / "unlabeled"
+    shutil.copytree(digits_data.unlabeled, folder)
+    files = list_images(folder)
+    backwards = decoded.open_rows(folder, files[::-1], size, channels)  # any order, any subset
+    np.testing.assert_array_equal(backwards.read(0, 2), decoded.open_rows(
+        folder, files, size, channels).read(len(files) - 2, len(files))[::-1])
+    Image.new("L", (8, 8), 255).save(files[3])  # edited by hand: another size on disk
+    with caplog.at_level("WARNING"):
+        assert decoded.open_rows(folder, list_images(folder), size, channels) is None
+    assert "no longer matches" in caplog.text
+    assert decoded.build(folder, size, channels) == len(files)  # rebuilt: used again
+    files[5].unlink()
+    assert decoded.open_rows(folder, list_images(folder), size, channels) is not None  # a subset
+    (folder / "extra.png").write_bytes(files[3].read_bytes())  # a file the copy never saw
+    assert decoded.open_rows(folder, list_images(folder), size, channels) is None
+
+
+def test_labelling_reads_the_decoded_copy_and_writes_the_same_predictions(
+    digits_data, smoke_cfg, tmp_path, caplog
+):
+    import shutil
+
+    import keras
+
+    from pseudolabel import predicting
+    from pseudolabel.data import decoded
+    from pseudolabel.models.io import ModelMeta
+
+    size, channels = list(smoke_cfg.data.image_size), smoke_cfg.data.channels
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((*size, channels)), keras.layers.Flatten(), keras.layers.Dense(10, "softmax")]
+    )
+    meta = ModelMeta([f"digit_{i}" for i in range(10)], size, channels)
+    with caplog.at_level("INFO"):
+        read, failed = predicting.predict_folder(model, meta, digits_data.unlabeled, 64)
+    assert not failed and "decoded images from" in caplog.text
+    folder = tmp_path / "unlabeled"
+    shutil.copytree(digits_data.unlabeled, folder)
+    shutil.rmtree(folder / decoded.DIRNAME)
+    again, failed = predicting.predict_folder(model, meta, folder, 64)
+    assert not failed
+    assert read.equals(again)

@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import pytest
 
+from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
@@ -23,12 +24,13 @@ from tests.conftest import REPO
 CLASSES = [f"digit_{i}" for i in range(10)]
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    """Every file under `folder` (links not followed) by relative path -> md5."""
+def _digest(folder: Path, images: bool = False) -> dict[str, str]:
+    """Every file under `folder` (links not followed; `images`: the images only, not ingest's
+    decoded copy) by relative path -> md5."""
     return {
         str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and not (images and ".decoded" in p.parts)
     }
 
 
@@ -239,7 +241,7 @@ def user_folders(tmp_path, digits_data):
     user, outside = tmp_path / "user", tmp_path / "outside"
     shutil.copytree(digits_data.labeled, user / "labeled")
     (user / "unlabeled").mkdir(parents=True)
-    for path in sorted(digits_data.unlabeled.iterdir())[:40]:
+    for path in list_images(digits_data.unlabeled)[:40]:
         shutil.copyfile(path, user / "unlabeled" / path.name)
     outside.mkdir()
     return user, outside
@@ -349,10 +351,13 @@ def test_sigkill_during_ingest_leaves_whole_views(user_folders, tmp_path):
     ingest(cfg, expected)
     paths = Paths(tmp_path / "project")
     _kill_during_loop(tmp_path, _INGEST_LOOP, user, paths.root, REPO, after=0.023)
-    assert _digest(paths.labeled) == _digest(expected.labeled)
-    assert _digest(paths.unlabeled) == _digest(expected.unlabeled)
+    # The images of each view are whole; its decoded copy (data.decoded) is written after the
+    # view and renamed into place whole, so it is there or not: without it stages decode.
+    assert _digest(paths.labeled, images=True) == _digest(expected.labeled, images=True)
+    assert _digest(paths.unlabeled, images=True) == _digest(expected.unlabeled, images=True)
     ingest(cfg, paths)
     assert sorted(p.name for p in paths.labeled.parent.iterdir()) == ["image_dataset", "unlabeled"]
+    assert _digest(paths.unlabeled) == _digest(expected.unlabeled)  # the copy too, once re-run
 
 
 def test_failed_merge_build_leaves_the_old_folder_whole(merge_project, smoke_cfg, monkeypatch):
@@ -762,7 +767,7 @@ def test_facade_lists_what_it_does_not_label(tmp_path, digits_data):
 
     unl = tmp_path / "unlabeled"
     unl.mkdir()
-    for path in sorted(digits_data.unlabeled.iterdir())[:5]:
+    for path in list_images(digits_data.unlabeled)[:5]:
         shutil.copyfile(path, unl / path.name)
     (unl / "x.jpg").mkdir()  # a folder named like an image
     os.mkfifo(unl / "pipe.png")

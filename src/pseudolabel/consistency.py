@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pseudolabel.data import decoded
 from pseudolabel.data.images import AUTOTUNE, decode_image, fits_in_memory
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,16 @@ STRONG_SLICES = 8
 
 
 def _decoded(paths: Sequence[str], image_size, channels: int) -> tf.data.Dataset:
-    """uint8 images, decoded once and cached in memory when they fit (data.images.CACHE_BYTES)."""
-    ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
-        lambda p: tf.cast(tf.round(decode_image(p, image_size, channels)), tf.uint8),
-        num_parallel_calls=AUTOTUNE,
-    )
+    """uint8 images, read from ingest's decoded copy (data.decoded) or decoded, and cached in
+    memory when they fit (data.images.CACHE_BYTES)."""
+    rows = decoded.find(paths, image_size, channels)
+    if rows is not None:
+        ds = rows.dataset()
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
+            lambda p: tf.cast(tf.round(decode_image(p, image_size, channels)), tf.uint8),
+            num_parallel_calls=AUTOTUNE,
+        )
     if fits_in_memory(len(paths), image_size, channels, 1):
         ds = ds.cache()
     else:

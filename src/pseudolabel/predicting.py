@@ -1,6 +1,7 @@
 """Teacher predictions on unlabelled images -> one CSV row per image (threshold-free).
 
-Images are decoded in parallel by `tf.data` and prefetched while the model runs. With a
+Images are read from the folder's decoded copy (`data.decoded`, written by ingest) or, without
+one, decoded in parallel by `tf.data` and prefetched while the model runs. With a
 `partial_dir`, raw predictions are flushed there in chunks, so a run killed at any point and
 started again continues where it stopped and writes the same CSV, byte for byte.
 """
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from pseudolabel import calibration
 from pseudolabel.calibration import apply_temperature
+from pseudolabel.data import decoded
 from pseudolabel.data.images import (
     labelled_dataset,
     labelled_files,
@@ -119,6 +122,21 @@ def with_flip_tta(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"{model.name}_flip_tta")
 
 
+def _image_batches(
+    folder: Path, files: list[str], meta: ModelMeta, batch_size: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(paths, float32 images) batches of `files`: read from the folder's decoded copy
+    (data.decoded, written by ingest) when it matches, else decoded by tf.data in parallel, a
+    file that fails to decode left out."""
+    cached = decoded.open_rows(folder, files, meta.image_size, meta.channels) if files else None
+    if cached is not None:
+        for start, images in cached.batches(batch_size):
+            yield files[start : start + len(images)], images.astype(np.float32)
+        return
+    for paths, images in path_image_dataset(files, meta.image_size, meta.channels, batch_size):
+        yield [p.decode() for p in paths.numpy()], images.numpy()
+
+
 def predict_batch(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Probabilities for one batch; a short last batch is padded to the full size so the
     compiled predict function is never traced again for a new shape."""
@@ -190,13 +208,11 @@ def predict_folder(
             pending_paths.clear()
             pending_probs.clear()
 
-    ds = path_image_dataset(files[start:], meta.image_size, meta.channels, batch_size)
     with tqdm(
         total=len(files), initial=start, desc="pseudo-label", unit="img", mininterval=2
     ) as bar:
-        for path_batch, image_batch in ds:
-            batch_paths = [p.decode() for p in path_batch.numpy()]
-            pending_probs.append(predict_batch(model, image_batch.numpy(), batch_size))
+        for batch_paths, images in _image_batches(unlabeled_dir, files[start:], meta, batch_size):
+            pending_probs.append(predict_batch(model, images, batch_size))
             pending_paths.extend(_relative(p, root) for p in batch_paths)
             new_end = position[batch_paths[-1]] + 1
             bar.update(new_end - end)

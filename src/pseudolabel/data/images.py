@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from pseudolabel.data import decoded
 from pseudolabel.errors import PseudoLabelError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -124,20 +125,29 @@ def labelled_dataset(
     seed: int = 0,
     cache: bool = False,
 ) -> tf.data.Dataset:
-    """(image, one-hot label) batches decoded in parallel; one-hot so label smoothing works.
+    """(image, one-hot label) batches decoded in parallel, or read from ingest's decoded copy of
+    the folder (data.decoded) when there is one; one-hot so label smoothing works.
 
     Decoded once: with `shuffle` (a training set, read every epoch) or `cache` (e.g. a
     validation set) the decoded images stay in memory when they fit in CACHE_BYTES, and every
     later pass reads them from there. The shuffled order is the same either way (tf.data's
     permutation depends on the seed and the count, not on the elements)."""
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
     in_memory = (shuffle or cache) and fits_in_memory(len(paths), image_size, channels, 4)
-    if shuffle and not in_memory:  # shuffle the paths: a buffer of names, not of images
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(
-        lambda p, y: (decode_image(p, image_size, channels), _target(y, num_classes)),
-        num_parallel_calls=AUTOTUNE,
-    )
+    rows = decoded.find(paths, image_size, channels)  # ingest's decoded copy, if it matches
+    if rows is not None and (in_memory or not shuffle):  # read in order
+        images = rows.dataset().map(lambda x: tf.cast(x, tf.float32))
+        targets = tf.data.Dataset.from_tensor_slices(labels).map(lambda y: _target(y, num_classes))
+        ds = tf.data.Dataset.zip((images, targets))
+    else:
+        sources = np.arange(len(paths)) if rows is not None else list(paths)
+        ds = tf.data.Dataset.from_tensor_slices((sources, labels))
+        if shuffle and not in_memory:  # shuffle names or rows: a buffer of those, not of images
+            ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+        read = rows.image if rows is not None else lambda p: decode_image(p, image_size, channels)
+        ds = ds.map(
+            lambda p, y: (tf.cast(read(p), tf.float32), _target(y, num_classes)),
+            num_parallel_calls=AUTOTUNE,
+        )
     if in_memory:
         ds = ds.cache()
         if shuffle:

@@ -8,7 +8,7 @@ from typing import Any
 import mlflow
 
 from pseudolabel import tracking
-from pseudolabel.data import folder, layout, sources
+from pseudolabel.data import decoded, folder, layout, sources
 from pseudolabel.data.validate import REASONS
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import publish_metrics
@@ -32,6 +32,7 @@ def ingest(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     )
     counts = layout.write_layout(source, split, paths.labeled, paths.unlabeled)
     folder.Report(paths.ingest_report).close()  # generated images: nothing to report
+    decode_once(cfg, paths)
     summary = {part: sum(per_class.values()) for part, per_class in counts.items()}
     metrics = {"images": summary, "per_class": counts}
     publish_metrics(paths.metrics / "ingest.json", metrics, logged={})  # no MLflow run here
@@ -60,6 +61,7 @@ def _ingest_folder(cfg, paths: Paths) -> dict[str, Any]:
         finally:
             if paths.ingest_report.is_file():
                 mlflow.log_artifact(str(paths.ingest_report))
+        decode_once(cfg, paths)
         summary = {
             **{part: sum(pc.values()) for part, pc in outcome.per_class.items()},
             "unlabeled": outcome.unlabeled,
@@ -74,3 +76,12 @@ def _ingest_folder(cfg, paths: Paths) -> dict[str, Any]:
         publish_metrics(paths.metrics / "ingest.json", metrics, exclude=("per_class",))
     log.info("ingest: %s; reported %s", summary, {k: v for k, v in reported.items() if v})
     return summary
+
+
+def decode_once(cfg, paths: Paths) -> None:
+    """The decoded copy of each folder ingest wrote (data.decoded): later stages read pixels
+    from it instead of decoding every file again in every stage and epoch."""
+    for part in (paths.train, paths.val, paths.test, paths.unlabeled):
+        if part.is_dir():
+            count = decoded.build(part, cfg.data.image_size, cfg.data.channels)
+            log.info("ingest: %d images of %s decoded once into %s/", count, part, decoded.DIRNAME)
