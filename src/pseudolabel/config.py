@@ -249,6 +249,9 @@ class BaselineConfig:
     so that evaluate can say whether the unlabelled images helped."""
 
     enabled: bool = MISSING
+    # The baseline's own weight average (train.ema's meaning), so that it stays the strongest
+    # labelled-only model whatever the student's student.train.ema is.
+    ema: float = MISSING
 
 
 @dataclass

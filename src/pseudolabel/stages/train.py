@@ -501,6 +501,7 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
         raw["student"]["train"]["labeled_fraction"] = None
         raw["student"]["labeled_finetune_epochs"] = 0
     raw["student"]["train"]["steps_per_epoch"] = steps
+    raw["student"]["train"]["ema"] = student.baseline.ema
     base_cfg = validate(raw, origin="train_baseline")
     tags = {"baseline": "labelled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
     return _train(
