@@ -245,12 +245,15 @@ def _same(a: dict, b: dict) -> bool:
 
 def with_gains(rows: list[dict]) -> list[dict]:
     """best labelled-only = max(teacher, every baseline of the same budget, seed and compute on
-    the same shared part: whatever `student.*` overrides trained it, a baseline is a labelled-only
-    model with the same steps, so a recipe is judged against the strongest one measured);
+    the same labelled split: whatever `student.*` overrides trained it, a baseline is a
+    labelled-only model with the same steps, so a recipe is judged against the strongest one);
     gain = student - that."""
 
     def peer(r: dict) -> tuple:
-        return (r["budget"], r["seed"], r["compute"], shared_overrides(r["overrides"]))
+        # data.unlabeled does not change the labelled split (drawn first, data.layout), so
+        # baselines trained with another unlabelled count are peers too.
+        split = [o for o in shared_overrides(r["overrides"]) if not o.startswith("data.unlabeled=")]
+        return (r["budget"], r["seed"], r["compute"], split)
 
     for row in rows:
         peers = [r["baseline"] for r in rows if peer(r) == peer(row)]
