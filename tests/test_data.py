@@ -194,3 +194,15 @@ def test_labelling_reads_the_decoded_copy_and_writes_the_same_predictions(
     again, failed = predicting.predict_folder(model, meta, folder, 64)
     assert not failed
     assert read.equals(again)
+
+
+def test_no_decoded_copy_when_switched_off(tmp_path):
+    from pseudolabel.config import compose
+    from pseudolabel.data import decoded
+    from pseudolabel.paths import Paths
+    from pseudolabel.stages.ingest import ingest
+
+    paths = Paths(tmp_path)
+    ingest(compose(["+experiment=smoke", "data.decoded_copy=false"]), paths)
+    assert list_images(paths.unlabeled)
+    assert not list(paths.root.rglob(decoded.DIRNAME))

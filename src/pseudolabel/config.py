@@ -93,6 +93,9 @@ class DataConfig:
     near_duplicates: bool = MISSING  # also exclude unlabelled near-copies of val/test (dHash)
     near_duplicate_distance: int = MISSING  # max differing bits of the 64-bit perceptual hash
     workers: int | None = MISSING  # checking threads; None: all cores
+    # Ingest also writes each folder's images decoded (uint8 at image_size) into its hidden
+    # .decoded/ sub-folder, which later stages read instead of decoding the files again.
+    decoded_copy: bool = MISSING
 
 
 @dataclass

@@ -81,6 +81,8 @@ def _ingest_folder(cfg, paths: Paths) -> dict[str, Any]:
 def decode_once(cfg, paths: Paths) -> None:
     """The decoded copy of each folder ingest wrote (data.decoded): later stages read pixels
     from it instead of decoding every file again in every stage and epoch."""
+    if not cfg.data.decoded_copy:
+        return
     for part in (paths.train, paths.val, paths.test, paths.unlabeled):
         if part.is_dir():
             count = decoded.build(part, cfg.data.image_size, cfg.data.channels)
