@@ -10,7 +10,8 @@ predict per batch).
 Images are Fashion-MNIST PNGs written once under --workdir (a pool of distinct images, then
 hard links, so large sets repeat images). For each teacher it reports, from one process:
 labelling images/s (`predicting.predict_folder`, the pseudo_label stage's streaming loop, with
-chunked flushing), `model.predict` images/s on the same images pre-decoded (same model, same
+chunked flushing; reading ingest's decoded copy of the folder, and decoding the files as without
+one), `model.predict` images/s on the same images pre-decoded (same model, same
 batch size), the tf.data decode-only rate, the bound that decoding and the model sharing the
 CPU allow, and the decavision-style rate; then the peak RSS of labelling N images, each size in
 a fresh subprocess.
@@ -99,8 +100,32 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def label(model, meta, folder: Path, batch_size: int) -> tuple[float, int]:
-    """Seconds and images for the labelling stage's loop (with chunked flushing) + CSV write."""
+def ensure_copy(meta, folder: Path) -> float:
+    """ingest's decoded copy of `folder` at the teacher's input size (data.decoded), written
+    once: the seconds it took, 0 when it was there."""
+    from pseudolabel.data import decoded
+    from pseudolabel.data.images import list_images
+
+    if decoded.open_rows(folder, list_images(folder), meta.image_size, meta.channels):
+        return 0.0
+    return _timed(lambda: decoded.build(folder, meta.image_size, meta.channels))[0]
+
+
+def label(model, meta, folder: Path, batch_size: int, copy: bool = True) -> tuple[float, int]:
+    """Seconds and images for the labelling stage's loop (with chunked flushing) + CSV write,
+    reading ingest's decoded copy (`copy`) or decoding the files (as without one)."""
+    from pseudolabel.data import decoded
+
+    hidden = decoded.DIRNAME
+    if not copy:
+        decoded.DIRNAME = ".no-copy"  # the readers look for none: the files are decoded
+    try:
+        return _label(model, meta, folder, batch_size)
+    finally:
+        decoded.DIRNAME = hidden
+
+
+def _label(model, meta, folder: Path, batch_size: int) -> tuple[float, int]:
     from pseudolabel import predicting
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -158,10 +183,14 @@ def throughput(
     model.predict_on_batch(warm)
     model.predict(warm, batch_size=batch_size, verbose=0)  # trace both paths before timing
     decode_s, images = decode_only(meta, files, batch_size)
-    label_s = predict_s = batch_loop_s = float("inf")
+    copy_s = ensure_copy(meta, folder)
+    label_s = decoding_s = predict_s = batch_loop_s = float("inf")
     for _ in range(repeats):
         seconds, labelled = label(model, meta, folder, batch_size)
         label_s = min(label_s, seconds)
+        seconds, decoded_n = label(model, meta, folder, batch_size, copy=False)
+        decoding_s = min(decoding_s, seconds)
+        assert decoded_n == labelled
         seconds, _ = _timed(lambda: model.predict(images, batch_size=batch_size, verbose=0))
         predict_s = min(predict_s, seconds)
         seconds, _ = _timed(lambda: batch_loop(model, images, batch_size))
@@ -171,6 +200,7 @@ def throughput(
     baseline_s = decavision_style(model, meta, baseline_files, batch_size)
     rates = {
         "labelling": labelled / label_s,
+        "labelling_decoding_files": labelled / decoding_s,
         "predict_in_memory": n / predict_s,
         "predict_on_batch_in_memory": n / batch_loop_s,
         "decode_only": n / decode_s,
@@ -186,6 +216,10 @@ def throughput(
         "repeats": repeats,
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
         "ratio_labelling_to_predict": round(rates["labelling"] / rates["predict_in_memory"], 3),
+        "ratio_labelling_decoding_files_to_predict": round(
+            rates["labelling_decoding_files"] / rates["predict_in_memory"], 3
+        ),
+        "decoded_copy_seconds": round(copy_s, 2),
         "ratio_labelling_to_predict_on_batch": round(
             rates["labelling"] / rates["predict_on_batch_in_memory"], 3
         ),
@@ -200,15 +234,19 @@ def throughput(
 def child_memory(teacher: str, n: int, batch_size: int, workdir: Path) -> dict:
     """Peak RSS of labelling n images in this (fresh) process."""
     model, meta = build_teacher(teacher)
-    seconds, labelled = label(model, meta, image_folder(workdir, n), batch_size)
+    folder = image_folder(workdir, n)
+    ensure_copy(meta, folder)  # as ingest leaves it
+    seconds, labelled = label(model, meta, folder, batch_size)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"images": labelled, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024)}
 
 
 def memory(teacher: str, sizes: list[int], batch_size: int, workdir: Path) -> dict:
     results = {}
+    _, meta = build_teacher(teacher)
     for n in sizes:
-        image_folder(workdir, n)  # written by the parent, so the child only labels
+        # The folder and its decoded copy written by the parent, so the child only labels.
+        ensure_copy(meta, image_folder(workdir, n))
         out = subprocess.run(
             [
                 sys.executable,
