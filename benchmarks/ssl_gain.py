@@ -131,7 +131,8 @@ def shared_overrides(overrides: list[str]) -> list[str]:
     """The overrides the shared part (ingest, teacher, labels, merge) depends on: not `student.*`,
     which only the student and its baseline read. Two student recipes on the same seed thus share
     one labelled split, teacher and CSV (paired), and their baselines are peers (`with_gains`)."""
-    return [o for o in overrides if not o.lstrip("+~").startswith("student.")]
+    later = ("student.", "pseudo_label.rounds=")  # read from round 2 on only
+    return [o for o in overrides if not o.lstrip("+~").startswith(later)]
 
 
 def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tuple[Paths, dict]:
@@ -202,6 +203,18 @@ def run_setting(
         last = history.iloc[-1]
         row["online_pseudo_precision_last_epoch"] = round(float(last["pseudo_precision"]), 4)
         row["mask_rate_last_epoch"] = round(float(last["mask_rate"]), 4)
+    if cfg.pseudo_label.rounds > 1:  # Noisy Student: each round's student relabels for the next
+        row["rounds"] = cfg.pseudo_label.rounds
+        row["student_by_round"] = [row["student"]]
+        for number in range(2, cfg.pseudo_label.rounds + 1):
+            print(f"[budget {budget}, seed {seed}] {setting} x{compute}: round {number}", flush=True)
+            start = time.perf_counter()
+            metrics = stages.run_round(cfg, run, number)
+            row["student_seconds"] += round(time.perf_counter() - start, 1)
+            row["student_steps"] += metrics["steps"]
+            accuracy = _test_accuracy(run.round(number).model("student"), shared.test)
+            row["student_by_round"].append(accuracy)
+        row["student"] = row["student_by_round"][-1]
     return row
 
 
@@ -244,19 +257,25 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def with_gains(rows: list[dict]) -> list[dict]:
-    """best labelled-only = max(teacher, every baseline of the same budget, seed and compute on
-    the same labelled split: whatever `student.*` overrides trained it, a baseline is a
-    labelled-only model with the same steps, so a recipe is judged against the strongest one);
+    """best labelled-only = max(teacher, every baseline of the same budget and seed on the same
+    labelled split with at most the student's steps: whatever `student.*` overrides trained it,
+    a baseline is a labelled-only model within the same compute, so a recipe is judged against
+    the strongest one);
     gain = student - that."""
 
-    def peer(r: dict) -> tuple:
+    def split(r: dict) -> tuple:
         # data.unlabeled does not change the labelled split (drawn first, data.layout), so
         # baselines trained with another unlabelled count are peers too.
-        split = [o for o in shared_overrides(r["overrides"]) if not o.startswith("data.unlabeled=")]
-        return (r["budget"], r["seed"], r["compute"], split)
+        kept = [o for o in shared_overrides(r["overrides"]) if not o.startswith("data.unlabeled=")]
+        return (r["budget"], r["seed"], kept)
+
+    def spent(r: dict) -> int:  # the student's steps in units of the default's: rounds train anew
+        return r["compute"] * r.get("rounds", 1)
 
     for row in rows:
-        peers = [r["baseline"] for r in rows if peer(r) == peer(row)]
+        # Peers: every baseline of the same split given at most the student's steps (a baseline
+        # with fewer steps is within the same compute; the baseline's accuracy is flat in steps).
+        peers = [r["baseline"] for r in rows if split(r) == split(row) and spent(r) <= spent(row)]
         row["best_labelled_only"] = max([row["teacher"], *peers])
         row["gain"] = round(100 * (row["student"] - row["best_labelled_only"]), 2)
         row["gain_vs_own_baseline"] = round(100 * (row["student"] - row["baseline"]), 2)

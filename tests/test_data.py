@@ -149,6 +149,7 @@ def test_ingest_decodes_each_folder_once_and_a_stale_copy_is_not_used(
         assert not any(decoded.DIRNAME in str(f) for f in files)
         first = decode_image(str(files[0]), size, channels).numpy()
         np.testing.assert_array_equal(rows.read(0, 1)[0], first.astype(np.uint8))
+        assert rows.dataset().cardinality().numpy() == len(files)  # Keras sees the length
     assert class_names_from(digits_data.train) == [f"digit_{i}" for i in range(10)]
 
     folder = tmp_path / "unlabeled"

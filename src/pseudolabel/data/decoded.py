@@ -117,7 +117,10 @@ class Rows:
 
         spec = tf.TensorSpec((None, *self.shape[1:]), tf.uint8)
         batches = lambda: (images for _, images in self.batches(batch_size))  # noqa: E731
-        return tf.data.Dataset.from_generator(batches, output_signature=spec).unbatch()
+        ds = tf.data.Dataset.from_generator(batches, output_signature=spec).unbatch()
+        # A generator's length is unknown to tf.data; Keras would warn "ran out of data" at the
+        # end of every pass and show no total.
+        return ds.apply(tf.data.experimental.assert_cardinality(len(self.rows)))
 
     def image(self, position):
         """tf.data map function: the uint8 image of requested file `position` (a scalar tensor),
