@@ -207,3 +207,36 @@ def test_no_decoded_copy_when_switched_off(tmp_path):
     ingest(compose(["+experiment=smoke", "data.decoded_copy=false"]), paths)
     assert list_images(paths.unlabeled)
     assert not list(paths.root.rglob(decoded.DIRNAME))
+
+
+def test_consistency_streams_read_the_same_batches_in_memory_or_not(
+    digits_data, smoke_cfg, monkeypatch
+):
+    """The consistency student's endless streams: kept in memory (what fits), or with only
+    names / rows in the shuffle buffer and each image read as drawn (sets beyond memory), from
+    the decoded copy or the files: the same batches in the same order."""
+    from pseudolabel import consistency
+    from pseudolabel.data import decoded
+
+    files = [str(p) for p in list_images(digits_data.unlabeled)]
+    n = len(files)
+    size, channels = list(smoke_cfg.data.image_size), smoke_cfg.data.channels
+    rng = np.random.default_rng(0)
+    teacher = rng.dirichlet(np.ones(10), n)
+    accepted, truth = rng.random(n) > 0.5, rng.integers(0, 10, n)
+
+    def batches():
+        ds = consistency.unlabelled_stream(
+            files, teacher, accepted, truth, size, channels, 64, seed=3
+        )
+        return [[t.numpy() for t in batch] for batch in ds.take(2 * n // 64 + 2)]
+
+    kept = batches()
+    monkeypatch.setattr(consistency, "fits_in_memory", lambda *a: False)
+    drawn = batches()
+    monkeypatch.setattr(decoded, "DIRNAME", ".no-copy")
+    decoded_files = batches()
+    for a, b, c in zip(kept, drawn, decoded_files, strict=True):
+        for x, y, z in zip(a, b, c, strict=True):
+            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, z)

@@ -33,29 +33,45 @@ from pseudolabel.data.images import AUTOTUNE, decode_image, fits_in_memory
 
 log = logging.getLogger(__name__)
 
-# Images held decoded in memory (uint8) up to this size; larger sets are decoded every pass.
 # RandAugment picks its ops once per call: the strong view is made in this many slices of the
 # batch, so that a batch sees several op combinations.
 STRONG_SLICES = 8
 
 
-def _decoded(paths: Sequence[str], image_size, channels: int) -> tf.data.Dataset:
-    """uint8 images, read from ingest's decoded copy (data.decoded) or decoded, and cached in
-    memory when they fit (data.images.CACHE_BYTES)."""
+def _shuffled(
+    paths: Sequence[str], side: tuple[np.ndarray, ...], image_size, channels: int, seed: int
+) -> tf.data.Dataset:
+    """Endless shuffled (uint8 image, *side) elements, `side` being per-image arrays.
+
+    When the images fit in memory (data.images.CACHE_BYTES) they are read once in order (from
+    ingest's decoded copy, data.decoded, or decoded), kept, and shuffled. Otherwise the shuffle
+    buffer holds names (or rows of the decoded copy), not images, and each image is read as it is
+    drawn: memory stays flat however many images there are."""
     rows = decoded.find(paths, image_size, channels)
-    if rows is not None:
-        ds = rows.dataset()
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
-            lambda p: tf.cast(tf.round(decode_image(p, image_size, channels)), tf.uint8),
-            num_parallel_calls=AUTOTUNE,
-        )
-    if fits_in_memory(len(paths), image_size, channels, 1):
-        ds = ds.cache()
-    else:
-        size = len(paths) * math.prod(image_size) * channels
-        log.info("%d images (%.1f GB): not cached, decoded every pass", len(paths), size / 1e9)
-    return ds
+    side_ds = tf.data.Dataset.from_tensor_slices(side)
+    n = len(paths)
+    if fits_in_memory(n, image_size, channels, 1):
+        if rows is not None:
+            images = rows.dataset()
+        else:
+            images = tf.data.Dataset.from_tensor_slices(list(paths)).map(
+                lambda p: _uint8(decode_image(p, image_size, channels)),
+                num_parallel_calls=AUTOTUNE,
+            )
+        ds = tf.data.Dataset.zip((images.cache(), side_ds))
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+        return ds.map(lambda x, s: (x, *s))
+    size = n * math.prod(image_size) * channels
+    log.info("%d images (%.1f GB): not kept in memory, read as drawn", n, size / 1e9)
+    source = np.arange(n) if rows is not None else list(paths)
+    read = rows.image if rows is not None else lambda p: _uint8(decode_image(p, image_size, channels))
+    ds = tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(source), side_ds))
+    ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+    return ds.map(lambda p, s: (read(p), *s), num_parallel_calls=AUTOTUNE)
+
+
+def _uint8(image: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.round(image), tf.uint8)
 
 
 def labelled_stream(
@@ -68,9 +84,8 @@ def labelled_stream(
     seed: int,
 ) -> tf.data.Dataset:
     """Endless shuffled (image, one-hot) batches."""
-    targets = tf.data.Dataset.from_tensor_slices(np.eye(num_classes, dtype=np.float32)[labels])
-    ds = tf.data.Dataset.zip((_decoded(paths, image_size, channels), targets))
-    ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
+    targets = np.eye(num_classes, dtype=np.float32)[labels]
+    ds = _shuffled(paths, (targets,), image_size, channels, seed)
     return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -86,17 +101,13 @@ def unlabelled_stream(
 ) -> tf.data.Dataset:
     """Endless shuffled batches of (image, the teacher's probabilities, 1.0 where merge accepted
     the image (the teacher term's weight), the true class or -1 (benchmarks only), index)."""
-    side = tf.data.Dataset.from_tensor_slices(
-        (
-            teacher.astype(np.float32),
-            accepted.astype(np.float32),
-            truth.astype(np.int32),
-            np.arange(len(paths), dtype=np.int32),
-        )
+    side = (
+        teacher.astype(np.float32),
+        accepted.astype(np.float32),
+        truth.astype(np.int32),
+        np.arange(len(paths), dtype=np.int32),
     )
-    ds = tf.data.Dataset.zip((_decoded(paths, image_size, channels), side))
-    ds = ds.map(lambda x, s: (x, *s))
-    ds = ds.shuffle(len(paths), seed=seed + 1, reshuffle_each_iteration=True).repeat()
+    ds = _shuffled(paths, side, image_size, channels, seed + 1)
     return ds.batch(batch_size, drop_remainder=True)
 
 
