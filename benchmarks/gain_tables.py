@@ -70,18 +70,24 @@ def per_seed(rows: list[dict]) -> str:
     """Every row: the paired figures of one budget, seed, setting and compute."""
     lines = [
         "| labels/class | seed | setting | compute | overrides | teacher | baseline | student | "
-        "gain | teacher's pseudo-label precision | online precision, last epoch | "
+        "gain | student's live weights after the last epoch | best labelled-only | "
+        "teacher's pseudo-label precision | online precision, last epoch | "
         "mask rate, last epoch | student steps |",
-        "|---" * 13 + "|",
+        "|---" * 15 + "|",
     ]
     key = ("budget", "seed", "setting", "compute")
     for r in sorted(rows, key=lambda r: tuple(r[k] for k in key)):
         online = r.get("online_pseudo_precision_last_epoch")
         mask = r.get("mask_rate_last_epoch")
+        # The test curve's last point: the weights training ended with (saved when
+        # student.train.ema=0); with EMA the saved model is their moving average ("student").
+        curve = r.get("student_test_curve") if r.get("rounds", 1) == 1 else None
+        live = f"{100 * curve[-1]:.2f}" if curve else "–"
         lines.append(
             f"| {r['budget']} | {r['seed']} | {r['setting']} | {r['compute']}x | "
             f"{' '.join(r['overrides']) or '–'} | {100 * r['teacher']:.2f} | "
             f"{100 * r['baseline']:.2f} | {100 * r['student']:.2f} | {r['gain']:+.2f} | "
+            f"{live} | {100 * r['best_labelled_only']:.2f} | "
             f"{r['pseudo_label_precision']:.3f} | "
             f"{'–' if online is None else f'{online:.3f}'} | "
             f"{'–' if mask is None else f'{mask:.3f}'} | {r['student_steps']} |"
