@@ -57,7 +57,11 @@ def probabilities(frame: pd.DataFrame, class_names: list[str], what: str = "CSV"
 
 
 def _relative(path: str, root: str) -> str:
-    return os.path.relpath(path, root).replace(os.sep, "/")
+    """`path` relative to `root`, with / separators. The files come from listing `root`, so a
+    prefix is cut (os.path.relpath resolved both paths per call: a fifth of labelling's time)."""
+    prefix = root.rstrip(os.sep) + os.sep
+    rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
+    return rel.replace(os.sep, "/")
 
 
 def _fingerprint(model: keras.Model, meta: ModelMeta, relative: list[str], batch_size: int) -> str:

@@ -36,7 +36,9 @@ def _stem(image_size: Sequence[int], channels: int) -> str:
 
 
 def _relative(path: Path | str, folder: Path) -> str:
-    return os.path.relpath(path, folder).replace(os.sep, "/")
+    path, prefix = str(path), str(folder).rstrip(os.sep) + os.sep  # a cut, not os.path.relpath:
+    rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, folder)
+    return rel.replace(os.sep, "/")  # it resolves both paths on every call
 
 
 def build(folder: Path, image_size: Sequence[int], channels: int, batch_size: int = 256) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,14 @@ CACHE_BYTES = 2 * 1024**3
 
 
 def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+    """No part of `path` below `root` starts with a dot (string work: Path.relative_to per file
+    was most of listing a folder's time)."""
+    text, top = str(path), str(root)
+    if text.startswith(top + os.sep):
+        below = text[len(top) :]
+    else:  # e.g. root "." (the listed paths have no "./")
+        below = os.sep + os.sep.join(path.relative_to(root).parts)
+    return os.sep + "." not in below
 
 
 def list_images(root: Path) -> list[Path]:
