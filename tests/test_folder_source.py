@@ -17,6 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from pseudolabel.config import compose
 from pseudolabel.data import folder, validate
+from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.paths import Paths
 
@@ -150,7 +151,7 @@ def poisoned(tmp_path_factory, digits_data):
     user = tmp_path_factory.mktemp("user")
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(digits_data.labeled, user / "labeled")
-    for i, path in enumerate(sorted(digits_data.unlabeled.iterdir())[:300]):
+    for i, path in enumerate(list_images(digits_data.unlabeled)[:300]):
         sub = user / "unlabeled" / ("a" if i % 2 else "b/c")
         sub.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, sub / path.name)
@@ -287,7 +288,7 @@ def test_bad_layouts_fail_with_one_clear_error(digits_data, tmp_path, make, matc
 
     shutil.copytree(digits_data.labeled, tmp_path / "labeled")
     (tmp_path / "unlabeled").mkdir()
-    shutil.copyfile(next(digits_data.unlabeled.iterdir()), tmp_path / "unlabeled" / "x.png")
+    shutil.copyfile(list_images(digits_data.unlabeled)[0], tmp_path / "unlabeled" / "x.png")
     make(tmp_path)
     with pytest.raises(PseudoLabelError, match=match):
         ingest(_cfg(tmp_path), Paths(tmp_path / "project"))
