@@ -48,7 +48,12 @@ import pandas as pd  # noqa: E402
 from pseudolabel import merged_set, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.data import sources  # noqa: E402
-from pseudolabel.data.images import labelled_dataset, labelled_files, list_images  # noqa: E402
+from pseudolabel.data.images import (  # noqa: E402
+    class_names_from,
+    labelled_dataset,
+    labelled_files,
+    list_images,
+)
 from pseudolabel.evaluation import evaluate  # noqa: E402
 from pseudolabel.models import io as model_io  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
@@ -181,7 +186,7 @@ def run_setting(
     )
     _link_shared(shared, run)
     lookup = truth_of(cfg.data.idx_dir)
-    class_names = sorted(p.name for p in shared.train.iterdir() if p.is_dir())
+    class_names = class_names_from(shared.train)  # not iterdir: .decoded/ is a folder too
     row: dict = {"budget": budget, "seed": seed, "setting": setting, "compute": compute}
     row["overrides"] = overrides
     for part in ("baseline", "student"):
