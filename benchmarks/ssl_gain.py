@@ -212,7 +212,7 @@ def run_setting(
         row["rounds"] = cfg.pseudo_label.rounds
         row["student_by_round"] = [row["student"]]
         for number in range(2, cfg.pseudo_label.rounds + 1):
-            print(f"[budget {budget}, seed {seed}] {setting} x{compute}: round {number}", flush=True)
+            print(f"[budget {budget}, seed {seed}] {setting} x{compute}: round {number}")
             start = time.perf_counter()
             metrics = stages.run_round(cfg, run, number)
             row["student_seconds"] += round(time.perf_counter() - start, 1)

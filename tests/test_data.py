@@ -156,8 +156,10 @@ def test_ingest_decodes_each_folder_once_and_a_stale_copy_is_not_used(
     shutil.copytree(digits_data.unlabeled, folder)
     files = list_images(folder)
     backwards = decoded.open_rows(folder, files[::-1], size, channels)  # any order, any subset
-    np.testing.assert_array_equal(backwards.read(0, 2), decoded.open_rows(
-        folder, files, size, channels).read(len(files) - 2, len(files))[::-1])
+    np.testing.assert_array_equal(
+        backwards.read(0, 2),
+        decoded.open_rows(folder, files, size, channels).read(len(files) - 2, len(files))[::-1],
+    )
     Image.new("L", (8, 8), 255).save(files[3])  # edited by hand: another size on disk
     with caplog.at_level("WARNING"):
         assert decoded.open_rows(folder, list_images(folder), size, channels) is None

@@ -64,7 +64,10 @@ def _shuffled(
     size = n * math.prod(image_size) * channels
     log.info("%d images (%.1f GB): not kept in memory, read as drawn", n, size / 1e9)
     source = np.arange(n) if rows is not None else list(paths)
-    read = rows.image if rows is not None else lambda p: _uint8(decode_image(p, image_size, channels))
+    if rows is not None:
+        read = rows.image
+    else:
+        read = lambda p: _uint8(decode_image(p, image_size, channels))  # noqa: E731
     ds = tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(source), side_ds))
     ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
     return ds.map(lambda p, s: (read(p), *s), num_parallel_calls=AUTOTUNE)
