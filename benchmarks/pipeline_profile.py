@@ -40,12 +40,22 @@ import tensorflow as tf  # noqa: E402
 
 from pseudolabel import consistency, fitting, stages  # noqa: E402
 from pseudolabel.config import compose, no_augmentation  # noqa: E402
+from pseudolabel.data import sources  # noqa: E402
 from pseudolabel.data.images import decode_image, list_images  # noqa: E402
 from pseudolabel.models.builders import augmentation_layers, build_model  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
 
 ORDER = ("ingest", "train_teacher", "train_baseline", "pseudo_label", "merge", "train_student",
          "evaluate")  # fmt: skip
+
+
+def _unlabelled(cfg) -> int:
+    """data.unlabeled, or with null (all of them) what the labelled splits leave."""
+    if cfg.data.unlabeled is not None:
+        return cfg.data.unlabeled
+    source = sources.load(cfg.data.source, cfg.data.idx_dir)
+    per_class = cfg.data.train_per_class + cfg.data.val_per_class
+    return len(source.train_labels) - per_class * len(source.class_names)
 
 
 def scaled_config(scale: float, overrides: list[str]):
@@ -58,7 +68,7 @@ def scaled_config(scale: float, overrides: list[str]):
     return compose(
         [
             *overrides,
-            f"data.unlabeled={max(1000, round(cfg.data.unlabeled * scale))}",
+            f"data.unlabeled={max(1000, round(_unlabelled(cfg) * scale))}",
             *(f"{role}.train.epochs={n}" for role, n in epochs.items()),
             *(f"{role}.train.patience={n}" for role, n in epochs.items()),
         ]

@@ -71,6 +71,7 @@ SETTINGS = {
         "student.train.batch_size=64",
         "student.train.ema=0.0",
         "student.train.label_smoothing=0.1",
+        "student.train.steps_per_epoch=null",  # one pass over the merged set per epoch
     ],
     "consistency": ["student.consistency.enabled=true"],
 }

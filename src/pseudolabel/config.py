@@ -77,7 +77,7 @@ class DataConfig:
     val_per_class: int = MISSING
     # None: the whole official test split (Fashion-MNIST) / everything left (digits).
     test_per_class: int | None = MISSING
-    unlabeled: int = MISSING
+    unlabeled: int | None = MISSING  # None: every image not drawn for the labelled splits
     image_size: list[int] = MISSING
     channels: int = MISSING
     # source=folder (conf/data/folder.yaml): your own images. Built-in sources point both roots
@@ -404,7 +404,7 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
     for key in ("train_per_class", "val_per_class"):
         if cfg.data[key] < 1:
             fail(f"data.{key}", cfg.data[key], "need at least one image per class")
-    if cfg.data.unlabeled < 1:
+    if cfg.data.unlabeled is not None and cfg.data.unlabeled < 1:
         fail("data.unlabeled", cfg.data.unlabeled, "need at least one unlabelled image")
     _check_folder_keys(cfg.data, fail)
     for role in ("teacher", "student"):

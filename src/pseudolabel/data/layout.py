@@ -37,7 +37,7 @@ def split_indices(
     train_per_class: int,
     val_per_class: int,
     test_per_class: int | None,
-    unlabeled: int,
+    unlabeled: int | None,
     seed: int,
 ) -> Split:
     """Seeded, class-balanced split; labelled, test and unlabelled indices never overlap."""
@@ -59,6 +59,8 @@ def split_indices(
         test.append(idx[train_per_class + val_per_class : need])
         rest.append(idx[need:])
     pool = np.concatenate(rest)
+    if unlabeled is None:  # every image the labelled splits left
+        unlabeled = len(pool)
     if unlabeled > len(pool):
         raise PseudoLabelError(
             f"data.unlabeled={unlabeled} but only {len(pool)} images are left after the labelled "
