@@ -123,11 +123,12 @@ def render(payload: dict) -> str:
             f"{100 * ref['accuracy']:.2f} %. Share of the labelled-only → all-labels gap the "
             "student closes (stretch target: 0.5):",
             "",
-            "| labels/class | setting | compute | best labelled-only | student | all labels "
-            "| gap closed |",
-            "|---|---|---|---|---|---|---|",
+            "| labels/class | setting | compute | overrides | best labelled-only | student "
+            "| all labels | gap closed |",
+            "|---|---|---|---|---|---|---|---|",
             *(
                 f"| {key.split('/')[0]} | {key.split('/')[1]} | {key.split('/')[2]} "
+                f"| {key.split('/', 3)[3] if key.count('/') > 2 else '–'} "
                 f"| {100 * g['best_labelled_only']:.2f} | {100 * g['student']:.2f} "
                 f"| {100 * g['all_labels']:.2f} | {g['gap_closed']:.2f} |"
                 for key, g in payload.get("gap", {}).items()

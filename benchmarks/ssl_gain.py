@@ -289,13 +289,17 @@ def with_gains(rows: list[dict]) -> list[dict]:
 
 
 def gap_closed(rows: list[dict], reference: float) -> dict:
-    """Per budget, setting and compute: mean best labelled-only model and student, and the share
-    of the labelled-only -> all-labels gap the student closes (1 = as good as all labels)."""
+    """Per budget, setting, compute and overrides (one recipe): mean best labelled-only model and
+    student, and the share of the labelled-only -> all-labels gap the student closes (1 = as
+    good as all labels)."""
     out = {}
     frame = pd.DataFrame(rows)
-    for (budget, setting, compute), group in frame.groupby(["budget", "setting", "compute"]):
+    frame["recipe"] = frame["overrides"].map(" ".join)
+    for (budget, setting, compute, recipe), group in frame.groupby(
+        ["budget", "setting", "compute", "recipe"]
+    ):
         best, student = float(group["best_labelled_only"].mean()), float(group["student"].mean())
-        out[f"{budget}/{setting}/x{compute}"] = {
+        out[f"{budget}/{setting}/x{compute}/{recipe}"] = {
             "best_labelled_only": round(best, 4),
             "student": round(student, 4),
             "all_labels": round(reference, 4),
