@@ -35,10 +35,17 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _compute(row: dict) -> str:
+    """The student's steps in units of the default's: a Noisy Student round trains anew."""
+    rounds = row.get("rounds", 1)
+    total = f"{row['compute'] * rounds}x"
+    return total if rounds == 1 else f"{total} ({rounds} rounds of {row['compute']}x)"
+
+
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["budget"], row["setting"], row["compute"], " ".join(row["overrides"]))
+        key = (row["budget"], row["setting"], _compute(row), " ".join(row["overrides"]))
         out.setdefault(key, []).append(row)
     return dict(sorted(out.items()))
 
@@ -56,7 +63,7 @@ def summary(rows: list[dict]) -> str:
             (r["shared_seconds"] + r["baseline_seconds"] + r["student_seconds"]) / 60 for r in group
         ]
         lines.append(
-            f"| {budget} | {setting} | {compute}x | {overrides or '–'} | {seeds} | "
+            f"| {budget} | {setting} | {compute} | {overrides or '–'} | {seeds} | "
             f"{_cell([r['teacher'] for r in group])} | {_cell([r['baseline'] for r in group])} | "
             f"{_cell([r['best_labelled_only'] for r in group])} | "
             f"{_cell([r['student'] for r in group])} | "
@@ -84,7 +91,7 @@ def per_seed(rows: list[dict]) -> str:
         curve = r.get("student_test_curve") if r.get("rounds", 1) == 1 else None
         live = f"{100 * curve[-1]:.2f}" if curve else "–"
         lines.append(
-            f"| {r['budget']} | {r['seed']} | {r['setting']} | {r['compute']}x | "
+            f"| {r['budget']} | {r['seed']} | {r['setting']} | {_compute(r)} | "
             f"{' '.join(r['overrides']) or '–'} | {100 * r['teacher']:.2f} | "
             f"{100 * r['baseline']:.2f} | {100 * r['student']:.2f} | {r['gain']:+.2f} | "
             f"{live} | {100 * r['best_labelled_only']:.2f} | "
