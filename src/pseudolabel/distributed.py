@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pseudolabel import predicting
+from pseudolabel.data import decoded
 from pseudolabel.data.images import require_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models.io import ModelMeta
@@ -158,7 +159,7 @@ def predict_folder(
 
     root = str(unlabeled_dir)
     files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
-    relative = [predicting._relative(f, root) for f in files]  # sorted, as the local engine's
+    relative = [decoded.relative_path(f, root) for f in files]  # sorted, as the local engine's
     chunks = (
         predicting.Chunks(partial_dir, _fingerprint(model_path, meta, tta, relative, batch_size))
         if partial_dir is not None

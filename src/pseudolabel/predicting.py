@@ -56,14 +56,6 @@ def probabilities(frame: pd.DataFrame, class_names: list[str], what: str = "CSV"
     return frame[prob_columns(class_names)].to_numpy(dtype=np.float64)
 
 
-def _relative(path: str, root: str) -> str:
-    """`path` relative to `root`, with / separators. The files come from listing `root`, so a
-    prefix is cut (os.path.relpath resolved both paths per call: a fifth of labelling's time)."""
-    prefix = root.rstrip(os.sep) + os.sep
-    rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
-    return rel.replace(os.sep, "/")
-
-
 def _fingerprint(model: keras.Model, meta: ModelMeta, relative: list[str], batch_size: int) -> str:
     """What a partial run depends on: the model's weights, its input, the files, the batching."""
     digest = hashlib.md5()
@@ -186,9 +178,9 @@ def predict_folder(
     from them; the folder is removed once the predictions are complete.
     """
     root = str(unlabeled_dir)
-    files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
-    files = [f for f in files if _relative(f, root) not in skip]
-    relative = [_relative(f, root) for f in files]
+    listed = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
+    pairs = [(f, rel) for f in listed if (rel := decoded.relative_path(f, root)) not in skip]
+    files, relative = [f for f, _ in pairs], [rel for _, rel in pairs]
     position = {f: i for i, f in enumerate(files)}
     chunks = (
         Chunks(partial_dir, _fingerprint(model, meta, relative, batch_size))
@@ -217,7 +209,7 @@ def predict_folder(
     ) as bar:
         for batch_paths, images in _image_batches(unlabeled_dir, files[start:], meta, batch_size):
             pending_probs.append(predict_batch(model, images, batch_size))
-            pending_paths.extend(_relative(p, root) for p in batch_paths)
+            pending_paths.extend(relative[position[p]] for p in batch_paths)
             new_end = position[batch_paths[-1]] + 1
             bar.update(new_end - end)
             end = new_end
