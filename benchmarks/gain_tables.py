@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ssl_gain.json"
 DOC = ROOT / "docs" / "gain.md"
 FIGURE = ROOT / "docs" / "figures" / "gain_curves.png"
+COMPUTE_FIGURE = ROOT / "docs" / "figures" / "gain_vs_compute.png"
 START, END = "<!-- gain-tables:start -->", "<!-- gain-tables:end -->"
 
 
@@ -79,8 +80,8 @@ def per_seed(rows: list[dict]) -> str:
         "| labels/class | seed | setting | compute | overrides | teacher | baseline | student | "
         "gain | student's live weights after the last epoch | best labelled-only | "
         "teacher's pseudo-label precision | online precision, last epoch | "
-        "mask rate, last epoch | student steps |",
-        "|---" * 15 + "|",
+        "mask rate, last epoch | student steps | code |",
+        "|---" * 16 + "|",
     ]
     key = ("budget", "seed", "setting", "compute")
     for r in sorted(rows, key=lambda r: tuple(r[k] for k in key)):
@@ -97,7 +98,8 @@ def per_seed(rows: list[dict]) -> str:
             f"{live} | {100 * r['best_labelled_only']:.2f} | "
             f"{r['pseudo_label_precision']:.3f} | "
             f"{'–' if online is None else f'{online:.3f}'} | "
-            f"{'–' if mask is None else f'{mask:.3f}'} | {r['student_steps']} |"
+            f"{'–' if mask is None else f'{mask:.3f}'} | {r['student_steps']} | "
+            f"{r.get('code') or '–'} |"
         )
     return "\n".join(lines)
 
@@ -118,8 +120,16 @@ def render(payload: dict) -> str:
     if any(r.get("student_test_curve") for r in rows):
         parts += [
             "",
-            "Test accuracy after every epoch (live weights; the saved model is their moving "
+            "Test accuracy after every epoch (the live weights: the saved model with "
+            "`student.train.ema=0`, the default; with EMA the saved model is their moving "
             "average): ![student and baseline test curves](figures/gain_curves.png)",
+        ]
+    if _compute_series(rows):
+        parts += [
+            "",
+            "Gain vs compute (50 labels per class; every recipe and seed measured at more than one "
+            "step budget, and the Noisy Student rounds): "
+            "![gain vs compute](figures/gain_vs_compute.png)",
         ]
     if payload.get("full_reference"):
         ref = payload["full_reference"]
@@ -178,6 +188,71 @@ def curves_figure(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _short(overrides: list[str]) -> str:
+    """A recipe's legend label: its overrides without the key paths and the rounds."""
+    kept = [o.split("=", 1) for o in overrides if not o.startswith("pseudo_label.rounds=")]
+    short = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in kept]
+    return " ".join(k for k in short if not k.startswith("mixed_precision=")) or "defaults"
+
+
+def _compute_series(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Per recipe and seed (50 labels), its rows by student steps, where there is more than one."""
+    series: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["budget"] == 50:
+            series.setdefault((_short(r["overrides"]), r["seed"]), []).append(r)
+    return {
+        key: sorted(group, key=lambda r: r["student_steps"])
+        for key, group in sorted(series.items())
+        if len({r["student_steps"] for r in group}) > 1
+    }
+
+
+def compute_figure(rows: list[dict], path: Path) -> bool:
+    """Student and best labelled-only accuracy against the student's steps, per recipe and seed:
+    what more compute buys (more epochs, or a second Noisy Student round)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _compute_series(rows)
+    if not series:
+        return False
+    fig, (acc, gain) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, ((recipe, seed), group) in enumerate(series.items()):
+        colour, label = f"C{i}", f"seed {seed}: {recipe}"
+        for rounds, marker in ((False, "o"), (True, "*")):
+            part = [r for r in group if (r.get("rounds", 1) > 1) == rounds]
+            if not part:
+                continue
+            steps = [r["student_steps"] for r in part]
+            style = dict(color=colour, marker=marker, ms=11 if rounds else 6)
+            line = "none" if rounds else "-"
+            name = f"{label}, {part[0]['rounds']} rounds" if rounds else label
+            acc.plot(steps, [100 * r["student"] for r in part], ls=line, label=name, **style)
+            if not rounds:
+                acc.plot(steps, [100 * r["best_labelled_only"] for r in part], ls="--",
+                         marker="_", ms=12, color=colour, alpha=0.6)  # fmt: skip
+            gain.plot(steps, [r["gain"] for r in part], ls=line, label=name, **style)
+    acc.set(title="student (solid), best labelled-only model (dashed)", ylabel="accuracy (%)")
+    gain.set(title="gain over the best labelled-only model", ylabel="points")
+    gain.axhline(4, color="grey", ls=":", lw=1)
+    ticks = sorted({r["student_steps"] for group in series.values() for r in group})
+    for ax in (acc, gain):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("student optimiser steps (log scale; the default's 1x = 4,180)")
+        ax.grid(alpha=0.3)
+    gain.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def updated(doc: str, payload: dict) -> str:
     start, end = doc.index(START) + len(START), doc.index(END)
     return doc[:start] + "\n" + render(payload) + "\n" + doc[end:]
@@ -197,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     DOC.write_text(new, encoding="utf-8")
     curves_figure(payload.get("rows", []), FIGURE)
+    compute_figure(payload.get("rows", []), COMPUTE_FIGURE)
     return 0
 
 

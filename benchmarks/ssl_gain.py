@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,23 @@ def _link_shared(shared: Paths, run: Paths) -> None:
     (run.metrics / "merge.json").write_text((shared.metrics / "merge.json").read_text())
 
 
+def code_version() -> str | None:
+    """The commit the benchmark ran ("+dirty" with uncommitted changes to the code or config):
+    a row's overrides mean what that commit's defaults made of them."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--", "src", "conf", "benchmarks/ssl_gain.py")
+        return git("rev-parse", "--short=7", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _test_accuracy(path: Path, test: Path) -> float:
     model, meta = model_io.load(path)
     return evaluate(model, meta, test).accuracy
@@ -190,6 +208,7 @@ def run_setting(
     class_names = class_names_from(shared.train)  # not iterdir: .decoded/ is a folder too
     row: dict = {"budget": budget, "seed": seed, "setting": setting, "compute": compute}
     row["overrides"] = overrides
+    row["code"] = code_version()
     for part in ("baseline", "student"):
         print(f"[budget {budget}, seed {seed}] {setting} x{compute}: {part}", flush=True)
         callback = [TestCurve(shared.test, class_names, cfg.data.image_size, cfg.data.channels)]
