@@ -46,7 +46,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pseudolabel import merged_set, stages  # noqa: E402
+from pseudolabel import merged_set, stages, tracking  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.data import sources  # noqa: E402
 from pseudolabel.data.images import (  # noqa: E402
@@ -133,17 +133,16 @@ def code_version() -> str | None:
     """The commit the benchmark ran ("+dirty" with uncommitted changes to the code or config):
     a row's overrides mean what that commit's defaults made of them."""
     root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--", "src", "conf", "benchmarks/ssl_gain.py")
-        return git("rev-parse", "--short=7", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    commit = tracking.git_commit(root)
+    if commit is None:
         return None
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--", "src", "conf", "benchmarks/ssl_gain.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return commit[:7] + ("+dirty" if changed else "")
 
 
 def _test_accuracy(path: Path, test: Path) -> float:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pseudolabel import tracking
 from pseudolabel.data.images import class_names_from, list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
@@ -185,8 +186,6 @@ def test_stage_registry_matches_dvc_yaml():
 
 def test_lineage_survives_a_teacher_run_missing_from_the_store(tracking_uri):
     """A teacher trained against another tracking store: the note and the chain say so."""
-    from pseudolabel import tracking
-
     mlflow.set_tracking_uri(tracking_uri)
     tags = {
         tracking.TEACHER_TAG: "0" * 32,
@@ -310,3 +309,18 @@ def test_steps_per_epoch_repeats_a_small_training_set(pipeline, tmp_path, tracki
     run = mlflow.search_runs(experiment_names=[cfg.tracking.experiment]).iloc[0]
     history = mlflow.MlflowClient().get_metric_history(run.run_id, "val_accuracy")
     assert len(history) == 2
+
+
+def test_git_commit_names_the_checked_out_commit_and_none_outside_git(tmp_path):
+    """What `mlflow.source.git.commit` and the benchmark rows record (a real git repository)."""
+    import subprocess
+
+    assert tracking.git_commit(tmp_path) is None
+    run = {"cwd": tmp_path, "check": True, "capture_output": True}
+    subprocess.run(["git", "init", "-q"], **run)
+    (tmp_path / "f").write_text("x")
+    subprocess.run(["git", "add", "f"], **run)
+    who = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", *who, "commit", "-qm", "m"], **run)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], **run, text=True).stdout.strip()
+    assert tracking.git_commit(tmp_path) == head and len(head) == 40

@@ -151,10 +151,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _git_commit() -> str | None:
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The commit checked out at `cwd` (the working directory by default); None outside git."""
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -163,7 +169,7 @@ def _git_commit() -> str | None:
 def context_tags() -> dict[str, str]:
     """Tags that place a run: git commit and, inside `dvc exp run`, the DVC experiment."""
     tags = {}
-    commit = _git_commit()
+    commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     for env, tag in (
