@@ -157,13 +157,26 @@ def render(payload: dict) -> str:
     return "\n".join(parts)
 
 
-def curves_figure(rows: list[dict], path: Path) -> bool:
-    """Test accuracy per epoch of every student and its baseline (runs with --test-curves)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return True
+
+
+def curves_figure(rows: list[dict], path: Path) -> bool:
+    """Test accuracy per epoch of every student and its baseline (runs with --test-curves)."""
+    plt = _pyplot()
     rows = [r for r in rows if r.get("student_test_curve") and r.get("baseline_test_curve")]
     if not rows:
         return False
@@ -181,11 +194,7 @@ def curves_figure(rows: list[dict], path: Path) -> bool:
                ylabel="test accuracy (%)")  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _short(overrides: list[str]) -> str:
@@ -211,11 +220,7 @@ def _compute_series(rows: list[dict]) -> dict[tuple, list[dict]]:
 def compute_figure(rows: list[dict], path: Path) -> bool:
     """Student and best labelled-only accuracy against the student's steps, per recipe and seed:
     what more compute buys (more epochs, or a second Noisy Student round)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     series = _compute_series(rows)
     if not series:
         return False
@@ -246,11 +251,7 @@ def compute_figure(rows: list[dict], path: Path) -> bool:
         ax.set_xlabel("student optimiser steps (log scale; the default's 1x = 4,180)")
         ax.grid(alpha=0.3)
     gain.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def updated(doc: str, payload: dict) -> str:
