@@ -199,6 +199,47 @@ def test_fit_keeps_the_best_val_epoch_or_the_last(tmp_path, restore):
         np.testing.assert_array_equal(got, want)
 
 
+def test_fit_with_ema_keeps_the_best_epochs_average(tmp_path):
+    """train.ema with restore_best_weights: the average is what is validated and what is kept
+    (Keras's EarlyStopping alone would restore the epoch's raw weights over it)."""
+    import tensorflow as tf
+
+    cfg = _cfg(
+        "teacher.train.epochs=3",
+        "teacher.train.patience=3",
+        "teacher.train.restore_best_weights=true",
+        "teacher.train.ema=0.9",
+    )
+    keras.utils.set_random_seed(0)
+    model = _build(cfg)
+    x, y = _raw_pixels((32, 8, 8, 1)), keras.utils.to_categorical(np.arange(32) % 10, 10)
+    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    val_ds = tf.data.Dataset.from_tensor_slices((x[:10], y[:10])).batch(10)
+
+    class Snapshots(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.raw, self.averaged = [], []
+
+        def on_train_batch_end(self, batch, logs=None):  # the optimizer's weights
+            if batch == 1:  # the epoch's last step (2 steps an epoch)
+                self.raw.append(self.model.get_weights())
+
+        def on_epoch_end(self, epoch, logs=None):  # what EarlyStopping recorded
+            self.averaged.append(self.model.get_weights())
+
+    snapshots = Snapshots()
+    history = fitting.fit(
+        model, train_ds, val_ds, cfg.teacher.train, 2, tmp_path / "h.csv", [snapshots]
+    )
+    kept = int(np.argmax(history.history["val_accuracy"]))
+    for got, want in zip(model.get_weights(), snapshots.averaged[kept], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.allclose(snapshots.averaged[kept][0], snapshots.raw[kept][0])
+    accuracy = model.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"]
+    assert accuracy == pytest.approx(history.history["val_accuracy"][kept])
+
+
 # --- training through the stage function ------------------------------------------------------
 
 

@@ -188,7 +188,8 @@ class TrainConfig:
     # tf.config.experimental.enable_op_determinism(): reproducible, slower.
     deterministic: bool = MISSING
     # Keep an exponential moving average of the weights with this momentum (e.g. 0.999) and
-    # save it as the model (Keras optimizers' use_ema); 0: off.
+    # save it as the model (Keras optimizers' use_ema; with restore_best_weights, validation
+    # scores the average and the best epoch's average is kept); 0: off.
     ema: float = MISSING
     # Where training runs (docs/scale.md): auto (one process, TensorFlow's default device),
     # mirrored (tf.distribute.MirroredStrategy over this machine's GPUs; one device without

@@ -186,6 +186,7 @@ def fit(
             shuffle=False,  # tf.data shuffles; Keras cannot shuffle a Dataset
             class_weight=class_weight,
             callbacks=[
+                *_ema_swap(train_cfg),
                 keras.callbacks.EarlyStopping(
                     monitor="val_accuracy",
                     mode="max",
@@ -208,6 +209,18 @@ def fit(
         else:
             best = (score, model.get_weights())
     return merge_histories(histories)
+
+
+def _ema_swap(train_cfg) -> list[keras.callbacks.Callback]:
+    """With an EMA and the best val epoch kept, the average is what is validated, kept and
+    saved: Keras's SwapEMAWeights puts it in the model for validation and at each epoch's end
+    (before EarlyStopping records the epoch's weights). Without it EarlyStopping would record
+    and restore the raw weights over the average: `ema` was silently ignored. Without
+    restore_best_weights the average replaces the weights once, when fit ends (the optimizer's
+    finalize_variable_values), and the epochs' callbacks see the raw weights as before."""
+    if train_cfg.ema and train_cfg.restore_best_weights:
+        return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)]
+    return []
 
 
 def _compile(model: keras.Model, phase: Phase, train_cfg, steps_per_epoch: int) -> None:
