@@ -8,8 +8,9 @@ setting of a seed (paired seeds):
 - per setting (a named set of Hydra overrides, SETTINGS) and compute multiplier (1x, 2x, 4x the
   student's epochs): the student (`train_student`) and its labelled-only baseline
   (`train_baseline`: the student's network, views, steps and EMA on the labelled images alone);
-- best labelled-only = max(teacher, every baseline of that seed at that compute); gain = student -
-  best labelled-only, in points;
+- best labelled-only = the best teacher or baseline of that labelled split (budget, seed, data.*)
+  at no more compute, whatever teacher or student recipe trained it; gain = student - best
+  labelled-only, in points;
 - precision of the teacher's kept pseudo-labels, and (consistency) of the student's own online
   pseudo-labels, against the true labels; seconds per part;
 - with --test-curves: test accuracy after every epoch of every student and baseline;
@@ -281,26 +282,27 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def with_gains(rows: list[dict]) -> list[dict]:
-    """best labelled-only = max(teacher, every baseline of the same budget and seed on the same
-    labelled split with at most the student's steps: whatever `student.*` overrides trained it,
-    a baseline is a labelled-only model within the same compute, so a recipe is judged against
-    the strongest one);
-    gain = student - that."""
+    """best labelled-only = the best teacher or baseline of any row on the same labelled split
+    with at most the student's steps: whatever `teacher.*` or `student.*` overrides trained it,
+    it is a labelled-only model within the same compute, so a recipe is judged against the
+    strongest one found; gain = student - that."""
 
     def split(r: dict) -> tuple:
-        # data.unlabeled does not change the labelled split (drawn first, data.layout), so
-        # baselines trained with another unlabelled count are peers too.
-        kept = [o for o in shared_overrides(r["overrides"]) if not o.startswith("data.unlabeled=")]
-        return (r["budget"], r["seed"], kept)
+        # Only data.* decides the labelled split; data.unlabeled does not (the split is drawn
+        # first, data.layout), so models trained with another unlabelled count are peers too.
+        data = [o for o in r["overrides"] if o.startswith("data.") and "data.unlabeled=" not in o]
+        return (r["budget"], r["seed"], data)
 
     def spent(r: dict) -> int:  # the student's steps in units of the default's: rounds train anew
         return r["compute"] * r.get("rounds", 1)
 
     for row in rows:
-        # Peers: every baseline of the same split given at most the student's steps (a baseline
-        # with fewer steps is within the same compute; the baseline's accuracy is flat in steps).
-        peers = [r["baseline"] for r in rows if split(r) == split(row) and spent(r) <= spent(row)]
-        row["best_labelled_only"] = max([row["teacher"], *peers])
+        # Peers: every teacher and baseline of the same split given at most the student's steps
+        # (fewer steps are within the same compute; the baseline's accuracy is flat in steps).
+        peers = [r for r in rows if split(r) == split(row) and spent(r) <= spent(row)]
+        row["best_labelled_only"] = max(
+            m for r in [row, *peers] for m in (r["teacher"], r["baseline"])
+        )
         row["gain"] = round(100 * (row["student"] - row["best_labelled_only"]), 2)
         row["gain_vs_own_baseline"] = round(100 * (row["student"] - row["baseline"]), 2)
     return rows
