@@ -162,22 +162,24 @@ def test_class_weights_and_mixed_precision_on_cpu(monkeypatch):
     assert model.dtype_policy.name == "mixed_float16" and model.output.dtype == "float32"
 
 
-@pytest.mark.parametrize("restore", [True, False])
-def test_fit_keeps_the_best_val_epoch_or_the_last(tmp_path, restore):
-    """train.restore_best_weights: the weights of the first best val-accuracy epoch (Keras
-    EarlyStopping), or with false those of the last epoch."""
+def _three_epochs(*overrides):
+    """A seeded teacher config of 3 epochs, its model, 2 training batches and a val batch."""
     import tensorflow as tf
 
-    cfg = _cfg(
-        "teacher.train.epochs=3",
-        "teacher.train.patience=3",
-        f"teacher.train.restore_best_weights={restore}",
-    )
+    cfg = _cfg("teacher.train.epochs=3", "teacher.train.patience=3", *overrides)
     keras.utils.set_random_seed(0)
     model = _build(cfg)
     x, y = _raw_pixels((32, 8, 8, 1)), keras.utils.to_categorical(np.arange(32) % 10, 10)
     train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     val_ds = tf.data.Dataset.from_tensor_slices((x[:10], y[:10])).batch(10)
+    return cfg, model, train_ds, val_ds
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_fit_keeps_the_best_val_epoch_or_the_last(tmp_path, restore):
+    """train.restore_best_weights: the weights of the first best val-accuracy epoch (Keras
+    EarlyStopping), or with false those of the last epoch."""
+    cfg, model, train_ds, val_ds = _three_epochs(f"teacher.train.restore_best_weights={restore}")
 
     class Snapshots(keras.callbacks.Callback):
         def __init__(self):
@@ -202,19 +204,9 @@ def test_fit_keeps_the_best_val_epoch_or_the_last(tmp_path, restore):
 def test_fit_with_ema_keeps_the_best_epochs_average(tmp_path):
     """train.ema with restore_best_weights: the average is what is validated and what is kept
     (Keras's EarlyStopping alone would restore the epoch's raw weights over it)."""
-    import tensorflow as tf
-
-    cfg = _cfg(
-        "teacher.train.epochs=3",
-        "teacher.train.patience=3",
-        "teacher.train.restore_best_weights=true",
-        "teacher.train.ema=0.9",
+    cfg, model, train_ds, val_ds = _three_epochs(
+        "teacher.train.restore_best_weights=true", "teacher.train.ema=0.9"
     )
-    keras.utils.set_random_seed(0)
-    model = _build(cfg)
-    x, y = _raw_pixels((32, 8, 8, 1)), keras.utils.to_categorical(np.arange(32) % 10, 10)
-    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-    val_ds = tf.data.Dataset.from_tensor_slices((x[:10], y[:10])).batch(10)
 
     class Snapshots(keras.callbacks.Callback):
         def __init__(self):
