@@ -356,10 +356,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def split_argv(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """The options before `--` and the Hydra overrides after it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, overrides = split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=int, nargs="*", default=[50])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -400,9 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         payload.setdefault("commands", [])
         if not args.merge and " ".join(sys.argv) not in payload["commands"]:
             payload["commands"].append(" ".join(sys.argv))
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        model_io.write_text_atomic(args.out, json.dumps(payload, indent=1) + "\n")
 
     if args.merge:
         for other in map(lambda f: json.loads(f.read_text()), args.merge):

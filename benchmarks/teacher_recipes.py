@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,9 +45,7 @@ RECIPES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, overrides = ssl_gain.split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -73,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             payload.setdefault("commands", [])
             if " ".join(sys.argv) not in payload["commands"]:
                 payload["commands"].append(" ".join(sys.argv))
-            tmp = args.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(payload, indent=1) + "\n")
-            os.replace(tmp, args.out)
+            ssl_gain.model_io.write_text_atomic(args.out, json.dumps(payload, indent=1) + "\n")
             print(json.dumps(row), f"({time.perf_counter() - start:.0f} s)", flush=True)
     return 0
 
