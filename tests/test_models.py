@@ -232,6 +232,43 @@ def test_fit_with_ema_keeps_the_best_epochs_average(tmp_path):
     assert accuracy == pytest.approx(history.history["val_accuracy"][kept])
 
 
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_weight_decay_shrinks_kernels_only(name):
+    """train.weight_decay is Keras's decoupled decay (weights shrink by lr x decay a step);
+    biases and batch-norm scales and offsets are spared. train.optimizer picks Adam or SGD
+    with Nesterov momentum."""
+    cfg = _cfg(f"student.train.optimizer={name}", "student.train.weight_decay=0.5")
+    optimizer = fitting.make_optimizer(cfg.student.train, 0.1)
+    assert type(optimizer) is {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[name]
+    if name == "sgd":
+        assert optimizer.nesterov and optimizer.momentum == 0.9
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()]
+    )
+    before = {v.path: np.array(v) for v in model.trainable_variables}
+    optimizer.apply(
+        [keras.ops.zeros_like(v) for v in model.trainable_variables], model.trainable_variables
+    )  # no gradient: only the decay moves weights
+    for variable in model.trainable_variables:
+        factor = 1 - 0.1 * 0.5 if variable.name == "kernel" else 1.0
+        np.testing.assert_allclose(np.array(variable), before[variable.path] * factor, rtol=1e-6)
+    assert fitting.make_optimizer(cfg.teacher.train, 0.1).weight_decay is None  # default: off
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("teacher.train.optimizer=lamb", "use one of adam, sgd"),
+        ("student.train.weight_decay=-1", "student.train.weight_decay"),
+    ],
+)
+def test_bad_optimizer_settings_are_clear_errors(override, message):
+    from pseudolabel.errors import PseudoLabelError
+
+    with pytest.raises(PseudoLabelError, match=message):
+        _cfg(override)
+
+
 # --- training through the stage function ------------------------------------------------------
 
 

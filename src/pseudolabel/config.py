@@ -39,6 +39,7 @@ MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
 SELECTIONS = ("threshold", "per_class", "topk")
 ENGINES = ("local", "ray")  # pseudo_label.engine
 STRATEGIES = ("auto", "mirrored", "multi_worker")  # teacher/student.train.strategy
+OPTIMIZERS = ("adam", "sgd")  # teacher/student.train.optimizer
 # What data.labeled_root / unlabeled_root name for the built-in sources (conf/data/_base.yaml):
 # a folder every project has, since dvc.yaml's ingest depends on both roots. data=folder must
 # point them at the user's folders instead.
@@ -166,6 +167,11 @@ class TrainConfig:
     epochs: int = MISSING
     batch_size: int = MISSING
     learning_rate: float = MISSING
+    # adam, or sgd (Nesterov momentum 0.9, FixMatch's optimiser); both on the cosine schedule.
+    optimizer: str = MISSING
+    # Decoupled weight decay (Keras's `weight_decay`: each step shrinks the weights by
+    # learning_rate * weight_decay of themselves; biases and normalisation scales excluded); 0: off.
+    weight_decay: float = MISSING
     patience: int = MISSING
     # At the end, the weights of the best val-accuracy epoch (Keras EarlyStopping's
     # restore_best_weights); false: the last epoch's. With a val set of a few hundred images the
@@ -537,6 +543,10 @@ def _check_strategy(cfg: DictConfig, role: str, fail) -> None:
     key = f"{role}.train"
     if train.strategy not in STRATEGIES:
         fail(f"{key}.strategy", train.strategy, f"use one of {', '.join(STRATEGIES)}")
+    if train.optimizer not in OPTIMIZERS:
+        fail(f"{key}.optimizer", train.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
+    if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):
+        fail(f"{key}.weight_decay", train.weight_decay, "use 0 (off) or a positive decay")
     if train.workers < 1:
         fail(f"{key}.workers", train.workers, "use >= 1 Ray Train worker")
     if train.strategy == "multi_worker" and train.batch_size < train.workers:

@@ -37,7 +37,7 @@ UNCOMMENTED = {
         "Images per training step: the global batch, split across the workers or GPUs of "
         "train.strategy (per worker: batch_size / workers)."
     ),
-    "TrainConfig.learning_rate": "Adam's initial learning rate, decayed on a cosine schedule.",
+    "TrainConfig.learning_rate": "Initial learning rate, decayed on a cosine schedule.",
     "TrainConfig.patience": "Early stopping: epochs without a better val accuracy.",
     "TrainConfig.label_smoothing": "Label smoothing of the cross-entropy loss (0: none).",
     "AugmentConfig.flip": "Random horizontal flips (keras.layers.RandomFlip).",

@@ -223,14 +223,29 @@ def _ema_swap(train_cfg) -> list[keras.callbacks.Callback]:
     return []
 
 
+def make_optimizer(train_cfg, learning_rate) -> keras.optimizers.Optimizer:
+    """`train.optimizer` with its weight decay and EMA. The decay is Keras's (decoupled, scaled by
+    the learning rate) and spares biases and normalisation parameters, as is usual."""
+    common = {
+        "weight_decay": train_cfg.weight_decay or None,
+        "use_ema": bool(train_cfg.ema),
+        "ema_momentum": train_cfg.ema or 0.99,
+    }
+    if train_cfg.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **common)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate, **common)
+    if train_cfg.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
 def _compile(model: keras.Model, phase: Phase, train_cfg, steps_per_epoch: int) -> None:
     schedule = keras.optimizers.schedules.CosineDecay(
         phase.learning_rate, decay_steps=max(1, phase.epochs * steps_per_epoch)
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(
-            schedule, use_ema=bool(train_cfg.ema), ema_momentum=train_cfg.ema or 0.99
-        ),
+        optimizer=make_optimizer(train_cfg, schedule),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
         metrics=["accuracy"],
     )
