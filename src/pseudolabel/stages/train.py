@@ -480,8 +480,8 @@ def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
 
 
 def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
-    """The student's network and steps on the labelled images alone (student.baseline): what
-    the unlabelled images must beat. Off: a metrics file saying so, and no model."""
+    """The student's network and steps (all rounds' students' together) on the labelled images
+    alone (student.baseline): what the unlabelled images must beat. Off: a metrics file saying so, and no model."""
     if not cfg.student.baseline.enabled:
         paths.model("baseline").parent.mkdir(parents=True, exist_ok=True)
         write_json(paths.model("baseline").with_suffix(".off.json"), {"enabled": False})
@@ -502,6 +502,11 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
         raw["student"]["labeled_finetune_epochs"] = 0
     raw["student"]["train"]["steps_per_epoch"] = steps
     raw["student"]["train"]["ema"] = student.baseline.ema
+    # The same compute as the whole chain of students: with pseudo_label.rounds each round's
+    # student trains its epochs anew, so the baseline gets rounds x as many (one schedule).
+    rounds = cfg.pseudo_label.rounds
+    raw["student"]["train"]["epochs"] = student.train.epochs * rounds
+    raw["student"]["train"]["patience"] = student.train.patience * rounds
     base_cfg = validate(raw, origin="train_baseline")
     tags = {"baseline": "labelled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
     return _train(
