@@ -36,11 +36,15 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+DEFAULT_STEPS = 4180  # the default student's optimiser steps (all its rounds together): 1x
+
+
 def _compute(row: dict) -> str:
-    """The student's steps in units of the default's: a Noisy Student round trains anew."""
+    """All the student's steps (every Noisy Student round trains anew) in units of the
+    default's."""
     rounds = row.get("rounds", 1)
-    total = f"{row['compute'] * rounds}x"
-    return total if rounds == 1 else f"{total} ({rounds} rounds of {row['compute']}x)"
+    total = f"{row['student_steps'] / DEFAULT_STEPS:g}x"
+    return total if rounds == 1 else f"{total} ({rounds} rounds)"
 
 
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:

@@ -293,15 +293,15 @@ def with_gains(rows: list[dict]) -> list[dict]:
         data = [o for o in r["overrides"] if o.startswith("data.") and "data.unlabeled=" not in o]
         return (r["budget"], r["seed"], data)
 
-    def spent(r: dict) -> int:  # the student's steps in units of the default's: rounds train anew
-        return r["compute"] * r.get("rounds", 1)
-
     for row in rows:
-        # Peers: every teacher and baseline of the same split given at most the student's steps
-        # (fewer steps are within the same compute; the baseline's accuracy is flat in steps).
-        peers = [r for r in rows if split(r) == split(row) and spent(r) <= spent(row)]
+        # Peers: every teacher and every baseline of the same split trained with at most the
+        # student's steps (all rounds' students' together; fewer steps are within the same
+        # compute, and the baseline's accuracy is flat in steps).
+        peers = [r for r in rows if split(r) == split(row)]
         row["best_labelled_only"] = max(
-            m for r in [row, *peers] for m in (r["teacher"], r["baseline"])
+            [row["teacher"], row["baseline"]]
+            + [r["teacher"] for r in peers]
+            + [r["baseline"] for r in peers if r["baseline_steps"] <= row["student_steps"]]
         )
         row["gain"] = round(100 * (row["student"] - row["best_labelled_only"]), 2)
         row["gain_vs_own_baseline"] = round(100 * (row["student"] - row["baseline"]), 2)
