@@ -481,7 +481,8 @@ def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
 
 def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
     """The student's network and steps (all rounds' students' together) on the labelled images
-    alone (student.baseline): what the unlabelled images must beat. Off: a metrics file saying so, and no model."""
+    alone (student.baseline): what the unlabelled images must beat. Off: a metrics file saying
+    so, and no model."""
     if not cfg.student.baseline.enabled:
         paths.model("baseline").parent.mkdir(parents=True, exist_ok=True)
         write_json(paths.model("baseline").with_suffix(".off.json"), {"enabled": False})
