@@ -6,7 +6,6 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -14,6 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from omegaconf import OmegaConf
 
 from pseudolabel import consistency, distributed, fitting, merged_set, plots, predicting, tracking
 from pseudolabel.config import no_augmentation, to_dict, validate
@@ -173,13 +173,14 @@ def _labeled_finetune(model, job: _Job, history):
     )
     before = (max(history.history["val_accuracy"]), model.get_weights())
     epochs = role_cfg.labeled_finetune_epochs
-    train_cfg = SimpleNamespace(
-        epochs=epochs,
-        learning_rate=role_cfg.train.learning_rate * role_cfg.labeled_finetune_lr_factor,
-        label_smoothing=role_cfg.train.label_smoothing,
-        patience=epochs,
-        restore_best_weights=role_cfg.train.restore_best_weights,
-        ema=role_cfg.train.ema,
+    # The student's own training settings (optimiser, decay, EMA, ...), shorter and slower.
+    train_cfg = OmegaConf.merge(
+        role_cfg.train,
+        {
+            "epochs": epochs,
+            "patience": epochs,
+            "learning_rate": role_cfg.train.learning_rate * role_cfg.labeled_finetune_lr_factor,
+        },
     )
     log.info("student: fine-tuning on %d labelled images for %d epochs", len(files), epochs)
     tuned = fitting.fit(
