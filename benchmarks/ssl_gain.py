@@ -32,6 +32,7 @@ replaced.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -159,6 +160,15 @@ def shared_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(later)]
 
 
+def run_folder_name(label: str, limit: int = 200) -> str:
+    """A folder name for one setting's run: readable, and within the file system's 255 bytes
+    (a long override list is cut and a hash of the whole keeps two lists apart)."""
+    name = re.sub(r"[^\w.=-]+", "_", label)
+    if len(name) <= limit:
+        return name  # unchanged for short lists, so existing work folders are reused
+    return f"{name[: limit - 13]}_{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
 def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tuple[Paths, dict]:
     """ingest, teacher, pseudo_label, merge for one budget and seed (reused when done)."""
     root = work / f"budget{budget}_seed{seed}"
@@ -199,7 +209,7 @@ def run_setting(
     cfg = compose([*chosen, f"student.train.epochs={epochs}", f"student.train.patience={epochs}"])
     tag = "".join(f"_{o}" for o in overrides if o not in shared_overrides(overrides))
     run = Paths(
-        shared.root / re.sub(r"[^\w.=-]+", "_", f"{setting}_x{compute}{tag}"),
+        shared.root / run_folder_name(f"{setting}_x{compute}{tag}"),
         data_root=shared.root,
         teacher_model=shared.model("teacher"),
     )

@@ -105,3 +105,16 @@ def test_the_gain_tables_are_generated_from_the_committed_benchmark_json():
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_benchmark_run_folders_stay_within_the_file_systems_name_limit(monkeypatch):
+    """A long override list (a sweep of student keys) once failed with ENAMETOOLONG."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from ssl_gain import run_folder_name
+
+    assert run_folder_name("consistency_x1_student.train.ema=0.0") == (
+        "consistency_x1_student.train.ema=0.0"  # short names unchanged: old work folders reused
+    )
+    long = "consistency_x1" + "".join(f"_student.train.key{i}=value" for i in range(20))
+    assert len(run_folder_name(long).encode()) <= 255
+    assert run_folder_name(long) != run_folder_name(long.replace("value", "other"))
