@@ -49,6 +49,30 @@ def project(tmp_path_factory):
     return root, env
 
 
+def _wait_for_queue(root, env, seconds=600):
+    """The queued experiment, once `dvc queue status` shows it done: its stage log and params."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = _run([str(BIN / "dvc"), "queue", "status"], root, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(2)
+    assert re.search(r"\bSuccess\b", status), status
+    name = re.search(r"^\S+\s+(\S+)\s+.*Success", status, re.M).group(1)  # Task, Name, ...
+    logs = _run([str(BIN / "dvc"), "queue", "logs", name], root, env)
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], root, env))
+    params = next(
+        e["data"]["params"]["params.yaml"]["data"]["data"]
+        for rev in shown
+        for exp in rev.get("experiments") or []
+        for e in exp["revs"]
+        if e.get("name") == name
+    )
+    return SimpleNamespace(name=name, logs=logs, params=params)
+
+
 @pytest.fixture(scope="module")
 def ran(project):
     """`dvc repro`, `dvc repro` again, a commit, then `dvc exp run -S pseudo_label.threshold=0.9`:
@@ -61,31 +85,24 @@ def ran(project):
     _run(["git", "add", "-A"], root, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], root, env)
     baseline = _run(["git", "rev-parse", "HEAD"], root, env).strip()
-    exp = _run(
-        [
-            str(BIN / "dvc"),
-            "exp",
-            "run",
-            "-S",
-            "+experiment=smoke",
-            "-S",
-            "pseudo_label.threshold=0.9",
-        ],
-        root,
-        env,
-    )
+    # -S alone: the preset `pseudolabel compose` recorded in conf/project.yaml is kept (issue
+    # 32: DVC composes conf/ plus -S, and used to drop it and run the Fashion-MNIST pipeline).
+    exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "pseudo_label.threshold=0.9"], root, env)
+    exp_params = yaml.safe_load((root / "params.yaml").read_text())
     exp_merge = json.loads((root / "metrics/merge.json").read_text())
+    # The same through the queue: a temporary copy of the repository, run by `dvc queue start`.
+    _run([str(BIN / "dvc"), "exp", "run", "--queue", "-S", "pseudo_label.threshold=0.6"], root, env)
+    _run([str(BIN / "dvc"), "queue", "start"], root, env)
+    queued = _wait_for_queue(root, env)
     # Two Noisy Student rounds: adds the round@round2 stage; round 1 is already up to date.
-    rounds = _run(
-        [str(BIN / "dvc"), "exp", "run", "-S", "+experiment=smoke", "-S", "pseudo_label.rounds=2"],
-        root,
-        env,
-    )
+    rounds = _run([str(BIN / "dvc"), "exp", "run", "-S", "pseudo_label.rounds=2"], root, env)
     rounds_lock = yaml.safe_load((root / "dvc.lock").read_text())
     # A client of its own: mlflow.set_tracking_uri would also repoint later tests' stages.
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = list(client.search_runs([client.get_experiment_by_name("pseudolabel").experiment_id]))
     return SimpleNamespace(
+        exp_params=exp_params,
+        queued=queued,
         exp_merge=exp_merge,
         first_merge=first_merge,
         rounds=rounds,
@@ -145,6 +162,7 @@ def test_dvc_repro_then_nothing(ran):
 def test_threshold_experiment_reruns_downstream_and_tags_its_runs(ran):
     assert _ran(ran.exp) == {"merge", "train_student", "evaluate"}, ran.exp
     assert ran.exp_merge["threshold"] == 0.9
+    assert ran.exp_params["data"]["source"] == "digits", "the preset was dropped"
     # Runs made inside `dvc exp run` carry its name and baseline, in the project's own mlflow.db.
     name = re.search(r"Ran experiment\(s\): ([\w-]+)", ran.exp).group(1)
     exp_runs = [r for r in ran.runs if r.data.tags.get("dvc.exp_name") == name]
@@ -261,3 +279,11 @@ def test_a_teammate_clone_pulls_the_pipeline_from_the_default_remote(ran):
         assert (clone / rel).is_file(), rel
     status = _run([dvc, "status"], clone, env)
     assert "Data and pipelines are up to date" in status, status
+
+
+def test_a_queued_experiment_keeps_the_project_settings(ran):
+    """`dvc exp run --queue -S ...` + `dvc queue start`: composed from the same conf/, it
+    re-runs merge and what follows, on the project's data."""
+    assert _ran(ran.queued.logs) == {"merge", "train_student", "evaluate"}, ran.queued.logs
+    assert ran.queued.params["source"] == "digits"
+    assert ran.queued.params["image_size"] == [8, 8]

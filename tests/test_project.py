@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -130,10 +132,11 @@ def _run(cmd, cwd, env, timeout=600):
     return result.stdout
 
 
-@pytest.mark.slow  # ~70 s of CPU (a wheel build, `dvc repro` of the smoke experiment)
-def test_the_wheel_runs_the_pipeline_in_a_fresh_repository(tmp_path):
-    """What a user does: install the wheel, `pseudolabel init` in their repository, compose,
-    `dvc repro`. Nothing may come from this source tree."""
+@pytest.mark.slow  # ~90 s of CPU (a wheel build, `dvc repro` of the smoke experiment, an exp)
+def test_the_wheel_runs_the_pipeline_in_a_fresh_repository(tmp_path, digits_data):
+    """What a user does: install the wheel, `pseudolabel init` in their repository, compose
+    their own folders, `dvc repro`, then `dvc exp run -S` one threshold, which must keep their
+    folders (issue 32). Nothing may come from this source tree."""
     # Build from a copy of the tracked files, so the build leaves nothing in the checkout.
     source = tmp_path / "source"
     copy_tracked_files(source)
@@ -169,7 +172,37 @@ def test_the_wheel_runs_the_pipeline_in_a_fresh_repository(tmp_path):
     repo = _git_repo(tmp_path / "user_repo")
     _run([str(venv / "bin" / "pseudolabel"), "init"], repo, env)
     assert not (repo / "src").exists() and "src/" not in (repo / "dvc.yaml").read_text()
-    _run([str(venv / "bin" / "pseudolabel"), "compose", "+experiment=smoke"], repo, env)
+    # The user's own images: the digits, as folders of PNG files in the repository.
+    photos = repo / "photos"
+    for source, target in (
+        (digits_data.labeled, "labeled"),
+        (digits_data.unlabeled, "unlabeled"),
+    ):
+        shutil.copytree(source, photos / target, ignore=shutil.ignore_patterns(".*"))
+    user_settings = [
+        "+experiment=smoke",
+        "data=folder",
+        "data.labeled_root=photos/labeled",
+        "data.unlabeled_root=photos/unlabeled",
+        "data.image_size=[8,8]",
+        "data.min_size=4",
+    ]
+    _run([str(venv / "bin" / "pseudolabel"), "compose", *user_settings], repo, env)
+    settings = yaml.safe_load((repo / "conf" / "project.yaml").read_text())
+    assert settings["data"]["labeled_root"] == "photos/labeled", settings
     _run([str(python), "-m", "dvc", "repro"], repo, env)
     evaluation = json.loads((repo / "metrics" / "evaluation.json").read_text())
     assert evaluation, "metrics/evaluation.json is empty"
+    for cmd in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "r"]):
+        _run(["git", *cmd], repo, env)
+    exp = _run(
+        [str(python), "-m", "dvc", "exp", "run", "-S", "pseudo_label.threshold=0.9"], repo, env
+    )
+    assert set(re.findall(r"Running stage '([\w@]+)'", exp)) == {
+        "merge",
+        "train_student",
+        "evaluate",
+    }
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["data"]["source"] == "folder" and params["data"]["image_size"] == [8, 8]
+    assert params["pseudo_label"]["threshold"] == 0.9

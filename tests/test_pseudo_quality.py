@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from pseudolabel import calibration, merged_set, thresholds, tracking
-from pseudolabel.config import to_dict, to_yaml, validate
+from pseudolabel.config import compose_raw, to_dict, to_yaml, validate
 from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.paths import Paths
@@ -296,7 +296,9 @@ def _labelling_project(root, pipeline, unlabeled=None) -> Paths:
 def test_killed_labelling_resumes_to_the_same_csv(pipeline, smoke_cfg, tmp_path, caplog):
     cfg = _cfg(smoke_cfg, batch_size=4, chunk_size=32)
     killed = _labelling_project(tmp_path / "killed", pipeline)
-    (killed.root / "params.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    # The stage refuses a params.yaml that is not a composition (a hand edit): compose it.
+    overrides = ["+experiment=smoke", "pseudo_label.batch_size=4", "pseudo_label.chunk_size=32"]
+    (killed.root / "params.yaml").write_text(to_yaml(compose_raw(overrides)), encoding="utf-8")
     process = subprocess.Popen(
         [sys.executable, "-m", "pseudolabel.cli", "pseudo_label", "--params", "params.yaml"],
         cwd=killed.root,

@@ -13,27 +13,29 @@ import mlflow
 import pytest
 
 from pseudolabel import tracking
-from pseudolabel.config import compose_raw, to_yaml
+from pseudolabel.config import load_params
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-SMOKE = "+experiment=smoke"
 
 
 @pytest.fixture(scope="module")
 def project(pipeline, tmp_path_factory) -> Path:
-    """A copy of the `pipeline` fixture's root made a project: conf/, dvc.yaml, params.yaml."""
+    """A copy of the `pipeline` fixture's root made a project as a user makes one: conf/,
+    dvc.yaml, then `pseudolabel compose +experiment=smoke` (conf/project.yaml, params.yaml).
+    The sweeps below name no preset: they start from the project's composition."""
     root = tmp_path_factory.mktemp("sweep") / "project"
     shutil.copytree(pipeline.root, root)
     shutil.copytree(REPO / "conf", root / "conf")  # pseudolabel-sweep composes the project's
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "params.yaml").write_text(to_yaml(compose_raw([SMOKE])), encoding="utf-8")
+    subprocess.run([str(BIN / "pseudolabel"), "compose", "+experiment=smoke"], cwd=root, check=True)
+    assert load_params(root / "params.yaml").data.source == "digits"
     return root
 
 
 def _sweep(root: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "pseudolabel-sweep"), "-m", SMOKE, *overrides],
+        [str(BIN / "pseudolabel-sweep"), "-m", *overrides],
         cwd=root,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
         capture_output=True,
@@ -121,6 +123,8 @@ def test_failed_job_is_marked_and_the_sweep_goes_on(project, tracking_uri):
         (["pseudo_label.threshhold=0.5,0.6"], "threshhold"),
         (["pseudo_label.threshold=0.5,1.5"], "pseudo_label.threshold=1.5"),
         (["data.unlabeled=100,200"], "dvc exp run"),
+        # What the user changed, and nothing the project itself set (the preset's digits).
+        (["data.train_per_class=3,4"], "this job sets data.train_per_class=3 (params.yaml: 10):"),
     ],
 )
 def test_bad_input_is_one_error_before_any_job(project, overrides, message):

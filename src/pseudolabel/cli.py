@@ -53,9 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     round_.add_argument("number", type=int, help="the round, 2 or more")
     round_.add_argument("--params", default="params.yaml", help="composed parameter file")
-    compose = sub.add_parser("compose", help="compose conf/ (+ overrides) into params.yaml")
+    compose = sub.add_parser(
+        "compose",
+        help="record settings in conf/project.yaml, then compose conf/ into params.yaml",
+        description="Record KEY=VALUE settings (Hydra overrides: data=folder, "
+        "data.image_size=[32,32], +experiment=smoke; ~KEY drops one) in conf/project.yaml, "
+        "which every writer of params.yaml composes (dvc exp run -S, the queue, the sweep), "
+        "then write params.yaml. With no settings: recompose params.yaml from conf/.",
+    )
     compose.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=digits")
-    compose.add_argument("-o", "--output", help="default: params.yaml beside the project's conf/")
+    compose.add_argument(
+        "--reset", action="store_true", help="drop the settings conf/project.yaml holds first"
+    )
+    compose.add_argument(
+        "-o",
+        "--output",
+        help="write the composition of conf/ + overrides to this file instead; conf/ and "
+        "params.yaml stay as they are",
+    )
     init = sub.add_parser(
         "init", help="write conf/, dvc.yaml, params.yaml and the DVC settings into this git repo"
     )
@@ -94,18 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "compose":
+            from pseudolabel.atomic import write_text_atomic
             from pseudolabel.config import (
                 check_data_roots,
-                compose,
+                compose_project,
                 compose_raw,
                 project_root,
                 to_yaml,
+                validate,
             )
 
-            output = Path(args.output or project_root() / "params.yaml")
-            check_data_roots(compose(args.overrides), project_root())  # before writing
-            output.write_text(to_yaml(compose_raw(args.overrides)), encoding="utf-8")
-            logging.info("wrote %s", output)
+            if args.output:
+                raw = compose_raw(args.overrides)
+                check_data_roots(validate(raw, "conf/ " + " ".join(args.overrides)), project_root())
+                write_text_atomic(Path(args.output), to_yaml(raw))
+                logging.info("wrote %s", args.output)
+                return 0
+            for path in compose_project(args.overrides, reset=args.reset):
+                logging.info("wrote %s", path)
             return 0
         if args.command in ("init", "lock"):
             # Like the stages (ENTRIES), a command's module is imported only when it runs:

@@ -18,7 +18,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pseudolabel import rounds
+from pseudolabel import composition, rounds
+from pseudolabel.atomic import write_text_atomic
 from pseudolabel.errors import PseudoLabelError
 
 # The project's configuration folder, read from the project (never from this package: an
@@ -346,6 +347,9 @@ class Config:
     # per-round stages and the model `evaluate` scores.
     rounds: dict[str, Any] = MISSING
     final_student: str = MISSING
+    # A hash of the other values, computed by the composition (pseudolabel.composition): a
+    # params.yaml edited by hand no longer matches it, and load_params refuses it.
+    params_digest: str = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -610,7 +614,13 @@ def load_params(path: str | Path = "params.yaml") -> DictConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise PseudoLabelError(f"{path}: not valid YAML ({exc}).") from None
-    return validate(raw, origin=str(path))
+    if not isinstance(raw, dict):
+        raise PseudoLabelError(f"{path}: expected a mapping of parameters.")
+    if composition.DIGEST not in raw:
+        composition.check_digest(raw, str(path))  # the older-version message
+    cfg = validate(raw, origin=str(path))  # names a missing key or a bad value first
+    composition.check_digest(raw, str(path))
+    return cfg
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -645,19 +655,60 @@ def compose_raw(overrides: list[str] | None = None, config_dir: Path | None = No
 
     config_dir = Path(config_dir) if config_dir is not None else conf_dir()
     rounds.register()  # conf/config.yaml derives the per-round keys with these resolvers
+    composition.register()  # and its params_digest
     try:
         with initialize_config_dir(str(config_dir.resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     except HydraException as exc:
-        raise PseudoLabelError(f"conf/: {exc}") from None
+        raise PseudoLabelError(f"conf/: {_one_line(str(exc))}") from None
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line composition errors (a list of options below) in one line."""
+    message = message.split("Config search path:")[0]  # Hydra's, naming temporary folders
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    head, rest = lines[0], [line for line in lines[1:] if not line.startswith("_")]
+    return f"{head} ({' '.join(rest)})" if rest else head
 
 
 def compose(overrides: list[str] | None = None, config_dir: Path | None = None) -> DictConfig:
     """Compose `conf/` with overrides and validate the result."""
     raw = compose_raw(overrides, config_dir)
     return validate(raw, origin="conf/ " + " ".join(overrides or []))
+
+
+def compose_project(
+    overrides: list[str], reset: bool = False, root: str | Path | None = None
+) -> tuple[Path, Path]:
+    """`pseudolabel compose`: record `overrides` in the project's conf/project.yaml (on top of
+    what it holds; `reset`: instead of it), then write params.yaml as the composition of conf/
+    alone, which is what DVC and the sweep compose too. Everything is checked (the composition,
+    its values, the data folders) before either file is written. Returns both paths."""
+    import shutil
+    import tempfile
+
+    root = project_root(root)
+    conf = root / CONF
+    project = conf / f"{composition.PROJECT}.yaml"
+    settings = composition.Settings() if reset else composition.Settings.read(project)
+    settings = composition.apply(settings, overrides, conf)
+    text = settings.text()
+    unchanged = project.is_file() and not (overrides or reset)  # keep hand edits as they are
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / CONF
+        shutil.copytree(conf, trial)
+        if not unchanged:
+            (trial / project.name).write_text(text, encoding="utf-8")
+        raw = compose_raw([], trial)
+    cfg = validate(raw, origin=f"conf/ {' '.join(overrides)}".rstrip())
+    check_data_roots(cfg, root)
+    if not unchanged:
+        write_text_atomic(project, text)
+    params = root / "params.yaml"
+    write_text_atomic(params, to_yaml(raw))
+    return project, params
 
 
 def check_data_roots(cfg: DictConfig, root: str | Path) -> None:

@@ -92,12 +92,21 @@ def _stage_outputs(project: Path, names: tuple[str, ...]) -> list[str]:
     return [out.def_path for stage in _dvc_stages(project, names) for out in stage.outs]
 
 
-def _changed(cfg: DictConfig, reference: DictConfig, keys: list[str]) -> list[str]:
+def _changed(cfg: DictConfig, reference: DictConfig, keys: list[str]) -> list[tuple[str, Any, Any]]:
+    """(key, params.yaml's value, the job's value) for each of `keys` that differs."""
+
     def value(c: DictConfig, key: str) -> Any:
         node = OmegaConf.select(c, key)
         return OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
 
-    return [k for k in keys if value(cfg, k) != value(reference, k)]
+    def leaves(key: str, old: Any, new: Any):  # the keys below a mapping that differ
+        if isinstance(old, dict) and isinstance(new, dict):
+            for sub in sorted(set(old) | set(new)):
+                yield from leaves(f"{key}.{sub}", old.get(sub), new.get(sub))
+        elif old != new:
+            yield key, old, new
+
+    return [c for k in keys for c in leaves(k, value(reference, k), value(cfg, k))]
 
 
 def plan(cfg: DictConfig, project: Path) -> tuple[str, ...]:
@@ -106,10 +115,12 @@ def plan(cfg: DictConfig, project: Path) -> tuple[str, ...]:
     reference = load_params(project / "params.yaml")
     data_changes = _changed(cfg, reference, _stage_params(project, ("ingest",)))
     if data_changes:
+        changes = "; ".join(f"{k}={new!r} (params.yaml: {old!r})" for k, old, new in data_changes)
         raise PseudoLabelError(
-            f"{', '.join(data_changes)} differ from {project / 'params.yaml'}: they change the "
-            "data set itself, which a sweep job does not rebuild. Sweep them with "
-            "`dvc exp run -S key=a,b --queue` and `dvc queue start` instead."
+            f"this job sets {changes}: that changes the data set itself, which a sweep job "
+            "does not rebuild. Sweep it with `dvc exp run -S key=a,b --queue` and `dvc queue "
+            "start` instead; if you did not set it, params.yaml is not the composition of conf/: "
+            "run `pseudolabel compose`."
         )
     if _changed(cfg, reference, _stage_params(project, LABELS_STAGES)):
         return LABELS_STAGES + JOB_STAGES

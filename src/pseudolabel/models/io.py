@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from pseudolabel.atomic import write_text_atomic
 from pseudolabel.config import INPUT_SCALES, KERAS_PREPROCESSING
 from pseudolabel.errors import PseudoLabelError
 
@@ -63,21 +64,6 @@ def save(model: keras.Model, path: Path, meta: ModelMeta) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     write_text_atomic(meta_path(path), json.dumps(asdict(meta), indent=2) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, flushed to disk, then rename it over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_meta(path: Path) -> ModelMeta | None:

@@ -13,9 +13,9 @@ import mlflow
 import numpy as np
 
 from pseudolabel import tracking
+from pseudolabel.atomic import write_text_atomic
 from pseudolabel.data.images import class_names_from
 from pseudolabel.errors import PseudoLabelError
-from pseudolabel.models.io import write_text_atomic
 from pseudolabel.paths import Paths
 
 log = logging.getLogger(__name__)
