@@ -1,0 +1,113 @@
+"""benchmarks/scenarios.py: the messy unlabelled pools of issue 29, on small synthetic arrays."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import scenarios  # noqa: E402
+
+
+def _arrays(per_class: int = 40, classes: int = 10, seed: int = 0):
+    """Images whose label is written in their first pixel, so a test can check the truth."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    images = rng.integers(1, 200, (len(labels), 28, 28)).astype(np.uint8)
+    images[:, 0, 0] = labels
+    order = rng.permutation(len(labels))
+    return images[order], labels[order]
+
+
+DIGITS = np.random.default_rng(1).integers(0, 17, (30, 8, 8)).astype(np.float64)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75])
+def test_class_mismatch_has_the_asked_share_of_unseen_classes(fraction):
+    images, labels = _arrays()
+    pool = scenarios.class_mismatch(images, labels, range(6), fraction, size=100, seed=0)
+    assert pool.images.shape == (100, 28, 28) and pool.images.dtype == np.uint8
+    assert pool.ood.sum() == round(fraction * 100)
+    # truth: the true class for classes 0-5, -1 (and kind unseen_class) for 6-9
+    true = pool.images[:, 0, 0].astype(int)
+    assert np.array_equal(pool.truth, np.where(true < 6, true, -1))
+    assert set(pool.kind[pool.ood]) <= {"unseen_class"}
+    assert set(pool.kind[~pool.ood]) == {"in"}
+
+
+def test_class_mismatch_default_size_and_refusals():
+    images, labels = _arrays()
+    assert len(scenarios.class_mismatch(images, labels, range(6), 0.0)) == 240  # every known one
+    pool = scenarios.class_mismatch(images, labels, range(6), 0.75)
+    assert pool.ood.sum() == 160 and len(pool) == 213  # limited by the 160 unseen-class images
+    with pytest.raises(ValueError):
+        scenarios.class_mismatch(images, labels, range(6), 0.75, size=400)
+    with pytest.raises(ValueError):
+        scenarios.class_mismatch(images, labels, range(6), 1.0)
+
+
+def test_with_junk_replaces_the_fraction_with_an_equal_mix_of_kinds():
+    images, labels = _arrays()
+    clean = scenarios.class_mismatch(images, labels, range(6), 0.0, size=240, seed=3)
+    pool = scenarios.with_junk(clean, 0.10, seed=0, digits=DIGITS)
+    assert len(pool) == 240 and pool.images.dtype == np.uint8
+    counts = pool.counts()
+    junk = {k: v for k, v in counts.items() if k.startswith("junk:")}
+    assert set(junk) == {f"junk:{k}" for k in scenarios.JUNK_KINDS}
+    assert sum(junk.values()) == 24 and max(junk.values()) - min(junk.values()) <= 1
+    is_junk = np.char.startswith(pool.kind.astype(str), "junk:")
+    assert np.all(pool.truth[is_junk] == -1)
+    # the other images are untouched, with their truth
+    assert np.array_equal(pool.images[~is_junk], clean.images[~is_junk])
+    assert np.array_equal(pool.truth[~is_junk], clean.truth[~is_junk])
+    # each kind is what it says
+    blank = pool.images[pool.kind == "junk:blank"]
+    assert all(len(np.unique(x)) == 1 for x in blank)
+    at = np.flatnonzero(pool.kind == "junk:inverted")
+    assert np.array_equal(pool.images[at], 255 - clean.images[at])
+    assert not np.array_equal(pool.images[pool.kind == "junk:rotated"],
+                              clean.images[pool.kind == "junk:rotated"])  # fmt: skip
+
+
+def test_every_junk_kind_gives_uint8_images_of_the_shape():
+    rng = np.random.default_rng(0)
+    items = _arrays()[0][:5]
+    for kind in scenarios.JUNK_KINDS:
+        out = scenarios.make_junk(kind, 5, rng, (28, 28), items=items, digits=DIGITS)
+        assert out.shape == (5, 28, 28) and out.dtype == np.uint8, kind
+    with pytest.raises(ValueError):
+        scenarios.make_junk("rotated", 5, rng)  # needs the items it turns
+    with pytest.raises(ValueError):
+        scenarios.make_junk("screenshot", 5, rng)
+
+
+def test_long_tailed_pool_follows_the_exponential_profile():
+    images, labels = _arrays(per_class=120)
+    pool = scenarios.long_tailed(images, labels, ratio=10, seed=0)
+    per_class = np.bincount(pool.truth, minlength=10)
+    assert per_class[0] == 120 and per_class[-1] == 12  # head / tail = the ratio
+    assert np.all(np.diff(per_class) <= 0)
+    expected = np.floor(120 * 10.0 ** (-np.arange(10) / 9) + 1e-9)
+    assert np.array_equal(per_class, expected)
+    assert set(pool.kind) == {"in"} and not pool.ood.any()
+    assert np.array_equal(pool.images[:, 0, 0], pool.truth)  # truth follows the images
+    hundred = scenarios.long_tailed(images, labels, ratio=100, classes=[9, 8, 7], seed=0)
+    assert np.bincount(hundred.truth, minlength=10)[[9, 8, 7]].tolist() == [120, 12, 1]
+
+
+def test_pools_are_deterministic_by_seed():
+    images, labels = _arrays()
+
+    def build(seed):
+        pool = scenarios.class_mismatch(images, labels, range(6), 0.5, size=120, seed=seed)
+        return scenarios.with_junk(pool, 0.1, seed=seed, digits=DIGITS)
+
+    a, b, c = build(0), build(0), build(1)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.kind, b.kind)
+    assert np.array_equal(a.truth, b.truth)
+    assert not np.array_equal(a.images, c.images)
+    lt = [scenarios.long_tailed(images, labels, 10, seed=s).images for s in (0, 0, 1)]
+    assert np.array_equal(lt[0], lt[1]) and not np.array_equal(lt[0], lt[2])
