@@ -19,16 +19,26 @@ per image:
                           known=range(6), fraction=0.5, size=30000, seed=0)
     pool = with_junk(pool, fraction=0.10, seed=0)
     pool = long_tailed(source.train_images[rest], source.train_labels[rest], ratio=10, seed=0)
+
+A pool becomes the unlabelled folder with `write_pool` (files named by index only, and a truth
+table); `Truth` reads the table back (the `truth=` lookup of stages.train_student) and
+`labelling_report` measures a labelling and merge of it against the truth (benchmarks/
+messy_pools.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
 IN = "in"
 UNSEEN = "unseen_class"
@@ -271,3 +281,114 @@ def long_tailed(
     chosen = chosen[rng.permutation(len(chosen))]
     kind = np.full(len(chosen), IN, dtype=object)
     return Pool(images[chosen].copy(), labels[chosen].copy(), kind)
+
+
+# A pool written as the unlabelled folder: pool_<index>.png, the index into the pool (never its
+# class or kind, so the folder leaks nothing), and a truth table saved beside the folder.
+POOL_FILE = re.compile(r"(pool_\d+)(?:-\d+)?\.png$")  # -N: a second copy in the merged set
+
+
+def pool_file(index: int) -> str:
+    return f"pool_{index:05d}.png"
+
+
+def write_pool(pool: Pool, folder: Path, class_names: Sequence[str]) -> dict:
+    """Every image of `pool` as folder/pool_<i>.png (the folder is created; existing files of
+    the same names are replaced); returns the truth table: the class names and, per file, its
+    class index (-1: of none of them) and kind (see `Truth`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for i, (image, truth, kind) in enumerate(zip(pool.images, pool.truth, pool.kind, strict=True)):
+        name = pool_file(i)
+        Image.fromarray(np.asarray(image, np.uint8)).save(folder / name, format="PNG")
+        images[name] = [int(truth), str(kind)]
+    return {"class_names": list(class_names), "images": images}
+
+
+class Truth:
+    """The truth table of a written pool: for any path naming a pool file (under the unlabelled
+    folder, or its copy in the merged set: <class>/u__pool_00012.png, -N suffixed), its class
+    name (None when out-of-distribution or not a pool file) and kind. Called with a list of
+    paths it gives their class names: the `truth` lookup stages.train_student takes."""
+
+    def __init__(self, table: dict):
+        self.class_names = list(table["class_names"])
+        self.images = {name: (int(c), str(k)) for name, (c, k) in table["images"].items()}
+
+    @classmethod
+    def load(cls, path: Path) -> Truth:
+        return cls(json.loads(Path(path).read_text()))
+
+    def entry(self, rel: str) -> tuple[int, str] | None:
+        match = POOL_FILE.search(str(rel))
+        return None if match is None else self.images.get(match.group(1) + ".png")
+
+    def __call__(self, rel_paths: Iterable[str]) -> list[str | None]:
+        out = []
+        for rel in rel_paths:
+            found = self.entry(rel)
+            out.append(self.class_names[found[0]] if found and found[0] >= 0 else None)
+        return out
+
+    def kinds(self, rel_paths: Iterable[str]) -> list[str | None]:
+        return [None if (e := self.entry(rel)) is None else e[1] for rel in rel_paths]
+
+
+def _flags(column) -> np.ndarray:
+    """A CSV's boolean column (True/False, true/false or 1/0) as bools."""
+    return np.asarray([str(v).strip().lower() in ("true", "1", "1.0") for v in column])
+
+
+def labelling_report(csv: pd.DataFrame, manifest: pd.DataFrame, truth: Truth) -> dict:
+    """What one labelling (outputs/data.csv) and merge (data/train_ssl/manifest.csv) did with a
+    written pool, against its truth:
+
+    - accuracy_in: the predicted class of the in-distribution pool images ("in");
+    - pseudo_label_precision: the merged pseudo-labels of in-distribution images that are right;
+      pseudo_label_precision_all: of every merged pseudo-label (one of no class counts wrong);
+    - kept_by_kind: the share of each kind's pool images merge copied; merged_share: each kind's
+      share of the merged pseudo-labelled images (merged_counts: their numbers);
+    - with an `ood_score` column (higher = more out-of-distribution): auroc per OOD kind (and
+      "ood", every OOD kind together), that kind positive against "in";
+    - with an `ood` column (the pipeline's flag): flagged, the share of each kind flagged."""
+    paths = list(csv["path"])
+    kind = np.asarray(truth.kinds(paths), dtype=object)
+    names = np.asarray(truth(paths), dtype=object)
+    is_in = kind == IN
+    labels = csv["label"].astype(str).to_numpy()
+    pool_counts = {str(k): int(np.sum(kind == k)) for k in dict.fromkeys(kind) if k is not None}
+    pseudo = manifest[manifest["source"] == "pseudo"]
+    p_kind = np.asarray(truth.kinds(list(pseudo["file"])), dtype=object)
+    p_true = np.asarray(truth(list(pseudo["file"])), dtype=object)
+    p_label = pseudo["label"].astype(str).to_numpy()
+    p_in = p_kind == IN
+    merged_counts = {k: int(np.sum(p_kind == k)) for k in pool_counts}
+
+    def share(num, den):
+        return round(float(num) / den, 4) if den else None
+
+    report = {
+        "pool_counts": pool_counts,
+        "accuracy_in": share(np.sum(labels[is_in] == names[is_in]), int(is_in.sum())),
+        "pseudo_labeled": len(pseudo),
+        "pseudo_label_precision": share(np.sum(p_label[p_in] == p_true[p_in]), int(p_in.sum())),
+        "pseudo_label_precision_all": share(np.sum(p_label == p_true), len(pseudo)),
+        "kept_by_kind": {k: share(merged_counts[k], n) for k, n in pool_counts.items()},
+        "merged_counts": merged_counts,
+        "merged_share": {k: share(n, len(pseudo)) for k, n in merged_counts.items()},
+    }
+    ood_kinds = [k for k in pool_counts if k != IN]
+    if "ood_score" in csv.columns and is_in.any():
+        scores = csv["ood_score"].to_numpy(dtype=float)
+        report["auroc"] = {}
+        for name in [*ood_kinds, "ood"] if ood_kinds else []:
+            out = np.isin(kind, ood_kinds) if name == "ood" else kind == name
+            y = np.r_[np.zeros(int(is_in.sum())), np.ones(int(out.sum()))]
+            auc = roc_auc_score(y, np.r_[scores[is_in], scores[out]])
+            report["auroc"][name] = round(float(auc), 4)
+    if "ood" in csv.columns:
+        flagged = _flags(csv["ood"])
+        report["flagged"] = {
+            k: share(np.sum(flagged[kind == k]), n) for k, n in pool_counts.items()
+        }
+    return report

@@ -131,15 +131,15 @@ def _link_shared(shared: Paths, run: Paths) -> None:
     (run.metrics / "merge.json").write_text((shared.metrics / "merge.json").read_text())
 
 
-def code_version() -> str | None:
-    """The commit the benchmark ran ("+dirty" with uncommitted changes to the code or config):
-    a row's overrides mean what that commit's defaults made of them."""
+def code_version(code: tuple[str, ...] = ("benchmarks/ssl_gain.py",)) -> str | None:
+    """The commit the benchmark ran ("+dirty" with uncommitted changes to src/, conf/ or the
+    benchmark's own `code`): a row's overrides mean what that commit's defaults made of them."""
     root = Path(__file__).resolve().parents[1]
     commit = tracking.git_commit(root)
     if commit is None:
         return None
     changed = subprocess.run(
-        ["git", "status", "--porcelain", "--", "src", "conf", "benchmarks/ssl_gain.py"],
+        ["git", "status", "--porcelain", "--", "src", "conf", *code],
         cwd=root,
         capture_output=True,
         text=True,
@@ -201,26 +201,48 @@ def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tup
 
 
 def run_setting(
-    shared: Paths, budget: int, seed: int, setting: str, compute: int, overrides, curves: bool
+    shared: Paths,
+    budget: int,
+    seed: int,
+    setting: str,
+    compute: int,
+    overrides,
+    curves: bool,
+    settings: dict[str, list[str]] = SETTINGS,
+    truth=None,
+    baseline: dict | None = None,
+    label: str | None = None,
 ) -> dict:
-    """The student and its labelled-only baseline of one setting at `compute` x the epochs."""
-    chosen = [f"data.train_per_class={budget}", f"seed={seed}", *SETTINGS[setting], *overrides]
+    """The student and its labelled-only baseline of one setting at `compute` x the epochs.
+
+    For other benchmarks (benchmarks/messy_pools.py): `settings` names the recipes, `truth` is
+    the unlabelled images' truth lookup (default: Fashion-MNIST's index in the file name),
+    `baseline` a row of the same labelled split and student recipe whose baseline this setting
+    reuses instead of training one, `label` the progress lines' prefix."""
+    label = label or f"budget {budget}, seed {seed}"
+    chosen = [f"data.train_per_class={budget}", f"seed={seed}", *settings[setting], *overrides]
     epochs = compose(chosen).student.train.epochs * compute
     cfg = compose([*chosen, f"student.train.epochs={epochs}", f"student.train.patience={epochs}"])
     tag = "".join(f"_{o}" for o in overrides if o not in shared_overrides(overrides))
     run = Paths(
         shared.root / run_folder_name(f"{setting}_x{compute}{tag}"),
-        data_root=shared.root,
+        data_root=shared.input_root,
         teacher_model=shared.model("teacher"),
     )
     _link_shared(shared, run)
-    lookup = truth_of(cfg.data.idx_dir)
+    lookup = truth or truth_of(cfg.data.idx_dir)
     class_names = class_names_from(shared.train)  # not iterdir: .decoded/ is a folder too
     row: dict = {"budget": budget, "seed": seed, "setting": setting, "compute": compute}
     row["overrides"] = overrides
     row["code"] = code_version()
     for part in ("baseline", "student"):
-        print(f"[budget {budget}, seed {seed}] {setting} x{compute}: {part}", flush=True)
+        if part == "baseline" and baseline is not None:
+            print(f"[{label}] {setting} x{compute}: baseline of {baseline['setting']}", flush=True)
+            row.update({k: baseline[k] for k in ("baseline", "baseline_steps")})
+            row["baseline_seconds"] = 0.0  # trained by that setting
+            row["baseline_from"] = baseline["setting"]
+            continue
+        print(f"[{label}] {setting} x{compute}: {part}", flush=True)
         callback = [TestCurve(shared.test, class_names, cfg.data.image_size, cfg.data.channels)]
         callbacks = callback if curves else []
         start = time.perf_counter()
@@ -242,7 +264,7 @@ def run_setting(
         row["rounds"] = cfg.pseudo_label.rounds
         row["student_by_round"] = [row["student"]]
         for number in range(2, cfg.pseudo_label.rounds + 1):
-            print(f"[budget {budget}, seed {seed}] {setting} x{compute}: round {number}")
+            print(f"[{label}] {setting} x{compute}: round {number}", flush=True)
             start = time.perf_counter()
             metrics = stages.run_round(cfg, run, number)
             row["student_seconds"] += round(time.perf_counter() - start, 1)
@@ -291,11 +313,12 @@ def _same(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def with_gains(rows: list[dict]) -> list[dict]:
+def with_gains(rows: list[dict], split_key=None) -> list[dict]:
     """best labelled-only = the best teacher or baseline of any row on the same labelled split
     with at most the student's steps: whatever `teacher.*` or `student.*` overrides trained it,
     it is a labelled-only model within the same compute, so a recipe is judged against the
-    strongest one found; gain = student - that."""
+    strongest one found; gain = student - that. `split_key` (row -> key): which rows share a
+    labelled split and test set, for other benchmarks (default: budget, seed, data.*)."""
 
     def split(r: dict) -> tuple:
         # Only data.* decides the labelled split; data.unlabeled does not (the split is drawn
@@ -303,11 +326,12 @@ def with_gains(rows: list[dict]) -> list[dict]:
         data = [o for o in r["overrides"] if o.startswith("data.") and "data.unlabeled=" not in o]
         return (r["budget"], r["seed"], data)
 
+    key = split_key or split
     for row in rows:
         # Peers: every teacher and every baseline of the same split trained with at most the
         # student's steps (all rounds' students' together; fewer steps are within the same
         # compute, and the baseline's accuracy is flat in steps).
-        peers = [r for r in rows if split(r) == split(row)]
+        peers = [r for r in rows if key(r) == key(row)]
         row["best_labelled_only"] = max(
             [row["teacher"], row["baseline"]]
             + [r["teacher"] for r in peers]

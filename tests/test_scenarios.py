@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -111,3 +113,71 @@ def test_pools_are_deterministic_by_seed():
     assert not np.array_equal(a.images, c.images)
     lt = [scenarios.long_tailed(images, labels, 10, seed=s).images for s in (0, 0, 1)]
     assert np.array_equal(lt[0], lt[1]) and not np.array_equal(lt[0], lt[2])
+
+
+def _written(tmp_path):
+    """A 6-image pool (4 of two classes, an unseen-class image, a blank) written as a folder."""
+    images = np.zeros((6, 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(6)
+    truth = np.array([0, 1, 1, 0, -1, -1])
+    kind = np.array(["in"] * 4 + ["unseen_class", "junk:blank"], dtype=object)
+    pool = scenarios.Pool(images, truth, kind)
+    table = scenarios.write_pool(pool, tmp_path / "unlabeled", ["cat", "dog"])
+    return pool, table
+
+
+def test_write_pool_names_files_by_index_only_and_keeps_the_truth(tmp_path):
+    pool, table = _written(tmp_path)
+    files = sorted(p.name for p in (tmp_path / "unlabeled").iterdir())
+    assert files == [f"pool_{i:05d}.png" for i in range(6)]
+    from PIL import Image
+
+    for i, name in enumerate(files):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "unlabeled" / name)), pool.images[i])
+    truth = scenarios.Truth(json.loads(json.dumps(table)))  # survives a JSON round trip
+    # a CSV path, a merged-set copy (and a second copy, -1), an unknown file
+    paths = ["pool_00001.png", "dog/u__pool_00002.png", "cat/u__pool_00003-1.png",
+             "pool_00004.png", "pool_00005.png", "train_00001.png"]  # fmt: skip
+    assert truth(paths) == ["dog", "dog", "cat", None, None, None]
+    assert truth.kinds(paths) == ["in", "in", "in", "unseen_class", "junk:blank", None]
+
+
+def test_labelling_report_precision_shares_auroc_and_flags(tmp_path):
+    _, table = _written(tmp_path)
+    truth = scenarios.Truth(table)
+    csv = pd.DataFrame(
+        {
+            "path": [scenarios.pool_file(i) for i in range(6)],
+            "label": ["cat", "dog", "cat", "cat", "dog", "cat"],  # image 2 wrong
+            "confidence": 0.9,
+            "ood_score": [0.1, 0.2, 0.5, 0.3, 0.4, 0.9],  # unseen below one "in" image
+            "ood": ["False", "False", "True", "False", "True", "True"],
+        }
+    )
+    manifest = pd.DataFrame(  # merge kept images 0, 1, 2 and 4; one labelled image
+        {
+            "file": [
+                "cat/train_1.png",
+                "cat/u__pool_00000.png",
+                "dog/u__pool_00001.png",
+                "cat/u__pool_00002.png",
+                "dog/u__pool_00004.png",
+            ],  # fmt: skip
+            "label": ["cat", "cat", "dog", "cat", "dog"],
+            "source": ["labeled", "pseudo", "pseudo", "pseudo", "pseudo"],
+        }
+    )
+    report = scenarios.labelling_report(csv, manifest, truth)
+    assert report["pool_counts"] == {"in": 4, "unseen_class": 1, "junk:blank": 1}
+    assert report["accuracy_in"] == 0.75
+    assert report["pseudo_labeled"] == 4
+    assert report["pseudo_label_precision"] == round(2 / 3, 4)
+    assert report["pseudo_label_precision_all"] == 0.5
+    assert report["merged_counts"] == {"in": 3, "unseen_class": 1, "junk:blank": 0}
+    assert report["merged_share"] == {"in": 0.75, "unseen_class": 0.25, "junk:blank": 0.0}
+    assert report["kept_by_kind"] == {"in": 0.75, "unseen_class": 1.0, "junk:blank": 0.0}
+    assert report["auroc"] == {"unseen_class": 0.75, "junk:blank": 1.0, "ood": 0.875}
+    assert report["flagged"] == {"in": 0.25, "unseen_class": 1.0, "junk:blank": 1.0}
+    # without the pipeline's score and flag: neither is reported
+    plain = scenarios.labelling_report(csv.drop(columns=["ood_score", "ood"]), manifest, truth)
+    assert "auroc" not in plain and "flagged" not in plain

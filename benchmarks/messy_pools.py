@@ -1,0 +1,383 @@
+"""Messy unlabelled pools (issue 29, item 1): does the student still beat the labelled images?
+
+For each scenario and seed, on Fashion-MNIST alone (Debian's IDX files), through the pipeline's
+own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
+
+- the labelled split: `layout.split_indices` with data.train_per_class (50) and
+  data.val_per_class (20) per class, seeded by `seed`, written as ingest writes it
+  (`layout.write_layout`, then `decode_once`: the stages read decoded copies);
+- the unlabelled pool, from the training images the labelled split left (benchmarks/
+  scenarios.py), written to data/unlabeled as pool_<index>.png with its truth table beside it
+  (data/unlabeled_truth.json: class index or -1 and kind per file):
+  - `mismatch-F` (F = 0, 0.25, 0.5, 0.75): labelled = classes 0-5 only; the pool = 32,000
+    images (--pool-size), a share F of them of classes 6-9 (`scenarios.class_mismatch`; 32,000
+    is the largest size every F allows: 24,000 images of classes 6-9 at 0.75); test = the
+    6,000 test images of classes 0-5;
+  - `junk`: the 10-class task; the pool = every image left (59,300) with 10 % of them replaced
+    by junk, an equal mix of scenarios.JUNK_KINDS (`scenarios.with_junk`); test = all 10,000;
+  - `longtail-R` (R = 10, 100): the 10-class task, the pool long-tailed with imbalance ratio R
+    (`scenarios.long_tailed`: class 0 the head with every image it has left, class 9 the tail),
+    the labelled set balanced; test = all 10,000;
+- per scenario and seed, shared by every setting (paired): the labelled split, the teacher
+  (`train_teacher`), its labelling (`pseudo_label`) and `merge`; per setting (ARMS) the
+  student, its Noisy Student rounds and the labelled-only baseline (ssl_gain's `run_setting`);
+  a setting whose overrides change the labelling (pseudo_label.*, not .rounds) labels and
+  merges again with the same teacher, and reuses the baseline of an earlier setting with the
+  same student recipe;
+- per row: teacher, baseline, student, best labelled-only (the best teacher or baseline of the
+  same labelled split, test set and seed with at most the student's steps: ssl_gain's
+  `with_gains`; all mismatch-F share one split, junk and longtail-R another) and the gain in
+  points; for the teacher's labelling (`labelling`) and every later round's (`by_round`):
+  `scenarios.labelling_report`, i.e. the pseudo-label precision on in-distribution images,
+  each kind's share of the merged pseudo-labelled images, and, when outputs/data.csv has them,
+  the AUROC of its `ood_score` column per kind and the share of each kind its `ood` column
+  flags; the student's online pseudo-label precision (in-distribution images) in its last
+  epoch; the seconds of every part.
+
+Settings: `default` (the project's defaults, no extra overrides) and `ood`
+(pseudo_label.ood.exclude=true: merge and the consistency term leave out the images the
+pipeline flags). A setting whose overrides `compose` rejects fails with one line; the others
+still run (exit status 1).
+
+    python benchmarks/messy_pools.py --scenarios mismatch-0.5 --seeds 0 --settings default
+    python benchmarks/messy_pools.py --scenarios mismatch-0.5 junk longtail-10 --seeds 0 1 2 \\
+        --settings default ood
+    python benchmarks/messy_pools.py --scenarios mismatch-0 mismatch-0.25 mismatch-0.75 \\
+        longtail-100 --seeds 0 --settings default ood
+    # seconds-long smoke run (a scratch --out): 600-image pools, one epoch, one round
+    python benchmarks/messy_pools.py --scenarios mismatch-0.5 junk longtail-10 --pool-size 600 \\
+        --out /tmp/messy_smoke.json --work /tmp/messy_smoke_work -- student.train.epochs=1 \\
+        teacher.train.epochs=2 pseudo_label.rounds=1
+
+(python: `PYTHONPATH=src .venv/bin/python`.) Extra arguments after `--` are Hydra overrides
+applied to every run. Rows are merged into benchmarks/results/messy_pools.json (committed); a
+row with the same scenario, seed, setting, pool size and overrides is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scenarios  # noqa: E402
+import ssl_gain  # noqa: E402
+from ood_scores import cpu_model, known_source  # noqa: E402
+
+from pseudolabel import merged_set, predicting, stages  # noqa: E402
+from pseudolabel.config import compose  # noqa: E402
+from pseudolabel.data import layout, sources  # noqa: E402
+from pseudolabel.errors import PseudoLabelError  # noqa: E402
+from pseudolabel.models import io as model_io  # noqa: E402
+from pseudolabel.paths import Paths  # noqa: E402
+from pseudolabel.stages.ingest import decode_once  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CODE = ("benchmarks/messy_pools.py", "benchmarks/scenarios.py", "benchmarks/ssl_gain.py")
+KNOWN = 6  # mismatch: classes 0-5 labelled, 6-9 only in the pool
+MISMATCH_SIZE = 32_000  # the largest pool every fraction up to 0.75 allows
+JUNK_FRACTION = 0.10
+TRUTH = "data/unlabeled_truth.json"
+ARMS = {
+    "default": [],
+    "ood": ["pseudo_label.ood.exclude=true"],
+}
+
+
+def parse_scenario(name: str) -> dict:
+    """'mismatch-0.5' -> {kind, fraction}, 'junk' -> {kind, fraction}, 'longtail-10' -> ratio."""
+    kind, _, value = name.partition("-")
+    try:
+        if kind == "mismatch" and value:
+            fraction = float(value)
+            if 0.0 <= fraction < 1.0:
+                return {"kind": kind, "fraction": fraction}
+        elif kind == "junk" and not value:
+            return {"kind": kind, "fraction": JUNK_FRACTION}
+        elif kind == "longtail" and value and float(value) >= 1.0:
+            return {"kind": kind, "ratio": float(value)}
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"scenario {name!r}: mismatch-F (0 <= F < 1), junk or longtail-R (R >= 1)"
+    )
+
+
+def task_of(spec: dict) -> str:
+    """The labelled task (split and test set): classes 0-5 for mismatch, all ten otherwise."""
+    return f"classes_0-{KNOWN - 1}" if spec["kind"] == "mismatch" else "classes_0-9"
+
+
+def build_pool(spec: dict, images, labels, seed: int, pool_size: int | None) -> scenarios.Pool:
+    """The scenario's pool from the images the labelled split left."""
+    if spec["kind"] == "mismatch":
+        size = pool_size or MISMATCH_SIZE
+        return scenarios.class_mismatch(images, labels, range(KNOWN), spec["fraction"], size, seed)
+    if spec["kind"] == "junk":
+        if pool_size:
+            keep = np.sort(np.random.default_rng(seed).choice(len(images), pool_size, False))
+            images, labels = images[keep], labels[keep]
+        kind = np.full(len(images), scenarios.IN, dtype=object)
+        clean = scenarios.Pool(images.copy(), np.asarray(labels, np.int64), kind)
+        return scenarios.with_junk(clean, spec["fraction"], seed)
+    n_max = None
+    if pool_size:  # the head whose profile sums to about pool_size
+        classes = len(np.unique(labels))
+        profile = spec["ratio"] ** (-np.arange(classes) / max(1, classes - 1))
+        n_max = max(1, int(pool_size / profile.sum()))
+    return scenarios.long_tailed(images, labels, spec["ratio"], n_max=n_max, seed=seed)
+
+
+def prepare(spec: dict, cfg, paths: Paths, pool_size: int | None) -> dict:
+    """The labelled split (train, val, test) and the pool written as the stages read them."""
+    full = sources.fashion_mnist(cfg.data.idx_dir)
+    if spec["kind"] == "mismatch":
+        source, in_full = known_source(full, KNOWN), np.flatnonzero(full.train_labels < KNOWN)
+    else:
+        source, in_full = full, np.arange(len(full.train_labels))
+    data = cfg.data
+    split = layout.split_indices(
+        source, data.train_per_class, data.val_per_class, data.test_per_class, 0, cfg.seed
+    )
+    used = in_full[np.concatenate([split.train, split.val])]
+    rest = np.setdiff1d(np.arange(len(full.train_labels)), used)
+    pool = build_pool(spec, full.train_images[rest], full.train_labels[rest], cfg.seed, pool_size)
+    layout.write_layout(source, split, paths.labeled, paths.unlabeled)  # no unlabelled images
+    table = scenarios.write_pool(pool, paths.unlabeled, source.class_names)
+    model_io.write_text_atomic(paths.input_root / TRUTH, json.dumps(table) + "\n")
+    decode_once(cfg, paths)
+    return {"train": len(split.train), "val": len(split.val), "test": len(split.test),
+            "pool": len(pool), "pool_counts": pool.counts()}  # fmt: skip
+
+
+def shared_part(scenario: str, seed: int, overrides: list[str], pool_size, work: Path):
+    """Labelled split, pool, teacher, pseudo_label and merge of a scenario and seed (reused when
+    done with the same overrides)."""
+    spec = parse_scenario(scenario)
+    overrides = ssl_gain.shared_overrides(overrides)
+    root = work / ssl_gain.run_folder_name(
+        "_".join([scenario, f"seed{seed}", f"pool{pool_size or 'default'}", *overrides])
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = compose([f"seed={seed}", *overrides])
+    paths = Paths(root)
+    done = root / "shared_done.json"
+    key = json.dumps([scenario, seed, pool_size, overrides])
+    previous = json.loads(done.read_text()) if done.is_file() else {}
+    label = f"{scenario}, seed {seed}"
+    if previous.get("key") == key:
+        print(f"[{label}] pool, teacher and pseudo-labels reused", flush=True)
+        return cfg, paths, previous["info"]
+    seconds = {}
+    print(f"[{label}] writing the labelled split and the pool", flush=True)
+    start = time.perf_counter()
+    counts = prepare(spec, cfg, paths, pool_size)
+    seconds["write"] = round(time.perf_counter() - start, 1)
+    print(f"[{label}] {json.dumps(counts)}", flush=True)
+    for name in ("train_teacher", "pseudo_label", "merge"):
+        print(f"[{label}] {name}", flush=True)
+        start = time.perf_counter()
+        stages.STAGES[name](cfg, paths)
+        seconds[name] = round(time.perf_counter() - start, 1)
+    info = {
+        "teacher": ssl_gain._test_accuracy(paths.model("teacher"), paths.test),
+        "split": {k: counts[k] for k in ("train", "val", "test")},
+        "pool_size": counts["pool"],
+        "pool_counts": counts["pool_counts"],
+        "seconds": seconds,
+    }
+    done.write_text(json.dumps({"key": key, "info": info}))
+    return cfg, paths, info
+
+
+def arm_labelling(shared: Paths, seed: int, setting: str, overrides: list[str], label: str):
+    """The Paths a setting's students read their pseudo-labels and merged set from: the shared
+    ones, or (a setting whose overrides change the labelling) its own pseudo_label and merge
+    with the shared teacher, under the scenario's folder. Also the seconds they took."""
+    own = [o for o in ARMS[setting] if o in ssl_gain.shared_overrides(ARMS[setting])]
+    if not own:
+        return shared, 0.0
+    arm = Paths(
+        shared.root / ssl_gain.run_folder_name(f"labels_{setting}"),
+        data_root=shared.root,
+        teacher_model=shared.model("teacher"),
+    )
+    arm.root.mkdir(parents=True, exist_ok=True)
+    done = arm.root / "labels_done.json"
+    key = json.dumps([seed, own, ssl_gain.shared_overrides(overrides)])
+    if done.is_file() and json.loads(done.read_text()).get("key") == key:
+        print(f"[{label}] {setting}: its pseudo-labels reused", flush=True)
+        return arm, 0.0
+    cfg = compose([f"seed={seed}", *ssl_gain.shared_overrides([*own, *overrides])])
+    start = time.perf_counter()
+    for name in ("pseudo_label", "merge"):
+        print(f"[{label}] {setting}: {name}", flush=True)
+        stages.STAGES[name](cfg, arm)
+    done.write_text(json.dumps({"key": key}))
+    return arm, round(time.perf_counter() - start, 1)
+
+
+def report_of(paths: Paths, truth: scenarios.Truth) -> dict:
+    """`scenarios.labelling_report` of one labelling (its data.csv) and merge (its manifest)."""
+    csv = predicting.read_csv(paths.csv)
+    return scenarios.labelling_report(csv, merged_set.read_manifest(paths.merged), truth)
+
+
+def baseline_key(setting: str, overrides: list[str]) -> str:
+    """What a baseline depends on beyond the labelled split: the student's recipe and rounds."""
+    reads = ("student.", "pseudo_label.rounds=", "teacher.", "data.", "seed=", "model@")
+    return json.dumps([o for o in [*ARMS[setting], *overrides] if o.lstrip("+~").startswith(reads)])
+
+
+def split_key(row: dict) -> tuple:
+    """Rows with the same labelled split and test set (their teachers and baselines are peers)."""
+    data = [o for o in row["overrides"] if o.startswith("data.")]
+    return (row["task"], row["budget"], row["seed"], data)
+
+
+def _same(a: dict, b: dict) -> bool:
+    keys = ("scenario", "seed", "setting", "pool_size_asked", "overrides")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def table(rows: list[dict]) -> str:
+    """One line per row: accuracies in %, gain in points, the teacher's labelling."""
+    head = [
+        "scenario", "seed", "setting", "teacher", "baseline", "student", "best labelled-only",
+        "gain", "PL precision (in)", "online PL precision", "merged share by kind", "seconds",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    order = {s: i for i, s in enumerate(ARMS)}
+    for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"], order.get(r["setting"], 9))):
+        shares = ", ".join(f"{k} {v:.4f}" for k, v in r["labelling"]["merged_share"].items())
+        cells = [r["scenario"], r["seed"], r["setting"]]
+        cells += [f"{100 * r[k]:.2f}" for k in ("teacher", "baseline", "student")]
+        cells += [f"{100 * r['best_labelled_only']:.2f}", f"{r['gain']:+.2f}"]
+        cells += [r["labelling"]["pseudo_label_precision"]]
+        cells += [r.get("online_pseudo_precision_last_epoch"), shares, round(r["seconds"])]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, overrides = ssl_gain.split_argv(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", nargs="+", default=["mismatch-0.5"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--settings", nargs="+", default=["default"], choices=ARMS)
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help="mismatch: the pool's size (default 32,000); junk: images before the junk "
+        "(default every one left); longtail: about this many (default the largest profile)",
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/messy_pools_work"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "messy_pools.json")
+    parser.add_argument("--strict", action="store_true", help="a failing setting stops the run")
+    args = parser.parse_args(argv)
+    for name in args.scenarios:
+        try:
+            parse_scenario(name)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    payload = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    rows: list[dict] = payload["rows"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "benchmarks/messy_pools.py", *sys.argv[1:]])
+    cpu = cpu_model()
+    failed = []
+
+    def save(row: dict) -> None:  # after every row: a stopped run keeps its rows
+        rows[:] = [r for r in rows if not _same(r, row)] + [row]
+        ssl_gain.with_gains(rows, split_key)
+        payload["table"] = table(rows)
+        if command not in payload.setdefault("commands", []):
+            payload["commands"].append(command)
+        model_io.write_text_atomic(args.out, json.dumps(payload, indent=1) + "\n")
+
+    for scenario in args.scenarios:
+        spec = parse_scenario(scenario)
+        for seed in args.seeds:
+            label = f"{scenario}, seed {seed}"
+            cfg, shared, info = shared_part(scenario, seed, overrides, args.pool_size, args.work)
+            truth = scenarios.Truth.load(shared.root / TRUTH)
+            budget = int(cfg.data.train_per_class)
+            baselines: dict[str, dict] = {}  # baseline_key -> the row that trained it
+            for setting in args.settings:
+                chosen = [f"seed={seed}", *ARMS[setting], *overrides]
+                try:
+                    arm_cfg = compose(chosen)
+                    arm, label_seconds = arm_labelling(shared, seed, setting, overrides, label)
+                    row = ssl_gain.run_setting(
+                        arm, budget, seed, setting, 1, overrides, False, settings=ARMS,
+                        truth=truth, baseline=baselines.get(baseline_key(setting, overrides)),
+                        label=label,
+                    )  # fmt: skip
+                except (PseudoLabelError, OSError, ValueError, RuntimeError) as exc:
+                    if args.strict:
+                        raise
+                    line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    print(f"[{label}] {setting}: FAILED: {type(exc).__name__}: {line}", flush=True)
+                    failed.append(f"{scenario}/{seed}/{setting}")
+                    continue
+                baselines.setdefault(baseline_key(setting, overrides), row)
+                tag = "".join(
+                    f"_{o}" for o in overrides if o not in ssl_gain.shared_overrides(overrides)
+                )
+                run = Paths(
+                    arm.root / ssl_gain.run_folder_name(f"{setting}_x1{tag}"),
+                    data_root=shared.root,
+                    teacher_model=shared.model("teacher"),
+                )
+                row["labelling"] = report_of(arm, truth)
+                row["by_round"] = [
+                    {"round": r, **report_of(run.round(r), truth)}
+                    for r in range(2, arm_cfg.pseudo_label.rounds + 1)
+                ]
+                row.update(
+                    scenario=scenario,
+                    scenario_params={k: v for k, v in spec.items() if k != "kind"},
+                    task=task_of(spec),
+                    pool_size_asked=args.pool_size,
+                    pool_size=info["pool_size"],
+                    pool_counts=info["pool_counts"],
+                    split=info["split"],
+                    setting_overrides=ARMS[setting],
+                    teacher=info["teacher"],
+                    pseudo_label_precision=row["labelling"]["pseudo_label_precision"],
+                    pseudo_labeled=row["labelling"]["pseudo_labeled"],
+                    shared_seconds=round(sum(info["seconds"].values()), 1),
+                    shared_seconds_by_part=info["seconds"],
+                    labelling_seconds=label_seconds,
+                    code=ssl_gain.code_version(CODE),
+                    cpu=cpu,
+                )
+                row["seconds"] = round(
+                    row["shared_seconds"]
+                    + label_seconds
+                    + row["baseline_seconds"]
+                    + row["student_seconds"],
+                    1,
+                )
+                save(row)
+                print(json.dumps(row), flush=True)
+    if rows:
+        print("\naccuracies in %, gain in points\n" + table(rows))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
