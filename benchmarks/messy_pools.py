@@ -313,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
             truth = scenarios.Truth.load(shared.root / TRUTH)
             budget = int(cfg.data.train_per_class)
             baselines: dict[str, dict] = {}  # baseline_key -> the row that trained it
+            for old in rows:  # an earlier run's, of the same split and overrides: reused
+                same = (old["scenario"], old["seed"], old["overrides"]) == (
+                    scenario,
+                    seed,
+                    overrides,
+                )
+                if same and "baseline_from" not in old:
+                    baselines.setdefault(baseline_key(old["setting"], overrides), old)
             for setting in args.settings:
                 chosen = [f"seed={seed}", *ARMS[setting], *overrides]
                 try:

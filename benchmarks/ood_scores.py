@@ -51,8 +51,9 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
+from ssl_gain import code_version, split_argv  # noqa: E402
 
-from pseudolabel import calibration, stages, tracking  # noqa: E402
+from pseudolabel import calibration, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.data import layout, sources  # noqa: E402
 from pseudolabel.models import io as model_io  # noqa: E402
@@ -77,21 +78,6 @@ def cpu_model() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return platform.processor() or "unknown"
-
-
-def code_version() -> str | None:
-    """The commit the rows came from ("+dirty" with uncommitted changes to the code)."""
-    root = Path(__file__).resolve().parents[1]
-    commit = tracking.git_commit(root)
-    if commit is None:
-        return None
-    changed = subprocess.run(
-        ["git", "status", "--porcelain", "--", "src", "conf", *CODE],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return commit[:7] + ("+dirty" if changed else "")
 
 
 def known_source(source: sources.ArraySource, known: int = KNOWN) -> sources.ArraySource:
@@ -452,13 +438,6 @@ def table(rows: list[dict], scenarios_shown: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def split_argv(argv: list[str] | None) -> tuple[list[str], list[str]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        return argv, []
-    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv, overrides = split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -475,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         new_rows, info = run_seed(seed, overrides, args.work)
         info["seconds"] = round(time.perf_counter() - start, 1)
         info["cpu"] = cpu_model()
-        info["code"] = code_version()
+        info["code"] = code_version(CODE)
         for row in new_rows:
             row["cpu"], row["code"] = info["cpu"], info["code"]
             rows[:] = [r for r in rows if not _same(r, row)] + [row]

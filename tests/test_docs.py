@@ -107,6 +107,16 @@ def test_the_gain_tables_are_generated_from_the_committed_benchmark_json():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_messy_tables_are_generated_from_the_committed_benchmark_json():
+    """docs/messy.md's tables are benchmarks/messy_tables.py's output on its JSON."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "messy_tables.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_benchmark_run_folders_stay_within_the_file_systems_name_limit(monkeypatch):
     """A long override list (a sweep of student keys) once failed with ENAMETOOLONG."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))

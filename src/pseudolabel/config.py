@@ -285,6 +285,17 @@ class StudentConfig:
 
 
 @dataclass
+class OODConfig:
+    # Score every unlabelled image's distance from the labelled classes (pseudolabel.ood):
+    # outputs/data.csv's ood_score, and its ood flag past the cut.
+    enabled: bool = MISSING
+    # The cut flags this share of the labelled val images (in-distribution), in (0, 0.5).
+    false_rejection: float = MISSING
+    # Flagged images stay out of data/train_ssl and of the student's unlabelled terms.
+    exclude: bool = MISSING
+
+
+@dataclass
 class PseudoLabelConfig:
     # Minimum top-1 confidence for an unlabelled image to join the student's training set;
     # None keeps every image, as in the seed. Also the line drawn on the selection charts.
@@ -317,6 +328,8 @@ class PseudoLabelConfig:
     qa_images: int = MISSING
     # Noisy Student rounds: round r's student labels the images again as round r+1's teacher.
     rounds: int = MISSING
+    # Images unlike the labelled classes (other classes, junk): scored, flagged, left out.
+    ood: OODConfig = field(default_factory=OODConfig)
 
 
 @dataclass
@@ -528,6 +541,10 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
     for key in ("batch_size", "chunk_size", "qa_images"):
         if pl[key] < 1:
             fail(f"pseudo_label.{key}", pl[key], "must be >= 1")
+    if not 0.0 < pl.ood.false_rejection < 0.5:
+        fail("pseudo_label.ood.false_rejection", pl.ood.false_rejection, "use a share in (0, 0.5)")
+    if pl.ood.exclude and not pl.ood.enabled:
+        fail("pseudo_label.ood.exclude", True, "needs pseudo_label.ood.enabled=true (the score)")
     if pl.selection not in SELECTIONS:
         fail("pseudo_label.selection", pl.selection, f"use one of {', '.join(SELECTIONS)}")
     if not (math.isfinite(pl.target_precision) and 0.0 < pl.target_precision <= 1.0):

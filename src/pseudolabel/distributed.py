@@ -66,10 +66,15 @@ def _decode(
 class _Teacher:
     """One teacher replica (a Ray Data actor): the model is loaded once, in __init__."""
 
-    def __init__(self, model_path: str, trust: dict[str, Any], tta: bool, batch_size: int):
+    def __init__(
+        self, model_path: str, trust: dict[str, Any], tta: bool, batch_size: int, scorer=None
+    ):
+        from pseudolabel import ood
         from pseudolabel.models import io as model_io
 
         model, _ = model_io.load(Path(model_path), **trust)
+        if scorer is not None:  # the OOD score as one more column, as the local engine's
+            model = ood.scored_model(model, scorer)
         self.model = predicting.with_flip_tta(model) if tta else model
         self.batch_size = batch_size
 
@@ -108,10 +113,10 @@ def _connect(address: str | None) -> bool:
 
 
 def _fingerprint(
-    model_path: Path, meta: ModelMeta, tta: bool, relative: list[str], batch_size: int
+    model_path: Path, meta: ModelMeta, tta: bool, relative: list[str], batch_size: int, scorer=None
 ) -> str:
     """What a partial Ray run depends on: the model file's bytes (the driver does not load the
-    model), its input, the TTA, the files and the batching."""
+    model), its input, the TTA, the OOD score's fit, the files and the batching."""
     digest = hashlib.md5()
     files = (
         sorted(p for p in model_path.rglob("*") if p.is_file())
@@ -123,6 +128,7 @@ def _fingerprint(
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     header = [meta.class_names, meta.image_size, meta.channels, meta.input_scale, batch_size, tta]
+    header.append(scorer.fingerprint() if scorer is not None else None)
     digest.update(json.dumps(header).encode())
     digest.update("\n".join(relative).encode())
     return digest.hexdigest()
@@ -141,6 +147,7 @@ def predict_folder(
     cpus_per_actor: float,
     partial_dir: Path | None = None,
     chunk_size: int = predicting.CHUNK_SIZE,
+    scorer=None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """predicting.predict_folder's result (rows sorted by relative path, probabilities scaled by
     `temperature`, and the relative paths that could not be decoded), computed on Ray.
@@ -161,7 +168,9 @@ def predict_folder(
     files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
     relative = [decoded.relative_path(f, root) for f in files]  # sorted, as the local engine's
     chunks = (
-        predicting.Chunks(partial_dir, _fingerprint(model_path, meta, tta, relative, batch_size))
+        predicting.Chunks(
+            partial_dir, _fingerprint(model_path, meta, tta, relative, batch_size, scorer)
+        )
         if partial_dir is not None
         else None
     )
@@ -178,7 +187,7 @@ def predict_folder(
     if todo:
         _label_on_ray(
             todo, root, model_path, trust, meta, batch_size, tta, address, actors, cpus_per_actor,
-            chunks, chunk_size, paths, blocks,
+            chunks, chunk_size, paths, blocks, scorer,
         )  # fmt: skip
     done = set(paths)
     failed = [rel for rel in relative if rel not in done]
@@ -205,6 +214,7 @@ def _label_on_ray(
     chunk_size: int,
     paths: list[str],
     blocks: list[np.ndarray],
+    scorer=None,
 ) -> None:
     """Label `todo` on the cluster; append each batch's paths and raw softmax to `paths` and
     `blocks`, saving them to `chunks` every `chunk_size` images."""
@@ -252,6 +262,7 @@ def _label_on_ray(
                     "trust": trust,
                     "tta": tta,
                     "batch_size": batch_size,
+                    "scorer": scorer,
                 },
                 batch_size=batch_size,
                 batch_format="numpy",

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import pandas as pd
 
-from pseudolabel import merged_set, plots, predicting
+from pseudolabel import merged_set, ood, plots, predicting
 from pseudolabel.config import check_threshold
 from pseudolabel.data.images import class_names_from, list_images, skipped_entries
 from pseudolabel.data.validate import too_many_pixels
@@ -46,6 +46,7 @@ class PseudoLabelGenerator:
         val_data_path: str | Path | None = None,
         calibrate: bool = True,
         max_pixels: int | None = 40_000_000,
+        ood_false_rejection: float | None = 0.05,
     ) -> None:
         """Paths as in the seed (`model_path`: .keras, .h5 or a SavedModel folder).
         `class_names` defaults to the model's metadata, else to the sorted train folder names.
@@ -58,7 +59,10 @@ class PseudoLabelGenerator:
         when it exists, else no calibration (with a log line). `calibrate=False`: raw softmax.
         `max_pixels`: images whose header declares more pixels (height x width; decompression
         bombs) are listed in errors.csv and never decoded, as the pipeline's ingest does with
-        `data.max_pixels` (the same default); None: no limit."""
+        `data.max_pixels` (the same default); None: no limit.
+        `ood_false_rejection`: the CSV gets the pipeline's ood_score and ood columns (how unlike
+        the labelled classes each image is, flagged past the cut that flags this share of the
+        val images; pseudo_label.ood), which needs the val folder; None: no OOD columns."""
         self.model_path = Path(model_path)
         self.train_data_path = Path(train_data_path)
         self.unlabeled_path = Path(unlabeled_path)
@@ -76,6 +80,12 @@ class PseudoLabelGenerator:
         if max_pixels is not None and max_pixels < 1:
             raise PseudoLabelError(f"max_pixels={max_pixels} is invalid: use 1 or more, or None.")
         self.max_pixels = max_pixels
+        if ood_false_rejection is not None and not 0.0 < ood_false_rejection < 0.5:
+            raise PseudoLabelError(
+                f"ood_false_rejection={ood_false_rejection} is invalid: use a share in (0, 0.5), "
+                "or None for no OOD score."
+            )
+        self.ood_false_rejection = ood_false_rejection
         self.threshold: float | None = None
         self._model: tuple[keras.Model, model_io.ModelMeta] | None = None
 
@@ -142,10 +152,27 @@ class PseudoLabelGenerator:
             temperature = fitted.temperature
         elif self.calibrate:
             log.info("no val folder beside %s: confidences not calibrated", self.train_data_path)
+        labeller, scores = model, None
+        if self.ood_false_rejection is not None and self.val_data_path is not None:
+            scorer = ood.fit_folders(
+                model, meta, self.train_data_path, self.val_data_path, batch_size
+            )
+            labeller = ood.scored_model(model, scorer)
+            scores = ood.val_scores(labeller, meta, self.val_data_path, batch_size)
+        elif self.ood_false_rejection is not None:
+            log.info("no val folder beside %s: no OOD score", self.train_data_path)
         oversized = self._oversized()
         predictions, failed = predicting.predict_folder(
-            model, meta, self.unlabeled_path, batch_size, temperature, skip=frozenset(oversized)
+            labeller, meta, self.unlabeled_path, batch_size, temperature, skip=frozenset(oversized)
         )
+        if scores is not None:
+            cut = ood.flag(predictions, scores, self.ood_false_rejection)
+            log.info(
+                "%d of %d images out of distribution (ood_score > %.3g)",
+                int(predictions[ood.FLAG_COLUMN].sum()),
+                len(predictions),
+                cut,
+            )
         predicting.write_csv(predictions, self.csv_path)
         # Every entry of the folder not labelled is listed, with why (nothing skipped silently).
         skipped = [(path, "cannot be decoded") for path in failed]

@@ -114,6 +114,11 @@ class Paths:
         """The threshold-analysis table pseudo_label writes and merge reads (`dvc plots show`)."""
         return self.plots / "pseudo_label" / "threshold_analysis.csv"
 
+    @property
+    def ood_histogram(self) -> Path:
+        """The OOD score's histogram, val against unlabelled images (`dvc plots show`)."""
+        return self.plots / "pseudo_label" / "ood_histogram.csv"
+
     def model(self, role: str) -> Path:
         if role == "teacher" and self.teacher_model is not None:
             return self.teacher_model

@@ -207,6 +207,43 @@ def qa_grid(
     return fig
 
 
+def ood_overview(
+    val_scores: np.ndarray, scores: np.ndarray, labels: pd.Series, cut: float, share: float
+) -> Figure:
+    """The OOD score of the val images (labelled, in-distribution) against the unlabelled ones,
+    with the cut, and the share of each predicted class's unlabelled images past the cut."""
+    fig, (hist, bars) = plt.subplots(1, 2, figsize=(10, 3.4), width_ratios=[3, 2])
+    both = np.concatenate([val_scores, scores])
+    high = np.quantile(both, 0.995) if len(both) else 1.0
+    bins = np.linspace(min(both.min(), 0.0), max(high, cut * 1.2), 60)
+    for values, name in ((scores, "unlabelled"), (val_scores, "val, labelled")):
+        clipped = np.clip(values, None, bins[-1])
+        hist.hist(clipped, bins, density=True, alpha=0.6, label=f"{name} ({len(values):,})")
+    flagged = float((scores > cut).mean()) if len(scores) else 0.0
+    label = f"cut {cut:.2f}: flags {share:.0%} of val, {flagged:.1%} unlabelled"
+    hist.axvline(cut, color="black", linestyle="--", label=label)
+    hist.set(xlabel="OOD score (higher: less like the labelled classes)", ylabel="density")
+    hist.legend(fontsize=7)
+    names = sorted(labels.unique())
+    fractions = [float((scores[(labels == n).to_numpy()] > cut).mean()) for n in names]
+    bars.barh(names, fractions)
+    bars.set(xlabel="share flagged", title="by predicted class", xlim=(0, 1))
+    bars.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(title: str, items: list[tuple[np.ndarray, str]], columns: int = 8) -> Figure:
+    """Images with a caption each, `columns` to a row."""
+    rows = max(1, math.ceil(len(items) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.4 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        image, caption = items[i] if i < len(items) else (None, "")
+        _thumb(ax, image, caption)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
 SWEEP_PANELS = {
     "student_accuracy": "student test accuracy",
     "gain": "gain over the teacher",

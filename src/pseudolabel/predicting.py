@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pseudolabel import calibration
+from pseudolabel import calibration, ood
 from pseudolabel.calibration import apply_temperature
 from pseudolabel.data import decoded
 from pseudolabel.data.images import (
@@ -234,7 +234,10 @@ def raw_frame(
     """The teacher's raw softmax blocks (rows in `paths` order) -> the CSV's frame, scaled by
     `temperature`: every engine (local, distributed.predict_folder on Ray) ends here."""
     raw = np.concatenate(raw_blocks) if raw_blocks else np.zeros((0, len(class_names)), np.float32)
-    return to_frame(paths, apply_temperature(raw, temperature), class_names, raw)
+    scores = None
+    if raw.shape[1] == len(class_names) + 1:  # ood.scored_model: the OOD score comes last
+        raw, scores = raw[:, :-1], raw[:, -1]
+    return to_frame(paths, apply_temperature(raw, temperature), class_names, raw, scores)
 
 
 def to_frame(
@@ -242,9 +245,11 @@ def to_frame(
     probs: np.ndarray,
     class_names: list[str],
     raw_probs: np.ndarray | None = None,
+    ood_scores: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """path, label, confidence (top-1 of `probs`), raw_confidence (top-1 of `raw_probs`, the
-    uncalibrated output), margin (top-1 minus top-2), entropy, then one probability per class."""
+    uncalibrated output), margin (top-1 minus top-2), entropy, then one probability per class
+    and, given `ood_scores`, the ood_score column (pseudolabel.ood)."""
     probs = np.asarray(probs, dtype=np.float64).reshape(len(paths), len(class_names))
     raw = probs if raw_probs is None else np.asarray(raw_probs, np.float64).reshape(probs.shape)
     ranked = np.sort(probs, axis=1)
@@ -262,6 +267,8 @@ def to_frame(
         }
     )
     frame[prob_columns(class_names)] = probs
+    if ood_scores is not None:
+        frame[ood.SCORE_COLUMN] = np.asarray(ood_scores, np.float64)
     return frame.sort_values("path", kind="stable").reset_index(drop=True)
 
 
@@ -320,6 +327,24 @@ def read_csv(path: Path) -> pd.DataFrame:
                     f"{path}: column {column} has {what} on {_lines(mask)}; {fix}"
                 )
         frame[column] = values
+    if ood.SCORE_COLUMN in frame:
+        values = pd.to_numeric(frame[ood.SCORE_COLUMN], errors="coerce").to_numpy(np.float64)
+        if not np.isfinite(values).all():
+            bad = ~np.isfinite(values)
+            raise PseudoLabelError(
+                f"{path}: column {ood.SCORE_COLUMN} has a value that is not a finite number on "
+                f"{_lines(bad)}; {fix}"
+            )
+        frame[ood.SCORE_COLUMN] = values
+    if ood.FLAG_COLUMN in frame:
+        flags = pd.to_numeric(frame[ood.FLAG_COLUMN], errors="coerce")
+        bad = ~flags.isin([0, 1]).to_numpy()
+        if bad.any():
+            raise PseudoLabelError(
+                f"{path}: column {ood.FLAG_COLUMN} has a value other than 0 or 1 on "
+                f"{_lines(bad)}; {fix}"
+            )
+        frame[ood.FLAG_COLUMN] = flags.astype(int)
     return frame
 
 

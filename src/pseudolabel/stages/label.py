@@ -14,9 +14,11 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from pseudolabel import calibration, plots, predicting, thresholds, tracking
+from pseudolabel import calibration, ood, plots, predicting, thresholds, tracking
 from pseudolabel.data.images import labelled_files, require_images
+from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import publish_metrics, teacher_trust
@@ -66,7 +68,13 @@ def _aligned(
     """The predictions with every probability reweighted per class (label, confidence, margin
     and entropy follow); raw_confidence keeps the teacher's own top-1."""
     probs = calibration.align(predicting.probabilities(predictions, class_names), weights)
-    frame = predicting.to_frame(predictions["path"].tolist(), probs, class_names)
+    scores = predictions.get(ood.SCORE_COLUMN)
+    frame = predicting.to_frame(
+        predictions["path"].tolist(),
+        probs,
+        class_names,
+        ood_scores=None if scores is None else scores.to_numpy(),
+    )
     frame["raw_confidence"] = predictions["raw_confidence"].to_numpy()
     return frame
 
@@ -76,20 +84,26 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     pl = cfg.pseudo_label
     require_images(paths.unlabeled, "unlabelled")
     model, meta = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
+    scorer = (
+        ood.fit_folders(model, meta, paths.train, paths.val, pl.batch_size)
+        if pl.ood.enabled
+        else None
+    )
+    labeller = ood.scored_model(model, scorer) if scorer else model
     if pl.tta:
-        model = predicting.with_flip_tta(model)
+        model, labeller = predicting.with_flip_tta(model), predicting.with_flip_tta(labeller)
     # The same calibration PseudoLabelGenerator applies (predicting.val_calibration).
     val_raw, val_true, fitted = predicting.val_calibration(
         model, meta, paths.val, pl.batch_size, pl.calibrate
     )
+    val_scores = ood.val_scores(labeller, meta, paths.val, pl.batch_size) if scorer else None
     keys = ("batch_size", "chunk_size", "calibrate", "tta", "distribution_alignment", "engine")
+    params = {f"pseudo_label.{key}": pl[key] for key in keys}
+    params |= {f"pseudo_label.ood.{key}": pl.ood[key] for key in ("enabled", "false_rejection")}
     with tracking.start_run(
-        cfg,
-        "pseudo_label",
-        {f"pseudo_label.{key}": pl[key] for key in keys},
-        {"teacher_run_id": meta.run_id, "round": paths.round_number},
+        cfg, "pseudo_label", params, {"teacher_run_id": meta.run_id, "round": paths.round_number}
     ):
-        predictions, failed = _predict(cfg, paths, model, meta, fitted.temperature)
+        predictions, failed = _predict(cfg, paths, labeller, meta, fitted.temperature, scorer)
         weights = None
         if pl.distribution_alignment:
             weights = calibration.alignment_weights(
@@ -97,6 +111,10 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
                 _labelled_prior(paths, meta),
             )
             predictions = _aligned(predictions, weights, meta.class_names)
+        cut = None
+        if scorer:  # checked before the CSV is written
+            cut = ood.flag(predictions, val_scores, pl.ood.false_rejection)
+            _check_some_belong(predictions, paths, cut, pl.ood.false_rejection)
         predicting.write_csv(predictions, paths.csv)
         errors = pd.DataFrame({"path": failed, "reason": "cannot be decoded"})
         predicting.write_csv(errors, paths.outputs / "errors.csv")
@@ -105,13 +123,77 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             val_probs = calibration.align(val_probs, weights)
         _analysis_and_plots(paths, predictions, meta.class_names, val_raw, val_probs, val_true)
         metrics = _metrics(predictions, failed, fitted, weights, meta.class_names)
+        if scorer:
+            metrics["ood"] = _ood_report(paths, predictions, val_scores, cut, pl.ood, meta)
+        else:  # dvc.yaml declares the plot either way
+            predicting.write_csv(ood.histogram(np.zeros(0), np.zeros(0), 0.0), paths.ood_histogram)
         _log_run(paths, metrics)
     log.info("pseudo_label: %d images labelled, %d failed", len(predictions), len(failed))
     return metrics
 
 
-def _predict(cfg, paths: Paths, model, meta, temperature: float) -> tuple[pd.DataFrame, list[str]]:
-    """The raw predictions (scaled by `temperature`) on the configured engine, resumable."""
+def _check_some_belong(predictions: pd.DataFrame, paths: Paths, cut: float, share: float) -> None:
+    """An unlabelled folder none of whose images is like the labelled classes is the wrong
+    folder (or all junk): one line, before the CSV is written and any student trains."""
+    flagged = predictions[ood.FLAG_COLUMN].to_numpy(bool)
+    if len(flagged) and flagged.all():
+        raise PseudoLabelError(
+            f"{paths.unlabeled}: all {len(flagged):,} unlabelled images are out of distribution "
+            f"(ood_score above {cut:.3g}, the cut that flags {share:.0%} of the labelled val "
+            "images): is it the right folder? (pseudo_label.ood.enabled=false skips the check)"
+        )
+    if flagged.mean() > 0.5:
+        log.warning(
+            "%.0f%% of the unlabelled images are out of distribution (ood_score > %.3g); see "
+            "outputs/plots/ood.png and ood_most_out_of_place.png",
+            100 * flagged.mean(),
+            cut,
+        )
+
+
+def _ood_report(
+    paths: Paths, predictions: pd.DataFrame, val_scores, cut: float, cfg_ood, meta
+) -> dict[str, Any]:
+    """The OOD charts (score histogram with the cut, share flagged per predicted class, the
+    most out-of-place images) and their metrics."""
+    scores = predictions[ood.SCORE_COLUMN].to_numpy(np.float64)
+    flagged = predictions[ood.FLAG_COLUMN].to_numpy(bool)
+    out = paths.outputs / "plots"
+    labels = predictions["label"]
+    plots.save(
+        plots.ood_overview(val_scores, scores, labels, cut, cfg_ood.false_rejection),
+        out / "ood.png",
+    )
+    worst = predictions.sort_values(ood.SCORE_COLUMN, ascending=False).head(24)
+    items = [
+        (np.asarray(Image.open(paths.unlabeled / rel)), f"{label} {score:.1f}")
+        for rel, label, score in zip(
+            worst["path"], worst["label"], worst[ood.SCORE_COLUMN], strict=True
+        )
+    ]
+    title = f"most out of place (ood_score; {int(flagged.sum()):,} of {len(flagged):,} flagged)"
+    plots.save(plots.image_grid(title, items), out / "ood_most_out_of_place.png")
+    predicting.write_csv(ood.histogram(val_scores, scores, cut), paths.ood_histogram)
+    return {
+        "cut": round(cut, 6),
+        "false_rejection": cfg_ood.false_rejection,
+        "val_flagged_fraction": round(float((val_scores > cut).mean()), 6),
+        "flagged": int(flagged.sum()),
+        "flagged_fraction": round(float(flagged.mean()), 6) if len(flagged) else 0.0,
+        "flagged_per_class": {
+            name: round(float(flagged[(labels == name).to_numpy()].mean()), 6)
+            if (labels == name).any()
+            else 0.0
+            for name in meta.class_names
+        },
+    }
+
+
+def _predict(
+    cfg, paths: Paths, model, meta, temperature: float, scorer: ood.Scorer | None
+) -> tuple[pd.DataFrame, list[str]]:
+    """The raw predictions (scaled by `temperature`) on the configured engine, resumable; with
+    `scorer`, `model` is its scored model and the frame has the ood_score column."""
     pl = cfg.pseudo_label
     if pl.engine == "ray":
         from pseudolabel import distributed
@@ -129,6 +211,7 @@ def _predict(cfg, paths: Paths, model, meta, temperature: float) -> tuple[pd.Dat
             cpus_per_actor=cfg.ray.cpus_per_actor,
             partial_dir=paths.outputs / PARTIAL,
             chunk_size=pl.chunk_size,
+            scorer=scorer,
         )
     return predicting.predict_folder(
         model,

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pseudolabel import merged_set, plots, predicting, thresholds, tracking
+from pseudolabel import merged_set, ood, plots, predicting, thresholds, tracking
 from pseudolabel.config import to_dict
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
@@ -56,6 +56,9 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """data/train_ssl/<class>/: copies of the labelled images plus the selected pseudo-labels."""
     pl = cfg.pseudo_label
     class_names, predictions, link_roots = _inputs(cfg, paths)  # checked before writing
+    flagged = None
+    if pl.ood.exclude:  # images unlike the labelled classes are no candidates at all
+        predictions, flagged = ood.without_flagged(predictions, paths.csv)
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
     accepted, per_class, recommended = _select(pl, predictions, class_names, table)
@@ -64,6 +67,11 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     )
     out = paths.outputs / "selection"
     _charts(pl, predictions, accepted, class_names, table, recommended, paths, out)
+    if flagged is not None:
+        listed = flagged[["path", "label", "confidence", ood.SCORE_COLUMN]].assign(
+            reason="out of distribution: ood_score above the cut (metrics/pseudo_label.json)"
+        )
+        predicting.write_csv(listed, out / "ood_excluded.csv")
     metrics = {
         "threshold": pl.threshold,
         "selection": pl.selection,
@@ -75,6 +83,8 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "labeled": sum(c["labeled"] for c in counts.values()),
         "per_class": counts,
     }
+    if flagged is not None:
+        metrics["ood_excluded"] = len(flagged)
     _log_run(cfg, paths, metrics, out, with_table=table is not None)
     log.info(
         "merge (%s): kept %d of %d pseudo-labels; recommended threshold %s for precision %g",

@@ -15,7 +15,16 @@ import pandas as pd
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from pseudolabel import consistency, distributed, fitting, merged_set, plots, predicting, tracking
+from pseudolabel import (
+    consistency,
+    distributed,
+    fitting,
+    merged_set,
+    ood,
+    plots,
+    predicting,
+    tracking,
+)
 from pseudolabel.config import no_augmentation, to_dict, validate
 from pseudolabel.data.images import (
     labelled_dataset,
@@ -53,6 +62,7 @@ class _Job:
     val_ds: tf.data.Dataset
     size: list[int]
     channels: int
+    unlabeled_images: int = 0  # those the consistency student learns from (after the OOD cut)
 
     @property
     def role_cfg(self):
@@ -106,10 +116,14 @@ def _training_data(role_cfg, train_dir, files, labels, class_names, size, channe
     )
 
 
-def _unlabelled_targets(paths: Paths, class_names, truth):
+def _unlabelled_targets(paths: Paths, class_names, truth, exclude_ood: bool = False):
     """Every unlabelled image of the CSV with the teacher's probabilities, whether merge
-    accepted it (the teacher term's weight) and its true class where `truth` knows it (-1)."""
+    accepted it (the teacher term's weight) and its true class where `truth` knows it (-1).
+    `exclude_ood` (pseudo_label.ood.exclude): the images the OOD score flagged are left out of
+    the stream, so neither the online nor the teacher term learns from them."""
     frame = predicting.read_csv(paths.csv)
+    if exclude_ood:
+        frame, _ = ood.without_flagged(frame, paths.csv)
     probs = predicting.probabilities(frame, class_names, str(paths.csv)).astype(np.float32)
     probs /= probs.sum(axis=1, keepdims=True)
     manifest = merged_set.read_manifest(paths.merged)
@@ -303,8 +317,9 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabelled: bool, truth):
     )
     unlabelled_ds, n_unlabeled = None, 0
     if unlabelled:
-        parts = _unlabelled_targets(paths, job.class_names, truth)
+        parts = _unlabelled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood.exclude)
         n_unlabeled = len(parts[0])
+        job = replace(job, unlabeled_images=n_unlabeled)
         per_step = job.role_cfg.consistency.ratio * batch
         unlabelled_ds = consistency.unlabelled_stream(
             *parts, job.size, job.channels, per_step, cfg.seed
@@ -381,6 +396,7 @@ def _save_and_publish(job: _Job, model, history, steps: int, run_id: str, tags) 
         "epochs": len(history.epoch),
         "steps": int(len(history.epoch) * steps),
         "train_images": len(job.train_files),
+        "unlabeled_images": job.unlabeled_images,
         "params": int(model.count_params()),
     }
     mlflow.log_figure(

@@ -1,0 +1,185 @@
+"""docs/messy.md's tables and figure, generated from the committed benchmark JSON.
+
+    python benchmarks/messy_tables.py          # rewrite the generated part of docs/messy.md
+    python benchmarks/messy_tables.py --check  # exit 1 if docs/messy.md is out of date
+
+Inputs: benchmarks/results/ood_scores.json (benchmarks/ood_scores.py: which OOD score) and
+benchmarks/results/messy_pools.json (benchmarks/messy_pools.py: the student on messy pools,
+with and without the pipeline's defence). The block between the markers is this script's
+output (tests/test_docs.py checks it); the figure is docs/figures/messy_gain.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gain_tables import _cell, _pyplot, _save  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCORES = ROOT / "benchmarks" / "results" / "ood_scores.json"
+POOLS = ROOT / "benchmarks" / "results" / "messy_pools.json"
+DOC = ROOT / "docs" / "messy.md"
+FIGURE = ROOT / "docs" / "figures" / "messy_gain.png"
+START, END = "<!-- messy-tables:start -->", "<!-- messy-tables:end -->"
+# The scores shown (ood_scores.json has more): the baseline, the classic ones, the chosen one.
+SHOWN = {
+    "msp": "max-softmax (baseline)",
+    "energy": "energy",
+    "knn5": "kNN (k=5), penultimate features",
+    "mahalanobis": "Mahalanobis, penultimate features",
+    "mahalanobis_all_blocks": "**Mahalanobis, all blocks (the pipeline's)**",
+    "mahalanobis_all_blocks+knn5/pool_knn5": "+ kNN ratio to the pool (transductive)",
+}
+COLUMNS = {
+    "unseen_classes": "unseen classes 6-9",
+    "unseen:shirt": "shirt",
+    "unseen:sneaker": "sneaker",
+    "unseen:bag": "bag",
+    "unseen:ankle_boot": "boot",
+    "junk": "junk (all kinds)",
+    "junk:rotated": "rotated",
+}
+
+
+def score_table(rows: list[dict]) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    head = "| score | " + " | ".join(COLUMNS.values()) + " | in-distribution test flagged |"
+    lines = [
+        f"AUROC (OOD = positive), mean ± std over seeds {', '.join(map(str, seeds))}; the last "
+        "column: the share of the classes 0-5 test images past the cut set at the val images' "
+        "95th percentile.",
+        "",
+        head,
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
+    for score, name in SHOWN.items():
+        mine = [r for r in rows if r["score"] == score]
+        if not mine:
+            continue
+        cells = [
+            _cell([r["auroc"] for r in mine if r["scenario"] == column], 1, 3) for column in COLUMNS
+        ]
+        frr = [r["false_rejection_test"] for r in mine if r["scenario"] == "unseen_classes"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(frr, 100, 1)} % |")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def pool_table(rows: list[dict]) -> str:
+    head = (
+        "| scenario | seed | setting | teacher | baseline | best labelled-only | student | "
+        "gain (points) | OOD share of the merged set | OOD flagged | in-distribution flagged | "
+        "AUROC | minutes |"
+    )
+    lines = [head, "|---" * 13 + "|"]
+    order = {name: i for i, name in enumerate(("default", "ood"))}
+    for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"], order.get(r["setting"], 9))):
+        labelling = r.get("labelling", {})
+        merged = labelling.get("merged_share", {})
+        ood_share = sum(v for k, v in merged.items() if k != "in") if merged else None
+        flagged = labelling.get("flagged") or {}
+        kinds = labelling.get("pool_counts", {})
+        out_kinds = [k for k in flagged if k != "in"]
+        total = sum(kinds.get(k, 0) for k in out_kinds)
+        ood_flagged = (
+            sum(flagged[k] * kinds.get(k, 0) for k in out_kinds) / total if total else None
+        )
+        auroc = (labelling.get("auroc") or {}).get("ood")
+        cells = [
+            r["scenario"],
+            r["seed"],
+            r["setting"],
+            *(f"{100 * r[k]:.2f}" for k in ("teacher", "baseline", "best_labelled_only")),
+            f"{100 * r['student']:.2f}",
+            f"{r['gain']:+.2f}",
+            _num(ood_share),
+            _num(ood_flagged),
+            _num(flagged.get("in")),
+            _num(auroc),
+            f"{r['seconds'] / 60:.0f}",
+        ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    cpus = sorted({r.get("cpu", "?") for r in rows})
+    commits = sorted({r.get("code") or "?" for r in rows})
+    lines += ["", f"Machine: {', '.join(cpus)} (2 cores); code: {', '.join(commits)}."]
+    return "\n".join(lines)
+
+
+def render(scores: dict, pools: dict) -> str:
+    parts = ["### Which score", "", score_table(scores.get("rows", []))]
+    parts += ["", "### The student on messy pools", ""]
+    rows = pools.get("rows", [])
+    parts.append(pool_table(rows) if rows else "No rows yet.")
+    if any(r["scenario"].startswith("mismatch-") for r in rows):
+        parts += ["", f"![Gain vs class mismatch](figures/{FIGURE.name})"]
+    return "\n".join(parts)
+
+
+def gain_figure(rows: list[dict], path: Path) -> bool:
+    """Gain over the best labelled-only model against the share of unseen classes in the pool,
+    per setting (mean over seeds, each seed a dot)."""
+    mismatch = [r for r in rows if r["scenario"].startswith("mismatch-")]
+    if not mismatch:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"default": "default (nothing left out)", "ood": "pseudo_label.ood.exclude=true"}
+    for setting in sorted({r["setting"] for r in mismatch}):
+        mine = [r for r in mismatch if r["setting"] == setting]
+        xs = sorted({r["scenario_params"]["fraction"] for r in mine})
+        means = [
+            sum(r["gain"] for r in mine if r["scenario_params"]["fraction"] == x)
+            / len([r for r in mine if r["scenario_params"]["fraction"] == x])
+            for x in xs
+        ]
+        (line,) = ax.plot(xs, means, marker="o", label=labels.get(setting, setting))
+        ax.scatter(
+            [r["scenario_params"]["fraction"] for r in mine],
+            [r["gain"] for r in mine],
+            color=line.get_color(),
+            alpha=0.4,
+            s=12,
+        )
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(
+        xlabel="share of the pool from classes without labels (6-9)",
+        ylabel="student - best labelled-only (points)",
+        title="Class mismatch: 50 labels per class of classes 0-5",
+    )
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def updated(doc: str, scores: dict, pools: dict) -> str:
+    start, end = doc.index(START) + len(START), doc.index(END)
+    return doc[:start] + "\n" + render(scores, pools) + "\n" + doc[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if docs/messy.md is stale")
+    args = parser.parse_args(argv)
+    scores, pools = (
+        json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {} for p in (SCORES, POOLS)
+    )
+    doc = DOC.read_text(encoding="utf-8")
+    new = updated(doc, scores, pools)
+    if args.check:
+        if new != doc:
+            print(f"{DOC} is out of date: run python benchmarks/messy_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(new, encoding="utf-8")
+    gain_figure(pools.get("rows", []), FIGURE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Out-of-distribution (OOD) scores: how unlike the labelled classes each unlabelled image is.
+
+A softmax teacher is confident on classes it never saw, so its confidence cannot keep them out
+(benchmarks/ood_scores.py: a teacher of Fashion-MNIST's classes 0-5 separates classes 6-9 from
+its own with a max-softmax AUROC of 0.65). The score, chosen there by measurement among
+max-softmax, energy, max-logit, kNN and Mahalanobis variants, is the Mahalanobis layer ensemble
+(Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples"):
+
+- features: each of the teacher's blocks (every pooling layer of its own graph, averaged over
+  the image) and the input of its classifier, each L2-normalised;
+- per block, the squared Mahalanobis distance to the nearest labelled class mean under one
+  shared covariance of the class-centred labelled training features, shrunk by Ledoit-Wolf
+  (a few hundred labelled images for up to a few hundred dimensions);
+- each block's distance normalised by its spread on the val images, (d - median) / (q95 -
+  median), and the blocks summed: `ood_score`, higher = less likely one of the labelled classes.
+
+The cut is the val images' (1 - false_rejection) quantile of that score, so it flags about that
+share of in-distribution images (measured on the test images in the benchmark: docs/messy.md).
+The score is computed in the same forward pass as the probabilities: `scored_model` returns
+them with the score as one more column, so both labelling engines, the chunked resume and the
+flip TTA treat it like any other output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from pseudolabel.data.images import labelled_dataset, labelled_files
+from pseudolabel.errors import PseudoLabelError
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMN = "ood_score"
+FLAG_COLUMN = "ood"
+# The Keras layers whose outputs are a block's features (besides the classifier's input).
+POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+
+
+def feature_tensors(model: keras.Model) -> list:
+    """The symbolic features the score reads: every pooling layer's output in the model's own
+    graph (a nested backbone counts as one layer), then the input of its last Dense layer."""
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    if not dense:
+        raise PseudoLabelError(
+            f"model {model.name!r} has no Dense classifier layer, whose input the OOD score reads: "
+            "turn the score off for this teacher (pseudo_label.ood.enabled=false; "
+            "PseudoLabelGenerator(ood_false_rejection=None))."
+        )
+    pools = [layer.output for layer in model.layers if isinstance(layer, POOLING)]
+    return [*pools, dense[-1].input]
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+    """The model's probabilities and its blocks' features, each flattened to (batch, dims). A
+    model that ends in a nested model (an imported teacher behind its pixel scaling) is read
+    through it: the nested model's features, fed by what the outer graph feeds it."""
+    last = model.layers[-1]
+    if isinstance(last, keras.Model) and not any(
+        isinstance(layer, keras.layers.Dense) for layer in model.layers
+    ):  # a chain (models.io.adopt's): the outer layers again, then the nested model's features
+        x = inputs = keras.Input(model.input_shape[1:], name="pixels")
+        for layer in model.layers[:-1]:
+            if not isinstance(layer, keras.layers.InputLayer):
+                x = layer(x)
+        return keras.Model(inputs, feature_model(last)(x), name=f"{model.name}_features")
+    features = [
+        keras.layers.GlobalAveragePooling2D()(t) if len(t.shape) == 4 else t
+        for t in feature_tensors(model)
+    ]
+    return keras.Model(model.inputs, [model.output, *features], name=f"{model.name}_features")
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block's class means (classes x dims), shared precision matrix and val spread."""
+
+    means: np.ndarray
+    precision: np.ndarray
+    median: float
+    spread: float
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of L2-normalised `features` to the nearest class mean."""
+        x = _l2(features)
+        xp = x @ self.precision
+        d = (
+            (xp * x).sum(1)[:, None]
+            - 2 * xp @ self.means.T
+            + np.einsum("cd,de,ce->c", self.means, self.precision, self.means)[None, :]
+        )
+        return d.min(axis=1)
+
+    def normalised(self, features: np.ndarray) -> np.ndarray:
+        return (self.distance(features) - self.median) / self.spread
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The fitted score: one Block per feature tensor of the model."""
+
+    blocks: tuple[Block, ...]
+
+    def score(self, features: list[np.ndarray]) -> np.ndarray:
+        return sum(b.normalised(f) for b, f in zip(self.blocks, features, strict=True))
+
+    def fingerprint(self) -> str:
+        digest = hashlib.md5()
+        for b in self.blocks:
+            for array in (b.means, b.precision, np.array([b.median, b.spread])):
+                digest.update(np.ascontiguousarray(array, np.float64).tobytes())
+        return digest.hexdigest()
+
+
+def fit(model: keras.Model, train_ds, train_labels: np.ndarray, val_ds) -> Scorer:
+    """Fit the score on the labelled training images (`train_ds`, batches of images in the
+    order of `train_labels`: class means, covariance) and the val images (each block's
+    spread)."""
+    from sklearn.covariance import LedoitWolf
+
+    present = np.unique(train_labels)
+    if len(present) < 2:
+        raise PseudoLabelError("the OOD score needs labelled training images of two classes.")
+    extractor = feature_model(model)
+    train = [np.asarray(o, np.float64) for o in extractor.predict(train_ds, verbose=0)[1:]]
+    val = [np.asarray(o, np.float64) for o in extractor.predict(val_ds, verbose=0)[1:]]
+    # A class with no labelled image (an imported teacher's may lack some) has no mean.
+    index = np.searchsorted(present, train_labels)
+    blocks = []
+    for feats, val_feats in zip(train, val, strict=True):
+        x = _l2(feats)
+        means = np.stack([x[index == i].mean(0) for i in range(len(present))])
+        precision = LedoitWolf().fit(x - means[index]).precision_
+        raw = Block(means, precision, 0.0, 1.0).distance(val_feats)
+        median, q95 = np.quantile(raw, [0.5, 0.95])
+        blocks.append(Block(means, precision, float(median), float(max(q95 - median, 1e-9))))
+    return Scorer(tuple(blocks))
+
+
+class _ScoreLayer(keras.layers.Layer):
+    """The fitted score inside the graph: features in, one score per image out."""
+
+    def __init__(self, scorer: Scorer, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = []
+        for i, b in enumerate(scorer.blocks):
+            constant = {
+                "means": b.means,
+                "precision": b.precision,
+                "bias": np.einsum("cd,de,ce->c", b.means, b.precision, b.means),
+            }
+            weights = {
+                name: self.add_weight(
+                    name=f"block{i}_{name}",
+                    shape=value.shape,
+                    initializer=keras.initializers.Constant(value.astype(np.float32)),
+                    trainable=False,
+                )
+                for name, value in constant.items()
+            }
+            self.blocks.append((weights, b.median, b.spread))
+
+    def call(self, features):
+        ops = keras.ops
+        total = 0.0
+        for x, (w, median, spread) in zip(features, self.blocks, strict=True):
+            x = ops.cast(x, "float32")
+            x = x / ops.maximum(ops.norm(x, axis=1, keepdims=True), 1e-12)
+            xp = ops.matmul(x, w["precision"])
+            d = (
+                ops.sum(xp * x, axis=1, keepdims=True)
+                - 2.0 * ops.matmul(xp, ops.transpose(w["means"]))
+                + w["bias"][None, :]
+            )
+            total = total + (ops.min(d, axis=1, keepdims=True) - median) / spread
+        return total
+
+
+def scored_model(model: keras.Model, scorer: Scorer) -> keras.Model:
+    """The model's probabilities with the OOD score as one more, last column."""
+    extractor = feature_model(model)
+    probs, *features = extractor.outputs
+    score = _ScoreLayer(scorer, name="ood_score", dtype="float32")(features)
+    outputs = keras.layers.Concatenate(name="with_ood_score", dtype="float32")([probs, score])
+    return keras.Model(extractor.inputs, outputs, name=f"{model.name}_scored")
+
+
+def histogram(val_scores: np.ndarray, scores: np.ndarray, cut: float, bins: int = 40):
+    """The share of val and of unlabelled images per score bin (a DVC plot), and whether the
+    bin is past the cut."""
+    both = np.concatenate([val_scores, scores])
+    if not len(both):
+        return pd.DataFrame(columns=["ood_score", "val", "unlabeled", "flagged"])
+    edges = np.linspace(min(both.min(), 0.0), max(np.quantile(both, 0.995), cut * 1.2), bins + 1)
+    shares = {
+        name: np.histogram(np.clip(v, edges[0], edges[-1]), edges)[0] / max(1, len(v))
+        for name, v in (("val", val_scores), ("unlabeled", scores))
+    }
+    centre = (edges[:-1] + edges[1:]) / 2
+    return pd.DataFrame({"ood_score": centre, **shares, "flagged": (centre > cut).astype(int)})
+
+
+def cut(val_scores: np.ndarray, false_rejection: float) -> float:
+    """The score above which an image is flagged: the val images' (1 - false_rejection)
+    quantile, so that share of in-distribution images is flagged."""
+    return float(np.quantile(np.asarray(val_scores, np.float64), 1.0 - false_rejection))
+
+
+def flag(frame: pd.DataFrame, val_scores: np.ndarray, false_rejection: float) -> float:
+    """Add the ood column (1: ood_score past the cut) to a frame with ood_score; returns the
+    cut."""
+    at = cut(val_scores, false_rejection)
+    frame[FLAG_COLUMN] = (frame[SCORE_COLUMN].to_numpy() > at).astype(int)
+    return at
+
+
+def _labelled(folder: Path, meta, batch_size: int):
+    """A labelled folder's images in file order (batches) and their class indices."""
+    files, labels = labelled_files(folder, meta.class_names)
+    ds = labelled_dataset(
+        files, labels, meta.num_classes, meta.image_size, meta.channels, batch_size
+    )
+    return ds, labels
+
+
+def fit_folders(
+    model: keras.Model, meta, train_dir: Path, val_dir: Path, batch_size: int
+) -> Scorer:
+    """`fit` on a labelled train folder and its val folder (class folders, as the pipeline's)."""
+    train_ds, train_labels = _labelled(train_dir, meta, batch_size)
+    val_ds, _ = _labelled(val_dir, meta, batch_size)
+    return fit(model, train_ds, train_labels, val_ds)
+
+
+def val_scores(labeller: keras.Model, meta, val_dir: Path, batch_size: int) -> np.ndarray:
+    """The val images' OOD score through the labeller itself (its flip TTA included): what the
+    cut is calibrated on."""
+    ds, _ = _labelled(val_dir, meta, batch_size)
+    return np.asarray(labeller.predict(ds, verbose=0), np.float64)[:, -1]
+
+
+def without_flagged(predictions: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The CSV's rows the OOD score did not flag, and the flagged ones (pseudo_label.ood.exclude:
+    merge and the consistency student both leave them out)."""
+    if FLAG_COLUMN not in predictions:
+        raise PseudoLabelError(
+            f"{csv}: no {FLAG_COLUMN} column, which pseudo_label.ood.exclude needs: re-run "
+            "the pseudo_label stage with pseudo_label.ood.enabled=true."
+        )
+    flagged = predictions[FLAG_COLUMN].to_numpy(bool)
+    if flagged.all():
+        raise PseudoLabelError(
+            f"{csv}: every unlabelled image is flagged out of distribution; nothing to learn "
+            "from (check the unlabelled folder, or set pseudo_label.ood.exclude=false)."
+        )
+    kept = predictions[~flagged].reset_index(drop=True)
+    return kept, predictions[flagged].reset_index(drop=True)

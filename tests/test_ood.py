@@ -1,0 +1,159 @@
+"""Images that do not belong (issue 29): the OOD score flags images from another domain, merge
+and the consistency student leave them out and say so, the facade writes the same column, and
+a folder of nothing but junk stops with one line before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pseudolabel import merged_set, ood
+from pseudolabel.config import compose_raw, to_yaml
+from pseudolabel.generator import PseudoLabelGenerator
+from pseudolabel.models.io import read_meta
+from pseudolabel.paths import Paths
+from pseudolabel.predicting import read_csv
+from pseudolabel.stages import pseudo_label, train_student
+from pseudolabel.stages.merge import merge
+
+FOREIGN = 60  # images from another domain added to the digits' unlabelled folder
+
+
+def _foreign_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """What users find in a folder beside their photos, at the digits' 8x8 grey: noise, blank
+    and single-grey frames, stripes and checkerboards, all distinct."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            image = rng.integers(0, 256, (8, 8))
+        elif kind == 1:
+            image = np.full((8, 8), rng.integers(0, 256))
+        elif kind == 2:
+            image = np.tile((np.arange(8) % 2) * rng.integers(128, 256), (8, 1))
+        else:
+            image = ((np.indices((8, 8)).sum(0) + i) % 2) * rng.integers(128, 256)
+        out.append(image.astype(np.uint8))
+    return out
+
+
+def _project(pipeline: Paths, root: Path, foreign: int, keep_digits: bool = True) -> Paths:
+    """The pipeline's labelled images and teacher; an unlabelled folder of its digits (copies,
+    no decoded copy) plus `foreign` images from another domain named foreign_<i>.png."""
+    paths = Paths(root)
+    (root / "data").mkdir(parents=True)
+    os.symlink(pipeline.labeled.resolve(), paths.labeled)
+    paths.models.mkdir()  # the teacher only: this project's student must not replace the pipeline's
+    for suffix in (".keras", ".json"):
+        shutil.copy(pipeline.model("teacher").with_suffix(suffix), paths.models)
+    paths.unlabeled.mkdir(parents=True)
+    if keep_digits:
+        for image in pipeline.unlabeled.glob("*.png"):
+            shutil.copy(image, paths.unlabeled / image.name)
+    for i, image in enumerate(_foreign_images(foreign)):
+        Image.fromarray(image).save(paths.unlabeled / f"foreign_{i:03d}.png")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def messy(pipeline, tmp_path_factory, smoke_cfg):
+    """pseudo_label, merge and the consistency student with pseudo_label.ood.exclude=true on
+    the digits plus FOREIGN foreign images."""
+    from pseudolabel.config import compose
+
+    cfg = compose(["+experiment=smoke", "pseudo_label.ood.exclude=true"])
+    paths = _project(pipeline, tmp_path_factory.mktemp("messy"), FOREIGN)
+    labelling = pseudo_label(cfg, paths)
+    merging = merge(cfg, paths)
+    student = train_student(cfg, paths)
+    return paths, labelling, merging, student
+
+
+def test_images_from_another_domain_are_flagged_and_kept_out(messy):
+    paths, labelling, merging, _ = messy
+    frame = read_csv(paths.csv)
+    foreign = frame["path"].str.startswith("foreign_").to_numpy()
+    flagged = frame[ood.FLAG_COLUMN].to_numpy(bool)
+    assert foreign.sum() == FOREIGN
+    # Most of what does not belong is flagged; of the digits, about the val-calibrated share.
+    assert flagged[foreign].mean() >= 0.9, frame.loc[foreign, ood.SCORE_COLUMN].describe()
+    assert flagged[~foreign].mean() <= 0.25
+    scores = frame[ood.SCORE_COLUMN].to_numpy()
+    assert np.median(scores[foreign]) > np.quantile(scores[~foreign], 0.9)
+
+    report = labelling["ood"]
+    assert report["flagged"] == int(flagged.sum())
+    assert set(report["flagged_per_class"]) == set(read_meta(paths.model("teacher")).class_names)
+    assert report["val_flagged_fraction"] == pytest.approx(0.05, abs=0.02)
+    on_disk = json.loads((paths.metrics / "pseudo_label.json").read_text())["ood"]
+    assert on_disk["cut"] == report["cut"]
+    for plot in ("ood.png", "ood_most_out_of_place.png"):
+        assert (paths.outputs / "plots" / plot).is_file()
+    assert paths.ood_histogram.is_file()
+
+    # Merge leaves the flagged images out of data/train_ssl and lists them with the reason.
+    manifest = merged_set.read_manifest(paths.merged)
+    copied = {Path(f).name for f in manifest.loc[manifest["source"] == "pseudo", "file"]}
+    flagged_rows = frame[flagged]
+    assert not copied & {merged_set.copy_name(p) for p in flagged_rows["path"]}
+    listed = pd.read_csv(paths.outputs / "selection" / "ood_excluded.csv")
+    assert sorted(listed["path"]) == sorted(flagged_rows["path"])
+    assert listed["reason"].str.contains("out of distribution").all()
+    assert merging["ood_excluded"] == len(flagged_rows)
+    # The user's folder is untouched: every foreign image is still there.
+    assert len(list(paths.unlabeled.glob("foreign_*.png"))) == FOREIGN
+
+
+def test_the_consistency_student_learns_from_the_kept_images_only(messy):
+    paths, labelling, _, student = messy
+    frame = read_csv(paths.csv)
+    kept = int((frame[ood.FLAG_COLUMN] == 0).sum())
+    assert student["unlabeled_images"] == kept, student
+
+
+def test_the_facade_writes_the_pipelines_ood_columns(messy, tmp_path):
+    paths, *_ = messy
+    gen = PseudoLabelGenerator(
+        model_path=paths.model("teacher"),
+        train_data_path=paths.train,
+        unlabeled_path=paths.unlabeled,
+        output_folder=tmp_path,
+    )
+    facade = gen.generate_pseudolabel_data(batch_size=256)
+    pipeline = read_csv(paths.csv)
+    assert list(facade["path"]) == list(pipeline["path"])
+    np.testing.assert_allclose(
+        facade[ood.SCORE_COLUMN], pipeline[ood.SCORE_COLUMN], rtol=1e-4, atol=1e-4
+    )
+    assert (facade[ood.FLAG_COLUMN] == pipeline[ood.FLAG_COLUMN]).mean() > 0.99
+    written = read_csv(tmp_path / "data.csv")
+    assert {ood.SCORE_COLUMN, ood.FLAG_COLUMN} <= set(written.columns)
+
+
+def test_an_all_junk_folder_is_one_line_and_nothing_is_written(pipeline, tmp_path):
+    paths = _project(pipeline, tmp_path / "junk", 80, keep_digits=False)
+    overrides = ["+experiment=smoke", "pseudo_label.ood.exclude=true"]
+    (paths.root / "params.yaml").write_text(to_yaml(compose_raw(overrides)), encoding="utf-8")
+    run = subprocess.run(
+        [sys.executable, "-m", "pseudolabel.cli", "pseudo_label"],
+        cwd=paths.root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("pseudolabel ")]
+    assert len(errors) == 1 and "out of distribution" in errors[0], run.stderr[-2000:]
+    assert "right folder" in errors[0]
+    assert not paths.csv.exists() and not (paths.outputs / "plots").exists()
+    assert not (paths.outputs / ".data.csv.partial").exists()
