@@ -1,0 +1,101 @@
+"""The pipeline's own OOD score on a messy pool: AUROC and share flagged per kind of image.
+
+Runs the `pseudo_label` stage (the score, the cut, the flags: pseudolabel.ood) with the
+project's defaults on a pool that benchmarks/messy_pools.py wrote and trained the teacher for,
+into a scratch folder, and scores data.csv's ood_score and ood columns against the pool's truth
+table. Labelling only: what `pseudo_label.ood.exclude=true` would leave out, without training a
+student (messy_pools.py's `ood` arm does that).
+
+    python benchmarks/messy_pools.py --scenarios junk --seeds 0 --settings default
+    python benchmarks/ood_in_pool.py --scenario junk --seed 0
+
+Rows are merged into benchmarks/results/ood_in_pool.json (one per scenario, seed, overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scenarios  # noqa: E402
+from ood_scores import cpu_model  # noqa: E402
+from ssl_gain import code_version, split_argv  # noqa: E402
+
+from pseudolabel.atomic import write_text_atomic  # noqa: E402
+from pseudolabel.config import compose  # noqa: E402
+from pseudolabel.paths import Paths  # noqa: E402
+from pseudolabel.predicting import read_csv  # noqa: E402
+from pseudolabel.stages import pseudo_label  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "ood_in_pool.json"
+
+
+def by_kind(kinds: np.ndarray, scores: np.ndarray, flags: np.ndarray) -> dict:
+    """AUROC (OOD = positive) and share flagged of each kind, and of all junk together."""
+    inside = kinds == scenarios.IN
+    out = {"in": {"flagged": round(float(flags[inside].mean()), 4), "n": int(inside.sum())}}
+    groups = {k: kinds == k for k in sorted(set(kinds) - {scenarios.IN})}
+    junk = np.char.startswith(kinds.astype(str), "junk:")
+    if junk.any():
+        groups["junk"] = junk
+    for name, mask in groups.items():
+        truth = np.r_[np.zeros(inside.sum()), np.ones(mask.sum())]
+        out[name] = {
+            "auroc": round(float(roc_auc_score(truth, np.r_[scores[inside], scores[mask]])), 4),
+            "flagged": round(float(flags[mask].mean()), 4),
+            "n": int(mask.sum()),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, overrides = split_argv(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", required=True, help="a messy_pools.py scenario, e.g. junk")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/messy_pools_work"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    shared = args.work / f"{args.scenario}_seed{args.seed}_pooldefault"
+    if not (shared / "models" / "teacher.keras").is_file():
+        print(f"{shared}: no teacher; run messy_pools.py for this scenario first", file=sys.stderr)
+        return 2
+    scratch = shared / "ood_in_pool"
+    scratch.mkdir(exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+    paths = Paths(scratch, data_root=shared, teacher_model=shared / "models" / "teacher.keras")
+    start = time.perf_counter()
+    metrics = pseudo_label(compose([f"seed={args.seed}", *overrides]), paths)
+    seconds = round(time.perf_counter() - start, 1)
+    truth = scenarios.Truth.load(shared / "data" / "unlabeled_truth.json")
+    frame = read_csv(paths.csv)
+    kinds = np.array(truth.kinds(frame["path"]))
+    row = {
+        "scenario": args.scenario,
+        "seed": args.seed,
+        "overrides": overrides,
+        "cut": metrics["ood"]["cut"],
+        "flagged_fraction": metrics["ood"]["flagged_fraction"],
+        "by_kind": by_kind(kinds, frame["ood_score"].to_numpy(), frame["ood"].to_numpy(bool)),
+        "labelling_seconds": seconds,
+        "cpu": cpu_model(),
+        "code": code_version(("benchmarks/ood_in_pool.py",)),
+    }
+    payload = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    key = ("scenario", "seed", "overrides")
+    payload["rows"] = [r for r in payload["rows"] if any(r[k] != row[k] for k in key)] + [row]
+    write_text_atomic(args.out, json.dumps(payload, indent=1) + "\n")
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
