@@ -22,6 +22,7 @@ from gain_tables import _cell, _pyplot, _save  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ROOT / "benchmarks" / "results" / "ood_scores.json"
 POOLS = ROOT / "benchmarks" / "results" / "messy_pools.json"
+IN_POOL = ROOT / "benchmarks" / "results" / "ood_in_pool.json"
 DOC = ROOT / "docs" / "messy.md"
 FIGURE = ROOT / "docs" / "figures" / "messy_gain.png"
 START, END = "<!-- messy-tables:start -->", "<!-- messy-tables:end -->"
@@ -112,8 +113,26 @@ def pool_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render(scores: dict, pools: dict) -> str:
+def in_pool_table(rows: list[dict]) -> str:
+    """The pipeline's own score and cut on the benchmark's pools (benchmarks/ood_in_pool.py)."""
+    lines = [
+        "| scenario | seed | kind | images | AUROC | share flagged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"])):
+        for kind, v in r["by_kind"].items():
+            auroc = _num(v.get("auroc"))
+            lines.append(
+                f"| {r['scenario']} | {r['seed']} | {kind} | {v['n']:,} | {auroc} | "
+                f"{v['flagged']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def render(scores: dict, pools: dict, in_pool: dict | None = None) -> str:
     parts = ["### Which score", "", score_table(scores.get("rows", []))]
+    if in_pool and in_pool.get("rows"):
+        parts += ["", "### The pipeline's score on the pools", "", in_pool_table(in_pool["rows"])]
     parts += ["", "### The student on messy pools", ""]
     rows = pools.get("rows", [])
     parts.append(pool_table(rows) if rows else "No rows yet.")
@@ -157,20 +176,21 @@ def gain_figure(rows: list[dict], path: Path) -> bool:
     return _save(fig, path)
 
 
-def updated(doc: str, scores: dict, pools: dict) -> str:
+def updated(doc: str, scores: dict, pools: dict, in_pool: dict) -> str:
     start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[:start] + "\n" + render(scores, pools) + "\n" + doc[end:]
+    return doc[:start] + "\n" + render(scores, pools, in_pool) + "\n" + doc[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/messy.md is stale")
     args = parser.parse_args(argv)
-    scores, pools = (
-        json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {} for p in (SCORES, POOLS)
+    scores, pools, in_pool = (
+        json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+        for p in (SCORES, POOLS, IN_POOL)
     )
     doc = DOC.read_text(encoding="utf-8")
-    new = updated(doc, scores, pools)
+    new = updated(doc, scores, pools, in_pool)
     if args.check:
         if new != doc:
             print(f"{DOC} is out of date: run python benchmarks/messy_tables.py", file=sys.stderr)

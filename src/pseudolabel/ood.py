@@ -1,4 +1,4 @@
-"""Out-of-distribution (OOD) scores: how unlike the labelled classes each unlabelled image is.
+"""Out-of-distribution (OOD) scores: how unlike the labeled classes each unlabeled image is.
 
 A softmax teacher is confident on classes it never saw, so its confidence cannot keep them out
 (benchmarks/ood_scores.py: a teacher of Fashion-MNIST's classes 0-5 separates classes 6-9 from
@@ -8,11 +8,11 @@ max-softmax, energy, max-logit, kNN and Mahalanobis variants, is the Mahalanobis
 
 - features: each of the teacher's blocks (every pooling layer of its own graph, averaged over
   the image) and the input of its classifier, each L2-normalised;
-- per block, the squared Mahalanobis distance to the nearest labelled class mean under one
-  shared covariance of the class-centred labelled training features, shrunk by Ledoit-Wolf
-  (a few hundred labelled images for up to a few hundred dimensions);
+- per block, the squared Mahalanobis distance to the nearest labeled class mean under one
+  shared covariance of the class-centred labeled training features, shrunk by Ledoit-Wolf
+  (a few hundred labeled images for up to a few hundred dimensions);
 - each block's distance normalised by its spread on the val images, (d - median) / (q95 -
-  median), and the blocks summed: `ood_score`, higher = less likely one of the labelled classes.
+  median), and the blocks summed: `ood_score`, higher = less likely one of the labeled classes.
 
 The cut is the val images' (1 - false_rejection) quantile of that score, so it flags about that
 share of in-distribution images (measured on the test images in the benchmark: docs/messy.md).
@@ -124,18 +124,18 @@ class Scorer:
 
 
 def fit(model: keras.Model, train_ds, train_labels: np.ndarray, val_ds) -> Scorer:
-    """Fit the score on the labelled training images (`train_ds`, batches of images in the
+    """Fit the score on the labeled training images (`train_ds`, batches of images in the
     order of `train_labels`: class means, covariance) and the val images (each block's
     spread)."""
     from sklearn.covariance import LedoitWolf
 
     present = np.unique(train_labels)
     if len(present) < 2:
-        raise PseudoLabelError("the OOD score needs labelled training images of two classes.")
+        raise PseudoLabelError("the OOD score needs labeled training images of two classes.")
     extractor = feature_model(model)
     train = [np.asarray(o, np.float64) for o in extractor.predict(train_ds, verbose=0)[1:]]
     val = [np.asarray(o, np.float64) for o in extractor.predict(val_ds, verbose=0)[1:]]
-    # A class with no labelled image (an imported teacher's may lack some) has no mean.
+    # A class with no labeled image (an imported teacher's may lack some) has no mean.
     index = np.searchsorted(present, train_labels)
     blocks = []
     for feats, val_feats in zip(train, val, strict=True):
@@ -197,7 +197,7 @@ def scored_model(model: keras.Model, scorer: Scorer) -> keras.Model:
 
 
 def histogram(val_scores: np.ndarray, scores: np.ndarray, cut: float, bins: int = 40):
-    """The share of val and of unlabelled images per score bin (a DVC plot), and whether the
+    """The share of val and of unlabeled images per score bin (a DVC plot), and whether the
     bin is past the cut."""
     both = np.concatenate([val_scores, scores])
     if not len(both):
@@ -226,7 +226,7 @@ def flag(frame: pd.DataFrame, val_scores: np.ndarray, false_rejection: float) ->
 
 
 def _labelled(folder: Path, meta, batch_size: int):
-    """A labelled folder's images in file order (batches) and their class indices."""
+    """A labeled folder's images in file order (batches) and their class indices."""
     files, labels = labelled_files(folder, meta.class_names)
     ds = labelled_dataset(
         files, labels, meta.num_classes, meta.image_size, meta.channels, batch_size
@@ -237,7 +237,7 @@ def _labelled(folder: Path, meta, batch_size: int):
 def fit_folders(
     model: keras.Model, meta, train_dir: Path, val_dir: Path, batch_size: int
 ) -> Scorer:
-    """`fit` on a labelled train folder and its val folder (class folders, as the pipeline's)."""
+    """`fit` on a labeled train folder and its val folder (class folders, as the pipeline's)."""
     train_ds, train_labels = _labelled(train_dir, meta, batch_size)
     val_ds, _ = _labelled(val_dir, meta, batch_size)
     return fit(model, train_ds, train_labels, val_ds)
@@ -261,8 +261,8 @@ def without_flagged(predictions: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame,
     flagged = predictions[FLAG_COLUMN].to_numpy(bool)
     if flagged.all():
         raise PseudoLabelError(
-            f"{csv}: every unlabelled image is flagged out of distribution; nothing to learn "
-            "from (check the unlabelled folder, or set pseudo_label.ood.exclude=false)."
+            f"{csv}: every unlabeled image is flagged out of distribution; nothing to learn "
+            "from (check the unlabeled folder, or set pseudo_label.ood.exclude=false)."
         )
     kept = predictions[~flagged].reset_index(drop=True)
     return kept, predictions[flagged].reset_index(drop=True)
