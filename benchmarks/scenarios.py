@@ -181,36 +181,6 @@ def make_junk(
             crop = np.ascontiguousarray(items[i, top : top + side, left : left + side])
             out[i] = _resize(crop, shape)
     return out
-    if kind == "blank":
-        levels = rng.integers(0, 256, n)
-        which = rng.integers(0, 3, n)  # a third black, a third white, a third any grey
-        levels = np.where(which == 0, 0, np.where(which == 1, 255, levels))
-        return np.broadcast_to(levels[:, None, None], (n, h, w)).astype(np.uint8)
-    if kind == "inverted":
-        return (255 - items).astype(np.uint8)
-    if kind == "rotated":
-        angles = rng.uniform(90.0, 270.0, n)
-        return (
-            np.stack(
-                [
-                    np.clip(ndimage.rotate(x.astype(np.float32), a, reshape=False, order=1), 0, 255)
-                    .round()
-                    .astype(np.uint8)
-                    for x, a in zip(items, angles, strict=True)
-                ]
-            )
-            if n
-            else np.zeros((0, h, w), np.uint8)
-        )
-    # cropped: a random square of 5-11 pixels (a 6th to a 2.5th of the side) blown up
-    out = np.empty((n, h, w), np.uint8)
-    for i in range(n):
-        side = int(rng.integers(max(2, min(h, w) // 6), max(3, min(h, w) * 2 // 5) + 1))
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        out[i] = _resize(
-            np.ascontiguousarray(items[i, top : top + side, left : left + side]), shape
-        )
-    return out
 
 
 def with_junk(
