@@ -47,6 +47,12 @@ def test_threshold_out_of_range_is_rejected(threshold):
         compose([f"pseudo_label.threshold={threshold}"])
 
 
+@pytest.mark.parametrize("momentum", [1.0, -0.5])
+def test_alignment_momentum_out_of_range_is_rejected(momentum):
+    with pytest.raises(PseudoLabelError, match="student.consistency.alignment_momentum"):
+        compose([f"student.consistency.alignment_momentum={momentum}"])
+
+
 def test_steps_per_epoch_must_be_positive():
     with pytest.raises(PseudoLabelError, match="teacher.train.steps_per_epoch"):
         compose(["teacher.train.steps_per_epoch=0"])

@@ -249,6 +249,8 @@ class ConsistencyConfig:
     teacher_decay: bool = MISSING
     # Align the student's predictions to the labelled class distribution (ReMixMatch).
     distribution_alignment: bool = MISSING
+    # Momentum of the running mean of the student's predictions that alignment divides by.
+    alignment_momentum: float = MISSING
     # The views: weak (labelled images and the targets' view), strong (what learns from them).
     weak: AugmentConfig = field(default_factory=AugmentConfig)
     strong: AugmentConfig = field(default_factory=AugmentConfig)
@@ -530,6 +532,8 @@ def _check_consistency(cons: DictConfig, fail) -> None:
     for share in ("threshold", "rampup"):
         if not 0.0 <= cons[share] <= 1.0:
             fail(f"{key}.{share}", cons[share], "use a value in [0, 1]")
+    if not 0.0 <= cons.alignment_momentum < 1.0:
+        fail(f"{key}.alignment_momentum", cons.alignment_momentum, "use a momentum in [0, 1)")
     for weight in ("weight", "teacher_weight"):
         if not (math.isfinite(cons[weight]) and cons[weight] >= 0.0):
             fail(f"{key}.{weight}", cons[weight], "use a weight >= 0")

@@ -15,7 +15,10 @@ curriculum). w_u ramps up from 0 over the first steps; w_t can decay to 0 as the
 the teacher. The evaluated model keeps the optimiser's moving average of the weights (EMA,
 `train.ema`).
 
-Only the plain classifier is saved: the wrapper exists while training.
+Each piece of that loss is a function of src/pseudolabel/method.py (its docstring maps every
+student.consistency key to one); this module holds the data streams and the keras.Model shell
+that calls them and keeps their state. Only the plain classifier is saved: the wrapper exists
+while training.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pseudolabel import method
 from pseudolabel.data import decoded
 from pseudolabel.data.images import AUTOTUNE, decode_image, fits_in_memory
 
@@ -192,6 +196,7 @@ class ConsistencyModel(keras.Model):
         self.teacher_weight = float(settings.teacher_weight)
         self.teacher_decay = bool(settings.teacher_decay)
         self.align = bool(settings.distribution_alignment)
+        self.momentum = float(settings.alignment_momentum)
         self.rampup_steps = max(1.0, float(settings.rampup) * total_steps)
         self.total_steps = float(max(1, total_steps))
         self.num_classes = num_classes
@@ -255,44 +260,33 @@ class ConsistencyModel(keras.Model):
         return keras.losses.categorical_crossentropy(targets, probs)
 
     def _masked_pseudo_loss(self, p_weak, p_strong, truth, index):
-        """FixMatch/FlexMatch on the aligned weak prediction; returns loss, mask, pseudo."""
+        """FixMatch/FlexMatch on the aligned weak prediction (src/pseudolabel/method.py);
+        returns the loss and the mask."""
         if self.align:  # the mean over the global batch, the same on every replica
             if _replicas() == 1:  # (one replica: the very same ops as always, bit for bit)
                 mean = tf.reduce_mean(p_weak, 0)
             else:
                 total = _across_replicas(tf.reduce_sum(p_weak, 0))
                 mean = total / _across_replicas(tf.cast(tf.shape(p_weak)[0], p_weak.dtype))
-            self.p_model.assign(0.999 * self.p_model.value + 0.001 * mean)
-            p_weak = p_weak * self.prior / self.p_model.value
-            p_weak = p_weak / tf.reduce_sum(p_weak, -1, keepdims=True)
+            self.p_model.assign(method.running_mean(self.p_model.value, mean, self.momentum))
+            p_weak = method.aligned(p_weak, self.prior, self.p_model.value)
         confidence = tf.reduce_max(p_weak, -1)
         pseudo = tf.argmax(p_weak, -1, output_type=tf.int32)
         if self.flexible:
-            counts = tf.math.bincount(
-                tf.maximum(self.selected.value, 0),
-                weights=tf.cast(self.selected.value >= 0, tf.float32),
-                minlength=self.num_classes,
-                maxlength=self.num_classes,
+            per_class = method.flexmatch_class_thresholds(
+                self.selected.value, self.threshold, self.num_classes
             )
-            unused = tf.reduce_sum(tf.cast(self.selected.value < 0, tf.float32))
-            learnt = counts / tf.maximum(tf.maximum(tf.reduce_max(counts), unused), 1.0)
-            learnt = learnt / (2.0 - learnt)  # FlexMatch's convex mapping
-            limits = self.threshold * tf.gather(learnt, pseudo)
+            limits = tf.gather(per_class, pseudo)
             # Every replica's confident images (each sees its share of the batch) land on all.
             sure = tf.cast(confidence > self.threshold, tf.int32)  # all_gather takes no bool
             seen, classes, sure = _gathered(index, pseudo, sure)
-            sure = sure > 0
             self.selected.assign(
-                tf.tensor_scatter_nd_update(
-                    self.selected.value,
-                    tf.expand_dims(tf.boolean_mask(seen, sure), 1),
-                    tf.boolean_mask(classes, sure),
-                )
+                method.remember_confident(self.selected.value, seen, classes, sure > 0)
             )
         else:
-            limits = tf.fill(tf.shape(confidence), self.threshold)
+            limits = method.fixed_thresholds(confidence, self.threshold)
         mask = tf.cast(confidence >= limits, tf.float32)
-        loss = tf.reduce_mean(mask * self._ce(tf.one_hot(pseudo, self.num_classes), p_strong))
+        loss = method.masked_cross_entropy(pseudo, p_strong, mask, self.num_classes)
         known = tf.cast(truth >= 0, tf.float32) * mask
         correct = tf.cast(tf.equal(pseudo, truth), tf.float32)
         self.trackers["pseudo_precision"].update_state(correct, sample_weight=known)
@@ -321,10 +315,10 @@ class ConsistencyModel(keras.Model):
             if x_u is not None:
                 p_strong = probs[n_l:]
                 loss_u, mask = self._masked_pseudo_loss(p_weak, p_strong, truth, index)
-                w_u = self.unlabeled_weight * tf.minimum(1.0, step / self.rampup_steps)
-                w_t = self.teacher_weight
-                if self.teacher_decay:
-                    w_t = w_t * tf.maximum(0.0, 1.0 - step / self.total_steps)
+                w_u = self.unlabeled_weight * method.rampup(step, self.rampup_steps)
+                w_t = method.teacher_weight(
+                    step, self.total_steps, self.teacher_weight, self.teacher_decay
+                )
                 loss_t = tf.reduce_mean(accepted * self._ce(teacher, p_strong))
                 loss = loss + w_u * loss_u + w_t * loss_t
             loss += sum(self.classifier.losses) if self.classifier.losses else 0.0

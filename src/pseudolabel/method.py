@@ -1,0 +1,93 @@
+"""The consistency method's pieces as small functions of tensors, one per idea of the papers.
+
+`consistency.ConsistencyModel.train_step` is a thin shell that calls these in order and keeps
+their state (the running class distribution, each unlabeled image's last confident class) in
+its variables. Each function takes plain tensors and numbers, has no state of its own, and is
+tested on hand-made tensors against values worked out from the papers' formulas
+(tests/test_method.py). A new method (the out-of-distribution mask of docs/messy.md, SoftMatch's
+or FreeMatch's thresholds) is one more function here and one call in the shell.
+
+| conf key (student.consistency.*) | function |
+|---|---|
+| `threshold` (FixMatch's tau) | `fixed_thresholds` |
+| `flexible` (FlexMatch) | `flexmatch_class_thresholds`, `remember_confident` |
+| `distribution_alignment`, `alignment_momentum` | `running_mean`, `aligned` |
+| `weight`, `rampup` | `rampup` |
+| `teacher_weight`, `teacher_decay` | `teacher_weight` |
+| (the loss) | `masked_cross_entropy` |
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+def running_mean(mean: tf.Tensor, batch_mean: tf.Tensor, momentum: float) -> tf.Tensor:
+    """An exponential moving average's next value: momentum * mean + (1 - momentum) * batch."""
+    return momentum * mean + (1.0 - momentum) * batch_mean
+
+
+def aligned(probs: tf.Tensor, prior: tf.Tensor, model_mean: tf.Tensor) -> tf.Tensor:
+    """ReMixMatch's distribution alignment (Berthelot et al. 2020, eq. 1): each prediction
+    times prior / (the running mean of the predictions), renormalised to sum to 1."""
+    probs = probs * prior / model_mean
+    return probs / tf.reduce_sum(probs, -1, keepdims=True)
+
+
+def fixed_thresholds(confidence: tf.Tensor, threshold: float) -> tf.Tensor:
+    """FixMatch: the same threshold tau for every image."""
+    return tf.fill(tf.shape(confidence), threshold)
+
+
+def flexmatch_class_thresholds(
+    selected: tf.Tensor, threshold: float, num_classes: int
+) -> tf.Tensor:
+    """FlexMatch's per-class thresholds (Zhang et al. 2021, eqs. 6, 7 and 11, with the
+    threshold warm-up): sigma(c) = the unlabeled images whose last confident prediction was c
+    (`selected`: one class per unlabeled image, -1 for never confident yet); the learning
+    effect beta(c) = sigma(c) / max(max_c sigma, the never-confident count); the threshold
+    tau * M(beta(c)) with the convex mapping M(x) = x / (2 - x)."""
+    counts = tf.math.bincount(
+        tf.maximum(selected, 0),
+        weights=tf.cast(selected >= 0, tf.float32),
+        minlength=num_classes,
+        maxlength=num_classes,
+    )
+    unused = tf.reduce_sum(tf.cast(selected < 0, tf.float32))
+    learnt = counts / tf.maximum(tf.maximum(tf.reduce_max(counts), unused), 1.0)
+    return threshold * (learnt / (2.0 - learnt))
+
+
+def remember_confident(
+    selected: tf.Tensor, index: tf.Tensor, pseudo: tf.Tensor, confident: tf.Tensor
+) -> tf.Tensor:
+    """FlexMatch's bookkeeping: `selected` with the images at `index` whose prediction was
+    `confident` (above the fixed threshold) now remembered as their class `pseudo`."""
+    return tf.tensor_scatter_nd_update(
+        selected,
+        tf.expand_dims(tf.boolean_mask(index, confident), 1),
+        tf.boolean_mask(pseudo, confident),
+    )
+
+
+def masked_cross_entropy(
+    pseudo: tf.Tensor, probs: tf.Tensor, mask: tf.Tensor, num_classes: int
+) -> tf.Tensor:
+    """FixMatch's unlabeled loss: the mean over the batch (masked images count as 0) of the
+    cross-entropy of the hard pseudo-label `pseudo` and the strong view's `probs`."""
+    ce = keras.losses.categorical_crossentropy(tf.one_hot(pseudo, num_classes), probs)
+    return tf.reduce_mean(mask * ce)
+
+
+def rampup(step: tf.Tensor, rampup_steps: float) -> tf.Tensor:
+    """The unlabeled term's weight factor: rises linearly from 0 at step 0 to 1 at
+    `rampup_steps`, then stays 1."""
+    return tf.minimum(1.0, step / rampup_steps)
+
+
+def teacher_weight(step: tf.Tensor, total_steps: float, weight: float, decay: bool):
+    """The teacher term's weight: `weight`, falling linearly to 0 by the last step if `decay`."""
+    if not decay:
+        return weight
+    return weight * tf.maximum(0.0, 1.0 - step / total_steps)
