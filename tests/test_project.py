@@ -90,6 +90,22 @@ def test_init_writes_the_project_and_refuses_to_overwrite(tmp_path):
     assert config.conf_dir(root / "notebooks") == root / "conf"
     assert config.compose([], config_dir=root / "conf").data.source == "fashion_mnist"
 
+    # `git add .` takes none of MLflow's store, Hydra's folders or the environment.
+    for made in ("mlflow.db", "mlruns/0/meta.yaml", "multirun/x", ".venv/bin/python"):
+        (root / made).parent.mkdir(parents=True, exist_ok=True)
+        (root / made).write_text("x")
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert not any(name in status for name in ("mlflow.db", "mlruns/", "multirun/", ".venv/")), (
+        status
+    )
+    assert ".gitignore" in status
+
     project.init(root)  # the same files again: nothing to refuse
     (root / "conf" / "config.yaml").write_text("# mine\n")
     with pytest.raises(PseudoLabelError, match=r"refusing to overwrite conf/config\.yaml"):
@@ -103,6 +119,16 @@ def test_init_writes_the_project_and_refuses_to_overwrite(tmp_path):
     assert (root / "conf" / "config.yaml").read_text() == "# mine\n"
     assert _cli("init", "--force", cwd=root).returncode == 0
     assert (root / "conf" / "config.yaml").read_bytes() == (REPO / "conf/config.yaml").read_bytes()
+
+
+def test_init_adds_to_a_users_gitignore_and_never_replaces_it():
+    mine = "*.ckpt\n/mlruns/\nnotes.txt"
+    text = project.gitignore_text(mine)
+    assert text.startswith("*.ckpt\n/mlruns/\nnotes.txt\n")  # theirs first, untouched
+    added = text.splitlines()[3:]
+    assert added[0].startswith("# pseudolabel init")
+    assert "/mlruns/" not in added and "/mlflow.db" in added and "/.venv/" in added
+    assert project.gitignore_text(text) is None  # a second init adds nothing
 
 
 def test_init_outside_git_and_compose_without_conf_are_one_line_errors(tmp_path):

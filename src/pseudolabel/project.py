@@ -30,6 +30,22 @@ from pseudolabel.errors import PseudoLabelError
 # collects every dvc.yaml in a repository, and would run this copy's stages too.
 RENAMED = {"dvcignore": ".dvcignore", "dvc.yaml.in": "dvc.yaml"}
 DVC_CONFIG = "dvc_config"  # applied with `dvc config`, merged into the project's settings
+# What `git add .` must not take in a project: MLflow's store, Hydra's and the plots' folders,
+# the environment. The pipeline's outputs (data/, models/, outputs/) are DVC's: `dvc repro`
+# writes their own .gitignore entries. Added to the project's .gitignore, never replacing it.
+GITIGNORE = (
+    "/mlflow.db",
+    "/mlruns/",
+    "/mlartifacts/",
+    "/.mlflow-server/",
+    "/multirun/",
+    "/outputs/hydra/",
+    "/outputs/ingest_cache.sqlite",
+    "/dvc_plots/",
+    "/.venv/",
+    "__pycache__/",
+)
+_GITIGNORE_HEADER = "# pseudolabel init: MLflow's store, Hydra's folders, the environment"
 _CODE_DEP = re.compile(r"^(\s*)- src/")
 _CODE_COMMENT = re.compile(r"^\s*# The code `pseudolabel \w+` runs")
 
@@ -108,9 +124,21 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return result.stdout.strip()
 
 
+def gitignore_text(existing: str) -> str | None:
+    """`existing` (a .gitignore's text, "" if none) with the GITIGNORE entries it lacks
+    appended under one comment line; None when it has them all."""
+    have = {line.strip() for line in existing.splitlines()}
+    missing = [entry for entry in GITIGNORE if entry not in have]
+    if not missing:
+        return None
+    head = existing if not existing or existing.endswith("\n") else existing + "\n"
+    return head + "\n".join([_GITIGNORE_HEADER, *missing]) + "\n"
+
+
 def init(root: str | Path = ".", force: bool = False) -> list[Path]:
     """Write the default project into `root` (a git repository): conf/, dvc.yaml, params.yaml,
-    .dvcignore, pseudolabel.lock, `dvc init` if it has no .dvc/, and the DVC settings.
+    .dvcignore, pseudolabel.lock, the entries of GITIGNORE added to its .gitignore, `dvc init`
+    if it has no .dvc/, and the DVC settings.
     Refuses, before writing anything, to overwrite a file whose content differs, unless
     `force`. Returns the paths written."""
     root = Path(root).resolve()
@@ -139,6 +167,11 @@ def init(root: str | Path = ".", force: bool = False) -> list[Path]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text, encoding="utf-8")
         written.append(rel)
+    ignore = root / ".gitignore"
+    text = gitignore_text(ignore.read_text(encoding="utf-8") if ignore.is_file() else "")
+    if text is not None:
+        ignore.write_text(text, encoding="utf-8")
+        written.append(Path(".gitignore"))
     for key, value in dvc_settings():
         _run([*dvc, "config", key, value], root)
     return written
