@@ -20,7 +20,11 @@ energy (the real logits: the penultimate features through the softmax layer's ke
 kNN distance in the teacher's L2-normalised penultimate features (`pool`, global average
 pooling) to the labelled train images (k = 1, 5, 10; Sun et al. 2022), the same on every block's
 pooled features, Mahalanobis (class means, shared Ledoit-Wolf covariance, min over classes),
-a PCA-residual norm, and sums of scores each normalised by its val quantiles.
+a PCA-residual norm, and sums of scores each normalised by its val quantiles. And the
+pipeline's own score through its code (src/pseudolabel/ood.py): `pipeline_distances` (the
+Mahalanobis layer ensemble alone, pseudo_label.ood.contrast=false) and `pipeline` (with the
+contrast term, the default), the latter fitted per set on a pool of the in-distribution test
+images plus that set's images, as the pipeline fits it on the folder it labels.
 
     python benchmarks/ood_scores.py --seeds 0 1 2
     python benchmarks/ood_scores.py --seeds 0 -- teacher.train.epochs=50
@@ -53,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
 from ssl_gain import code_version, split_argv  # noqa: E402
 
-from pseudolabel import calibration, stages  # noqa: E402
+from pseudolabel import calibration, ood, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.data import layout, sources  # noqa: E402
 from pseudolabel.models import io as model_io  # noqa: E402
@@ -66,7 +70,7 @@ JUNK_PER_KIND = 1000
 CUT_QUANTILE = 0.95  # the val-calibrated cut: 5 % of val rejected
 KS = (1, 5, 10)
 BATCH = 500
-CODE = ("benchmarks/ood_scores.py", "benchmarks/scenarios.py")
+CODE = ("benchmarks/ood_scores.py", "benchmarks/scenarios.py", "src/pseudolabel/ood.py")
 
 
 def cpu_model() -> str:
@@ -374,6 +378,9 @@ def run_seed(seed: int, overrides: list[str], work: Path) -> tuple[list[dict], d
         "overrides": overrides,
     }
     print(f"[seed {seed}] {json.dumps(info)}", flush=True)
+    pipeline_rows = pipeline_scores(
+        model, source, split, train_labels, train, val, set_features, sets, seed, overrides
+    )
     rows = []
     inside = set_scores["in"]
     for score in inside:
@@ -401,7 +408,61 @@ def run_seed(seed: int, overrides: list[str], work: Path) -> tuple[list[dict], d
                     "overrides": overrides,
                 }
             )
-    return rows, info
+    return rows + pipeline_rows, info
+
+
+def _blocks(f: dict) -> list[np.ndarray]:
+    """A feature dict as the pipeline's score reads it: every block's pooled features, then
+    the classifier's input (pseudolabel.ood.feature_tensors' order)."""
+    return [*f["blocks"], f["pool"]]
+
+
+def pipeline_scores(
+    model, source, split, train_labels, train, val, set_features, sets, seed, overrides
+) -> list[dict]:
+    """The pipeline's own score (pseudolabel.ood, its code, not a copy): the Mahalanobis
+    layer ensemble alone (`pipeline_distances`) and with its contrast term (`pipeline`),
+    fitted per scenario on that scenario's pool as the pipeline fits it on a folder: the
+    in-distribution test images plus that set's images."""
+    base = ood.fit(
+        model,
+        source.train_images[split.train][..., None].astype(np.float32),
+        train_labels,
+        source.train_images[split.val][..., None].astype(np.float32),
+    )
+    prior = np.bincount(train_labels, minlength=KNOWN) / len(train_labels)
+    tr, va, inside = _blocks(train), _blocks(val), set_features["in"]
+    rows = []
+    for name in sets:
+        if name == "in":
+            continue
+        pool = join([inside, set_features[name]])
+        scorers = {
+            "pipeline_distances": base,
+            "pipeline": ood.with_contrast(base, tr, va, _blocks(pool), pool["probs"], prior),
+        }
+        for score, scorer in scorers.items():
+            val_s = scorer.score(va)
+            ins, out = scorer.score(_blocks(inside)), scorer.score(_blocks(set_features[name]))
+            cut = float(np.quantile(val_s, CUT_QUANTILE))
+            keep95 = float(np.quantile(ins, CUT_QUANTILE))
+            rows.append(
+                {
+                    "seed": seed,
+                    "score": score,
+                    "scenario": name,
+                    "auroc": round(auroc(ins, out), 4),
+                    "cut": cut,
+                    "false_rejection_val": round(float(np.mean(val_s > cut)), 4),
+                    "false_rejection_test": round(float(np.mean(ins > cut)), 4),
+                    "removed": round(float(np.mean(out > cut)), 4),
+                    "fpr95": round(float(np.mean(out <= keep95)), 4),
+                    "n_in": len(ins),
+                    "n_ood": len(out),
+                    "overrides": overrides,
+                }
+            )
+    return rows
 
 
 def _same(a: dict, b: dict) -> bool:

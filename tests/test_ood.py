@@ -157,3 +157,61 @@ def test_an_all_junk_folder_is_one_line_and_nothing_is_written(pipeline, tmp_pat
     assert "right folder" in errors[0]
     assert not paths.csv.exists() and not (paths.outputs / "plots").exists()
     assert not (paths.outputs / ".data.csv.partial").exists()
+
+
+def _blobs(rng, centre, n, dims=8, scale=0.3):
+    return centre + scale * rng.standard_normal((n, dims))
+
+
+def test_the_contrast_term_flags_a_cluster_only_the_folder_has():
+    """Labeled images of two classes; the folder holds them and a third, near cluster: the
+    contrast term (labeled vs folder) scores the third above the labeled classes' own."""
+    rng = np.random.default_rng(0)
+    a, b = np.eye(8)[0] * 2, np.eye(8)[1] * 2
+    near = (a + np.eye(8)[2] * 1.5) / 1.0  # beside class a, in no labeled image
+    train = [np.concatenate([_blobs(rng, a, 50), _blobs(rng, b, 50)])]
+    val = [np.concatenate([_blobs(rng, a, 20), _blobs(rng, b, 20)])]
+    pool = [np.concatenate([_blobs(rng, a, 400), _blobs(rng, b, 400), _blobs(rng, near, 400)])]
+    probs = np.repeat(np.eye(2), [400, 400], axis=0)
+    probs = np.concatenate([probs, np.tile([[1.0, 0.0]], (400, 1))])  # the teacher: "a"
+    contrast = ood.fit_contrast(train, val, pool, probs, np.ones(1200, bool), np.full(2, 0.5))
+    raw = contrast.raw(pool)
+    assert raw[800:].mean() > np.quantile(raw[:800], 0.9)
+    # val-normalised: the val images' median at 0 and their 95th percentile at 1
+    assert np.median(contrast.normalised(val)) == pytest.approx(0.0, abs=1e-9)
+    assert np.quantile(contrast.normalised(val), 0.95) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_contrast_term_does_not_flag_a_folders_head_class():
+    """A folder with ten times more of class a than of b (the labeled set balanced) and nothing
+    else: weighted by its predicted-class mix, the term cannot call class a "unlabeled"."""
+    rng = np.random.default_rng(1)
+    a, b = np.eye(8)[0] * 2, np.eye(8)[1] * 2
+    train = [np.concatenate([_blobs(rng, a, 50), _blobs(rng, b, 50)])]
+    val = [np.concatenate([_blobs(rng, a, 50), _blobs(rng, b, 50)])]
+    pool = [np.concatenate([_blobs(rng, a, 1000), _blobs(rng, b, 100)])]
+    probs = np.repeat(np.eye(2), [1000, 100], axis=0)
+    contrast = ood.fit_contrast(train, val, pool, probs, np.ones(1100, bool), np.full(2, 0.5))
+    flagged_a = np.mean(contrast.normalised([pool[0][:1000]]) > 1.0)
+    # about the val images' 5 % (0.051); unweighted, the head class itself: 0.158
+    assert flagged_a < 0.10, flagged_a
+
+
+def test_the_scored_models_column_is_the_scorers_score(pipeline):
+    """The score inside the graph (what both engines write) equals Scorer.score in numpy, the
+    contrast term included."""
+    from pseudolabel.models import io as model_io
+
+    model, meta = model_io.load(pipeline.model("teacher"))
+    files = sorted(str(p) for p in pipeline.unlabeled.glob("*.png"))
+    scorer = ood.fit_folders(model, meta, pipeline.train, pipeline.val, 64, files)
+    assert scorer.contrast is not None
+    images = np.stack([np.asarray(Image.open(f)) for f in files[:40]])[..., None]
+    images = images.astype(np.float32)
+    column = ood.scored_model(model, scorer).predict(images, verbose=0)[:, -1]
+    features = [
+        np.asarray(f, np.float64) for f in ood.feature_model(model).predict(images, verbose=0)[1:]
+    ]
+    np.testing.assert_allclose(column, scorer.score(features), rtol=1e-3, atol=1e-3)
+    # the fingerprint (the chunked resume's key) changes with the contrast term
+    assert scorer.fingerprint() != ood.Scorer(scorer.blocks).fingerprint()

@@ -293,6 +293,10 @@ class OODConfig:
     enabled: bool = MISSING
     # The cut flags this share of the labelled val images (in-distribution), in (0, 0.5).
     false_rejection: float = MISSING
+    # Add the labelled-vs-unlabelled classifier's term (PU learning, pseudolabel.ood.Contrast),
+    # fitted on at most contrast_sample unlabelled images drawn at random (seeded by `seed`).
+    contrast: bool = MISSING
+    contrast_sample: int = MISSING
     # Flagged images stay out of data/train_ssl and of the student's unlabelled terms.
     exclude: bool = MISSING
 
@@ -547,6 +551,8 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
             fail(f"pseudo_label.{key}", pl[key], "must be >= 1")
     if not 0.0 < pl.ood.false_rejection < 0.5:
         fail("pseudo_label.ood.false_rejection", pl.ood.false_rejection, "use a share in (0, 0.5)")
+    if pl.ood.contrast_sample < 1:
+        fail("pseudo_label.ood.contrast_sample", pl.ood.contrast_sample, "use >= 1 image")
     if pl.ood.exclude and not pl.ood.enabled:
         fail("pseudo_label.ood.exclude", True, "needs pseudo_label.ood.enabled=true (the score)")
     if pl.selection not in SELECTIONS:

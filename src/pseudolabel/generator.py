@@ -27,6 +27,8 @@ from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 
 log = logging.getLogger(__name__)
+# Unlabeled images the OOD score's contrast term is fitted on (pseudo_label.ood.contrast_sample).
+OOD_CONTRAST_SAMPLE = 20_000
 
 
 class PseudoLabelGenerator:
@@ -153,15 +155,22 @@ class PseudoLabelGenerator:
         elif self.calibrate:
             log.info("no val folder beside %s: confidences not calibrated", self.train_data_path)
         labeller, scores = model, None
+        oversized = self._oversized()
         if self.ood_false_rejection is not None and self.val_data_path is not None:
+            # the pipeline's default score (pseudo_label.ood, its contrast term included)
+            files = [
+                f
+                for f in list_images(self.unlabeled_path)
+                if f.relative_to(self.unlabeled_path).as_posix() not in oversized
+            ]
+            sample = ood.pool_sample(files, OOD_CONTRAST_SAMPLE, seed=0)
             scorer = ood.fit_folders(
-                model, meta, self.train_data_path, self.val_data_path, batch_size
+                model, meta, self.train_data_path, self.val_data_path, batch_size, sample
             )
             labeller = ood.scored_model(model, scorer)
             scores = ood.val_scores(labeller, meta, self.val_data_path, batch_size)
         elif self.ood_false_rejection is not None:
             log.info("no val folder beside %s: no OOD score", self.train_data_path)
-        oversized = self._oversized()
         predictions, failed = predicting.predict_folder(
             labeller, meta, self.unlabeled_path, batch_size, temperature, skip=frozenset(oversized)
         )

@@ -82,13 +82,14 @@ def _aligned(
 def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """Teacher predictions for every unlabelled image -> outputs/data.csv (no threshold)."""
     pl = cfg.pseudo_label
-    require_images(paths.unlabeled, "unlabelled")
+    files = require_images(paths.unlabeled, "unlabelled")
     model, meta = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
-    scorer = (
-        ood.fit_folders(model, meta, paths.train, paths.val, pl.batch_size)
-        if pl.ood.enabled
-        else None
-    )
+    scorer = None
+    if pl.ood.enabled:
+        sample = None
+        if pl.ood.contrast:
+            sample = ood.pool_sample(files, pl.ood.contrast_sample, cfg.seed)
+        scorer = ood.fit_folders(model, meta, paths.train, paths.val, pl.batch_size, sample)
     labeller = ood.scored_model(model, scorer) if scorer else model
     if pl.tta:
         model, labeller = predicting.with_flip_tta(model), predicting.with_flip_tta(labeller)
@@ -99,7 +100,8 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     val_scores = ood.val_scores(labeller, meta, paths.val, pl.batch_size) if scorer else None
     keys = ("batch_size", "chunk_size", "calibrate", "tta", "distribution_alignment", "engine")
     params = {f"pseudo_label.{key}": pl[key] for key in keys}
-    params |= {f"pseudo_label.ood.{key}": pl.ood[key] for key in ("enabled", "false_rejection")}
+    keys = ("enabled", "false_rejection", "contrast", "contrast_sample")
+    params |= {f"pseudo_label.ood.{key}": pl.ood[key] for key in keys}
     with tracking.start_run(
         cfg, "pseudo_label", params, {"teacher_run_id": meta.run_id, "round": paths.round_number}
     ):
