@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -24,7 +25,7 @@ from pseudolabel import registry, tracking
 from pseudolabel.config import compose
 from pseudolabel.data.images import class_names_from, list_images
 from pseudolabel.stages.evaluate import evaluate
-from tests.conftest import free_port, wait_until_answers
+from tests.conftest import REPO, free_port, wait_until_answers
 
 BIN = Path(sys.executable).parent
 
@@ -144,6 +145,19 @@ def test_mlflow_models_serve_answers_with_a_class_name(registered, pipeline, tra
             predictions = json.loads(response.read())["predictions"]
         assert predictions[0]["class"] in class_names_from(pipeline.train)
         assert 0.0 <= predictions[0]["confidence"] <= 1.0
+        # a body that is not an image: a 400 naming it and why, no stack trace, no server path
+        bad = base64.b64encode(b"GIF89a? no, a text file").decode()
+        body = {"dataframe_split": {"columns": ["image"], "data": [[bad]]}}
+        request = urllib.request.Request(
+            base + "/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 400
+        answer = json.loads(caught.value.read())
+        assert "image 0: " in answer["message"] and "not an image file" in answer["message"]
+        assert "stack_trace" not in answer and "Traceback" not in json.dumps(answer)
+        assert str(REPO) not in json.dumps(answer) and ".py" not in json.dumps(answer)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
@@ -179,6 +193,46 @@ def test_serving_decodes_base64_and_rgb_images_to_the_model_size(tmp_path):
     assert set(out["probabilities"][0]) == {"cat", "dog"}
     with pytest.raises(ValueError, match="base64"):
         model.predict(None, pd.DataFrame({"image": ["not an image!"]}))
+
+
+def test_serving_refuses_bad_input_with_the_image_and_the_reason(tmp_path, monkeypatch):
+    """Each refusal is MLflow's INVALID_PARAMETER_VALUE (the server's 400) naming the image."""
+    from mlflow.exceptions import MlflowException
+
+    from pseudolabel.serving import MAX_IMAGES_ENV, ImageClassifier
+
+    monkeypatch.setenv(MAX_IMAGES_ENV, "3")
+    model = ImageClassifier()
+    model.load_context(_tiny_model(tmp_path))
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 10).save(png, "PNG")
+    good = png.getvalue()
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(
+        noise, "PNG"
+    )
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(bomb, "PNG")  # 48 Mpx, a few kB
+    cases = {
+        "not an image file": [good, b"%PDF-1.4 not a picture"],
+        "truncated or corrupt": [noise.getvalue()[: len(noise.getvalue()) // 2]],
+        "0 bytes": [b""],
+        "over 40,000,000": [bomb.getvalue()],
+        "H x W or H x W x 1, 3 or 4": [np.zeros((8, 8, 5), np.uint8)],
+        "no images": [],
+        "at most 3": [good] * 4,
+    }
+    for reason, items in cases.items():
+        frame = pd.DataFrame({"image": pd.Series(items, dtype=object)})
+        with pytest.raises(MlflowException, match=reason) as caught:
+            model.predict(None, frame)
+        assert caught.value.get_http_status_code() == 400, reason
+    with pytest.raises(MlflowException, match="image 1: "):
+        model.predict(None, pd.DataFrame({"image": [good, b"junk"]}))
+    # another size and channel count than the model's is converted, not refused
+    rgb = io.BytesIO()
+    Image.new("RGBA", (31, 17), (1, 2, 3, 4)).save(rgb, "PNG")
+    assert len(model.predict(None, pd.DataFrame({"image": [rgb.getvalue()]}))) == 1
 
 
 def test_serving_refuses_a_model_that_would_run_code(tmp_path):

@@ -11,6 +11,7 @@ PostgreSQL behind `mlflow server`), through MlflowClient only.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def log_serving_model(model_path: Path, run_id: str):
     import numpy as np
     import pandas as pd
     import PIL
+    import PIL.Image
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -54,6 +56,14 @@ def log_serving_model(model_path: Path, run_id: str):
 
     model_path = Path(model_path)
     signature = ModelSignature(inputs=Schema([ColSpec("binary", serving.COLUMN)]))
+    # An input example (one grey PNG of the model's size), so that the UI shows what the model
+    # takes and MLflow checks at logging time that it answers such a request.
+    meta, example = model_io.read_meta(model_path), None
+    if meta is not None:
+        buffer = io.BytesIO()
+        mode = "L" if meta.channels == 1 else "RGB"
+        PIL.Image.new(mode, (meta.image_size[1], meta.image_size[0]), 128).save(buffer, "PNG")
+        example = pd.DataFrame({serving.COLUMN: [buffer.getvalue()]})
     requirements = [
         f"mlflow=={mlflow.__version__}",
         f"keras=={keras.__version__}",
@@ -76,6 +86,7 @@ def log_serving_model(model_path: Path, run_id: str):
                 "meta": str(model_io.meta_path(model_path)),
             },
             signature=signature,
+            input_example=example,
             pip_requirements=requirements,
         )
 
