@@ -13,17 +13,17 @@ max-softmax, energy, max-logit, kNN and Mahalanobis variants, is the Mahalanobis
   (a few hundred labeled images for up to a few hundred dimensions);
 - each block's distance normalised by its spread on the val images, (d - median) / (q95 -
   median), and the blocks summed;
-- with `pseudo_label.ood.contrast` (the default), one more term that looks at the unlabeled
-  folder itself: a logistic regression of the labeled training images against a sample of the
-  unlabeled ones, on every block's L2-normalised features joined (PU learning: the labeled
+- with `pseudo_label.ood.contrast` (the default), per block one more term that looks at the
+  unlabeled folder itself: a logistic regression of the labeled training images against a
+  sample of the unlabeled ones on that block's L2-normalised features (PU learning: the labeled
   images are a sample of the classes, the folder a mix of them and of what does not belong, so
   where the folder has images and the labeled set has none the classifier says "unlabeled").
-  Near classes the teacher never saw (sneakers for a teacher of sandals) fool a distance to the
-  class means and not this: AUROC 0.79 -> 0.89 on the benchmark's unseen classes
-  (docs/messy.md). The folder's sample is weighted so that its predicted-class mix (among the
-  images the distances call in-distribution) matches the labeled one: otherwise a skewed folder's
-  head class, over-represented against the balanced labeled set, would look "unlabeled" too.
-  Its logit, negated and val-normalised like a block, is added to the sum: `ood_score`, higher
+  Classes the teacher never saw but that lie near one it did (sneakers beside sandals) fool a
+  distance to the class means, not this (benchmarks/ood_scores.py, docs/messy.md). The
+  folder's sample is weighted so that its predicted-class mix (among the images the distances
+  call in-distribution) matches the labeled one: otherwise a skewed folder's head class,
+  over-represented against the balanced labeled set, would look "unlabeled" too. Each block's
+  logit, negated and val-normalised like its distance, is added to the sum: `ood_score`, higher
   = less likely one of the labeled classes.
 
 The cut is the val images' (1 - false_rejection) quantile of that score, so it flags about that
@@ -118,48 +118,45 @@ class Block:
         return (self.distance(features) - self.median) / self.spread
 
 
-def joined(features: list[np.ndarray]) -> np.ndarray:
-    """Every block's L2-normalised features side by side, the whole of unit length."""
-    return np.concatenate([_l2(f) for f in features], axis=1) / np.sqrt(len(features))
-
-
 @dataclass(frozen=True)
 class Contrast:
-    """The labeled-vs-unlabeled logistic regression on `joined` features and its val spread:
-    score = -(kernel . x + bias), higher = more like the unlabeled folder than the labeled set."""
+    """One block's labeled-vs-unlabeled logistic regression on its L2-normalised features and
+    its val spread: raw = -(kernel . x + bias), higher = more like the unlabeled folder than
+    the labeled set."""
 
     kernel: np.ndarray
     bias: float
     median: float
     spread: float
 
-    def raw(self, features: list[np.ndarray]) -> np.ndarray:
-        return -(joined(features) @ self.kernel + self.bias)
+    def raw(self, features: np.ndarray) -> np.ndarray:
+        return -(_l2(features) @ self.kernel + self.bias)
 
-    def normalised(self, features: list[np.ndarray]) -> np.ndarray:
+    def normalised(self, features: np.ndarray) -> np.ndarray:
         return (self.raw(features) - self.median) / self.spread
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """The fitted score: one Block per feature tensor of the model (and the Contrast term)."""
+    """The fitted score: one Block per feature tensor of the model, and with the contrast term
+    one Contrast per block too; every term val-normalised, all summed."""
 
     blocks: tuple[Block, ...]
-    contrast: Contrast | None = None
+    contrast: tuple[Contrast, ...] = ()
 
     def distances(self, features: list[np.ndarray]) -> np.ndarray:
         return sum(b.normalised(f) for b, f in zip(self.blocks, features, strict=True))
 
     def score(self, features: list[np.ndarray]) -> np.ndarray:
         total = self.distances(features)
-        return total if self.contrast is None else total + self.contrast.normalised(features)
+        for term, f in zip(self.contrast, features, strict=False):
+            total = total + term.normalised(f)
+        return total
 
     def fingerprint(self) -> str:
         digest = hashlib.md5()
         arrays = [a for b in self.blocks for a in (b.means, b.precision, [b.median, b.spread])]
-        if self.contrast is not None:
-            c = self.contrast
-            arrays += [c.kernel, [c.bias, c.median, c.spread]]
+        arrays += [a for c in self.contrast for a in (c.kernel, [c.bias, c.median, c.spread])]
         for array in arrays:
             digest.update(np.ascontiguousarray(array, np.float64).tobytes())
         return digest.hexdigest()
@@ -178,33 +175,35 @@ def fit_contrast(
     pool_probs: np.ndarray,
     pool_in: np.ndarray,
     prior: np.ndarray,
-) -> Contrast:
-    """The labeled training images (`train`: per-block features) against the unlabeled sample
-    (`pool`), half the weight each. The sample's images are weighted by prior[c] / share[c], c
-    their predicted class and share the classes' mix among the sample's in-distribution-looking
-    images (`pool_in`, by the distances alone), so that the class mix alone cannot tell the two
-    apart. L2-regularised (C = 1: measured against 0.1 and 10 in benchmarks/ood_scores.py)."""
+) -> tuple[Contrast, ...]:
+    """Per block, the labeled training images (`train`: per-block features) against the
+    unlabeled sample (`pool`), half the weight each. The sample's images are weighted by
+    prior[c] / share[c], c their predicted class and share the classes' mix among the sample's
+    in-distribution-looking images (`pool_in`, by the distances alone), so that the class mix
+    alone cannot tell the two apart. L2-regularised, C = 1 (0.3 and 3 measured no better:
+    docs/messy.md)."""
     from sklearn.linear_model import LogisticRegression
 
-    x_train, x_pool = joined(train), joined(pool)
     predicted = pool_probs.argmax(1)
     k = pool_probs.shape[1]
     counts = np.bincount(predicted[pool_in] if pool_in.any() else predicted, minlength=k)
     share = counts / max(1, counts.sum())
     weights = prior[predicted] / np.maximum(share[predicted], 1e-3)
     if not weights.sum() > 0:  # no predicted class among the labeled ones: unweighted
-        weights = np.ones(len(x_pool))
-    n = len(x_train) + len(x_pool)
-    sample_weight = (
-        np.concatenate([np.full(len(x_train), 0.5 / len(x_train)), 0.5 * weights / weights.sum()])
-        * n
-    )
-    y = np.concatenate([np.ones(len(x_train)), np.zeros(len(x_pool))])
-    clf = LogisticRegression(C=1.0, max_iter=3000)
-    clf.fit(np.concatenate([x_train, x_pool]), y, sample_weight=sample_weight)
-    kernel, bias = clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
-    median, spread = _spread(-(joined(val) @ kernel + bias))
-    return Contrast(kernel, bias, median, spread)
+        weights = np.ones(len(predicted))
+    n_train = len(train[0])
+    sample_weight = np.concatenate(
+        [np.full(n_train, 0.5 / n_train), 0.5 * weights / weights.sum()]
+    ) * (n_train + len(predicted))
+    y = np.concatenate([np.ones(n_train), np.zeros(len(predicted))])
+    terms = []
+    for block_train, block_val, block_pool in zip(train, val, pool, strict=True):
+        x = np.concatenate([_l2(block_train), _l2(block_pool)])
+        clf = LogisticRegression(C=1.0, max_iter=3000).fit(x, y, sample_weight=sample_weight)
+        kernel, bias = clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
+        median, spread = _spread(-(_l2(block_val) @ kernel + bias))
+        terms.append(Contrast(kernel, bias, median, spread))
+    return tuple(terms)
 
 
 def fit(model: keras.Model, train_ds, train_labels: np.ndarray, val_ds, pool_ds=None) -> Scorer:
@@ -282,16 +281,15 @@ class _ScoreLayer(keras.layers.Layer):
                 for name, value in constant.items()
             }
             self.blocks.append((weights, b.median, b.spread))
-        self.contrast = None
-        if scorer.contrast is not None:
-            c = scorer.contrast
+        self.contrast = []
+        for i, c in enumerate(scorer.contrast):
             kernel = self.add_weight(
-                name="contrast_kernel",
+                name=f"block{i}_contrast_kernel",
                 shape=(len(c.kernel), 1),
                 initializer=keras.initializers.Constant(c.kernel[:, None].astype(np.float32)),
                 trainable=False,
             )
-            self.contrast = (kernel, c.bias, c.median, c.spread)
+            self.contrast.append((kernel, c.bias, c.median, c.spread))
 
     def call(self, features):
         ops = keras.ops
@@ -306,13 +304,9 @@ class _ScoreLayer(keras.layers.Layer):
                 + w["bias"][None, :]
             )
             total = total + (ops.min(d, axis=1, keepdims=True) - median) / spread
-        if self.contrast is not None:
-            kernel, bias, median, spread = self.contrast
-            parts = []
-            for x in features:
-                x = ops.cast(x, "float32")
-                parts.append(x / ops.maximum(ops.norm(x, axis=1, keepdims=True), 1e-12))
-            x = ops.concatenate(parts, axis=1) / float(np.sqrt(len(parts)))
+        for x, (kernel, bias, median, spread) in zip(features, self.contrast, strict=False):
+            x = ops.cast(x, "float32")
+            x = x / ops.maximum(ops.norm(x, axis=1, keepdims=True), 1e-12)
             total = total + (-(ops.matmul(x, kernel) + bias) - median) / spread
         return total
 
