@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: setup demo test test-fast test-services docs docs-serve ui plots server server-stop lint \
-	format params template fashion-mnist clean
+	format params fashion-mnist clean
 
 # The virtual environment, installed from the pinned constraints (a fresh install reproduces ours).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -90,17 +90,6 @@ format: setup
 # Recompose params.yaml from conf/ after editing conf/ (DVC does this itself on `dvc exp run`).
 params: setup
 	pseudolabel compose
-
-# The default project the package ships for `pseudolabel init` (package data): copies of the
-# top-level files, refreshed after editing them (tests/test_project.py fails until then).
-TEMPLATE := src/pseudolabel/project_template
-template:
-	rm -rf $(TEMPLATE) && mkdir -p $(TEMPLATE)
-	cp -r conf $(TEMPLATE)/conf
-	cp params.yaml $(TEMPLATE)/
-	cp dvc.yaml $(TEMPLATE)/dvc.yaml.in
-	cp .dvcignore $(TEMPLATE)/dvcignore
-	cp .dvc/config $(TEMPLATE)/dvc_config
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db multirun site

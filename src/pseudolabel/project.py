@@ -1,8 +1,10 @@
 """`pseudolabel init`: make an existing git repository a pseudolabel project.
 
 The package ships the default project (conf/, dvc.yaml, params.yaml, .dvcignore and the DVC
-settings) as package data in `project_template/`, byte-for-byte copies of this repository's
-top-level files (tests/test_project.py fails when they differ; `make template` syncs them).
+settings) as package data in `project_template/`: setup.py copies this repository's top-level
+files there when the wheel is built (pseudolabel.template_files lists them), so git holds one
+copy. Run from a source checkout (an editable install, the tests), init reads those files in
+the repository itself.
 
 In this repository dvc.yaml's stages depend on the modules they run (src/pseudolabel/...).
 A user's repository has no such files: there the code is the installed package, so the
@@ -24,10 +26,10 @@ from pathlib import Path
 from pseudolabel import __version__
 from pseudolabel.cli import LOCK, lock_text
 from pseudolabel.errors import PseudoLabelError
+from pseudolabel.template_files import TEMPLATE_FILES
 
-# Template file -> where it goes in the project. Hidden files are stored under visible names
-# (package-data globs and some tools skip dotfiles), and dvc.yaml under another one: DVC
-# collects every dvc.yaml in a repository, and would run this copy's stages too.
+# Template file -> where it goes in the project (pseudolabel.template_files says why the
+# package keeps them under other names).
 RENAMED = {"dvcignore": ".dvcignore", "dvc.yaml.in": "dvc.yaml"}
 DVC_CONFIG = "dvc_config"  # applied with `dvc config`, merged into the project's settings
 # What `git add .` must not take in a project: MLflow's store, Hydra's and the plots' folders,
@@ -50,8 +52,43 @@ _CODE_DEP = re.compile(r"^(\s*)- src/")
 _CODE_COMMENT = re.compile(r"^\s*# The code `pseudolabel \w+` runs")
 
 
-def template_dir() -> Path:
-    return Path(str(resources.files("pseudolabel") / "project_template"))
+def template_dir() -> Path | None:
+    """The wheel's project_template/, or None when running from a source checkout."""
+    packaged = Path(str(resources.files("pseudolabel") / "project_template"))
+    return packaged if (packaged / "conf").is_dir() else None
+
+
+def source_root() -> Path:
+    """The repository this package runs from (a source checkout), whose top-level files are
+    the template."""
+    root = Path(__file__).resolve().parents[2]
+    if not all((root / name).exists() for name in TEMPLATE_FILES):
+        raise PseudoLabelError(
+            f"this pseudolabel install has no default project: neither the wheel's "
+            f"project_template/ nor a source checkout at {root}; reinstall the package."
+        )
+    return root
+
+
+def template_files() -> dict[str, Path]:
+    """Template name (project_template/'s, e.g. conf/config.yaml or dvc.yaml.in) -> the file."""
+    packaged = template_dir()
+    if packaged is not None:
+        return {
+            p.relative_to(packaged).as_posix(): p
+            for p in sorted(packaged.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+    root, files = source_root(), {}
+    for source, name in TEMPLATE_FILES.items():
+        path = root / source
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and "__pycache__" not in p.parts:
+                    files[f"{name}/{p.relative_to(path).as_posix()}"] = p
+        else:
+            files[name] = path
+    return files
 
 
 def user_dvc_yaml(text: str, version: str = __version__) -> str:
@@ -82,11 +119,9 @@ def user_dvc_yaml(text: str, version: str = __version__) -> str:
 
 def _planned(version: str) -> dict[Path, str]:
     """Project-relative path -> content, for every file init writes."""
-    root = template_dir()
     files: dict[Path, str] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if not path.is_file() or rel == DVC_CONFIG or "__pycache__" in rel:
+    for rel, path in template_files().items():
+        if rel == DVC_CONFIG:
             continue
         text = path.read_text(encoding="utf-8")
         if rel == "dvc.yaml.in":
@@ -101,7 +136,7 @@ def dvc_settings() -> list[tuple[str, str]]:
     default remote), remotes first so that `core.remote` names one that exists. A remote's
     relative url is relative to .dvc/ in the file and to the project root for `dvc config`."""
     remotes, others, section = [], [], ""
-    for line in (template_dir() / DVC_CONFIG).read_text(encoding="utf-8").splitlines():
+    for line in template_files()[DVC_CONFIG].read_text(encoding="utf-8").splitlines():
         if header := re.match(r"^\s*\[(.+)\]\s*$", line):
             # `['remote "shared"']` -> remote.shared
             section = ".".join(header[1].strip().strip("'").replace('"', "").split())
