@@ -59,7 +59,7 @@ def summary(rows: list[dict]) -> str:
     """Mean ± std over seeds, per label budget, setting, compute and overrides."""
     head = (
         "| labels/class | setting | compute | overrides | seeds | teacher | baseline | "
-        "best labelled-only | student | gain (points) | min gain | minutes/seed |"
+        "best labeled-only | student | gain (points) | min gain | minutes/seed |"
     )
     lines = [head, "|---" * 12 + "|"]
     for (budget, setting, compute, overrides), group in _groups(rows).items():
@@ -70,7 +70,7 @@ def summary(rows: list[dict]) -> str:
         lines.append(
             f"| {budget} | {setting} | {compute} | {overrides or '–'} | {seeds} | "
             f"{_cell([r['teacher'] for r in group])} | {_cell([r['baseline'] for r in group])} | "
-            f"{_cell([r['best_labelled_only'] for r in group])} | "
+            f"{_cell([r['best_labeled_only'] for r in group])} | "
             f"{_cell([r['student'] for r in group])} | "
             f"{_cell([r['gain'] for r in group], 1)} | {min(r['gain'] for r in group):+.2f} | "
             f"{_cell(minutes, 1, 1)} |"
@@ -82,7 +82,7 @@ def per_seed(rows: list[dict]) -> str:
     """Every row: the paired figures of one budget, seed, setting and compute."""
     lines = [
         "| labels/class | seed | setting | compute | overrides | teacher | baseline | student | "
-        "gain | student's live weights after the last epoch | best labelled-only | "
+        "gain | student's live weights after the last epoch | best labeled-only | "
         "teacher's pseudo-label precision | online precision, last epoch | "
         "mask rate, last epoch | student steps | code |",
         "|---" * 16 + "|",
@@ -99,7 +99,7 @@ def per_seed(rows: list[dict]) -> str:
             f"| {r['budget']} | {r['seed']} | {r['setting']} | {_compute(r)} | "
             f"{' '.join(r['overrides']) or '–'} | {100 * r['teacher']:.2f} | "
             f"{100 * r['baseline']:.2f} | {100 * r['student']:.2f} | {r['gain']:+.2f} | "
-            f"{live} | {100 * r['best_labelled_only']:.2f} | "
+            f"{live} | {100 * r['best_labeled_only']:.2f} | "
             f"{r['pseudo_label_precision']:.3f} | "
             f"{'–' if online is None else f'{online:.3f}'} | "
             f"{'–' if mask is None else f'{mask:.3f}'} | {r['student_steps']} | "
@@ -117,7 +117,7 @@ def render(payload: dict) -> str:
         "",
         summary(rows),
         "",
-        "Every run (seeds paired: one labelled split, teacher and pseudo-label CSV per seed):",
+        "Every run (seeds paired: one labeled split, teacher and pseudo-label CSV per seed):",
         "",
         per_seed(rows),
     ]
@@ -139,18 +139,18 @@ def render(payload: dict) -> str:
         ref = payload["full_reference"]
         parts += [
             "",
-            f"All labels ({ref['labelled']} images, the student's network trained by the teacher "
+            f"All labels ({ref['labeled']} images, the student's network trained by the teacher "
             f"stage, {ref['epochs']} epochs at batch 128, seed {ref['seed']}): "
-            f"{100 * ref['accuracy']:.2f} %. Share of the labelled-only → all-labels gap the "
+            f"{100 * ref['accuracy']:.2f} %. Share of the labeled-only → all-labels gap the "
             "student closes (stretch target: 0.5):",
             "",
-            "| labels/class | setting | compute | overrides | best labelled-only | student "
+            "| labels/class | setting | compute | overrides | best labeled-only | student "
             "| all labels | gap closed |",
             "|---|---|---|---|---|---|---|---|",
             *(
                 f"| {key.split('/')[0]} | {key.split('/')[1]} | {key.split('/')[2]} "
                 f"| {key.split('/', 3)[3] if key.count('/') > 2 else '–'} "
-                f"| {100 * g['best_labelled_only']:.2f} | {100 * g['student']:.2f} "
+                f"| {100 * g['best_labeled_only']:.2f} | {100 * g['student']:.2f} "
                 f"| {100 * g['all_labels']:.2f} | {g['gap_closed']:.2f} |"
                 for key, g in payload.get("gap", {}).items()
             ),
@@ -192,7 +192,7 @@ def curves_figure(rows: list[dict], path: Path) -> bool:
             colour = f"C{i}"
             ax.plot(100 * np.asarray(r["student_test_curve"]), colour, label=f"student, {label}")
             ax.plot(100 * np.asarray(r["baseline_test_curve"]), colour, ls="--", alpha=0.7,
-                    label=f"labelled-only baseline, {label}")  # fmt: skip
+                    label=f"labeled-only baseline, {label}")  # fmt: skip
             ax.axhline(100 * r["teacher"], color=colour, ls=":", lw=0.8)
         ax.set(title=f"{budget} labels per class (dotted: teacher)", xlabel="epoch",
                ylabel="test accuracy (%)")  # fmt: skip
@@ -222,7 +222,7 @@ def _compute_series(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def compute_figure(rows: list[dict], path: Path) -> bool:
-    """Student and best labelled-only accuracy against the student's steps, per recipe and seed:
+    """Student and best labeled-only accuracy against the student's steps, per recipe and seed:
     what more compute buys (more epochs, or a second Noisy Student round)."""
     plt = _pyplot()
     series = _compute_series(rows)
@@ -241,11 +241,11 @@ def compute_figure(rows: list[dict], path: Path) -> bool:
             name = f"{label}, {part[0]['rounds']} rounds" if rounds else label
             acc.plot(steps, [100 * r["student"] for r in part], ls=line, label=name, **style)
             if not rounds:
-                acc.plot(steps, [100 * r["best_labelled_only"] for r in part], ls="--",
+                acc.plot(steps, [100 * r["best_labeled_only"] for r in part], ls="--",
                          marker="_", ms=12, color=colour, alpha=0.6)  # fmt: skip
             gain.plot(steps, [r["gain"] for r in part], ls=line, label=name, **style)
-    acc.set(title="student (solid), best labelled-only model (dashed)", ylabel="accuracy (%)")
-    gain.set(title="gain over the best labelled-only model", ylabel="points")
+    acc.set(title="student (solid), best labeled-only model (dashed)", ylabel="accuracy (%)")
+    gain.set(title="gain over the best labeled-only model", ylabel="points")
     gain.axhline(4, color="grey", ls=":", lw=1)
     ticks = sorted({r["student_steps"] for group in series.values() for r in group})
     for ax in (acc, gain):

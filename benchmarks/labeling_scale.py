@@ -1,4 +1,4 @@
-"""Labelling on Ray against the local engine: images/s with 1 and 2 workers, and peak memory.
+"""Labeling on Ray against the local engine: images/s with 1 and 2 workers, and peak memory.
 
     .venv/bin/python benchmarks/labeling_scale.py                       # 20,000 images, 2 cores
     .venv/bin/python benchmarks/labeling_scale.py --images 5000 --memory-sizes 10000 100000
@@ -14,13 +14,13 @@ is given, so "1 worker" means one core for everything (driver, decoding, the tea
 - ray_2:  the same with 2 CPUs: two teacher actors.
 
 Ray's configurations include starting Ray and its workers (the figure a user sees), and are
-also reported without the start-up (from the first labelled image). Ratios: ray_2 / local (target
+also reported without the start-up (from the first labeled image). Ratios: ray_2 / local (target
 >= 0.85) and ray_2 / ray_1 (target >= 1.7). The CSV of each Ray run is compared with the local
 one (rows, order, labels, probabilities within 1e-6).
 
 Memory: the whole process tree's peak resident memory (driver, raylet, GCS, workers, sampled
 every 0.2 s; Ray's shared-memory object store is counted once per process that maps it, so this
-is an upper bound) while labelling N images on ray_2, for each of --memory-sizes; the ratio of
+is an upper bound) while labeling N images on ray_2, for each of --memory-sizes; the ratio of
 the largest to the smallest (target <= 1.1x).
 """
 

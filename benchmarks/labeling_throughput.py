@@ -1,4 +1,4 @@
-"""Labelling throughput and memory: the streaming labeller against `model.predict` on images
+"""Labeling throughput and memory: the streaming labeler against `model.predict` on images
 already decoded in memory, and against a decavision-style loop (per-file PIL decode, then
 predict per batch).
 
@@ -9,11 +9,11 @@ predict per batch).
 
 Images are Fashion-MNIST PNGs written once under --workdir (a pool of distinct images, then
 hard links, so large sets repeat images). For each teacher it reports, from one process:
-labelling images/s (`predicting.predict_folder`, the pseudo_label stage's streaming loop, with
+labeling images/s (`predicting.predict_folder`, the pseudo_label stage's streaming loop, with
 chunked flushing; reading ingest's decoded copy of the folder, and decoding the files as without
 one), `model.predict` images/s on the same images pre-decoded (same model, same
 batch size), the tf.data decode-only rate, the bound that decoding and the model sharing the
-CPU allow, and the decavision-style rate; then the peak RSS of labelling N images, each size in
+CPU allow, and the decavision-style rate; then the peak RSS of labeling N images, each size in
 a fresh subprocess.
 """
 
@@ -112,7 +112,7 @@ def ensure_copy(meta, folder: Path) -> float:
 
 
 def label(model, meta, folder: Path, batch_size: int, copy: bool = True) -> tuple[float, int]:
-    """Seconds and images for the labelling stage's loop (with chunked flushing) + CSV write,
+    """Seconds and images for the labeling stage's loop (with chunked flushing) + CSV write,
     reading ingest's decoded copy (`copy`) or decoding the files (as without one)."""
     from pseudolabel.data import decoded
 
@@ -150,7 +150,7 @@ def decode_only(meta, files: list[str], batch_size: int) -> tuple[float, np.ndar
 
 
 def batch_loop(model, images: np.ndarray, batch_size: int) -> None:
-    """The model alone: `predict_on_batch` over pre-decoded batches (what the labeller calls)."""
+    """The model alone: `predict_on_batch` over pre-decoded batches (what the labeler calls)."""
     for i in range(0, len(images), batch_size):
         model.predict_on_batch(images[i : i + batch_size])
 
@@ -189,7 +189,7 @@ def throughput(
     label_s = decoding_s = predict_s = batch_loop_s = list_s = table_s = float("inf")
     probs = np.random.default_rng(0).dirichlet(np.ones(10), n).astype(np.float32)
     for _ in range(repeats):
-        # What labelling does besides the model: list the folder, and turn the probabilities
+        # What labeling does besides the model: list the folder, and turn the probabilities
         # into the CSV (frame, sort, write).
         list_s = min(list_s, _timed(lambda: list_images(folder))[0])
         with tempfile.TemporaryDirectory() as scratch:
@@ -202,11 +202,11 @@ def throughput(
                     )
                 )[0],
             )
-        seconds, labelled = label(model, meta, folder, batch_size)
+        seconds, labeled = label(model, meta, folder, batch_size)
         label_s = min(label_s, seconds)
         seconds, decoded_n = label(model, meta, folder, batch_size, copy=False)
         decoding_s = min(decoding_s, seconds)
-        assert decoded_n == labelled
+        assert decoded_n == labeled
         seconds, _ = _timed(lambda: model.predict(images, batch_size=batch_size, verbose=0))
         predict_s = min(predict_s, seconds)
         seconds, _ = _timed(lambda: batch_loop(model, images, batch_size))
@@ -215,18 +215,18 @@ def throughput(
     baseline_files = files[:baseline_n]
     baseline_s = decavision_style(model, meta, baseline_files, batch_size)
     rates = {
-        "labelling": labelled / label_s,
-        "labelling_decoding_files": labelled / decoding_s,
+        "labeling": labeled / label_s,
+        "labeling_decoding_files": labeled / decoding_s,
         "predict_in_memory": n / predict_s,
         "predict_on_batch_in_memory": n / batch_loop_s,
         "decode_only": n / decode_s,
         "decavision_style": len(baseline_files) / baseline_s,
     }
     # Decoding and the model share the same cores: at best one image costs 1/D + 1/P seconds
-    # of the whole machine, so labelling/predict <= D / (D + P).
+    # of the whole machine, so labeling/predict <= D / (D + P).
     bound = rates["decode_only"] / (rates["decode_only"] + rates["predict_in_memory"])
     # From the decoded copy nothing is decoded, but the folder is still listed and the CSV
-    # written: labelling/predict <= predict / (predict + list + table).
+    # written: labeling/predict <= predict / (predict + list + table).
     bound_copy = predict_s / (predict_s + list_s + table_s)
     return {
         "teacher": teacher,
@@ -234,13 +234,13 @@ def throughput(
         "batch_size": batch_size,
         "repeats": repeats,
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
-        "ratio_labelling_to_predict": round(rates["labelling"] / rates["predict_in_memory"], 3),
-        "ratio_labelling_decoding_files_to_predict": round(
-            rates["labelling_decoding_files"] / rates["predict_in_memory"], 3
+        "ratio_labeling_to_predict": round(rates["labeling"] / rates["predict_in_memory"], 3),
+        "ratio_labeling_decoding_files_to_predict": round(
+            rates["labeling_decoding_files"] / rates["predict_in_memory"], 3
         ),
         "decoded_copy_seconds": round(copy_s, 2),
-        "ratio_labelling_to_predict_on_batch": round(
-            rates["labelling"] / rates["predict_on_batch_in_memory"], 3
+        "ratio_labeling_to_predict_on_batch": round(
+            rates["labeling"] / rates["predict_on_batch_in_memory"], 3
         ),
         "ratio_bound_from_decode": round(bound, 3),
         "seconds_listing_the_folder": round(list_s, 3),
@@ -254,13 +254,13 @@ def throughput(
 
 
 def child_memory(teacher: str, n: int, batch_size: int, workdir: Path) -> dict:
-    """Peak RSS of labelling n images in this (fresh) process."""
+    """Peak RSS of labeling n images in this (fresh) process."""
     model, meta = build_teacher(teacher)
     folder = image_folder(workdir, n)
     ensure_copy(meta, folder)  # as ingest leaves it
-    seconds, labelled = label(model, meta, folder, batch_size)
+    seconds, labeled = label(model, meta, folder, batch_size)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"images": labelled, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024)}
+    return {"images": labeled, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024)}
 
 
 def memory(teacher: str, sizes: list[int], batch_size: int, workdir: Path) -> dict:

@@ -1,15 +1,15 @@
-"""Messy unlabelled pools (issue 29, item 1): does the student still beat the labelled images?
+"""Messy unlabeled pools (issue 29, item 1): does the student still beat the labeled images?
 
 For each scenario and seed, on Fashion-MNIST alone (Debian's IDX files), through the pipeline's
 own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
 
-- the labelled split: `layout.split_indices` with data.train_per_class (50) and
+- the labeled split: `layout.split_indices` with data.train_per_class (50) and
   data.val_per_class (20) per class, seeded by `seed`, written as ingest writes it
   (`layout.write_layout`, then `decode_once`: the stages read decoded copies);
-- the unlabelled pool, from the training images the labelled split left (benchmarks/
+- the unlabeled pool, from the training images the labeled split left (benchmarks/
   scenarios.py), written to data/unlabeled as pool_<index>.png with its truth table beside it
   (data/unlabeled_truth.json: class index or -1 and kind per file):
-  - `mismatch-F` (F = 0, 0.25, 0.5, 0.75): labelled = classes 0-5 only; the pool = 32,000
+  - `mismatch-F` (F = 0, 0.25, 0.5, 0.75): labeled = classes 0-5 only; the pool = 32,000
     images (--pool-size), a share F of them of classes 6-9 (`scenarios.class_mismatch`; 32,000
     is the largest size every F allows: 24,000 images of classes 6-9 at 0.75); test = the
     6,000 test images of classes 0-5;
@@ -17,19 +17,19 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
     by junk, an equal mix of scenarios.JUNK_KINDS (`scenarios.with_junk`); test = all 10,000;
   - `longtail-R` (R = 10, 100): the 10-class task, the pool long-tailed with imbalance ratio R
     (`scenarios.long_tailed`: class 0 the head with every image it has left, class 9 the tail),
-    the labelled set balanced; test = all 10,000;
-- per scenario and seed, shared by every setting (paired): the labelled split, the teacher
-  (`train_teacher`), its labelling (`pseudo_label`) and `merge`; per setting (ARMS) the
-  student, its Noisy Student rounds and the labelled-only baseline (ssl_gain's `run_setting`);
-  a setting whose overrides change the labelling (pseudo_label.*, not .rounds) labels and
+    the labeled set balanced; test = all 10,000;
+- per scenario and seed, shared by every setting (paired): the labeled split, the teacher
+  (`train_teacher`), its labeling (`pseudo_label`) and `merge`; per setting (ARMS) the
+  student, its Noisy Student rounds and the labeled-only baseline (ssl_gain's `run_setting`);
+  a setting whose overrides change the labeling (pseudo_label.*, not .rounds) labels and
   merges again with the same teacher, and reuses the baseline of an earlier setting with the
   same student recipe;
-- per row: teacher, baseline, student, best labelled-only (the best teacher or baseline of the
-  same labelled split, test set and seed with at most the student's steps: ssl_gain's
+- per row: teacher, baseline, student, best labeled-only (the best teacher or baseline of the
+  same labeled split, test set and seed with at most the student's steps: ssl_gain's
   `with_gains`; all mismatch-F share one split, junk and longtail-R another) and the gain in
-  points; for the teacher's labelling (`labelling`) and every later round's (`by_round`):
-  `scenarios.labelling_report`, i.e. the pseudo-label precision on in-distribution images,
-  each kind's share of the merged pseudo-labelled images, and, when outputs/data.csv has them,
+  points; for the teacher's labeling (`labeling`) and every later round's (`by_round`):
+  `scenarios.labeling_report`, i.e. the pseudo-label precision on in-distribution images,
+  each kind's share of the merged pseudo-labeled images, and, when outputs/data.csv has them,
   the AUROC of its `ood_score` column per kind and the share of each kind its `ood` column
   flags; the student's online pseudo-label precision (in-distribution images) in its last
   epoch; the seconds of every part.
@@ -82,7 +82,7 @@ from pseudolabel.stages.ingest import decode_once  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CODE = ("benchmarks/messy_pools.py", "benchmarks/scenarios.py", "benchmarks/ssl_gain.py")
-KNOWN = 6  # mismatch: classes 0-5 labelled, 6-9 only in the pool
+KNOWN = 6  # mismatch: classes 0-5 labeled, 6-9 only in the pool
 MISMATCH_SIZE = 32_000  # the largest pool every fraction up to 0.75 allows
 JUNK_FRACTION = 0.10
 TRUTH = "data/unlabeled_truth.json"
@@ -112,12 +112,12 @@ def parse_scenario(name: str) -> dict:
 
 
 def task_of(spec: dict) -> str:
-    """The labelled task (split and test set): classes 0-5 for mismatch, all ten otherwise."""
+    """The labeled task (split and test set): classes 0-5 for mismatch, all ten otherwise."""
     return f"classes_0-{KNOWN - 1}" if spec["kind"] == "mismatch" else "classes_0-9"
 
 
 def build_pool(spec: dict, images, labels, seed: int, pool_size: int | None) -> scenarios.Pool:
-    """The scenario's pool from the images the labelled split left."""
+    """The scenario's pool from the images the labeled split left."""
     if spec["kind"] == "mismatch":
         size = pool_size or MISMATCH_SIZE
         return scenarios.class_mismatch(images, labels, range(KNOWN), spec["fraction"], size, seed)
@@ -137,7 +137,7 @@ def build_pool(spec: dict, images, labels, seed: int, pool_size: int | None) -> 
 
 
 def prepare(spec: dict, cfg, paths: Paths, pool_size: int | None) -> dict:
-    """The labelled split (train, val, test) and the pool written as the stages read them."""
+    """The labeled split (train, val, test) and the pool written as the stages read them."""
     full = sources.fashion_mnist(cfg.data.idx_dir)
     if spec["kind"] == "mismatch":
         source, in_full = known_source(full, KNOWN), np.flatnonzero(full.train_labels < KNOWN)
@@ -150,7 +150,7 @@ def prepare(spec: dict, cfg, paths: Paths, pool_size: int | None) -> dict:
     used = in_full[np.concatenate([split.train, split.val])]
     rest = np.setdiff1d(np.arange(len(full.train_labels)), used)
     pool = build_pool(spec, full.train_images[rest], full.train_labels[rest], cfg.seed, pool_size)
-    layout.write_layout(source, split, paths.labeled, paths.unlabeled)  # no unlabelled images
+    layout.write_layout(source, split, paths.labeled, paths.unlabeled)  # no unlabeled images
     table = scenarios.write_pool(pool, paths.unlabeled, source.class_names)
     model_io.write_text_atomic(paths.input_root / TRUTH, json.dumps(table) + "\n")
     decode_once(cfg, paths)
@@ -159,7 +159,7 @@ def prepare(spec: dict, cfg, paths: Paths, pool_size: int | None) -> dict:
 
 
 def shared_part(scenario: str, seed: int, overrides: list[str], pool_size, work: Path):
-    """Labelled split, pool, teacher, pseudo_label and merge of a scenario and seed (reused when
+    """Labeled split, pool, teacher, pseudo_label and merge of a scenario and seed (reused when
     done with the same overrides)."""
     spec = parse_scenario(scenario)
     overrides = ssl_gain.shared_overrides(overrides)
@@ -178,7 +178,7 @@ def shared_part(scenario: str, seed: int, overrides: list[str], pool_size, work:
         print(f"[{label}] pool, teacher and pseudo-labels reused", flush=True)
         return cfg, paths, previous["info"]
     seconds = {}
-    print(f"[{label}] writing the labelled split and the pool", flush=True)
+    print(f"[{label}] writing the labeled split and the pool", flush=True)
     start = time.perf_counter()
     counts = prepare(spec, cfg, paths, pool_size)
     seconds["write"] = round(time.perf_counter() - start, 1)
@@ -199,9 +199,9 @@ def shared_part(scenario: str, seed: int, overrides: list[str], pool_size, work:
     return cfg, paths, info
 
 
-def arm_labelling(shared: Paths, seed: int, setting: str, overrides: list[str], label: str):
+def arm_labeling(shared: Paths, seed: int, setting: str, overrides: list[str], label: str):
     """The Paths a setting's students read their pseudo-labels and merged set from: the shared
-    ones, or (a setting whose overrides change the labelling) its own pseudo_label and merge
+    ones, or (a setting whose overrides change the labeling) its own pseudo_label and merge
     with the shared teacher, under the scenario's folder. Also the seconds they took."""
     own = [o for o in ARMS[setting] if o in ssl_gain.shared_overrides(ARMS[setting])]
     if not own:
@@ -227,19 +227,19 @@ def arm_labelling(shared: Paths, seed: int, setting: str, overrides: list[str], 
 
 
 def report_of(paths: Paths, truth: scenarios.Truth) -> dict:
-    """`scenarios.labelling_report` of one labelling (its data.csv) and merge (its manifest)."""
+    """`scenarios.labeling_report` of one labeling (its data.csv) and merge (its manifest)."""
     csv = predicting.read_csv(paths.csv)
-    return scenarios.labelling_report(csv, merged_set.read_manifest(paths.merged), truth)
+    return scenarios.labeling_report(csv, merged_set.read_manifest(paths.merged), truth)
 
 
 def baseline_key(setting: str, overrides: list[str]) -> str:
-    """What a baseline depends on beyond the labelled split: the student's recipe and rounds."""
+    """What a baseline depends on beyond the labeled split: the student's recipe and rounds."""
     reads = ("student.", "pseudo_label.rounds=", "teacher.", "data.", "seed=", "model@")
     return json.dumps([o for o in [*ARMS[setting], *overrides] if o.lstrip("+~").startswith(reads)])
 
 
 def split_key(row: dict) -> tuple:
-    """Rows with the same labelled split and test set (their teachers and baselines are peers)."""
+    """Rows with the same labeled split and test set (their teachers and baselines are peers)."""
     data = [o for o in row["overrides"] if o.startswith("data.")]
     return (row["task"], row["budget"], row["seed"], data)
 
@@ -250,19 +250,19 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per row: accuracies in %, gain in points, the teacher's labelling."""
+    """One line per row: accuracies in %, gain in points, the teacher's labeling."""
     head = [
-        "scenario", "seed", "setting", "teacher", "baseline", "student", "best labelled-only",
+        "scenario", "seed", "setting", "teacher", "baseline", "student", "best labeled-only",
         "gain", "PL precision (in)", "online PL precision", "merged share by kind", "seconds",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     order = {s: i for i, s in enumerate(ARMS)}
     for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"], order.get(r["setting"], 9))):
-        shares = ", ".join(f"{k} {v:.4f}" for k, v in r["labelling"]["merged_share"].items())
+        shares = ", ".join(f"{k} {v:.4f}" for k, v in r["labeling"]["merged_share"].items())
         cells = [r["scenario"], r["seed"], r["setting"]]
         cells += [f"{100 * r[k]:.2f}" for k in ("teacher", "baseline", "student")]
-        cells += [f"{100 * r['best_labelled_only']:.2f}", f"{r['gain']:+.2f}"]
-        cells += [r["labelling"]["pseudo_label_precision"]]
+        cells += [f"{100 * r['best_labeled_only']:.2f}", f"{r['gain']:+.2f}"]
+        cells += [r["labeling"]["pseudo_label_precision"]]
         cells += [r.get("online_pseudo_precision_last_epoch"), shares, round(r["seconds"])]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 chosen = [f"seed={seed}", *ARMS[setting], *overrides]
                 try:
                     arm_cfg = compose(chosen)
-                    arm, label_seconds = arm_labelling(shared, seed, setting, overrides, label)
+                    arm, label_seconds = arm_labeling(shared, seed, setting, overrides, label)
                     row = ssl_gain.run_setting(
                         arm, budget, seed, setting, 1, overrides, False, settings=ARMS,
                         truth=truth, baseline=baselines.get(baseline_key(setting, overrides)),
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                     data_root=shared.root,
                     teacher_model=shared.model("teacher"),
                 )
-                row["labelling"] = report_of(arm, truth)
+                row["labeling"] = report_of(arm, truth)
                 row["by_round"] = [
                     {"round": r, **report_of(run.round(r), truth)}
                     for r in range(2, arm_cfg.pseudo_label.rounds + 1)
@@ -362,11 +362,11 @@ def main(argv: list[str] | None = None) -> int:
                     split=info["split"],
                     setting_overrides=ARMS[setting],
                     teacher=info["teacher"],
-                    pseudo_label_precision=row["labelling"]["pseudo_label_precision"],
-                    pseudo_labeled=row["labelling"]["pseudo_labeled"],
+                    pseudo_label_precision=row["labeling"]["pseudo_label_precision"],
+                    pseudo_labeled=row["labeling"]["pseudo_labeled"],
                     shared_seconds=round(sum(info["seconds"].values()), 1),
                     shared_seconds_by_part=info["seconds"],
-                    labelling_seconds=label_seconds,
+                    labeling_seconds=label_seconds,
                     code=ssl_gain.code_version(CODE),
                     cpu=cpu,
                 )

@@ -75,29 +75,29 @@ def _num(value: float | None) -> str:
 
 def pool_table(rows: list[dict]) -> str:
     head = (
-        "| scenario | seed | setting | teacher | baseline | best labelled-only | student | "
+        "| scenario | seed | setting | teacher | baseline | best labeled-only | student | "
         "gain (points) | OOD share of the merged set | OOD flagged | in-distribution flagged | "
         "AUROC | minutes |"
     )
     lines = [head, "|---" * 13 + "|"]
     order = {name: i for i, name in enumerate(("default", "ood"))}
     for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"], order.get(r["setting"], 9))):
-        labelling = r.get("labelling", {})
-        merged = labelling.get("merged_share", {})
+        labeling = r.get("labeling", {})
+        merged = labeling.get("merged_share", {})
         ood_share = sum(v for k, v in merged.items() if k != "in") if merged else None
-        flagged = labelling.get("flagged") or {}
-        kinds = labelling.get("pool_counts", {})
+        flagged = labeling.get("flagged") or {}
+        kinds = labeling.get("pool_counts", {})
         out_kinds = [k for k in flagged if k != "in"]
         total = sum(kinds.get(k, 0) for k in out_kinds)
         ood_flagged = (
             sum(flagged[k] * kinds.get(k, 0) for k in out_kinds) / total if total else None
         )
-        auroc = (labelling.get("auroc") or {}).get("ood")
+        auroc = (labeling.get("auroc") or {}).get("ood")
         cells = [
             r["scenario"],
             r["seed"],
             r["setting"],
-            *(f"{100 * r[k]:.2f}" for k in ("teacher", "baseline", "best_labelled_only")),
+            *(f"{100 * r[k]:.2f}" for k in ("teacher", "baseline", "best_labeled_only")),
             f"{100 * r['student']:.2f}",
             f"{r['gain']:+.2f}",
             _num(ood_share),
@@ -142,7 +142,7 @@ def render(scores: dict, pools: dict, in_pool: dict | None = None) -> str:
 
 
 def gain_figure(rows: list[dict], path: Path) -> bool:
-    """Gain over the best labelled-only model against the share of unseen classes in the pool,
+    """Gain over the best labeled-only model against the share of unseen classes in the pool,
     per setting (mean over seeds, each seed a dot)."""
     mismatch = [r for r in rows if r["scenario"].startswith("mismatch-")]
     if not mismatch:
@@ -169,7 +169,7 @@ def gain_figure(rows: list[dict], path: Path) -> bool:
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set(
         xlabel="share of the pool from classes without labels (6-9)",
-        ylabel="student - best labelled-only (points)",
+        ylabel="student - best labeled-only (points)",
         title="Class mismatch: 50 labels per class of classes 0-5",
     )
     ax.legend(fontsize=8)

@@ -3,7 +3,7 @@
 Runs the `pseudo_label` stage (the score, the cut, the flags: pseudolabel.ood) with the
 project's defaults on a pool that benchmarks/messy_pools.py wrote and trained the teacher for,
 into a scratch folder, and scores data.csv's ood_score and ood columns against the pool's truth
-table. Labelling only: what `pseudo_label.ood.exclude=true` would leave out, without training a
+table. Labeling only: what `pseudo_label.ood.exclude=true` would leave out, without training a
 student (messy_pools.py's `ood` arm does that).
 
     python benchmarks/messy_pools.py --scenarios junk --seeds 0 --settings default
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "cut": metrics["ood"]["cut"],
         "flagged_fraction": metrics["ood"]["flagged_fraction"],
         "by_kind": by_kind(kinds, frame["ood_score"].to_numpy(), frame["ood"].to_numpy(bool)),
-        "labelling_seconds": seconds,
+        "labeling_seconds": seconds,
         "cpu": cpu_model(),
         "code": code_version(("benchmarks/ood_in_pool.py",)),
     }

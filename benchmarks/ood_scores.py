@@ -1,7 +1,7 @@
 """Which out-of-distribution score tells the teacher's classes from images that don't belong?
 
 Issue 29, item 2. Per seed, on Fashion-MNIST (Debian's IDX files), through the pipeline's own
-functions: the labelled split of classes 0-5 alone (`layout.split_indices` on a 6-class source:
+functions: the labeled split of classes 0-5 alone (`layout.split_indices` on a 6-class source:
 `data.train_per_class` = 50 and `data.val_per_class` = 20 per class, seeded by `seed`), written
 and decoded as ingest does, and the teacher `stages.train_teacher` trains on it (its default
 recipe, any Hydra overrides after `--`). Then, from the teacher's outputs and features:
@@ -18,7 +18,7 @@ recipe, any Hydra overrides after `--`). Then, from the teacher's outputs and fe
 Scores (SCORES below): max-softmax (raw and with the pipeline's val temperature), max-logit and
 energy (the real logits: the penultimate features through the softmax layer's kernel and bias),
 kNN distance in the teacher's L2-normalised penultimate features (`pool`, global average
-pooling) to the labelled train images (k = 1, 5, 10; Sun et al. 2022), the same on every block's
+pooling) to the labeled train images (k = 1, 5, 10; Sun et al. 2022), the same on every block's
 pooled features, Mahalanobis (class means, shared Ledoit-Wolf covariance, min over classes),
 a PCA-residual norm, and sums of scores each normalised by its val quantiles. And the
 pipeline's own score through its code (src/pseudolabel/ood.py): `pipeline_distances` (the
@@ -65,7 +65,7 @@ from pseudolabel.paths import Paths  # noqa: E402
 from pseudolabel.stages.ingest import decode_once  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KNOWN = 6  # classes 0-5 labelled; 6-9 unseen
+KNOWN = 6  # classes 0-5 labeled; 6-9 unseen
 JUNK_PER_KIND = 1000
 CUT_QUANTILE = 0.95  # the val-calibrated cut: 5 % of val rejected
 KS = (1, 5, 10)
@@ -85,7 +85,7 @@ def cpu_model() -> str:
 
 
 def known_source(source: sources.ArraySource, known: int = KNOWN) -> sources.ArraySource:
-    """The source restricted to classes 0..known-1 (what the user labelled)."""
+    """The source restricted to classes 0..known-1 (what the user labeled)."""
     train = source.train_labels < known
     test = source.test_labels < known
     return sources.ArraySource(
@@ -98,7 +98,7 @@ def known_source(source: sources.ArraySource, known: int = KNOWN) -> sources.Arr
 
 
 def teacher_for(seed: int, overrides: list[str], work: Path):
-    """The labelled split of classes 0-5 written as ingest writes it, and train_teacher on it
+    """The labeled split of classes 0-5 written as ingest writes it, and train_teacher on it
     (reused when the same seed and overrides trained it before)."""
     root = work / f"seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
@@ -201,10 +201,10 @@ COMBOS = {
 
 
 class Scorer:
-    """Every candidate score, fitted on the labelled train features (and val for T and the
+    """Every candidate score, fitted on the labeled train features (and val for T and the
     quantile normalisation); `__call__` returns {score name: values} for a set's features.
-    `pool`: the features of the unlabelled images for the transductive score (kNN distance to
-    the labelled images over that to the pool's other images)."""
+    `pool`: the features of the unlabeled images for the transductive score (kNN distance to
+    the labeled images over that to the pool's other images)."""
 
     def __init__(self, train: dict, train_labels, val: dict, val_labels, pool: dict | None = None):
         self.temperature = calibration.fit_temperature(val["probs"], val_labels).temperature

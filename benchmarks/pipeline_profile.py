@@ -7,13 +7,13 @@ step, as ratios to bare baselines measured in the same run.
 
 Stages: the demo's configuration (conf/, Fashion-MNIST) run through the pipeline's own stage
 functions in `dvc repro`'s order, in a scratch project under --work; `--scale` multiplies the
-epochs of the teacher, the baseline and the student and the number of unlabelled images
+epochs of the teacher, the baseline and the student and the number of unlabeled images
 (1.0 = the demo). Images/s counts the images a stage pushes through its network (a training
-step of the consistency student: its labelled batch plus `ratio` unlabelled images, each seen
+step of the consistency student: its labeled batch plus `ratio` unlabeled images, each seen
 twice: a weak view in inference and a strong one in training).
 
 Phases of the student's step (fixed in-memory batches of the demo's shape, no input pipeline):
-decode (tf.data decoding the unlabelled PNGs), augment (the weak and strong views), forward
+decode (tf.data decoding the unlabeled PNGs), augment (the weak and strong views), forward
 (the weak-view inference pass), the bare training step (`fit` of the classifier alone on the
 same 128 images: the baseline every phase is a ratio of), the whole consistency step, and the
 variants the issue asks about: the step in float32 instead of bfloat16, and XLA (`jit_compile`)
@@ -49,8 +49,8 @@ ORDER = ("ingest", "train_teacher", "train_baseline", "pseudo_label", "merge", "
          "evaluate")  # fmt: skip
 
 
-def _unlabelled(cfg) -> int:
-    """data.unlabeled, or with null (all of them) what the labelled splits leave."""
+def _unlabeled(cfg) -> int:
+    """data.unlabeled, or with null (all of them) what the labeled splits leave."""
     if cfg.data.unlabeled is not None:
         return cfg.data.unlabeled
     source = sources.load(cfg.data.source, cfg.data.idx_dir)
@@ -68,7 +68,7 @@ def scaled_config(scale: float, overrides: list[str]):
     return compose(
         [
             *overrides,
-            f"data.unlabeled={max(1000, round(_unlabelled(cfg) * scale))}",
+            f"data.unlabeled={max(1000, round(_unlabeled(cfg) * scale))}",
             *(f"{role}.train.epochs={n}" for role, n in epochs.items()),
             *(f"{role}.train.patience={n}" for role, n in epochs.items()),
         ]
@@ -134,7 +134,7 @@ def _fit_rate(model: keras.Model, data, steps: int, images_per_step: int) -> flo
     return steps * images_per_step / (time.perf_counter() - start)
 
 
-def profile_phases(cfg, unlabelled: list[str], steps: int, repeats: int = 3) -> dict:
+def profile_phases(cfg, unlabeled: list[str], steps: int, repeats: int = 3) -> dict:
     """Images/s of each phase of the student's step on in-memory batches (see the docstring)."""
     student, n, size, channels = cfg.student, 10, list(cfg.data.image_size), cfg.data.channels
     b = student.train.batch_size
@@ -178,14 +178,14 @@ def profile_phases(cfg, unlabelled: list[str], steps: int, repeats: int = 3) -> 
     mixed = bool(student.train.mixed_precision)
     print("phases: decode ...", flush=True)
     decode = None
-    if unlabelled:
-        files = tf.data.Dataset.from_tensor_slices(unlabelled[:4000]).map(
+    if unlabeled:
+        files = tf.data.Dataset.from_tensor_slices(unlabeled[:4000]).map(
             lambda p: decode_image(p, size, channels), num_parallel_calls=tf.data.AUTOTUNE
         )
         start = time.perf_counter()
         for _ in files.batch(256):
             pass
-        decode = min(len(unlabelled), 4000) / (time.perf_counter() - start)
+        decode = min(len(unlabeled), 4000) / (time.perf_counter() - start)
     weak = augmentation_layers(student.consistency.weak)
     strong = augmentation_layers(student.consistency.strong)
     view = tf.function(lambda x: consistency.ConsistencyModel._view(weak, x))
@@ -235,7 +235,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="epochs and unlabelled x this")
+    parser.add_argument("--scale", type=float, default=1.0, help="epochs and unlabeled x this")
     parser.add_argument("--steps", type=int, default=100, help="steps per phase measurement")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many, alternating")
     parser.add_argument("--skip-stages", action="store_true", help="only the phase table")
@@ -260,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_stages:
         result["stages"] = profile_stages(cfg, work)
         result["pipeline_seconds"] = round(sum(r["seconds"] for r in result["stages"]), 1)
-        unlabelled = [str(p) for p in list_images(Paths(work).unlabeled)]
+        unlabeled = [str(p) for p in list_images(Paths(work).unlabeled)]
     else:
         stages.STAGES["ingest"](cfg, Paths(work))
-        unlabelled = [str(p) for p in list_images(Paths(work).unlabeled)]
-    result["phases"] = profile_phases(cfg, unlabelled, args.steps, args.repeats)
+        unlabeled = [str(p) for p in list_images(Paths(work).unlabeled)]
+    result["phases"] = profile_phases(cfg, unlabeled, args.steps, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

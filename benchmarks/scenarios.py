@@ -1,11 +1,11 @@
-"""Messy unlabelled pools (issue 29): class mismatch, junk, a long-tailed class mix.
+"""Messy unlabeled pools (issue 29): class mismatch, junk, a long-tailed class mix.
 
 Pure, seeded functions on uint8 arrays (N, 28, 28) such as Fashion-MNIST's (read with
 `pseudolabel.data.sources.fashion_mnist`); no TensorFlow. Each returns a `Pool`: the images, a
-per-image truth (the class index, or -1 for an image of none of the labelled classes) and a kind
+per-image truth (the class index, or -1 for an image of none of the labeled classes) and a kind
 per image:
 
-- "in": an image of one of the labelled classes;
+- "in": an image of one of the labeled classes;
 - "unseen_class": an image of a class of the domain that has no labels (class mismatch);
 - "junk:<kind>": an image from outside the domain, one of JUNK_KINDS:
   digits (scikit-learn's 8x8 digits upscaled), noise (uniform or Gaussian, alternately),
@@ -14,15 +14,15 @@ per image:
 
     from pseudolabel.data.sources import fashion_mnist
     source = fashion_mnist("/usr/share/datasets/fashion-mnist")
-    rest = ...  # the training images the labelled split left (indices)
+    rest = ...  # the training images the labeled split left (indices)
     pool = class_mismatch(source.train_images[rest], source.train_labels[rest],
                           known=range(6), fraction=0.5, size=30000, seed=0)
     pool = with_junk(pool, fraction=0.10, seed=0)
     pool = long_tailed(source.train_images[rest], source.train_labels[rest], ratio=10, seed=0)
 
-A pool becomes the unlabelled folder with `write_pool` (files named by index only, and a truth
+A pool becomes the unlabeled folder with `write_pool` (files named by index only, and a truth
 table); `Truth` reads the table back (the `truth=` lookup of stages.train_student) and
-`labelling_report` measures a labelling and merge of it against the truth (benchmarks/
+`labeling_report` measures a labeling and merge of it against the truth (benchmarks/
 messy_pools.py).
 """
 
@@ -49,7 +49,7 @@ FROM_ITEM = ("inverted", "rotated", "cropped")
 
 @dataclass(frozen=True)
 class Pool:
-    """An unlabelled pool with what each image truly is."""
+    """An unlabeled pool with what each image truly is."""
 
     images: np.ndarray  # uint8 (N, H, W)
     truth: np.ndarray  # int64 (N,): the class index, -1 for out-of-distribution
@@ -64,7 +64,7 @@ class Pool:
 
     @property
     def ood(self) -> np.ndarray:
-        """True where the image is of none of the labelled classes."""
+        """True where the image is of none of the labeled classes."""
         return self.truth < 0
 
     def counts(self) -> dict[str, int]:
@@ -81,7 +81,7 @@ def class_mismatch(
     seed: int = 0,
 ) -> Pool:
     """A pool of `size` images of which `fraction` are of classes outside `known` (drawn at
-    random from `images`; pass the training images the labelled split left). `size` None: the
+    random from `images`; pass the training images the labeled split left). `size` None: the
     largest pool the images allow at this fraction (at 0: every image of the known classes).
     Compare fractions at one fixed `size`: at 0.75 Fashion-MNIST's 24,000 images of classes 6-9
     allow at most 32,000. Truth: the label for known classes, -1 for the others."""
@@ -253,7 +253,7 @@ def long_tailed(
     return Pool(images[chosen].copy(), labels[chosen].copy(), kind)
 
 
-# A pool written as the unlabelled folder: pool_<index>.png, the index into the pool (never its
+# A pool written as the unlabeled folder: pool_<index>.png, the index into the pool (never its
 # class or kind, so the folder leaks nothing), and a truth table saved beside the folder.
 POOL_FILE = re.compile(r"(pool_\d+)(?:-\d+)?\.png$")  # -N: a second copy in the merged set
 
@@ -276,7 +276,7 @@ def write_pool(pool: Pool, folder: Path, class_names: Sequence[str]) -> dict:
 
 
 class Truth:
-    """The truth table of a written pool: for any path naming a pool file (under the unlabelled
+    """The truth table of a written pool: for any path naming a pool file (under the unlabeled
     folder, or its copy in the merged set: <class>/u__pool_00012.png, -N suffixed), its class
     name (None when out-of-distribution or not a pool file) and kind. Called with a list of
     paths it gives their class names: the `truth` lookup stages.train_student takes."""
@@ -309,15 +309,15 @@ def _flags(column) -> np.ndarray:
     return np.asarray([str(v).strip().lower() in ("true", "1", "1.0") for v in column])
 
 
-def labelling_report(csv: pd.DataFrame, manifest: pd.DataFrame, truth: Truth) -> dict:
-    """What one labelling (outputs/data.csv) and merge (data/train_ssl/manifest.csv) did with a
+def labeling_report(csv: pd.DataFrame, manifest: pd.DataFrame, truth: Truth) -> dict:
+    """What one labeling (outputs/data.csv) and merge (data/train_ssl/manifest.csv) did with a
     written pool, against its truth:
 
     - accuracy_in: the predicted class of the in-distribution pool images ("in");
     - pseudo_label_precision: the merged pseudo-labels of in-distribution images that are right;
       pseudo_label_precision_all: of every merged pseudo-label (one of no class counts wrong);
     - kept_by_kind: the share of each kind's pool images merge copied; merged_share: each kind's
-      share of the merged pseudo-labelled images (merged_counts: their numbers);
+      share of the merged pseudo-labeled images (merged_counts: their numbers);
     - with an `ood_score` column (higher = more out-of-distribution): auroc per OOD kind (and
       "ood", every OOD kind together), that kind positive against "in";
     - with an `ood` column (the pipeline's flag): flagged, the share of each kind flagged."""

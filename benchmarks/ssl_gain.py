@@ -1,21 +1,21 @@
-"""Do the unlabelled images pay? The student against the best labelled-only model.
+"""Do the unlabeled images pay? The student against the best labeled-only model.
 
 For each label budget and seed, on Fashion-MNIST (Debian's IDX files), through the pipeline's own
-public stage functions; the labelled split, the teacher and its pseudo-labels are shared by every
+public stage functions; the labeled split, the teacher and its pseudo-labels are shared by every
 setting of a seed (paired seeds):
 
-- teacher: `train_teacher` on the labelled images; `pseudo_label` and `merge` as in `dvc repro`;
+- teacher: `train_teacher` on the labeled images; `pseudo_label` and `merge` as in `dvc repro`;
 - per setting (a named set of Hydra overrides, SETTINGS) and compute multiplier (1x, 2x, 4x the
-  student's epochs): the student (`train_student`) and its labelled-only baseline
-  (`train_baseline`: the student's network, views, steps and EMA on the labelled images alone);
-- best labelled-only = the best teacher or baseline of that labelled split (budget, seed, data.*)
+  student's epochs): the student (`train_student`) and its labeled-only baseline
+  (`train_baseline`: the student's network, views, steps and EMA on the labeled images alone);
+- best labeled-only = the best teacher or baseline of that labeled split (budget, seed, data.*)
   at no more compute, whatever teacher or student recipe trained it; gain = student - best
-  labelled-only, in points;
+  labeled-only, in points;
 - precision of the teacher's kept pseudo-labels, and (consistency) of the student's own online
   pseudo-labels, against the true labels; seconds per part;
 - with --test-curves: test accuracy after every epoch of every student and baseline;
 - with --full-reference EPOCHS: the teacher's recipe on (nearly) all 60,000 labels, and the share
-  of the labelled-only -> all-labels gap the student closes (stretch target: half).
+  of the labeled-only -> all-labels gap the student closes (stretch target: half).
 
     python benchmarks/ssl_gain.py --budgets 50 --seeds 0                     # one seed, 1x
     python benchmarks/ssl_gain.py --budgets 10 50 --seeds 0 1 2              # the 3-seed tables
@@ -53,8 +53,8 @@ from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.data import sources  # noqa: E402
 from pseudolabel.data.images import (  # noqa: E402
     class_names_from,
-    labelled_dataset,
-    labelled_files,
+    labeled_dataset,
+    labeled_files,
     list_images,
 )
 from pseudolabel.evaluation import evaluate  # noqa: E402
@@ -65,7 +65,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 INDEX = re.compile(r"train_(\d+)(?:-\d+)?\.png$")  # -N: a duplicated copy (topk)
 # The recipes compared. offline: the teacher's soft pseudo-labels in a merged set (the pipeline
 # before consistency training); consistency: + the online FixMatch/FlexMatch term on every
-# unlabelled image (src/pseudolabel/consistency.py).
+# unlabeled image (src/pseudolabel/consistency.py).
 SETTINGS = {
     "offline": [
         "student.consistency.enabled=false",
@@ -110,9 +110,9 @@ class TestCurve(keras.callbacks.Callback):
 
     def __init__(self, test_folder: Path, class_names, image_size, channels):
         super().__init__()
-        files, labels = labelled_files(test_folder, class_names)
+        files, labels = labeled_files(test_folder, class_names)
         self.labels = labels
-        self.ds = labelled_dataset(files, labels, len(class_names), image_size, channels, 512)
+        self.ds = labeled_dataset(files, labels, len(class_names), image_size, channels, 512)
         self.curve: list[float] = []
 
     def on_epoch_end(self, epoch, logs=None):
@@ -155,7 +155,7 @@ def _test_accuracy(path: Path, test: Path) -> float:
 def shared_overrides(overrides: list[str]) -> list[str]:
     """The overrides the shared part (ingest, teacher, labels, merge) depends on: not `student.*`,
     which only the student and its baseline read. Two student recipes on the same seed thus share
-    one labelled split, teacher and CSV (paired), and their baselines are peers (`with_gains`)."""
+    one labeled split, teacher and CSV (paired), and their baselines are peers (`with_gains`)."""
     later = ("student.", "pseudo_label.rounds=")  # read from round 2 on only
     return [o for o in overrides if not o.lstrip("+~").startswith(later)]
 
@@ -213,11 +213,11 @@ def run_setting(
     baseline: dict | None = None,
     label: str | None = None,
 ) -> dict:
-    """The student and its labelled-only baseline of one setting at `compute` x the epochs.
+    """The student and its labeled-only baseline of one setting at `compute` x the epochs.
 
     For other benchmarks (benchmarks/messy_pools.py): `settings` names the recipes, `truth` is
-    the unlabelled images' truth lookup (default: Fashion-MNIST's index in the file name),
-    `baseline` a row of the same labelled split and student recipe whose baseline this setting
+    the unlabeled images' truth lookup (default: Fashion-MNIST's index in the file name),
+    `baseline` a row of the same labeled split and student recipe whose baseline this setting
     reuses instead of training one, `label` the progress lines' prefix."""
     label = label or f"budget {budget}, seed {seed}"
     chosen = [f"data.train_per_class={budget}", f"seed={seed}", *settings[setting], *overrides]
@@ -276,9 +276,9 @@ def run_setting(
 
 
 def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> dict:
-    """The student's network (trained by the teacher stage, so without unlabelled images) on
-    every labelled Fashion-MNIST training image (5,970 per class; 20 per class stay for val, a
-    few must remain unlabelled for the split) for `epochs` epochs at batch 128: the "same
+    """The student's network (trained by the teacher stage, so without unlabeled images) on
+    every labeled Fashion-MNIST training image (5,970 per class; 20 per class stay for val, a
+    few must remain unlabeled for the split) for `epochs` epochs at batch 128: the "same
     network on all labels" accuracy of the stretch target."""
     root = work / f"full_reference_seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
@@ -302,9 +302,9 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
         stages.STAGES[name](cfg, paths)
     model, meta = model_io.load(paths.model("teacher"))
     accuracy = evaluate(model, meta, paths.test).accuracy
-    labelled = len(list_images(paths.train))
+    labeled = len(list_images(paths.train))
     seconds = round(time.perf_counter() - start, 1)
-    return {"seed": seed, "epochs": epochs, "labelled": labelled, "accuracy": accuracy,
+    return {"seed": seed, "epochs": epochs, "labeled": labeled, "accuracy": accuracy,
             "seconds": seconds}  # fmt: skip
 
 
@@ -314,15 +314,15 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def with_gains(rows: list[dict], split_key=None) -> list[dict]:
-    """best labelled-only = the best teacher or baseline of any row on the same labelled split
+    """best labeled-only = the best teacher or baseline of any row on the same labeled split
     with at most the student's steps: whatever `teacher.*` or `student.*` overrides trained it,
-    it is a labelled-only model within the same compute, so a recipe is judged against the
+    it is a labeled-only model within the same compute, so a recipe is judged against the
     strongest one found; gain = student - that. `split_key` (row -> key): which rows share a
-    labelled split and test set, for other benchmarks (default: budget, seed, data.*)."""
+    labeled split and test set, for other benchmarks (default: budget, seed, data.*)."""
 
     def split(r: dict) -> tuple:
-        # Only data.* decides the labelled split; data.unlabeled does not (the split is drawn
-        # first, data.layout), so models trained with another unlabelled count are peers too.
+        # Only data.* decides the labeled split; data.unlabeled does not (the split is drawn
+        # first, data.layout), so models trained with another unlabeled count are peers too.
         data = [o for o in r["overrides"] if o.startswith("data.") and "data.unlabeled=" not in o]
         return (r["budget"], r["seed"], data)
 
@@ -332,19 +332,19 @@ def with_gains(rows: list[dict], split_key=None) -> list[dict]:
         # student's steps (all rounds' students' together; fewer steps are within the same
         # compute, and the baseline's accuracy is flat in steps).
         peers = [r for r in rows if key(r) == key(row)]
-        row["best_labelled_only"] = max(
+        row["best_labeled_only"] = max(
             [row["teacher"], row["baseline"]]
             + [r["teacher"] for r in peers]
             + [r["baseline"] for r in peers if r["baseline_steps"] <= row["student_steps"]]
         )
-        row["gain"] = round(100 * (row["student"] - row["best_labelled_only"]), 2)
+        row["gain"] = round(100 * (row["student"] - row["best_labeled_only"]), 2)
         row["gain_vs_own_baseline"] = round(100 * (row["student"] - row["baseline"]), 2)
     return rows
 
 
 def gap_closed(rows: list[dict], reference: float) -> dict:
-    """Per budget, setting, compute and overrides (one recipe): mean best labelled-only model and
-    student, and the share of the labelled-only -> all-labels gap the student closes (1 = as
+    """Per budget, setting, compute and overrides (one recipe): mean best labeled-only model and
+    student, and the share of the labeled-only -> all-labels gap the student closes (1 = as
     good as all labels)."""
     out = {}
     frame = pd.DataFrame(rows)
@@ -352,9 +352,9 @@ def gap_closed(rows: list[dict], reference: float) -> dict:
     for (budget, setting, compute, recipe), group in frame.groupby(
         ["budget", "setting", "compute", "recipe"]
     ):
-        best, student = float(group["best_labelled_only"].mean()), float(group["student"].mean())
+        best, student = float(group["best_labeled_only"].mean()), float(group["student"].mean())
         out[f"{budget}/{setting}/x{compute}/{recipe}"] = {
-            "best_labelled_only": round(best, 4),
+            "best_labeled_only": round(best, 4),
             "student": round(student, 4),
             "all_labels": round(reference, 4),
             "gap_closed": round((student - best) / (reference - best), 3),
@@ -362,7 +362,7 @@ def gap_closed(rows: list[dict], reference: float) -> dict:
     return out
 
 
-COLUMNS = ["teacher", "baseline", "best_labelled_only", "student", "gain"]
+COLUMNS = ["teacher", "baseline", "best_labeled_only", "student", "gain"]
 
 
 def table(rows: list[dict]) -> str:
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print("\naccuracies in %, gain in points (mean ± std over seeds)\n" + table(rows))
     if "gap" in payload:
-        print("\nshare of the labelled-only -> all-labels gap closed:", json.dumps(payload["gap"]))
+        print("\nshare of the labeled-only -> all-labels gap closed:", json.dumps(payload["gap"]))
     return 0
 
 

@@ -1,10 +1,10 @@
-"""Which teacher recipe labels best? The teacher alone, on the labelled images of one split.
+"""Which teacher recipe labels best? The teacher alone, on the labeled images of one split.
 
 For each named recipe (a set of `teacher.*` Hydra overrides, RECIPES) and seed: the shared part
 of `ssl_gain.py` (ingest, train_teacher, pseudo_label, merge, through the pipeline's own stage
 functions, each recipe in its own work folder) and the teacher's test accuracy and the precision
-of its pseudo-labels on every unlabelled image. A better labeller is what the student needs; a
-better teacher is also a stronger labelled-only model (the baseline starts from it), so a recipe
+of its pseudo-labels on every unlabeled image. A better labeler is what the student needs; a
+better teacher is also a stronger labeled-only model (the baseline starts from it), so a recipe
 chosen here must then be judged by `ssl_gain.py` against that stronger bar.
 
     python benchmarks/teacher_recipes.py --budget 50 --seeds 0

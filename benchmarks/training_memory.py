@@ -1,9 +1,9 @@
-"""Peak memory of labelling and of the consistency student as the unlabelled folder grows.
+"""Peak memory of labeling and of the consistency student as the unlabeled folder grows.
 
     .venv/bin/python benchmarks/training_memory.py --sizes 10000 100000
 
-For each size N: a scratch project whose labelled images are the demo's (Fashion-MNIST, 50 per
-class, from the built-in source) and whose unlabelled folder holds N PNGs (20,000 distinct
+For each size N: a scratch project whose labeled images are the demo's (Fashion-MNIST, 50 per
+class, from the built-in source) and whose unlabeled folder holds N PNGs (20,000 distinct
 Fashion-MNIST images, hard-linked again for larger sets, as labeling_throughput.py does), read
 with `data.source=folder`. ingest, a one-epoch teacher and merge run as the pipeline runs them;
 `pseudo_label` and `train_student` (the default consistency student, a short schedule of
@@ -91,7 +91,7 @@ def main() -> int:
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     base = args.work / "base"
-    if not (base / "data" / "image_dataset" / "test").is_dir():  # the demo's labelled images
+    if not (base / "data" / "image_dataset" / "test").is_dir():  # the demo's labeled images
         in_child("ingest", base, ["data.unlabeled=1000"])
     results: dict = {"steps": args.steps, "cpus": os.cpu_count(), "runs": {}}
     for n in args.sizes:
@@ -99,7 +99,7 @@ def main() -> int:
         chosen = overrides(project, base, image_folder(args.work / "pool", n), args.steps)
         run: dict = {}
         for stage in ("ingest", "train_teacher", "pseudo_label", "merge", "train_student"):
-            print(f"[{n} unlabelled] {stage}", flush=True)
+            print(f"[{n} unlabeled] {stage}", flush=True)
             run[stage] = in_child(stage, project, chosen)
         results["runs"][n] = {stage: run[stage] for stage in MEASURED}
         print(json.dumps({n: results["runs"][n]}), flush=True)

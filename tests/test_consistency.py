@@ -1,4 +1,4 @@
-"""The consistency student (student.consistency) and the labelled-only baseline, on digits."""
+"""The consistency student (student.consistency) and the labeled-only baseline, on digits."""
 
 import json
 
@@ -22,7 +22,7 @@ def consistency_run(tmp_path_factory, tracking_uri):
     paths = Paths(tmp_path_factory.mktemp("consistency"))
     seen: list[str] = []
 
-    def truth(rel_paths):  # digits' unlabelled files do not carry their class: half unknown
+    def truth(rel_paths):  # digits' unlabeled files do not carry their class: half unknown
         seen.extend(rel_paths)
         return [None] * len(rel_paths)
 
@@ -39,9 +39,9 @@ def _run(paths: Paths, role: str):
     return mlflow.MlflowClient().get_run(run_id)
 
 
-def test_the_student_logs_mask_rate_and_unlabelled_loss_per_epoch(consistency_run):
+def test_the_student_logs_mask_rate_and_unlabeled_loss_per_epoch(consistency_run):
     cfg, paths, seen = consistency_run
-    assert len(seen) == cfg.data.unlabeled  # every unlabelled image, not only the merged ones
+    assert len(seen) == cfg.data.unlabeled  # every unlabeled image, not only the merged ones
     run = _run(paths, "student")
     client = mlflow.MlflowClient()
     for key in ("mask_rate", "loss_unlabeled", "loss_teacher", "loss_labeled"):
@@ -80,7 +80,7 @@ def test_the_saved_student_is_a_plain_classifier(consistency_run):
     assert not [layer for layer in model.layers if "random" in layer.name.lower()]
 
 
-def test_baseline_trains_the_student_network_on_labelled_images_alone(consistency_run):
+def test_baseline_trains_the_student_network_on_labeled_images_alone(consistency_run):
     cfg, paths, _ = consistency_run
     base = json.loads((paths.metrics / "baseline.json").read_text())
     student = json.loads((paths.metrics / "student.json").read_text())
@@ -89,18 +89,18 @@ def test_baseline_trains_the_student_network_on_labelled_images_alone(consistenc
     assert base["train_images"] == len(list((paths.train).rglob("*.png")))
     run = _run(paths, "baseline")
     assert run.info.run_name == "train_baseline"
-    assert run.data.tags["baseline"] == "labelled_only"
+    assert run.data.tags["baseline"] == "labeled_only"
     assert "mask_rate" not in run.data.metrics
 
 
-def test_evaluate_reports_the_gain_over_the_best_labelled_only_model(consistency_run):
+def test_evaluate_reports_the_gain_over_the_best_labeled_only_model(consistency_run):
     _, paths, _ = consistency_run
     evaluation = json.loads((paths.metrics / "evaluation.json").read_text())
     best = max(evaluation["teacher_accuracy"], evaluation["baseline_accuracy"])
-    assert evaluation["labelled_only_best"] == pytest.approx(best)
+    assert evaluation["labeled_only_best"] == pytest.approx(best)
     gain = evaluation["student_accuracy"] - best
-    assert evaluation["gain_over_labelled_only"] == pytest.approx(gain, abs=1e-6)
-    assert evaluation["unlabelled_helped"] == (gain > 0)
+    assert evaluation["gain_over_labeled_only"] == pytest.approx(gain, abs=1e-6)
+    assert evaluation["unlabeled_helped"] == (gain > 0)
 
 
 def test_the_baseline_can_be_switched_off(tmp_path, digits_data, tracking_uri):

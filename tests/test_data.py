@@ -62,7 +62,7 @@ def test_ingest_writes_the_seed_layout(digits_data, smoke_cfg):
     assert len(list_images(digits_data.train)) == 10 * smoke_cfg.data.train_per_class
     unlabeled = list_images(digits_data.unlabeled)
     assert len(unlabeled) == smoke_cfg.data.unlabeled
-    # Unlabelled file names must not leak the class.
+    # Unlabeled file names must not leak the class.
     assert all(p.parent == digits_data.unlabeled and "digit" not in p.name for p in unlabeled)
 
 
@@ -77,7 +77,7 @@ def test_bad_folders_are_clear_errors(tmp_path):
     with pytest.raises(PseudoLabelError, match="cat"):
         class_names_from(tmp_path / "train")
     with pytest.raises(PseudoLabelError, match="no images"):
-        require_images(tmp_path / "train", "unlabelled")
+        require_images(tmp_path / "train", "unlabeled")
 
 
 def test_mixup_blends_images_and_targets_of_a_batch():
@@ -104,11 +104,11 @@ def test_training_images_are_decoded_once_in_the_same_shuffled_order(
     from pseudolabel.data import images
 
     class_names = sorted(p.name for p in digits_data.train.iterdir() if p.is_dir())
-    files, labels = images.labelled_files(digits_data.train, class_names)
+    files, labels = images.labeled_files(digits_data.train, class_names)
 
     def two_epochs():
         size, channels = list(smoke_cfg.data.image_size), smoke_cfg.data.channels
-        ds = images.labelled_dataset(files, labels, len(class_names), size, channels, 16, True, 7)
+        ds = images.labeled_dataset(files, labels, len(class_names), size, channels, 16, True, 7)
         return [(x.numpy(), y.numpy()) for _ in range(2) for x, y in ds]
 
     cached = two_epochs()  # ingest's decoded copy, read in order, kept in memory
@@ -171,7 +171,7 @@ def test_ingest_decodes_each_folder_once_and_a_stale_copy_is_not_used(
     assert decoded.open_rows(folder, list_images(folder), size, channels) is None
 
 
-def test_labelling_reads_the_decoded_copy_and_writes_the_same_predictions(
+def test_labeling_reads_the_decoded_copy_and_writes_the_same_predictions(
     digits_data, smoke_cfg, tmp_path, caplog
 ):
     import shutil
@@ -228,7 +228,7 @@ def test_consistency_streams_read_the_same_batches_in_memory_or_not(
     accepted, truth = rng.random(n) > 0.5, rng.integers(0, 10, n)
 
     def batches():
-        ds = consistency.unlabelled_stream(
+        ds = consistency.unlabeled_stream(
             files, teacher, accepted, truth, size, channels, 64, seed=3
         )
         return [[t.numpy() for t in batch] for batch in ds.take(2 * n // 64 + 2)]

@@ -179,7 +179,7 @@ def test_lineage_of_the_pipeline_student_matches_dvc_lock(ran):
         for r in ran.runs
         if r.data.tags["stage"] == "train_student" and "dvc.exp_name" not in r.data.tags
     )
-    labelling = next(
+    labeling = next(
         r
         for r in ran.runs
         if r.data.tags["stage"] == "pseudo_label" and "dvc.exp_name" not in r.data.tags
@@ -189,7 +189,7 @@ def test_lineage_of_the_pipeline_student_matches_dvc_lock(ran):
     chain = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     chain = {hop.strip(): text.strip() for hop, text in chain.items()}
     assert chain["pseudo-label CSV md5"] == _lock_md5(ran.lock, "pseudo_label", "outputs/data.csv")
-    assert chain["labelling run"].startswith(labelling.info.run_id)
+    assert chain["labeling run"].startswith(labeling.info.run_id)
     assert chain["teacher run"].startswith(teacher.info.run_id)
     assert chain["merged set"] == _lock_md5(ran.lock, "merge", "data/train_ssl")
     train_dep = next(
@@ -239,13 +239,13 @@ def test_two_rounds_version_each_round_and_chain_its_runs(ran):
     )
     first = by_id[second.data.tags["teacher_run_id"]]  # round 2's teacher: round 1's student
     assert (first.data.tags["stage"], first.data.tags["round"]) == ("train_student", "1")
-    labelling = next(
+    labeling = next(
         r
         for r in exp_runs
         if r.data.tags["stage"] == "pseudo_label" and r.data.tags["round"] == "2"
     )
-    assert labelling.data.tags["teacher_run_id"] == first.info.run_id
-    assert second.data.tags["pseudo_label_csv_md5"] == labelling.data.tags["pseudo_label_csv_md5"]
+    assert labeling.data.tags["teacher_run_id"] == first.info.run_id
+    assert second.data.tags["pseudo_label_csv_md5"] == labeling.data.tags["pseudo_label_csv_md5"]
     teacher = by_id[first.data.tags["teacher_run_id"]]
     assert teacher.data.tags["stage"] == "train_teacher"
 

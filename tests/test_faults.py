@@ -65,7 +65,7 @@ def test_sidecar_cannot_turn_safe_mode_off(tmp_path, digits_data, smoke_cfg):
     with pytest.raises(PseudoLabelError, match="allow_unsafe"):
         gen._teacher()
     assert not marker.exists()
-    # The pipeline: importing it as teacher.path, and labelling with it as models/teacher.keras.
+    # The pipeline: importing it as teacher.path, and labeling with it as models/teacher.keras.
     paths = Paths(tmp_path, data_root=digits_data.root)
     imported = compose(["+experiment=smoke", f"teacher.path={model}", "teacher.input_scale=0-255"])
     with pytest.raises(PseudoLabelError, match="allow_unsafe"):
@@ -196,7 +196,7 @@ def test_poisoned_csv_cli_exits_2_with_one_line(merge_project):
 # --- 3. symbolic links are followed only where they stay inside their root --------------------
 
 
-def test_merge_refuses_a_symlink_out_of_the_unlabelled_folder(merge_project, smoke_cfg, tmp_path):
+def test_merge_refuses_a_symlink_out_of_the_unlabeled_folder(merge_project, smoke_cfg, tmp_path):
     import numpy as np
     import pandas as pd
 
@@ -234,7 +234,7 @@ def _report(paths: Paths) -> dict[str, tuple[str, str]]:
 
 @pytest.fixture
 def user_folders(tmp_path, digits_data):
-    """The digits images as a user's folders (labelled train/val/test, 40 unlabelled), and an
+    """The digits images as a user's folders (labeled train/val/test, 40 unlabeled), and an
     `outside` folder that links may point to."""
     import shutil
 
@@ -255,7 +255,7 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
 
     user, outside = user_folders
     unl = user / "unlabeled"
-    # A file link, a linked folder and a file name that is not UTF-8, all in the unlabelled one.
+    # A file link, a linked folder and a file name that is not UTF-8, all in the unlabeled one.
     shutil.copyfile(next(unl.iterdir()), outside / "secret.png")
     (unl / "link.png").symlink_to(outside / "secret.png")
     (unl / "linked_dir").symlink_to(outside)
@@ -272,10 +272,10 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
     view = _digest(paths.unlabeled)
     assert not any("caf" in name or "link" in name for name in view)
 
-    # A class folder that is a link to a folder outside the labelled root: every file in it is
+    # A class folder that is a link to a folder outside the labeled root: every file in it is
     # reported, none followed into the view, and the class is refused as empty; the view built
     # before stays whole (the new one is built aside and swapped in only when complete).
-    labelled_view = _digest(paths.labeled)
+    labeled_view = _digest(paths.labeled)
     val9 = user / "labeled" / "val" / "digit_9"
     shutil.move(val9, outside / "digit_9")
     val9.symlink_to(outside / "digit_9")
@@ -283,7 +283,7 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
         ingest(_folder_cfg(user), paths)
     reasons = {r for p, (r, _) in _report(paths).items() if "digit_9" in p}
     assert reasons == {"symlink_outside"}
-    assert _digest(paths.labeled) == labelled_view and _digest(paths.unlabeled) == view
+    assert _digest(paths.labeled) == labeled_view and _digest(paths.unlabeled) == view
     assert sorted(p.name for p in paths.labeled.parent.iterdir()) == ["image_dataset", "unlabeled"]
 
     # A class folder whose name is not UTF-8 is refused in one line before the view is touched.
@@ -341,8 +341,8 @@ while True:  # the ingest stage's write, again and again: a kill lands mid-build
 
 
 def test_sigkill_during_ingest_leaves_whole_views(user_folders, tmp_path):
-    """A real SIGKILL at any moment of the view's write leaves each view (labelled and
-    unlabelled) whole, the last complete build's, and the next ingest clears the leftovers."""
+    """A real SIGKILL at any moment of the view's write leaves each view (labeled and
+    unlabeled) whole, the last complete build's, and the next ingest clears the leftovers."""
     from pseudolabel.stages.ingest import ingest
 
     user, _ = user_folders

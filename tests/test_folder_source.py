@@ -112,7 +112,7 @@ def _plant(user: Path, outside: Path) -> dict[str, str]:
     (unlabeled / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (unlabeled / ".ipynb_checkpoints").mkdir()
     (unlabeled / ".ipynb_checkpoints" / "x.png").write_bytes(b"")
-    # Labelled side: a train copy of a val image (a warning, kept) and a bad train file.
+    # Labeled side: a train copy of a val image (a warning, kept) and a bad train file.
     (labeled / "train" / "digit_3" / "copy_of_val.png").write_bytes(val_image.read_bytes())
     expected[str(labeled / "train" / "digit_3" / "copy_of_val.png")] = "warning_train_duplicate"
     (labeled / "train" / "digit_1" / "broken.jpg").write_bytes(b"not a jpeg")
@@ -280,7 +280,7 @@ def test_link_modes_keep_user_files_and_train_alone_is_split(poisoned, tmp_path)
             ],
             "at least two",
         ),
-        (lambda r: shutil.rmtree(r / "unlabeled"), "unlabelled folder not found"),
+        (lambda r: shutil.rmtree(r / "unlabeled"), "unlabeled folder not found"),
     ],
 )
 def test_bad_layouts_fail_with_one_clear_error(digits_data, tmp_path, make, match):
@@ -294,14 +294,14 @@ def test_bad_layouts_fail_with_one_clear_error(digits_data, tmp_path, make, matc
         ingest(_cfg(tmp_path), Paths(tmp_path / "project"))
 
 
-def test_no_usable_unlabelled_image_fails_after_the_report(digits_data, tmp_path, tracking_uri):
+def test_no_usable_unlabeled_image_fails_after_the_report(digits_data, tmp_path, tracking_uri):
     from pseudolabel.stages.ingest import ingest
 
     shutil.copytree(digits_data.labeled, tmp_path / "labeled")
     (tmp_path / "unlabeled").mkdir()
     (tmp_path / "unlabeled" / "a.jpg").write_text("nope")
     paths = Paths(tmp_path / "project")
-    with pytest.raises(PseudoLabelError, match="no usable unlabelled image"):
+    with pytest.raises(PseudoLabelError, match="no usable unlabeled image"):
         ingest(_cfg(tmp_path), paths)
     assert _report(paths) == {str(tmp_path / "unlabeled" / "a.jpg"): "not_an_image"}
 

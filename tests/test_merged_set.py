@@ -68,13 +68,13 @@ def test_merge_never_overwrites_a_name_twice(tmp_path):
     unlabeled = tmp_path / "unlabeled"
     for folder in (train / "digit_0", unlabeled / "a", unlabeled / "a__b"):
         folder.mkdir(parents=True)
-    (train / "digit_0" / "x.png").write_bytes(b"labelled")
+    (train / "digit_0" / "x.png").write_bytes(b"labeled")
     (unlabeled / "a" / "b__x.png").write_bytes(b"one")
     (unlabeled / "a__b" / "x.png").write_bytes(b"two")  # flattens to the same name
     frame = _frame(["a/b__x.png", "a__b/x.png"], [0.9, 0.9], ["digit_0", "digit_0"])
     build_merged(train, unlabeled, frame, tmp_path / "out", CLASSES[:1] + [])
     contents = sorted(p.read_bytes() for p in (tmp_path / "out" / "digit_0").iterdir())
-    assert contents == [b"labelled", b"one", b"two"]
+    assert contents == [b"labeled", b"one", b"two"]
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 
 from pseudolabel import fitting
 from pseudolabel.config import KERAS_PREPROCESSING, MODEL_NAMES, compose, group_options
-from pseudolabel.data.images import labelled_files, path_image_dataset
+from pseudolabel.data.images import labeled_files, path_image_dataset
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import BACKBONES, backbone_of, build_model
@@ -343,8 +343,8 @@ def test_efficientnet_transfer_learning_in_two_phases(tmp_path, digits_data, tra
             assert not layer.trainable, layer.name
         else:
             assert layer.trainable, layer.name
-    # The labeller's decoding (raw 8x8 grey pixels) is all the saved model needs.
-    files, _ = labelled_files(digits_data.val, meta.class_names)
+    # The labeler's decoding (raw 8x8 grey pixels) is all the saved model needs.
+    files, _ = labeled_files(digits_data.val, meta.class_names)
     _, images = next(iter(path_image_dataset(files[:4], meta.image_size, meta.channels, 4)))
     assert model.predict(images, verbose=0).shape == (4, 10)
     keras.backend.clear_session()
@@ -379,7 +379,7 @@ def _project_vs_own(paths, digits_data, own_predict, scale, **trust):
     own on correctly scaled pixels (decoded independently with PIL). `trust`: what the user's
     config allows (model_io.load's allow_unsafe / trusted_saved_model)."""
     model, meta = model_io.load(paths.model("teacher"), **trust)
-    files, _ = labelled_files(digits_data.val, meta.class_names)
+    files, _ = labeled_files(digits_data.val, meta.class_names)
     files = files[:6]
     _, raw = next(iter(path_image_dataset(files, meta.image_size, meta.channels, 6)))
     pil = np.stack([np.asarray(keras.utils.load_img(f, color_mode="grayscale")) for f in files])
@@ -458,7 +458,7 @@ def test_lambda_layer_needs_explicit_opt_in(tmp_path, digits_data, tracking_uri)
     cfg = _cfg(f"teacher.path={path}", "teacher.input_scale=0-255", "teacher.allow_unsafe=true")
     train_teacher(cfg, paths)
     meta = json.loads(model_io.meta_path(paths.model("teacher")).read_text())
-    assert meta["safe_mode"] is False  # the labeller may load it again, as the user allowed
+    assert meta["safe_mode"] is False  # the labeler may load it again, as the user allowed
     _project_vs_own(
         paths, digits_data, lambda x: foreign.predict(x, verbose=0), lambda x: x, allow_unsafe=True
     )
@@ -535,4 +535,4 @@ def test_flip_tta_averages_the_image_and_its_mirror():
     tta = with_flip_tta(model)
     expected = (model.predict(images, verbose=0) + model.predict(images[:, :, ::-1], verbose=0)) / 2
     np.testing.assert_allclose(tta.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-6)
-    assert tta.name != model.name  # partial labelling chunks of one are not reused by the other
+    assert tta.name != model.name  # partial labeling chunks of one are not reused by the other

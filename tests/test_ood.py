@@ -25,7 +25,7 @@ from pseudolabel.predicting import read_csv
 from pseudolabel.stages import pseudo_label, train_student
 from pseudolabel.stages.merge import merge
 
-FOREIGN = 60  # images from another domain added to the digits' unlabelled folder
+FOREIGN = 60  # images from another domain added to the digits' unlabeled folder
 
 
 def _foreign_images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -48,7 +48,7 @@ def _foreign_images(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _project(pipeline: Paths, root: Path, foreign: int, keep_digits: bool = True) -> Paths:
-    """The pipeline's labelled images and teacher; an unlabelled folder of its digits (copies,
+    """The pipeline's labeled images and teacher; an unlabeled folder of its digits (copies,
     no decoded copy) plus `foreign` images from another domain named foreign_<i>.png."""
     paths = Paths(root)
     (root / "data").mkdir(parents=True)
@@ -73,14 +73,14 @@ def messy(pipeline, tmp_path_factory, smoke_cfg):
 
     cfg = compose(["+experiment=smoke", "pseudo_label.ood.exclude=true"])
     paths = _project(pipeline, tmp_path_factory.mktemp("messy"), FOREIGN)
-    labelling = pseudo_label(cfg, paths)
+    labeling = pseudo_label(cfg, paths)
     merging = merge(cfg, paths)
     student = train_student(cfg, paths)
-    return paths, labelling, merging, student
+    return paths, labeling, merging, student
 
 
 def test_images_from_another_domain_are_flagged_and_kept_out(messy):
-    paths, labelling, merging, _ = messy
+    paths, labeling, merging, _ = messy
     frame = read_csv(paths.csv)
     foreign = frame["path"].str.startswith("foreign_").to_numpy()
     flagged = frame[ood.FLAG_COLUMN].to_numpy(bool)
@@ -91,7 +91,7 @@ def test_images_from_another_domain_are_flagged_and_kept_out(messy):
     scores = frame[ood.SCORE_COLUMN].to_numpy()
     assert np.median(scores[foreign]) > np.quantile(scores[~foreign], 0.9)
 
-    report = labelling["ood"]
+    report = labeling["ood"]
     assert report["flagged"] == int(flagged.sum())
     assert set(report["flagged_per_class"]) == set(read_meta(paths.model("teacher")).class_names)
     assert report["val_flagged_fraction"] == pytest.approx(0.05, abs=0.02)
@@ -115,7 +115,7 @@ def test_images_from_another_domain_are_flagged_and_kept_out(messy):
 
 
 def test_the_consistency_student_learns_from_the_kept_images_only(messy):
-    paths, labelling, _, student = messy
+    paths, labeling, _, student = messy
     frame = read_csv(paths.csv)
     kept = int((frame[ood.FLAG_COLUMN] == 0).sum())
     assert student["unlabeled_images"] == kept, student

@@ -247,11 +247,11 @@ def test_distribution_alignment_undoes_a_teacher_biased_to_one_class():
     np.testing.assert_allclose(to_skewed.mean(axis=0), skewed, atol=1e-6)
 
 
-def test_labelling_with_distribution_alignment(pipeline, smoke_cfg, tmp_path, tracking_uri):
+def test_labeling_with_distribution_alignment(pipeline, smoke_cfg, tmp_path, tracking_uri):
     import mlflow
 
     cfg = _cfg(smoke_cfg, distribution_alignment=True)
-    paths = _labelling_project(tmp_path / "aligned", pipeline, pipeline.unlabeled.resolve())
+    paths = _labeling_project(tmp_path / "aligned", pipeline, pipeline.unlabeled.resolve())
     metrics = pseudo_label(cfg, paths)
     frame, plain = read_csv(paths.csv), read_csv(pipeline.csv)
     counts = np.array([len(list_images(paths.train / name)) for name in CLASSES], float)
@@ -277,14 +277,14 @@ def test_labelling_with_distribution_alignment(pipeline, smoke_cfg, tmp_path, tr
 # --- streaming that resumes ----------------------------------------------------------------
 
 
-def _labelling_project(root, pipeline, unlabeled=None) -> Paths:
+def _labeling_project(root, pipeline, unlabeled=None) -> Paths:
     paths = Paths(root)
     (root / "data").mkdir(parents=True)
     os.symlink(pipeline.labeled.resolve(), paths.labeled)
     os.symlink(pipeline.models.resolve(), paths.models)
     if unlabeled is not None:
         os.symlink(unlabeled, paths.unlabeled)
-    else:  # many hard-linked copies of the digits, so labelling lasts long enough to kill
+    else:  # many hard-linked copies of the digits, so labeling lasts long enough to kill
         for copy in range(4):
             folder = paths.unlabeled / f"copy{copy:02d}"
             folder.mkdir(parents=True)
@@ -293,9 +293,9 @@ def _labelling_project(root, pipeline, unlabeled=None) -> Paths:
     return paths
 
 
-def test_killed_labelling_resumes_to_the_same_csv(pipeline, smoke_cfg, tmp_path, caplog):
+def test_killed_labeling_resumes_to_the_same_csv(pipeline, smoke_cfg, tmp_path, caplog):
     cfg = _cfg(smoke_cfg, batch_size=4, chunk_size=32)
-    killed = _labelling_project(tmp_path / "killed", pipeline)
+    killed = _labeling_project(tmp_path / "killed", pipeline)
     # The stage refuses a params.yaml that is not a composition (a hand edit): compose it.
     overrides = ["+experiment=smoke", "pseudo_label.batch_size=4", "pseudo_label.chunk_size=32"]
     (killed.root / "params.yaml").write_text(to_yaml(compose_raw(overrides)), encoding="utf-8")
@@ -308,7 +308,7 @@ def test_killed_labelling_resumes_to_the_same_csv(pipeline, smoke_cfg, tmp_path,
     partial = killed.outputs / PARTIAL
     deadline = time.monotonic() + 120
     while len(list(partial.glob("chunk-*.npz"))) < 3 and time.monotonic() < deadline:
-        assert process.poll() is None, "labelling ended before it could be killed"
+        assert process.poll() is None, "labeling ended before it could be killed"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -320,13 +320,13 @@ def test_killed_labelling_resumes_to_the_same_csv(pipeline, smoke_cfg, tmp_path,
     assert "resuming after" in caplog.text
     assert not partial.exists()
 
-    fresh = _labelling_project(tmp_path / "fresh", pipeline, killed.unlabeled.resolve())
+    fresh = _labeling_project(tmp_path / "fresh", pipeline, killed.unlabeled.resolve())
     pseudo_label(cfg, fresh)
     assert killed.csv.read_bytes() == fresh.csv.read_bytes()
     assert len(read_csv(fresh.csv)) == len(list_images(killed.unlabeled))
 
 
-def test_mlflow_labelling_run_and_merge_run_beneath_it(pipeline, smoke_cfg, tracking_uri):
+def test_mlflow_labeling_run_and_merge_run_beneath_it(pipeline, smoke_cfg, tracking_uri):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -336,14 +336,14 @@ def test_mlflow_labelling_run_and_merge_run_beneath_it(pipeline, smoke_cfg, trac
         output_format="list",
     )
     by_stage = {run.data.tags["stage"]: run for run in runs}
-    labelling, merged = by_stage["pseudo_label"], by_stage["merge"]
-    assert labelling.data.tags[tracking.UNLABELED_TAG].endswith(".dir")
-    assert labelling.data.tags["teacher_run_id"]
-    assert {"calibration.ece_before", "calibration.ece_after"} <= set(labelling.data.metrics)
+    labeling, merged = by_stage["pseudo_label"], by_stage["merge"]
+    assert labeling.data.tags[tracking.UNLABELED_TAG].endswith(".dir")
+    assert labeling.data.tags["teacher_run_id"]
+    assert {"calibration.ece_before", "calibration.ece_after"} <= set(labeling.data.metrics)
     client = mlflow.MlflowClient()
-    artifacts = {a.path for a in client.list_artifacts(labelling.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(labeling.info.run_id)}
     assert {"data.csv", "threshold_analysis.csv", "plots"} <= artifacts
-    assert merged.data.tags["mlflow.parentRunId"] == labelling.info.run_id
+    assert merged.data.tags["mlflow.parentRunId"] == labeling.info.run_id
     assert {f"kept.{name}" for name in CLASSES} <= set(merged.data.metrics)
     qa = {a.path for a in client.list_artifacts(merged.info.run_id, "selection/qa")}
     assert {f"selection/qa/{name}.png" for name in CLASSES} == qa

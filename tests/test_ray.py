@@ -166,8 +166,8 @@ def test_two_worker_training_on_the_cluster(ray_cluster, pipeline, tmp_path, tra
     assert model.predict(np.zeros((2, 8, 8, 1), np.float32), verbose=0).shape == (2, 10)
     assert json.loads((paths.metrics / "student.json").read_text()) == metrics
     assert metrics["epochs"] == 1
-    unlabelled = len(pd.read_csv(paths.csv))
-    assert metrics["steps"] == consistency_steps(cfg, unlabelled)
+    unlabeled = len(pd.read_csv(paths.csv))
+    assert metrics["steps"] == consistency_steps(cfg, unlabeled)
     history = pd.read_csv(paths.history("student"))
     assert len(history) == 1 and {"mask_rate", "loss_unlabeled"} <= set(history.columns)
     new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]

@@ -1,4 +1,4 @@
-"""benchmarks/scenarios.py: the messy unlabelled pools of issue 29, on small synthetic arrays."""
+"""benchmarks/scenarios.py: the messy unlabeled pools of issue 29, on small synthetic arrays."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_write_pool_names_files_by_index_only_and_keeps_the_truth(tmp_path):
     assert truth.kinds(paths) == ["in", "in", "in", "unseen_class", "junk:blank", None]
 
 
-def test_labelling_report_precision_shares_auroc_and_flags(tmp_path):
+def test_labeling_report_precision_shares_auroc_and_flags(tmp_path):
     _, table = _written(tmp_path)
     truth = scenarios.Truth(table)
     csv = pd.DataFrame(
@@ -154,7 +154,7 @@ def test_labelling_report_precision_shares_auroc_and_flags(tmp_path):
             "ood": ["False", "False", "True", "False", "True", "True"],
         }
     )
-    manifest = pd.DataFrame(  # merge kept images 0, 1, 2 and 4; one labelled image
+    manifest = pd.DataFrame(  # merge kept images 0, 1, 2 and 4; one labeled image
         {
             "file": [
                 "cat/train_1.png",
@@ -167,7 +167,7 @@ def test_labelling_report_precision_shares_auroc_and_flags(tmp_path):
             "source": ["labeled", "pseudo", "pseudo", "pseudo", "pseudo"],
         }
     )
-    report = scenarios.labelling_report(csv, manifest, truth)
+    report = scenarios.labeling_report(csv, manifest, truth)
     assert report["pool_counts"] == {"in": 4, "unseen_class": 1, "junk:blank": 1}
     assert report["accuracy_in"] == 0.75
     assert report["pseudo_labeled"] == 4
@@ -179,5 +179,5 @@ def test_labelling_report_precision_shares_auroc_and_flags(tmp_path):
     assert report["auroc"] == {"unseen_class": 0.75, "junk:blank": 1.0, "ood": 0.875}
     assert report["flagged"] == {"in": 0.25, "unseen_class": 1.0, "junk:blank": 1.0}
     # without the pipeline's score and flag: neither is reported
-    plain = scenarios.labelling_report(csv.drop(columns=["ood_score", "ood"]), manifest, truth)
+    plain = scenarios.labeling_report(csv.drop(columns=["ood_score", "ood"]), manifest, truth)
     assert "auroc" not in plain and "flagged" not in plain

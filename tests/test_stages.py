@@ -43,7 +43,7 @@ def test_every_stage_writes_its_outputs(pipeline, smoke_cfg):
         assert (pipeline.metrics / f"{name}.json").is_file(), name
 
 
-def test_csv_has_one_row_per_unlabelled_image_with_class_names(pipeline, smoke_cfg):
+def test_csv_has_one_row_per_unlabeled_image_with_class_names(pipeline, smoke_cfg):
     frame = pd.read_csv(pipeline.csv)
     assert len(frame) == smoke_cfg.data.unlabeled
     assert set(frame["label"]) <= set(class_names_from(pipeline.train))
@@ -68,7 +68,7 @@ def test_smoke_teacher_learns_and_merge_copies_pseudo_labels(pipeline):
     assert _json(pipeline.metrics / "evaluation.json")["teacher_accuracy"] > 0.3
     assert _json(pipeline.metrics / "merge.json")["pseudo_labeled"] >= 1
     copies = [p for p in list_images(pipeline.merged) if p.name.startswith("u__")]
-    assert copies, "no pseudo-labelled image was copied into the merged set"
+    assert copies, "no pseudo-labeled image was copied into the merged set"
 
 
 def test_models_carry_metadata_and_the_student_is_larger(pipeline, smoke_cfg):
@@ -102,7 +102,7 @@ def test_mlflow_has_four_linked_runs(pipeline, smoke_cfg, tracking_uri):
         experiment_names=[smoke_cfg.tracking.experiment], output_format="list"
     )
     csv_md5 = md5(pipeline.csv)
-    labelling = next(
+    labeling = next(
         r for r in runs
         if r.data.tags.get("stage") == "pseudo_label"
         and r.data.tags.get("pseudo_label_csv_md5") == csv_md5
@@ -116,7 +116,7 @@ def test_mlflow_has_four_linked_runs(pipeline, smoke_cfg, tracking_uri):
     assert student.data.tags["stage"] == "train_student"
     csv_md5 = md5(pipeline.csv)
     assert student.data.tags["pseudo_label_csv_md5"] == csv_md5
-    assert labelling.data.tags["pseudo_label_csv_md5"] == csv_md5
+    assert labeling.data.tags["pseudo_label_csv_md5"] == csv_md5
     assert student.data.tags["teacher_run_id"] == teacher.info.run_id
     assert float(student.data.tags["threshold"]) == smoke_cfg.pseudo_label.threshold
     assert evaluation.data.tags["student_run_id"] == student.info.run_id
@@ -127,7 +127,7 @@ def test_mlflow_has_four_linked_runs(pipeline, smoke_cfg, tracking_uri):
         assert len(history) == len(
             pd.read_csv(pipeline.plots / "train" / f"{run.data.tags['role']}.csv")
         )
-    artifacts = {a.path for a in client.list_artifacts(labelling.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(labeling.info.run_id)}
     assert "data.csv" in artifacts and "plots" in artifacts
 
 
@@ -210,7 +210,7 @@ def test_publish_metrics_writes_the_json_and_logs_the_same_numbers(tmp_path, tra
 
     metrics = {
         "student_accuracy": 0.75,
-        "unlabelled_helped": True,
+        "unlabeled_helped": True,
         "round_accuracy": {"round1": 0.5, "round2": 0.75},
         "selection": "threshold",
         "recommended_threshold": None,
@@ -225,7 +225,7 @@ def test_publish_metrics_writes_the_json_and_logs_the_same_numbers(tmp_path, tra
     assert path.read_text() == json.dumps(metrics, indent=2) + "\n"
     expected = {
         "student_accuracy": 0.75,
-        "unlabelled_helped": 1.0,
+        "unlabeled_helped": 1.0,
         "round_accuracy.round1": 0.5,
         "round_accuracy.round2": 0.75,
         "rounds": 2.0,
@@ -244,7 +244,7 @@ def test_publish_metrics_writes_the_json_and_logs_the_same_numbers(tmp_path, tra
     assert not (tmp_path / "stray.json").exists() and mlflow.active_run() is None
 
 
-def test_student_from_the_teacher_with_a_labelled_fine_tune(pipeline, tmp_path, caplog):
+def test_student_from_the_teacher_with_a_labeled_fine_tune(pipeline, tmp_path, caplog):
     """student.init_from_teacher and labeled_finetune_epochs: the history gains the fine-tune
     epochs, numbered on, and the log says how many layers came from the teacher."""
     import logging
@@ -271,7 +271,7 @@ def test_student_from_the_teacher_with_a_labelled_fine_tune(pipeline, tmp_path, 
     assert "4 leading layers initialised from the teacher" in caplog.text
 
 
-def test_soft_label_student_trains_on_a_plain_labelled_folder(pipeline, tmp_path, tracking_uri):
+def test_soft_label_student_trains_on_a_plain_labeled_folder(pipeline, tmp_path, tracking_uri):
     """Soft targets come from the merge manifest; a folder without one (the supervised-only
     baseline's) trains on its one-hot labels instead of failing."""
     from pseudolabel.config import compose

@@ -1,4 +1,4 @@
-"""pseudolabel: make an image classifier better with unlabelled images."""
+"""pseudolabel: make an image classifier better with unlabeled images."""
 
 import os
 

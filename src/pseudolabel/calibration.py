@@ -1,4 +1,4 @@
-"""Temperature scaling: one scalar T, fitted on the labelled val set, so confidences mean what
+"""Temperature scaling: one scalar T, fitted on the labeled val set, so confidences mean what
 they say.
 
 The teacher outputs probabilities, so its logits are recovered as log-probabilities (softmax is
@@ -113,9 +113,9 @@ def alignment_weights(
     """Per-class weights w that make the mean of `align(probs, w)` equal `prior`: distribution
     alignment (ReMixMatch), iterated to its fixed point (iterative proportional fitting).
 
-    A teacher that over-predicts some classes on the unlabelled images (a label-shift guess
+    A teacher that over-predicts some classes on the unlabeled images (a label-shift guess
     from a few labels) has those classes' probabilities scaled down and the rest scaled up, so
-    the pseudo-labels follow the class distribution of the labelled data."""
+    the pseudo-labels follow the class distribution of the labeled data."""
     probs = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)
     prior = np.asarray(prior, dtype=np.float64)
     prior = prior / prior.sum()

@@ -42,7 +42,7 @@ def check_lock(root: str | Path = ".") -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pseudolabel",
-        description="Pseudo-labelling pipeline stages (run them all with `dvc repro`).",
+        description="Pseudo-labeling pipeline stages (run them all with `dvc repro`).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGE_NAMES:
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     sub.add_parser("lock", help=f"record the installed version in {LOCK} (re-runs the stages)")
     lineage = sub.add_parser(
-        "lineage", help="print a student run's chain: CSV md5 -> labelling run -> teacher -> data"
+        "lineage", help="print a student run's chain: CSV md5 -> labeling run -> teacher -> data"
     )
     lineage.add_argument("run_id", help="the MLflow run id of a train_student run")
     lineage.add_argument("--params", default="params.yaml", help="for tracking.uri")

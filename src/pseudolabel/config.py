@@ -36,7 +36,7 @@ BACKBONES = {
 }
 EFFICIENTNETS = tuple(BACKBONES)
 MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
-# How pseudo-labelled images are selected (pseudo_label.selection; merged_set.py applies them).
+# How pseudo-labeled images are selected (pseudo_label.selection; merged_set.py applies them).
 SELECTIONS = ("threshold", "per_class", "topk")
 ENGINES = ("local", "ray")  # pseudo_label.engine
 STRATEGIES = ("auto", "mirrored", "multi_worker")  # teacher/student.train.strategy
@@ -79,7 +79,7 @@ class DataConfig:
     val_per_class: int = MISSING
     # None: the whole official test split (Fashion-MNIST) / everything left (digits).
     test_per_class: int | None = MISSING
-    unlabeled: int | None = MISSING  # None: every image not drawn for the labelled splits
+    unlabeled: int | None = MISSING  # None: every image not drawn for the labeled splits
     image_size: list[int] = MISSING
     channels: int = MISSING
     # source=folder (conf/data/folder.yaml): your own images. Built-in sources point both roots
@@ -92,7 +92,7 @@ class DataConfig:
     link: str = MISSING  # how the view holds usable files: copy, hardlink or symlink
     min_size: int = MISSING  # pixels; smaller images are reported and left out
     max_pixels: int = MISSING  # height x width; larger ones (decompression bombs) reported
-    near_duplicates: bool = MISSING  # also exclude unlabelled near-copies of val/test (dHash)
+    near_duplicates: bool = MISSING  # also exclude unlabeled near-copies of val/test (dHash)
     near_duplicate_distance: int = MISSING  # max differing bits of the 64-bit perceptual hash
     workers: int | None = MISSING  # checking threads; None: all cores
     # Ingest also writes each folder's images decoded (uint8 at image_size) into its hidden
@@ -184,8 +184,8 @@ class TrainConfig:
     # kept, early stopping decided and MLflow logged: a few hundred images give 2-16 step epochs
     # whose overhead can outweigh the training.
     steps_per_epoch: int | None = MISSING
-    # Student only: the share of each batch drawn from the labelled images (the rest from the
-    # pseudo-labelled ones); None samples the merged set uniformly.
+    # Student only: the share of each batch drawn from the labeled images (the rest from the
+    # pseudo-labeled ones); None samples the merged set uniformly.
     labeled_fraction: float | None = MISSING
     # Weight each class by n_images / (n_classes * its count) in the loss.
     class_weights: bool = MISSING
@@ -230,11 +230,11 @@ class TeacherConfig:
 
 @dataclass
 class ConsistencyConfig:
-    """The student's online term on every unlabelled image (pseudolabel.consistency)."""
+    """The student's online term on every unlabeled image (pseudolabel.consistency)."""
 
     enabled: bool = MISSING
-    # Unlabelled images per labelled one in each step (mu): a step sees train.batch_size
-    # labelled and ratio * batch_size unlabelled images (each as a weak and a strong view).
+    # Unlabeled images per labeled one in each step (mu): a step sees train.batch_size
+    # labeled and ratio * batch_size unlabeled images (each as a weak and a strong view).
     ratio: int = MISSING
     # Confidence the student's weak-view prediction needs to become a target (FixMatch's tau).
     threshold: float = MISSING
@@ -247,23 +247,23 @@ class ConsistencyConfig:
     teacher_weight: float = MISSING
     # The teacher term falls linearly to 0 by the last step: the student outgrows its teacher.
     teacher_decay: bool = MISSING
-    # Align the student's predictions to the labelled class distribution (ReMixMatch).
+    # Align the student's predictions to the labeled class distribution (ReMixMatch).
     distribution_alignment: bool = MISSING
     # Momentum of the running mean of the student's predictions that alignment divides by.
     alignment_momentum: float = MISSING
-    # The views: weak (labelled images and the targets' view), strong (what learns from them).
+    # The views: weak (labeled images and the targets' view), strong (what learns from them).
     weak: AugmentConfig = field(default_factory=AugmentConfig)
     strong: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class BaselineConfig:
-    """train_baseline: the student's network, steps and weak view on the labelled images alone,
-    so that evaluate can say whether the unlabelled images helped."""
+    """train_baseline: the student's network, steps and weak view on the labeled images alone,
+    so that evaluate can say whether the unlabeled images helped."""
 
     enabled: bool = MISSING
     # The baseline's own weight average (train.ema's meaning), so that it stays the strongest
-    # labelled-only model whatever the student's student.train.ema is.
+    # labeled-only model whatever the student's student.train.ema is.
     ema: float = MISSING
 
 
@@ -273,14 +273,14 @@ class StudentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    # Train on the teacher's probability vectors for pseudo-labelled images (from the merge
+    # Train on the teacher's probability vectors for pseudo-labeled images (from the merge
     # manifest) instead of one-hot pseudo-labels.
     soft_labels: bool = MISSING
     # Start from the teacher's weights wherever the student's leading layers have the same
     # shapes (small_cnn one block deeper: all the teacher's blocks); False: from scratch, as in
     # Noisy Student.
     init_from_teacher: bool = MISSING
-    # After training on the merged set: this many epochs on the labelled images alone at
+    # After training on the merged set: this many epochs on the labeled images alone at
     # learning_rate * labeled_finetune_lr_factor (0: none); the best val epoch is kept.
     labeled_finetune_epochs: int = MISSING
     labeled_finetune_lr_factor: float = MISSING
@@ -288,22 +288,22 @@ class StudentConfig:
 
 @dataclass
 class OODConfig:
-    # Score every unlabelled image's distance from the labelled classes (pseudolabel.ood):
+    # Score every unlabeled image's distance from the labeled classes (pseudolabel.ood):
     # outputs/data.csv's ood_score, and its ood flag past the cut.
     enabled: bool = MISSING
-    # The cut flags this share of the labelled val images (in-distribution), in (0, 0.5).
+    # The cut flags this share of the labeled val images (in-distribution), in (0, 0.5).
     false_rejection: float = MISSING
-    # Add the labelled-vs-unlabelled classifier's term (PU learning, pseudolabel.ood.Contrast),
-    # fitted on at most contrast_sample unlabelled images drawn at random (seeded by `seed`).
+    # Add the labeled-vs-unlabeled classifier's term (PU learning, pseudolabel.ood.Contrast),
+    # fitted on at most contrast_sample unlabeled images drawn at random (seeded by `seed`).
     contrast: bool = MISSING
     contrast_sample: int = MISSING
-    # Flagged images stay out of data/train_ssl and of the student's unlabelled terms.
+    # Flagged images stay out of data/train_ssl and of the student's unlabeled terms.
     exclude: bool = MISSING
 
 
 @dataclass
 class PseudoLabelConfig:
-    # Minimum top-1 confidence for an unlabelled image to join the student's training set;
+    # Minimum top-1 confidence for an unlabeled image to join the student's training set;
     # None keeps every image, as in the seed. Also the line drawn on the selection charts.
     threshold: float | None = MISSING
     # threshold (the global one above) | per_class | topk (class-balanced, Noisy Student).
@@ -323,7 +323,7 @@ class PseudoLabelConfig:
     # Average the teacher's probabilities over each image and its horizontal mirror.
     tta: bool = MISSING
     # Distribution alignment: reweight the (calibrated) probabilities per class so that their
-    # mean over the unlabelled images matches the labelled images' class distribution.
+    # mean over the unlabeled images matches the labeled images' class distribution.
     distribution_alignment: bool = MISSING
     batch_size: int = MISSING
     # local (tf.data on this machine) | ray (a Ray Data pipeline on the cluster in `ray`).
@@ -334,7 +334,7 @@ class PseudoLabelConfig:
     qa_images: int = MISSING
     # Noisy Student rounds: round r's student labels the images again as round r+1's teacher.
     rounds: int = MISSING
-    # Images unlike the labelled classes (other classes, junk): scored, flagged, left out.
+    # Images unlike the labeled classes (other classes, junk): scored, flagged, left out.
     ood: OODConfig = field(default_factory=OODConfig)
 
 
@@ -435,7 +435,7 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
         if cfg.data[key] < 1:
             fail(f"data.{key}", cfg.data[key], "need at least one image per class")
     if cfg.data.unlabeled is not None and cfg.data.unlabeled < 1:
-        fail("data.unlabeled", cfg.data.unlabeled, "need at least one unlabelled image")
+        fail("data.unlabeled", cfg.data.unlabeled, "need at least one unlabeled image")
     _check_folder_keys(cfg.data, fail)
     for role in ("teacher", "student"):
         train = cfg[role].train
@@ -532,7 +532,7 @@ def _check_augment(augment: DictConfig, key: str, fail) -> None:
 def _check_consistency(cons: DictConfig, fail) -> None:
     key = "student.consistency"
     if cons.ratio < 1:
-        fail(f"{key}.ratio", cons.ratio, "use >= 1 unlabelled image per labelled one")
+        fail(f"{key}.ratio", cons.ratio, "use >= 1 unlabeled image per labeled one")
     for share in ("threshold", "rampup"):
         if not 0.0 <= cons[share] <= 1.0:
             fail(f"{key}.{share}", cons[share], "use a value in [0, 1]")
@@ -619,9 +619,9 @@ def _check_folder_keys(data: DictConfig, fail) -> None:
     if data.workers is not None and data.workers < 1:
         fail("data.workers", data.workers, "use >= 1, or null for all cores")
     if data.source == "folder" and data.labeled_root == BUILTIN_ROOT:
-        fail("data.labeled_root", data.labeled_root, "set it to your labelled folder")
+        fail("data.labeled_root", data.labeled_root, "set it to your labeled folder")
     if data.source == "folder" and data.unlabeled_root == BUILTIN_ROOT:
-        fail("data.unlabeled_root", data.unlabeled_root, "set it to your unlabelled folder")
+        fail("data.unlabeled_root", data.unlabeled_root, "set it to your unlabeled folder")
 
 
 def group_options(group_dir: Path) -> list[str]:

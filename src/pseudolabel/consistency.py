@@ -1,14 +1,14 @@
-"""The consistency student: every step learns from labelled images, from the teacher's
-probabilities (outputs/data.csv) and from every unlabelled image through its own prediction.
+"""The consistency student: every step learns from labeled images, from the teacher's
+probabilities (outputs/data.csv) and from every unlabeled image through its own prediction.
 
 One training step (a `keras.Model.train_step`, driven by `fit` and its callbacks, as in keras-io's
-AdaMatch example) sees a batch of B labelled images and mu*B unlabelled ones and minimises
+AdaMatch example) sees a batch of B labeled images and mu*B unlabeled ones and minimises
 
-    CE(y, f(weak(x_l)))                                          labelled, label-smoothed
+    CE(y, f(weak(x_l)))                                          labeled, label-smoothed
   + w_t(t) * CE(teacher(x_u), f(strong(x_u)))                    the teacher's soft targets
   + w_u(t) * mask * CE(argmax p~, f(strong(x_u)))                FixMatch / FlexMatch
 
-where p~ is the student's own prediction on a weak view (no gradient), aligned to the labelled
+where p~ is the student's own prediction on a weak view (no gradient), aligned to the labeled
 class distribution (ReMixMatch's distribution alignment), and mask keeps the images whose p~
 reaches the confidence threshold, per class scaled by how well that class is learnt (FlexMatch's
 curriculum). w_u ramps up from 0 over the first steps; w_t can decay to 0 as the student outgrows
@@ -81,7 +81,7 @@ def _uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.round(image), tf.uint8)
 
 
-def labelled_stream(
+def labeled_stream(
     paths: Sequence[str],
     labels: np.ndarray,
     num_classes: int,
@@ -96,7 +96,7 @@ def labelled_stream(
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def unlabelled_stream(
+def unlabeled_stream(
     paths: Sequence[str],
     teacher: np.ndarray,
     accepted: np.ndarray,
@@ -118,11 +118,11 @@ def unlabelled_stream(
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def training_stream(labelled: tf.data.Dataset, unlabelled: tf.data.Dataset | None):
-    """What `ConsistencyModel.fit` takes: labelled batches zipped with unlabelled ones."""
-    if unlabelled is None:
-        return labelled.prefetch(AUTOTUNE)
-    return tf.data.Dataset.zip((labelled, unlabelled)).prefetch(AUTOTUNE)
+def training_stream(labeled: tf.data.Dataset, unlabeled: tf.data.Dataset | None):
+    """What `ConsistencyModel.fit` takes: labeled batches zipped with unlabeled ones."""
+    if unlabeled is None:
+        return labeled.prefetch(AUTOTUNE)
+    return tf.data.Dataset.zip((labeled, unlabeled)).prefetch(AUTOTUNE)
 
 
 # --- under a tf.distribute strategy (train.strategy mirrored or multi_worker) -------------------
@@ -170,7 +170,7 @@ def _gathered(*values: tf.Tensor) -> tuple[tf.Tensor, ...]:
 class ConsistencyModel(keras.Model):
     """Trains `classifier` (raw pixels -> probabilities) with the loss of the module docstring.
 
-    Without unlabelled batches (`training_stream(labelled, None)`) it is the labelled-only
+    Without unlabeled batches (`training_stream(labeled, None)`) it is the labeled-only
     baseline with the same weak view, schedule and EMA."""
 
     def __init__(
@@ -210,7 +210,7 @@ class ConsistencyModel(keras.Model):
             aggregation="only_first_replica",  # every replica assigns the same value
             name="p_model",
         )
-        # FlexMatch: each unlabelled image's last confident class (-1: never confident yet).
+        # FlexMatch: each unlabeled image's last confident class (-1: never confident yet).
         self.selected = self.add_weight(
             shape=(max(1, num_unlabeled),),
             initializer=keras.initializers.Constant(-1),
@@ -294,9 +294,9 @@ class ConsistencyModel(keras.Model):
         return loss, mask
 
     def train_step(self, data):
-        if isinstance(data[0], (tuple, list)):  # labelled batches zipped with unlabelled ones
+        if isinstance(data[0], (tuple, list)):  # labeled batches zipped with unlabeled ones
             (x_l, y_l), (x_u, teacher, accepted, truth, index) = data
-        else:  # the labelled-only baseline
+        else:  # the labeled-only baseline
             (x_l, y_l), x_u = data, None
         step = tf.cast(self.optimizer.iterations, tf.float32)
         n_l = tf.shape(x_l)[0]

@@ -1,6 +1,6 @@
 """pseudo_label.engine=ray: the teacher's raw probabilities from a Ray Data pipeline.
 
-The sorted relative paths of the unlabelled folder go through `ray.data.from_items`; tasks read
+The sorted relative paths of the unlabeled folder go through `ray.data.from_items`; tasks read
 and decode them in parallel (`decode_image`, the local pipeline's resize and channels), and a
 pool of actors, each loading the teacher once (`models.io.load`, safe mode as locally, the flip
 TTA wrapper when asked), returns the raw softmax of each batch (`predicting.predict_batch`,
@@ -8,7 +8,7 @@ padded to the batch size as locally). Temperature scaling, distribution alignmen
 everything after happen on the driver, in the same code as the local engine
 (`predicting.raw_frame` and the pseudo_label stage), so both engines write the same CSV.
 
-Every node reads the unlabelled images and the teacher at the paths the driver sees (a shared
+Every node reads the unlabeled images and the teacher at the paths the driver sees (a shared
 or replicated file system) and runs the same Python environment (docs/scale.md).
 """
 
@@ -165,7 +165,7 @@ def predict_folder(
         ) from None
 
     root = str(unlabeled_dir)
-    files = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
+    files = [str(f) for f in require_images(unlabeled_dir, "unlabeled")]
     relative = [decoded.relative_path(f, root) for f in files]  # sorted, as the local engine's
     chunks = (
         predicting.Chunks(
@@ -179,7 +179,7 @@ def predict_folder(
     todo = [rel for rel in relative if rel not in saved]
     if saved:
         log.info(
-            "resuming: %d of %d images already labelled (%s)",
+            "resuming: %d of %d images already labeled (%s)",
             len(saved),
             len(relative),
             partial_dir,
@@ -192,7 +192,7 @@ def predict_folder(
     done = set(paths)
     failed = [rel for rel in relative if rel not in done]
     if failed:
-        log.warning("%d unlabelled file(s) could not be decoded and were skipped", len(failed))
+        log.warning("%d unlabeled file(s) could not be decoded and were skipped", len(failed))
     frame = predicting.raw_frame(paths, blocks, meta.class_names, temperature)
     if chunks:
         shutil.rmtree(partial_dir)

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from pseudolabel.data.images import labelled_dataset, labelled_files
+from pseudolabel.data.images import labeled_dataset, labeled_files
 from pseudolabel.models.io import ModelMeta
 
 
@@ -24,8 +24,8 @@ class Evaluation:
 def evaluate(
     model: keras.Model, meta: ModelMeta, folder: Path, batch_size: int = 256
 ) -> Evaluation:
-    paths, labels = labelled_files(folder, meta.class_names)
-    ds = labelled_dataset(
+    paths, labels = labeled_files(folder, meta.class_names)
+    ds = labeled_dataset(
         paths, labels, meta.num_classes, meta.image_size, meta.channels, batch_size
     )
     probs = model.predict(ds.map(lambda x, _: x), verbose=0)

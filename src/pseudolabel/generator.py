@@ -7,7 +7,7 @@
 Differences from the seed, on purpose: images are *copied* (never moved) into
 `pseudo_data_path`, which is rebuilt from scratch on each call; the model's pixel scaling comes
 from its metadata (or `input_scale`), never from a hard-coded guess; and the confidences are
-calibrated on the labelled val folder exactly as the pipeline's pseudo_label stage does (the
+calibrated on the labeled val folder exactly as the pipeline's pseudo_label stage does (the
 same function), so the CSV equals the pipeline's for the same teacher and images.
 """
 
@@ -32,7 +32,7 @@ OOD_CONTRAST_SAMPLE = 20_000
 
 
 class PseudoLabelGenerator:
-    """Label unlabelled images with a trained model, plot confidences, build a merged set."""
+    """Label unlabeled images with a trained model, plot confidences, build a merged set."""
 
     def __init__(
         self,
@@ -56,14 +56,14 @@ class PseudoLabelGenerator:
         pixels it expects ("auto": raw if it starts with a Rescaling layer; "0-255", "0-1",
         "-1-1", or a keras.applications name such as "resnet50"), and `allow_unsafe=True`
         loads one with Lambda layers (arbitrary code: only for files you trust).
-        `val_data_path`: the labelled val folder the confidences are calibrated on
+        `val_data_path`: the labeled val folder the confidences are calibrated on
         (temperature scaling, as the pipeline does); default: `val` beside the train folder
         when it exists, else no calibration (with a log line). `calibrate=False`: raw softmax.
         `max_pixels`: images whose header declares more pixels (height x width; decompression
         bombs) are listed in errors.csv and never decoded, as the pipeline's ingest does with
         `data.max_pixels` (the same default); None: no limit.
         `ood_false_rejection`: the CSV gets the pipeline's ood_score and ood columns (how unlike
-        the labelled classes each image is, flagged past the cut that flags this share of the
+        the labeled classes each image is, flagged past the cut that flags this share of the
         val images; pseudo_label.ood), which needs the val folder; None: no OOD columns."""
         self.model_path = Path(model_path)
         self.train_data_path = Path(train_data_path)
@@ -110,7 +110,7 @@ class PseudoLabelGenerator:
         return self._model
 
     def _oversized(self) -> dict[str, str]:
-        """Unlabelled images whose header declares more than `max_pixels` pixels (read without
+        """Unlabeled images whose header declares more than `max_pixels` pixels (read without
         decoding), by relative path: left out before TensorFlow's decoder sees them."""
         if self.max_pixels is None:
             return {}
@@ -135,14 +135,14 @@ class PseudoLabelGenerator:
         move_images: bool = False,
         batch_size: int = 32,
     ) -> pd.DataFrame:
-        """Predict every unlabelled image into the CSV; optionally plot and build the merged set.
+        """Predict every unlabeled image into the CSV; optionally plot and build the merged set.
 
         The CSV never depends on `threshold`; it only marks the charts and selects images.
         """
         check_threshold(threshold)
         if batch_size < 1:
             raise PseudoLabelError(f"batch_size={batch_size} is invalid: use 1 or more.")
-        if move_images:  # check the merge's inputs before any work, not after labelling
+        if move_images:  # check the merge's inputs before any work, not after labeling
             class_names_from(self.train_data_path)
         self.threshold = threshold
         model, meta = self._teacher()
@@ -154,7 +154,7 @@ class PseudoLabelGenerator:
             temperature = fitted.temperature
         elif self.calibrate:
             log.info("no val folder beside %s: confidences not calibrated", self.train_data_path)
-        labeller, scores = model, None
+        labeler, scores = model, None
         oversized = self._oversized()
         if self.ood_false_rejection is not None and self.val_data_path is not None:
             # the pipeline's default score (pseudo_label.ood, its contrast term included)
@@ -167,12 +167,12 @@ class PseudoLabelGenerator:
             scorer = ood.fit_folders(
                 model, meta, self.train_data_path, self.val_data_path, batch_size, sample
             )
-            labeller = ood.scored_model(model, scorer)
-            scores = ood.val_scores(labeller, meta, self.val_data_path, batch_size)
+            labeler = ood.scored_model(model, scorer)
+            scores = ood.val_scores(labeler, meta, self.val_data_path, batch_size)
         elif self.ood_false_rejection is not None:
             log.info("no val folder beside %s: no OOD score", self.train_data_path)
         predictions, failed = predicting.predict_folder(
-            labeller, meta, self.unlabeled_path, batch_size, temperature, skip=frozenset(oversized)
+            labeler, meta, self.unlabeled_path, batch_size, temperature, skip=frozenset(oversized)
         )
         if scores is not None:
             cut = ood.flag(predictions, scores, self.ood_false_rejection)
@@ -183,7 +183,7 @@ class PseudoLabelGenerator:
                 cut,
             )
         predicting.write_csv(predictions, self.csv_path)
-        # Every entry of the folder not labelled is listed, with why (nothing skipped silently).
+        # Every entry of the folder not labeled is listed, with why (nothing skipped silently).
         skipped = [(path, "cannot be decoded") for path in failed]
         bomb = "more pixels than max_pixels (a possible decompression bomb)"
         skipped += [(path, f"{bomb}: {why}") for path, why in oversized.items()]
@@ -193,7 +193,7 @@ class PseudoLabelGenerator:
             errors = pd.DataFrame(skipped, columns=["path", "reason"])
             predicting.write_csv(errors, errors_csv)
             log.warning(
-                "%d entries of %s were not labelled (see %s for why)",
+                "%d entries of %s were not labeled (see %s for why)",
                 len(skipped),
                 self.unlabeled_path,
                 errors_csv,
@@ -222,7 +222,7 @@ class PseudoLabelGenerator:
 
     def move_unlabeled_images(self, threshold: float | None = None) -> dict[str, dict[str, int]]:
         """Build `pseudo_data_path/<class>/` from copies of the train images and of the
-        unlabelled images whose confidence is >= threshold (all when None). Originals stay."""
+        unlabeled images whose confidence is >= threshold (all when None). Originals stay."""
         check_threshold(threshold)
         predictions = self._predictions()
         class_names = self.class_names or class_names_from(self.train_data_path)
@@ -230,5 +230,5 @@ class PseudoLabelGenerator:
         counts = merged_set.build_merged(
             self.train_data_path, self.unlabeled_path, accepted, self.pseudo_data_path, class_names
         )
-        log.info("copied %d pseudo-labelled images into %s", len(accepted), self.pseudo_data_path)
+        log.info("copied %d pseudo-labeled images into %s", len(accepted), self.pseudo_data_path)
         return counts

@@ -96,8 +96,8 @@ def check_rows(
     class_names: list[str],
     link_roots: Sequence[Path] = (),
 ) -> None:
-    """Refuse a CSV that names an unknown class or a file outside the unlabelled folder, also
-    through a symbolic link: a row's file must resolve inside the unlabelled folder or inside
+    """Refuse a CSV that names an unknown class or a file outside the unlabeled folder, also
+    through a symbolic link: a row's file must resolve inside the unlabeled folder or inside
     one of `link_roots` (the user's folder the view links to, with `data.link: symlink`)."""
     unknown = sorted(set(accepted["label"]) - set(class_names))
     if unknown:
@@ -122,7 +122,7 @@ def check_rows(
                 f"{source}: a symbolic link to {target}, outside {unlabeled_dir}"
                 f"{' and ' + ', '.join(map(str, link_roots)) if link_roots else ''} "
                 "(symlink_outside); nothing was copied. Remove the link or put the file itself "
-                "in the unlabelled folder."
+                "in the unlabeled folder."
             )
 
 
@@ -148,8 +148,8 @@ def _guard(out_dir: Path, *sources: Path) -> None:
 
 
 def copy_name(rel: str) -> str:
-    """The file name a pseudo-labelled image gets in the merged set: its path under the
-    unlabelled folder (any depth), flattened (-N is appended when a name is taken)."""
+    """The file name a pseudo-labeled image gets in the merged set: its path under the
+    unlabeled folder (any depth), flattened (-N is appended when a name is taken)."""
     return "u__" + rel.replace("/", "__")
 
 
@@ -161,10 +161,10 @@ def build_merged(
     class_names: list[str],
     link_roots: Sequence[Path] = (),
 ) -> dict[str, dict[str, int]]:
-    """Copy the labelled train images and the accepted unlabelled ones into `out_dir/<class>/`.
+    """Copy the labeled train images and the accepted unlabeled ones into `out_dir/<class>/`.
 
     The folder is rebuilt from scratch; originals are only read. Beside the class folders,
-    `manifest.csv` says where each copy came from (labelled or pseudo-labelled, with the
+    `manifest.csv` says where each copy came from (labeled or pseudo-labeled, with the
     teacher's confidence and, when `accepted` has them, its per-class probabilities: the soft
     targets a student can train on). A row accepted twice is copied twice. Returns per-class
     counts.

@@ -29,7 +29,7 @@ max-softmax, energy, max-logit, kNN and Mahalanobis variants, is the Mahalanobis
 The cut is the val images' (1 - false_rejection) quantile of that score, so it flags about that
 share of in-distribution images (measured on the test images in the benchmark: docs/messy.md).
 The score is computed in the same forward pass as the probabilities: `scored_model` returns
-them with the score as one more column, so both labelling engines, the chunked resume and the
+them with the score as one more column, so both labeling engines, the chunked resume and the
 flip TTA treat it like any other output.
 """
 
@@ -44,7 +44,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from pseudolabel.data.images import labelled_dataset, labelled_files, path_image_dataset
+from pseudolabel.data.images import labeled_dataset, labeled_files, path_image_dataset
 from pseudolabel.errors import PseudoLabelError
 
 log = logging.getLogger(__name__)
@@ -349,10 +349,10 @@ def flag(frame: pd.DataFrame, val_scores: np.ndarray, false_rejection: float) ->
     return at
 
 
-def _labelled(folder: Path, meta, batch_size: int):
+def _labeled(folder: Path, meta, batch_size: int):
     """A labeled folder's images in file order (batches) and their class indices."""
-    files, labels = labelled_files(folder, meta.class_names)
-    ds = labelled_dataset(
+    files, labels = labeled_files(folder, meta.class_names)
+    ds = labeled_dataset(
         files, labels, meta.num_classes, meta.image_size, meta.channels, batch_size
     )
     return ds, labels
@@ -376,8 +376,8 @@ def fit_folders(
 ) -> Scorer:
     """`fit` on a labeled train folder and its val folder (class folders, as the pipeline's),
     and with `pool_files` (unlabeled image paths: `pool_sample`'s) the Contrast term."""
-    train_ds, train_labels = _labelled(train_dir, meta, batch_size)
-    val_ds, _ = _labelled(val_dir, meta, batch_size)
+    train_ds, train_labels = _labeled(train_dir, meta, batch_size)
+    val_ds, _ = _labeled(val_dir, meta, batch_size)
     pool_ds = None
     if pool_files:
         pool_ds = path_image_dataset(
@@ -386,11 +386,11 @@ def fit_folders(
     return fit(model, train_ds, train_labels, val_ds, pool_ds)
 
 
-def val_scores(labeller: keras.Model, meta, val_dir: Path, batch_size: int) -> np.ndarray:
-    """The val images' OOD score through the labeller itself (its flip TTA included): what the
+def val_scores(labeler: keras.Model, meta, val_dir: Path, batch_size: int) -> np.ndarray:
+    """The val images' OOD score through the labeler itself (its flip TTA included): what the
     cut is calibrated on."""
-    ds, _ = _labelled(val_dir, meta, batch_size)
-    return np.asarray(labeller.predict(ds, verbose=0), np.float64)[:, -1]
+    ds, _ = _labeled(val_dir, meta, batch_size)
+    return np.asarray(labeler.predict(ds, verbose=0), np.float64)[:, -1]
 
 
 def without_flagged(predictions: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -116,7 +116,7 @@ class Paths:
 
     @property
     def ood_histogram(self) -> Path:
-        """The OOD score's histogram, val against unlabelled images (`dvc plots show`)."""
+        """The OOD score's histogram, val against unlabeled images (`dvc plots show`)."""
         return self.plots / "pseudo_label" / "ood_histogram.csv"
 
     def model(self, role: str) -> Path:

@@ -28,7 +28,7 @@ def confidence_overview(predictions: pd.DataFrame, threshold: float | None = Non
     hist.hist(conf, bins=40, range=(0, 1), color="tab:blue")
     hist.set(
         xlabel="top-1 confidence",
-        ylabel="unlabelled images",
+        ylabel="unlabeled images",
         title=f"Confidence of {len(conf):,} pseudo-labels",
     )
     ranked.plot(np.sort(conf)[::-1], color="tab:blue")
@@ -135,7 +135,7 @@ def reliability_diagram(before: dict[str, np.ndarray], after: dict[str, np.ndarr
         ax.set(xlabel="confidence", xlim=(0, 1), ylim=(0, 1), title=title)
     axes[0].set_ylabel("val accuracy")
     axes[0].legend(loc="upper left")
-    fig.suptitle("Reliability on the labelled val set")
+    fig.suptitle("Reliability on the labeled val set")
     fig.tight_layout()
     return fig
 
@@ -153,7 +153,7 @@ def threshold_analysis(
     x = table["threshold"]
     for name in class_names:
         ax.plot(x, table[f"coverage_{name}"], color="tab:blue", alpha=0.25, linewidth=0.8)
-    ax.plot(x, table["coverage"], color="tab:blue", linewidth=2.2, label="coverage (unlabelled)")
+    ax.plot(x, table["coverage"], color="tab:blue", linewidth=2.2, label="coverage (unlabeled)")
     ax.plot([], [], color="tab:blue", alpha=0.35, linewidth=0.8, label="coverage per class")
     ax.plot(
         x, table["precision"], color="tab:green", linewidth=2.2, label="precision (val estimate)"
@@ -210,19 +210,19 @@ def qa_grid(
 def ood_overview(
     val_scores: np.ndarray, scores: np.ndarray, labels: pd.Series, cut: float, share: float
 ) -> Figure:
-    """The OOD score of the val images (labelled, in-distribution) against the unlabelled ones,
-    with the cut, and the share of each predicted class's unlabelled images past the cut."""
+    """The OOD score of the val images (labeled, in-distribution) against the unlabeled ones,
+    with the cut, and the share of each predicted class's unlabeled images past the cut."""
     fig, (hist, bars) = plt.subplots(1, 2, figsize=(10, 3.4), width_ratios=[3, 2])
     both = np.concatenate([val_scores, scores])
     high = np.quantile(both, 0.995) if len(both) else 1.0
     bins = np.linspace(min(both.min(), 0.0), max(high, cut * 1.2), 60)
-    for values, name in ((scores, "unlabelled"), (val_scores, "val, labelled")):
+    for values, name in ((scores, "unlabeled"), (val_scores, "val, labeled")):
         clipped = np.clip(values, None, bins[-1])
         hist.hist(clipped, bins, density=True, alpha=0.6, label=f"{name} ({len(values):,})")
     flagged = float((scores > cut).mean()) if len(scores) else 0.0
-    label = f"cut {cut:.2f}: flags {share:.0%} of val, {flagged:.1%} unlabelled"
+    label = f"cut {cut:.2f}: flags {share:.0%} of val, {flagged:.1%} unlabeled"
     hist.axvline(cut, color="black", linestyle="--", label=label)
-    hist.set(xlabel="OOD score (higher: less like the labelled classes)", ylabel="density")
+    hist.set(xlabel="OOD score (higher: less like the labeled classes)", ylabel="density")
     hist.legend(fontsize=7)
     names = sorted(labels.unique())
     fractions = [float((scores[(labels == n).to_numpy()] > cut).mean()) for n in names]

@@ -1,4 +1,4 @@
-"""Teacher predictions on unlabelled images -> one CSV row per image (threshold-free).
+"""Teacher predictions on unlabeled images -> one CSV row per image (threshold-free).
 
 Images are read from the folder's decoded copy (`data.decoded`, written by ingest) or, without
 one, decoded in parallel by `tf.data` and prefetched while the model runs. With a
@@ -26,8 +26,8 @@ from pseudolabel import calibration, ood
 from pseudolabel.calibration import apply_temperature
 from pseudolabel.data import decoded
 from pseudolabel.data.images import (
-    labelled_dataset,
-    labelled_files,
+    labeled_dataset,
+    labeled_files,
     path_image_dataset,
     require_images,
 )
@@ -145,11 +145,11 @@ def predict_batch(model: keras.Model, images: np.ndarray, batch_size: int) -> np
 def val_calibration(
     model: keras.Model, meta: ModelMeta, val_dir: Path, batch_size: int, calibrate: bool = True
 ) -> tuple[np.ndarray, np.ndarray, calibration.Calibration]:
-    """The teacher's raw probabilities on the labelled val folder, its true labels, and the
+    """The teacher's raw probabilities on the labeled val folder, its true labels, and the
     temperature fitted on them (`calibrate`; else measured at 1): how the pseudo_label stage
     and PseudoLabelGenerator both scale the confidences they write."""
-    files, labels = labelled_files(val_dir, meta.class_names)
-    ds = labelled_dataset(
+    files, labels = labeled_files(val_dir, meta.class_names)
+    ds = labeled_dataset(
         files, labels, meta.num_classes, meta.image_size, meta.channels, batch_size
     )
     raw = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
@@ -178,7 +178,7 @@ def predict_folder(
     from them; the folder is removed once the predictions are complete.
     """
     root = str(unlabeled_dir)
-    listed = [str(f) for f in require_images(unlabeled_dir, "unlabelled")]
+    listed = [str(f) for f in require_images(unlabeled_dir, "unlabeled")]
     pairs = [(f, rel) for f in listed if (rel := decoded.relative_path(f, root)) not in skip]
     files, relative = [f for f, _ in pairs], [rel for _, rel in pairs]
     position = {f: i for i, f in enumerate(files)}
@@ -221,7 +221,7 @@ def predict_folder(
     done = set(seen)
     failed = [rel for rel in relative if rel not in done]
     if failed:
-        log.warning("%d unlabelled file(s) could not be decoded and were skipped", len(failed))
+        log.warning("%d unlabeled file(s) could not be decoded and were skipped", len(failed))
     frame = raw_frame(seen, probs, meta.class_names, temperature)
     if chunks:
         shutil.rmtree(partial_dir)

@@ -6,7 +6,7 @@ Run it from the project root after `dvc repro` (or `dvc repro pseudo_label`). Ea
 pipeline's teacher and `outputs/data.csv`, copied into its own job folder
 (`multirun/<date>/<time>/<job>/`), then runs merge, train_student and evaluate there: it reads
 the project's images and never writes over the DVC workspace outputs. A job whose overrides
-change a parameter the teacher or the labelling depends on (those stages' `params`, read
+change a parameter the teacher or the labeling depends on (those stages' `params`, read
 through DVC's own API, not re-parsed here) trains its own teacher and relabels in its folder;
 a change to the data set itself (the ingest stage's params) is refused: use
 `dvc exp run -S ... --queue` for that.
@@ -110,7 +110,7 @@ def _changed(cfg: DictConfig, reference: DictConfig, keys: list[str]) -> list[tu
 
 
 def plan(cfg: DictConfig, project: Path) -> tuple[str, ...]:
-    """The stages a job runs: the selection and the student, plus teacher and labelling when
+    """The stages a job runs: the selection and the student, plus teacher and labeling when
     the job changes a parameter they depend on. Raises if the job cannot run here."""
     reference = load_params(project / "params.yaml")
     data_changes = _changed(cfg, reference, _stage_params(project, ("ingest",)))

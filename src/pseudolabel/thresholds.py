@@ -1,7 +1,7 @@
-"""Threshold analysis: how many unlabelled images a threshold keeps, and how precise they are.
+"""Threshold analysis: how many unlabeled images a threshold keeps, and how precise they are.
 
-Coverage is measured on the unlabelled predictions (overall, and per predicted class); the
-precision one can expect is estimated on the labelled val set as the teacher's accuracy among
+Coverage is measured on the unlabeled predictions (overall, and per predicted class); the
+precision one can expect is estimated on the labeled val set as the teacher's accuracy among
 val images at or above the threshold. Both use the same (calibrated) confidences.
 """
 
@@ -43,7 +43,7 @@ def analysis_table(
     val_true: np.ndarray,
     class_names: list[str],
 ) -> pd.DataFrame:
-    """One row per threshold in 0, 0.01, ..., 1: coverage (share of unlabelled images kept),
+    """One row per threshold in 0, 0.01, ..., 1: coverage (share of unlabeled images kept),
     precision (estimated on val), val_support, then coverage_<class> and precision_<class> for
     the images predicted as each class. Class arrays hold class indices."""
     confidence, predicted = np.asarray(confidence), np.asarray(predicted)

@@ -315,7 +315,7 @@ def start_run(
         yield run
 
 
-# --- Lineage: student run -> pseudo-label CSV -> labelling run -> teacher run -> data ------------
+# --- Lineage: student run -> pseudo-label CSV -> labeling run -> teacher run -> data ------------
 
 # Tags every student run carries, whoever made it (pipeline, sweep job, DVC experiment).
 CSV_TAG = "pseudo_label_csv_md5"
@@ -358,7 +358,7 @@ def _digest(dvc_md5: str) -> str:
 
 def log_lineage_inputs(run_id: str, cfg, paths, tags: Mapping[str, Any]) -> None:
     """Attach the student's inputs (`mlflow.log_input`, digests = the DVC hashes) and a note
-    whose links lead, one click per hop, to the labelling and teacher runs."""
+    whose links lead, one click per hop, to the labeling and teacher runs."""
     import pandas as pd
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -372,7 +372,7 @@ def log_lineage_inputs(run_id: str, cfg, paths, tags: Mapping[str, Any]) -> None
         ("unlabeled", paths.unlabeled, tags[UNLABELED_TAG], "unlabeled"),
     )
     configure(cfg)
-    labelling = find_labelling_run(tags[CSV_TAG], mlflow.MlflowClient())
+    labeling = find_labeling_run(tags[CSV_TAG], mlflow.MlflowClient())
 
     def source(path: Path):
         with warnings.catch_warnings():  # "local" resolves two equal ways; either is right
@@ -388,7 +388,7 @@ def log_lineage_inputs(run_id: str, cfg, paths, tags: Mapping[str, Any]) -> None
         for name, path, digest, context in folders:
             dataset = MetaDataset(source(path), name=name, digest=_digest(digest))
             mlflow.log_input(dataset, context=context)
-        mlflow.set_tag("mlflow.note.content", _lineage_note(tags, labelling))
+        mlflow.set_tag("mlflow.note.content", _lineage_note(tags, labeling))
 
 
 def _run_link(run) -> str:
@@ -407,22 +407,22 @@ def find_run(client: mlflow.MlflowClient, run_id: str | None):
         return None
 
 
-def _lineage_note(tags: Mapping[str, Any], labelling) -> str:
+def _lineage_note(tags: Mapping[str, Any], labeling) -> str:
     teacher = find_run(mlflow.MlflowClient(), tags.get(TEACHER_TAG))
     return "\n".join(
         [
             "**Lineage** (`pseudolabel lineage <this run id>` prints it)",
             "",
             f"- pseudo-label CSV md5 `{tags[CSV_TAG]}`, made by "
-            + (_run_link(labelling) if labelling else "an unknown run"),
+            + (_run_link(labeling) if labeling else "an unknown run"),
             "- teacher: " + (_run_link(teacher) if teacher else "unknown"),
-            f"- merged set `{tags[MERGED_TAG]}`, labelled train `{tags[LABELED_TAG]}`, "
-            f"unlabelled `{tags[UNLABELED_TAG]}` (DVC hashes, as in dvc.lock)",
+            f"- merged set `{tags[MERGED_TAG]}`, labeled train `{tags[LABELED_TAG]}`, "
+            f"unlabeled `{tags[UNLABELED_TAG]}` (DVC hashes, as in dvc.lock)",
         ]
     )
 
 
-def find_labelling_run(csv_md5: str, client: mlflow.MlflowClient):
+def find_labeling_run(csv_md5: str, client: mlflow.MlflowClient):
     """The most recent pseudo_label run that wrote a CSV with this md5, or None."""
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
@@ -435,7 +435,7 @@ def find_labelling_run(csv_md5: str, client: mlflow.MlflowClient):
 
 
 def lineage(run_id: str) -> list[tuple[str, str]]:
-    """The chain student -> CSV md5 -> labelling run -> teacher run -> data, as (hop, text).
+    """The chain student -> CSV md5 -> labeling run -> teacher run -> data, as (hop, text).
     A later round's teacher is the previous round's student: the chain goes on through it,
     one round per hop, down to the first teacher."""
     client = mlflow.MlflowClient()
@@ -464,15 +464,14 @@ def lineage(run_id: str) -> list[tuple[str, str]]:
     chain.append(
         (
             "data",
-            f"labelled train {tags.get(LABELED_TAG, '?')}, "
-            f"unlabelled {tags.get(UNLABELED_TAG, '?')}",
+            f"labeled train {tags.get(LABELED_TAG, '?')}, unlabeled {tags.get(UNLABELED_TAG, '?')}",
         )
     )
     return chain
 
 
 def _student_hops(student, client: mlflow.MlflowClient) -> tuple[list[tuple[str, str]], Any]:
-    """One round's hops (student -> selection -> merged set -> CSV -> labelling -> teacher),
+    """One round's hops (student -> selection -> merged set -> CSV -> labeling -> teacher),
     and the teacher's run (None if it has none)."""
     run_id, tags = student.info.run_id, student.data.tags
     round_ = tags.get("round", "1")
@@ -496,21 +495,21 @@ def _student_hops(student, client: mlflow.MlflowClient) -> tuple[list[tuple[str,
         ("merged set", f"{tags.get(MERGED_TAG, '?')}"),
         ("pseudo-label CSV md5", tags[CSV_TAG]),
     ]
-    labelling = find_labelling_run(tags[CSV_TAG], client)
+    labeling = find_labeling_run(tags[CSV_TAG], client)
     chain.append(
         (
-            "labelling run",
-            f"{labelling.info.run_id} ({labelling.info.run_name})"
-            if labelling
+            "labeling run",
+            f"{labeling.info.run_id} ({labeling.info.run_name})"
+            if labeling
             else "not found: no pseudo_label run logged a CSV with this md5",
         )
     )
     teacher_id = tags.get(TEACHER_TAG)
-    if labelling and labelling.data.tags.get(TEACHER_TAG) not in (None, teacher_id):
+    if labeling and labeling.data.tags.get(TEACHER_TAG) not in (None, teacher_id):
         chain.append(
             (
                 "warning",
-                f"the labelling run's teacher {labelling.data.tags[TEACHER_TAG]} "
+                f"the labeling run's teacher {labeling.data.tags[TEACHER_TAG]} "
                 f"is not the student's {teacher_id}",
             )
         )

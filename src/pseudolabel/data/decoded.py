@@ -37,7 +37,7 @@ def _stem(image_size: Sequence[int], channels: int) -> str:
 
 def relative_path(path: Path | str, folder: Path | str) -> str:
     """`path` relative to `folder`, with / separators. Files listed from `folder` start with it,
-    so a prefix is cut (os.path.relpath resolves both paths on every call: a fifth of labelling's
+    so a prefix is cut (os.path.relpath resolves both paths on every call: a fifth of labeling's
     time on 20,000 images)."""
     path, prefix = str(path), str(folder).rstrip(os.sep) + os.sep
     rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, folder)

@@ -2,8 +2,8 @@
 
 The user's folders are only read. Usable files reach data/image_dataset/{train,val,test}/<class>/
 and data/unlabeled/ as copies, hard links or symbolic links (`data.link`); every other file is
-listed in the report with its reason. The unlabelled folder is streamed in chunks (memory does
-not grow with its size); the labelled set is listed in memory. Checks run on a thread pool
+listed in the report with its reason. The unlabeled folder is streamed in chunks (memory does
+not grow with its size); the labeled set is listed in memory. Checks run on a thread pool
 (TensorFlow's decoders release the GIL), PNG and JPEG files decoded in batches by
 `validate.check_files`, and their results are cached in SQLite next to the report, keyed by
 path, size and modification time, so a re-run re-checks only changed files.
@@ -58,7 +58,7 @@ class Outcome:
     reasons: Counter = field(default_factory=Counter)
 
 
-# --- the labelled layout -------------------------------------------------------------------
+# --- the labeled layout -------------------------------------------------------------------
 
 
 def _require_dir(folder: Path, what: str, fix: str) -> None:
@@ -100,7 +100,7 @@ def _valid_name(name: str) -> str:
     return valid
 
 
-def _labelled_part(root: Path, part: str, classes: list[str] | None) -> dict[str, list[Path]]:
+def _labeled_part(root: Path, part: str, classes: list[str] | None) -> dict[str, list[Path]]:
     folder = root / part
     found = _class_folders(folder)
     for name in found:
@@ -129,20 +129,20 @@ def discover(labeled_root: Path) -> tuple[list[str], dict[str, dict[str, list[Pa
     when there). Raises one clear error for every layout problem, before anything is written."""
     _require_dir(
         labeled_root,
-        "labelled",
+        "labeled",
         "Set data.labeled_root to a folder holding train/<class>/ (and optionally val/, test/).",
     )
     _require_dir(
         labeled_root / "train",
         "training",
-        f"Create {labeled_root}/train/<class name>/ with the labelled images of each class.",
+        f"Create {labeled_root}/train/<class name>/ with the labeled images of each class.",
     )
-    train = _labelled_part(labeled_root, "train", None)
+    train = _labeled_part(labeled_root, "train", None)
     classes = sorted(train)
     parts = {"train": train}
     for part in ("val", "test"):
         if (labeled_root / part).is_dir():
-            parts[part] = _labelled_part(labeled_root, part, classes)
+            parts[part] = _labeled_part(labeled_root, part, classes)
     return classes, parts
 
 
@@ -388,10 +388,10 @@ class _Ingest:
             else:
                 yield check
 
-    def check_labelled(
+    def check_labeled(
         self, per_class: dict[str, list[Path]], root: Path, part: str
     ) -> dict[str, list[FileCheck]]:
-        """Usable files of one labelled part by class (one progress bar per part)."""
+        """Usable files of one labeled part by class (one progress bar per part)."""
         owner = {str(path): name for name, paths in per_class.items() for path in paths}
         kept: dict[str, list[FileCheck]] = {name: [] for name in per_class}
         for check in self.checked((p for ps in per_class.values() for p in ps), root, part):
@@ -418,7 +418,7 @@ class _Ingest:
                 return "leak_near_duplicate", f"perceptual hash {distance} bits from val/test"
         return None
 
-    def write_labelled(self, parts: dict[str, dict[str, list[FileCheck]]], view: Path) -> None:
+    def write_labeled(self, parts: dict[str, dict[str, list[FileCheck]]], view: Path) -> None:
         for part, per_class in parts.items():
             self.outcome.per_class[part] = {}
             for name, checks in per_class.items():
@@ -443,7 +443,7 @@ class _Ingest:
             detail = f"EXIF orientation {check.orientation}; upright in {target.name}"
             self.report.add(check.path, part, "warning_exif_rotated", detail)
 
-    def write_unlabelled(self, root: Path, view: Path) -> None:
+    def write_unlabeled(self, root: Path, view: Path) -> None:
         for check in self.checked(validate.walk_files(root), root, "unlabeled"):
             copy = self.eval_copy(check)
             if copy:
@@ -475,13 +475,13 @@ def ingest_folder(
     """Validate the user's folders and write the normalised view; see the module docstring.
 
     Raises PseudoLabelError for layout problems (before writing), for a class left without
-    usable images, and for an unlabelled folder with no usable image (after the report).
+    usable images, and for an unlabeled folder with no usable image (after the report).
     """
     labeled_root, unlabeled_root = Path(data.labeled_root), Path(data.unlabeled_root)
     classes, files = discover(labeled_root)
     _require_dir(
         unlabeled_root,
-        "unlabelled",
+        "unlabeled",
         "Set data.unlabeled_root to the folder of images to pseudo-label (any nesting).",
     )
     guard_overlap([labeled_root, unlabeled_root], [labeled_view, unlabeled_view])
@@ -536,15 +536,15 @@ def _ingest(
     try:
         with ThreadPoolExecutor(workers) as pool:
             run = _Ingest(data, cache, report, pool)
-            kept = {part: run.check_labelled(pc, labeled_root, part) for part, pc in files.items()}
+            kept = {part: run.check_labeled(pc, labeled_root, part) for part, pc in files.items()}
             _require_usable(kept, labeled_root)
             missing = [p for p in ("val", "test") if p not in kept]
             if missing:
                 fractions = {"val": data.val_fraction, "test": data.test_fraction}
                 kept = {**kept, **split_train(kept["train"], missing, fractions, seed)}
             run.index_eval(kept)
-            run.write_labelled({p: kept[p] for p in PARTS}, labeled_view)
-            run.write_unlabelled(unlabeled_root, unlabeled_view)
+            run.write_labeled({p: kept[p] for p in PARTS}, labeled_view)
+            run.write_unlabeled(unlabeled_root, unlabeled_view)
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
         report.close()
@@ -552,7 +552,7 @@ def _ingest(
     run.outcome.reasons = report.counts
     if run.outcome.unlabeled == 0:
         raise PseudoLabelError(
-            f"{unlabeled_root}: no usable unlabelled image (see {report_path} for why each file "
+            f"{unlabeled_root}: no usable unlabeled image (see {report_path} for why each file "
             "was left out). Add JPEG/PNG/BMP/GIF/WebP images there."
         )
     return run.outcome

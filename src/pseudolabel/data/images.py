@@ -1,4 +1,4 @@
-"""Image folders: listing, checks, and the one decode function used for training and labelling."""
+"""Image folders: listing, checks, and the one decode function used for training and labeling."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def skipped_entries(root: Path) -> list[tuple[str, str]]:
         rel, suffix = str(path.relative_to(root)), path.suffix.lower()
         if path.is_dir():
             if suffix in IMAGE_EXTENSIONS:
-                skipped.append((rel, "a folder, not an image (images inside it are labelled)"))
+                skipped.append((rel, "a folder, not an image (images inside it are labeled)"))
         elif suffix not in IMAGE_EXTENSIONS:
             kinds = ", ".join(IMAGE_EXTENSIONS)
             skipped.append((rel, f"not an image extension ({suffix or 'none'}; read: {kinds})"))
@@ -59,7 +59,7 @@ def skipped_entries(root: Path) -> list[tuple[str, str]]:
 
 
 def class_names_from(folder: Path, what: str = "training") -> list[str]:
-    """Sorted class-folder names of a labelled folder; errors name the path and the fix."""
+    """Sorted class-folder names of a labeled folder; errors name the path and the fix."""
     if not folder.is_dir():
         raise PseudoLabelError(
             f"{folder}: {what} folder not found. Create it with one sub-folder per class "
@@ -99,7 +99,7 @@ def decode_image(path: tf.Tensor, image_size: Sequence[int], channels: int) -> t
     return tf.ensure_shape(image, (*image_size, channels))
 
 
-def labelled_files(folder: Path, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def labeled_files(folder: Path, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Paths and integer labels of a class-folder tree, in the given class order."""
     present = class_names_from(folder, what=folder.name)
     unknown = sorted(set(present) - set(class_names))
@@ -122,7 +122,7 @@ def _target(y: tf.Tensor, num_classes: int) -> tf.Tensor:
     return tf.one_hot(y, num_classes) if y.shape.rank == 0 else tf.cast(y, tf.float32)
 
 
-def labelled_dataset(
+def labeled_dataset(
     paths: Sequence[str],
     labels: np.ndarray,
     num_classes: int,
@@ -178,7 +178,7 @@ def mixed_dataset(
     seed: int = 0,
 ) -> tf.data.Dataset:
     """Endless (image, one-hot) batches drawing from each group with the given probability:
-    e.g. labelled and pseudo-labelled images at a fixed ratio per batch."""
+    e.g. labeled and pseudo-labeled images at a fixed ratio per batch."""
     parts = [
         tf.data.Dataset.from_tensor_slices((list(paths), labels))
         .shuffle(len(paths), seed=seed + i, reshuffle_each_iteration=True)

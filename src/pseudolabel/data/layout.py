@@ -1,7 +1,7 @@
 """Build the seed's folder layout from an array source.
 
 data/image_dataset/{train,val,test}/<class>/*.png and data/unlabeled/*.png. File names carry the
-index in the source split, never the label, so the unlabelled folder leaks nothing.
+index in the source split, never the label, so the unlabeled folder leaks nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def split_indices(
     unlabeled: int | None,
     seed: int,
 ) -> Split:
-    """Seeded, class-balanced split; labelled, test and unlabelled indices never overlap."""
+    """Seeded, class-balanced split; labeled, test and unlabeled indices never overlap."""
     rng = np.random.default_rng(seed)
     has_test = source.test_images is not None
     take_test = 0 if has_test else (test_per_class or 0)
@@ -51,7 +51,7 @@ def split_indices(
         if len(idx) < need + 1:
             raise PseudoLabelError(
                 f"class {source.class_names[label]!r} has {len(idx)} images, fewer than the "
-                f"{need} labelled ones asked for plus unlabelled ones; lower data.train_per_class "
+                f"{need} labeled ones asked for plus unlabeled ones; lower data.train_per_class "
                 "/ val_per_class / test_per_class."
             )
         train.append(idx[:train_per_class])
@@ -59,11 +59,11 @@ def split_indices(
         test.append(idx[train_per_class + val_per_class : need])
         rest.append(idx[need:])
     pool = np.concatenate(rest)
-    if unlabeled is None:  # every image the labelled splits left
+    if unlabeled is None:  # every image the labeled splits left
         unlabeled = len(pool)
     if unlabeled > len(pool):
         raise PseudoLabelError(
-            f"data.unlabeled={unlabeled} but only {len(pool)} images are left after the labelled "
+            f"data.unlabeled={unlabeled} but only {len(pool)} images are left after the labeled "
             "splits; lower data.unlabeled."
         )
     unlabeled_idx = np.sort(rng.choice(pool, size=unlabeled, replace=False))

@@ -1,4 +1,4 @@
-"""Built-in labelled sources as arrays: Fashion-MNIST (Debian's IDX files) and sklearn digits."""
+"""Built-in labeled sources as arrays: Fashion-MNIST (Debian's IDX files) and sklearn digits."""
 
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ REASONS = {
     "bad_name": "file name is not valid UTF-8 (rename it: it could not be written to a CSV)",
     "too_many_pixels": "more pixels than data.max_pixels (a possible decompression bomb)",
     "unreadable": "cannot be read (permissions, broken or looping link)",
-    "leak_duplicate": "unlabelled copy of a val/test image (excluded: it would leak the test set)",
-    "leak_near_duplicate": "unlabelled near-copy of a val/test image (excluded: leak)",
-    "duplicate": "duplicate inside the unlabelled folder (the first copy is kept)",
+    "leak_duplicate": "unlabeled copy of a val/test image (excluded: it would leak the test set)",
+    "leak_near_duplicate": "unlabeled near-copy of a val/test image (excluded: leak)",
+    "duplicate": "duplicate inside the unlabeled folder (the first copy is kept)",
     "warning_train_duplicate": "warning: train image identical to a val/test image (kept)",
     "warning_exif_rotated": "warning: EXIF orientation applied, the view holds the upright "
     "image as a PNG (kept; the original is untouched)",
@@ -70,7 +70,7 @@ class FileCheck:
     dhash: int | None = None  # perceptual hash, signed 64-bit; only with near_duplicates
     fmt: str = ""
     # TensorFlow decodes it only as RGB (GIF/BMP/WebP/CMYK JPEG with channels=1): the view then
-    # holds a PNG converted by TensorFlow, so training and labelling decode the same pixels.
+    # holds a PNG converted by TensorFlow, so training and labeling decode the same pixels.
     convert: bool = False
     # The EXIF Orientation tag (1: upright, 2-8: flipped/rotated, as phones save photos).
     # TensorFlow's decoders ignore it, so an oriented file is converted (see `upright`).

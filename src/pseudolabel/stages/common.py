@@ -68,7 +68,7 @@ def teacher_trust(cfg) -> dict[str, Any]:
     return {"allow_unsafe": bool(cfg.teacher.allow_unsafe), "trusted_saved_model": folder}
 
 
-def labelled_classes(paths: Paths) -> list[str]:
+def labeled_classes(paths: Paths) -> list[str]:
     """Class names from the train folder; val must hold the same classes."""
     class_names = class_names_from(paths.train, "training")
     val_classes = class_names_from(paths.val, "validation")

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
-    """Teacher, labelled-only baseline and student on the test folder: accuracy, the gain over
-    the teacher and over the best labelled-only model, confusion matrices. With
+    """Teacher, labeled-only baseline and student on the test folder: accuracy, the gain over
+    the teacher and over the best labeled-only model, confusion matrices. With
     pseudo_label.rounds > 1 the student is the last round's, and every round is scored."""
     n = cfg.pseudo_label.rounds
     models = _models(paths, n)
@@ -39,7 +39,7 @@ def evaluate(cfg, paths: Paths = Paths()) -> dict[str, Any]:
                 result.confusion, names, f"{role}: test accuracy {result.accuracy:.2%}"
             )
             mlflow.log_figure(fig, f"{role}_confusion.png")
-        # unlabelled_helped as 0/1; test_images is no score
+        # unlabeled_helped as 0/1; test_images is no score
         publish_metrics(paths.metrics / "evaluation.json", metrics, exclude=("test_images",))
     _log_test_accuracy(run_ids, results)
     if cfg.tracking.registered_model:
@@ -82,7 +82,7 @@ def _write_confusions(paths: Paths, results, names: list[str]) -> None:
 
 
 def _metrics(results, rounds: int) -> dict[str, Any]:
-    """Accuracies and gains (6 decimals); with a baseline, the gain over the best labelled-only
+    """Accuracies and gains (6 decimals); with a baseline, the gain over the best labeled-only
     model (a warning when there is none); with several rounds, each round's accuracy."""
     teacher, student = results["teacher"].accuracy, results["student"].accuracy
     metrics: dict[str, Any] = {
@@ -93,20 +93,20 @@ def _metrics(results, rounds: int) -> dict[str, Any]:
         "rounds": rounds,
     }
     if "baseline" in results:
-        # What a user asks: did the unlabelled images help, over the best model the labelled
+        # What a user asks: did the unlabeled images help, over the best model the labeled
         # images alone gave (the teacher, or the student's network trained on them alone)?
         best = max(teacher, results["baseline"].accuracy)
         gain = student - best
         metrics |= {
             "baseline_accuracy": round(results["baseline"].accuracy, 6),
-            "labelled_only_best": round(best, 6),
-            "gain_over_labelled_only": round(gain, 6),
-            "unlabelled_helped": bool(gain > 0),
+            "labeled_only_best": round(best, 6),
+            "gain_over_labeled_only": round(gain, 6),
+            "unlabeled_helped": bool(gain > 0),
         }
         if gain <= 0:
             log.warning(
-                "evaluate: the student (%.2f %%) does NOT beat the best labelled-only model "
-                "(%.2f %%): the unlabelled images did not help here. Keep the better model; see "
+                "evaluate: the student (%.2f %%) does NOT beat the best labeled-only model "
+                "(%.2f %%): the unlabeled images did not help here. Keep the better model; see "
                 "the docs' 'Does the student win?' for levers.",
                 100 * student,
                 100 * best,

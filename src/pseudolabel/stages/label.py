@@ -1,4 +1,4 @@
-"""pseudo_label: the teacher's calibrated predictions for every unlabelled image (no threshold).
+"""pseudo_label: the teacher's calibrated predictions for every unlabeled image (no threshold).
 
 Everything here is threshold-free, so changing the threshold or the selection never re-runs it:
 the CSV, the temperature fitted on val, the reliability diagram, and the threshold-analysis
@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from pseudolabel import calibration, ood, plots, predicting, thresholds, tracking
-from pseudolabel.data.images import labelled_files, require_images
+from pseudolabel.data.images import labeled_files, require_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
@@ -34,13 +34,13 @@ def analysis_csv(paths: Paths) -> Path:
 
 
 def unlabeled_dvc_hash(paths: Paths) -> str | None:
-    """The unlabelled folder's DVC hash, computed as DVC does (not read from dvc.lock, which a
+    """The unlabeled folder's DVC hash, computed as DVC does (not read from dvc.lock, which a
     stage run by hand could have left stale); None with a log line if it cannot be computed.
-    Cheaper than the labelling itself, which decodes every one of those files."""
+    Cheaper than the labeling itself, which decodes every one of those files."""
     try:
         return tracking.dvc_hash(paths.unlabeled)
-    except Exception as exc:  # an optional tag: never fail the labelling for it
-        log.info("unlabelled data's DVC hash not tagged (%s: %s)", type(exc).__name__, exc)
+    except Exception as exc:  # an optional tag: never fail the labeling for it
+        log.info("unlabeled data's DVC hash not tagged (%s: %s)", type(exc).__name__, exc)
         return None
 
 
@@ -49,15 +49,15 @@ def _class_indices(labels: pd.Series, class_names: list[str]) -> np.ndarray:
     return labels.map(index).to_numpy(dtype=np.int64)
 
 
-def _labelled_prior(paths: Paths, meta: model_io.ModelMeta) -> np.ndarray:
-    """The class distribution of the labelled training images (what distribution alignment
-    aims the pseudo-labels at); uniform, with a log line, where a class has no labelled image
+def _labeled_prior(paths: Paths, meta: model_io.ModelMeta) -> np.ndarray:
+    """The class distribution of the labeled training images (what distribution alignment
+    aims the pseudo-labels at); uniform, with a log line, where a class has no labeled image
     (an imported teacher's class may be absent from the folder)."""
-    _, labels = labelled_files(paths.train, meta.class_names)
+    _, labels = labeled_files(paths.train, meta.class_names)
     counts = np.bincount(labels, minlength=meta.num_classes).astype(np.float64)
     if (counts == 0).any():
         missing = [n for n, c in zip(meta.class_names, counts, strict=True) if not c]
-        log.info("distribution alignment: no labelled %s image; aiming at uniform", missing)
+        log.info("distribution alignment: no labeled %s image; aiming at uniform", missing)
         return np.full(meta.num_classes, 1.0 / meta.num_classes)
     return counts / counts.sum()
 
@@ -80,9 +80,9 @@ def _aligned(
 
 
 def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
-    """Teacher predictions for every unlabelled image -> outputs/data.csv (no threshold)."""
+    """Teacher predictions for every unlabeled image -> outputs/data.csv (no threshold)."""
     pl = cfg.pseudo_label
-    files = require_images(paths.unlabeled, "unlabelled")
+    files = require_images(paths.unlabeled, "unlabeled")
     model, meta = model_io.load(paths.model("teacher"), **teacher_trust(cfg))
     scorer = None
     if pl.ood.enabled:
@@ -90,14 +90,14 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         if pl.ood.contrast:
             sample = ood.pool_sample(files, pl.ood.contrast_sample, cfg.seed)
         scorer = ood.fit_folders(model, meta, paths.train, paths.val, pl.batch_size, sample)
-    labeller = ood.scored_model(model, scorer) if scorer else model
+    labeler = ood.scored_model(model, scorer) if scorer else model
     if pl.tta:
-        model, labeller = predicting.with_flip_tta(model), predicting.with_flip_tta(labeller)
+        model, labeler = predicting.with_flip_tta(model), predicting.with_flip_tta(labeler)
     # The same calibration PseudoLabelGenerator applies (predicting.val_calibration).
     val_raw, val_true, fitted = predicting.val_calibration(
         model, meta, paths.val, pl.batch_size, pl.calibrate
     )
-    val_scores = ood.val_scores(labeller, meta, paths.val, pl.batch_size) if scorer else None
+    val_scores = ood.val_scores(labeler, meta, paths.val, pl.batch_size) if scorer else None
     keys = ("batch_size", "chunk_size", "calibrate", "tta", "distribution_alignment", "engine")
     params = {f"pseudo_label.{key}": pl[key] for key in keys}
     keys = ("enabled", "false_rejection", "contrast", "contrast_sample")
@@ -105,12 +105,12 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     with tracking.start_run(
         cfg, "pseudo_label", params, {"teacher_run_id": meta.run_id, "round": paths.round_number}
     ):
-        predictions, failed = _predict(cfg, paths, labeller, meta, fitted.temperature, scorer)
+        predictions, failed = _predict(cfg, paths, labeler, meta, fitted.temperature, scorer)
         weights = None
         if pl.distribution_alignment:
             weights = calibration.alignment_weights(
                 predicting.probabilities(predictions, meta.class_names),
-                _labelled_prior(paths, meta),
+                _labeled_prior(paths, meta),
             )
             predictions = _aligned(predictions, weights, meta.class_names)
         cut = None
@@ -130,23 +130,23 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         else:  # dvc.yaml declares the plot either way
             predicting.write_csv(ood.histogram(np.zeros(0), np.zeros(0), 0.0), paths.ood_histogram)
         _log_run(paths, metrics)
-    log.info("pseudo_label: %d images labelled, %d failed", len(predictions), len(failed))
+    log.info("pseudo_label: %d images labeled, %d failed", len(predictions), len(failed))
     return metrics
 
 
 def _check_some_belong(predictions: pd.DataFrame, paths: Paths, cut: float, share: float) -> None:
-    """An unlabelled folder none of whose images is like the labelled classes is the wrong
+    """An unlabeled folder none of whose images is like the labeled classes is the wrong
     folder (or all junk): one line, before the CSV is written and any student trains."""
     flagged = predictions[ood.FLAG_COLUMN].to_numpy(bool)
     if len(flagged) and flagged.all():
         raise PseudoLabelError(
-            f"{paths.unlabeled}: all {len(flagged):,} unlabelled images are out of distribution "
-            f"(ood_score above {cut:.3g}, the cut that flags {share:.0%} of the labelled val "
+            f"{paths.unlabeled}: all {len(flagged):,} unlabeled images are out of distribution "
+            f"(ood_score above {cut:.3g}, the cut that flags {share:.0%} of the labeled val "
             "images): is it the right folder? (pseudo_label.ood.enabled=false skips the check)"
         )
     if flagged.mean() > 0.5:
         log.warning(
-            "%.0f%% of the unlabelled images are out of distribution (ood_score > %.3g); see "
+            "%.0f%% of the unlabeled images are out of distribution (ood_score > %.3g); see "
             "outputs/plots/ood.png and ood_most_out_of_place.png",
             100 * flagged.mean(),
             cut,
@@ -234,7 +234,7 @@ def _analysis_and_plots(
     val_probs: np.ndarray,
     val_true: np.ndarray,
 ) -> None:
-    """The threshold-analysis table (coverage on the unlabelled set, precision estimated on
+    """The threshold-analysis table (coverage on the unlabeled set, precision estimated on
     val) and the confidence and reliability charts."""
     table = thresholds.analysis_table(
         predictions["confidence"].to_numpy(),

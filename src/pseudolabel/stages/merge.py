@@ -1,4 +1,4 @@
-"""merge: copies of the labelled images plus the selected pseudo-labelled ones.
+"""merge: copies of the labeled images plus the selected pseudo-labeled ones.
 
 Everything that depends on the threshold or the selection lives here, so changing them re-runs
 only this stage: the selection, the threshold-analysis figure with the configured and the
@@ -53,11 +53,11 @@ def qa_grids(
 
 
 def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
-    """data/train_ssl/<class>/: copies of the labelled images plus the selected pseudo-labels."""
+    """data/train_ssl/<class>/: copies of the labeled images plus the selected pseudo-labels."""
     pl = cfg.pseudo_label
     class_names, predictions, link_roots = _inputs(cfg, paths)  # checked before writing
     flagged = None
-    if pl.ood.exclude:  # images unlike the labelled classes are no candidates at all
+    if pl.ood.exclude:  # images unlike the labeled classes are no candidates at all
         predictions, flagged = ood.without_flagged(predictions, paths.csv)
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
@@ -182,19 +182,19 @@ def _charts(
 
 
 def _lineage_tags(cfg, paths: Paths) -> dict[str, Any]:
-    """The CSV's md5 and, when the store holds it, the labelling run that wrote the CSV (the
+    """The CSV's md5 and, when the store holds it, the labeling run that wrote the CSV (the
     merge run is shown nested under it in the MLflow UI)."""
     csv_md5 = tracking.md5(paths.csv)
     tracking.configure(cfg)
-    labelling = tracking.find_labelling_run(csv_md5, mlflow.MlflowClient())
+    labeling = tracking.find_labeling_run(csv_md5, mlflow.MlflowClient())
     tags = {tracking.CSV_TAG: csv_md5, "round": paths.round_number}
-    if labelling:
-        parent = labelling.info.run_id
+    if labeling:
+        parent = labeling.info.run_id
         tags |= {"mlflow.parentRunId": parent, "pseudo_label_run_id": parent}
     else:
         log.warning(
             "MLflow store %s has no pseudo_label run that wrote %s (md5 %s): the store was "
-            "deleted or replaced since labelling, or the CSV was edited; this merge's lineage "
+            "deleted or replaced since labeling, or the CSV was edited; this merge's lineage "
             "stops at the CSV",
             mlflow.get_tracking_uri(),
             paths.csv,

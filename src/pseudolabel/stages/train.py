@@ -27,8 +27,8 @@ from pseudolabel import (
 )
 from pseudolabel.config import no_augmentation, to_dict, validate
 from pseudolabel.data.images import (
-    labelled_dataset,
-    labelled_files,
+    labeled_dataset,
+    labeled_files,
     list_images,
     mixed_dataset,
     with_mixup,
@@ -38,7 +38,7 @@ from pseudolabel.models import io as model_io
 from pseudolabel.models.builders import augmentation_layers, build_model
 from pseudolabel.paths import Paths
 from pseudolabel.stages.common import (
-    labelled_classes,
+    labeled_classes,
     publish_metrics,
     teacher_trust,
     write_json,
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Job:
-    """What the steps of one training share: its config and name, and the labelled images."""
+    """What the steps of one training share: its config and name, and the labeled images."""
 
     cfg: Any
     role: str  # teacher | student: the config section (cfg[role]) and the network's name
@@ -76,16 +76,16 @@ class _Job:
 
 def _training_data(role_cfg, train_dir, files, labels, class_names, size, channels, seed):
     """Shuffled batches of the training folder; for a student with `labeled_fraction`, an
-    endless stream with that share of labelled images in each batch (see the merge manifest).
-    With `student.soft_labels`, pseudo-labelled images are trained on the teacher's probability
-    vectors from the manifest, labelled ones on one-hot targets."""
+    endless stream with that share of labeled images in each batch (see the merge manifest).
+    With `student.soft_labels`, pseudo-labeled images are trained on the teacher's probability
+    vectors from the manifest, labeled ones on one-hot targets."""
     train_cfg = role_cfg.train
     fraction = train_cfg.labeled_fraction
     n = len(class_names)
     soft = bool(role_cfg.get("soft_labels", False))  # the teacher's config has no such key
     has_manifest = train_dir.joinpath(merged_set.MANIFEST).exists()
-    if not has_manifest or (not soft and fraction is None):  # a plain labelled folder
-        return labelled_dataset(
+    if not has_manifest or (not soft and fraction is None):  # a plain labeled folder
+        return labeled_dataset(
             files, labels, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
         )
     manifest = merged_set.read_manifest(train_dir)
@@ -104,11 +104,11 @@ def _training_data(role_cfg, train_dir, files, labels, class_names, size, channe
     if fraction is None:  # the whole merged set, sampled uniformly
         paths = groups[0][0] + groups[1][0]
         targets = np.concatenate([groups[0][1], groups[1][1]])
-        return labelled_dataset(
+        return labeled_dataset(
             paths, targets, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
         )
-    if not len(groups[1][0]):  # no pseudo-label passed the threshold: labelled images only
-        return labelled_dataset(
+    if not len(groups[1][0]):  # no pseudo-label passed the threshold: labeled images only
+        return labeled_dataset(
             *groups[0], n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
         )
     return mixed_dataset(
@@ -116,8 +116,8 @@ def _training_data(role_cfg, train_dir, files, labels, class_names, size, channe
     )
 
 
-def _unlabelled_targets(paths: Paths, class_names, truth, exclude_ood: bool = False):
-    """Every unlabelled image of the CSV with the teacher's probabilities, whether merge
+def _unlabeled_targets(paths: Paths, class_names, truth, exclude_ood: bool = False):
+    """Every unlabeled image of the CSV with the teacher's probabilities, whether merge
     accepted it (the teacher term's weight) and its true class where `truth` knows it (-1).
     `exclude_ood` (pseudo_label.ood.exclude): the images the OOD score flagged are left out of
     the stream, so neither the online nor the teacher term learns from them."""
@@ -139,7 +139,7 @@ def _unlabelled_targets(paths: Paths, class_names, truth, exclude_ood: bool = Fa
 
 def consistency_steps(cfg, n_unlabeled: int) -> int:
     """Optimiser steps per epoch of the consistency student: train.steps_per_epoch, else one
-    pass over the unlabelled images (ratio * batch_size of them per step)."""
+    pass over the unlabeled images (ratio * batch_size of them per step)."""
     train = cfg.student.train
     per_step = cfg.student.consistency.ratio * train.batch_size
     return train.steps_per_epoch or max(1, predicting.batches(n_unlabeled, per_step))
@@ -176,13 +176,13 @@ class _EpochLogger(mlflow.keras.MlflowCallback):
 
 
 def _labeled_finetune(model, job: _Job, history):
-    """A last few epochs on the labelled images alone at a lower learning rate; kept only if
+    """A last few epochs on the labeled images alone at a lower learning rate; kept only if
     they beat the best val accuracy of the training before (always, when the training keeps
     its last epoch's weights rather than the best val epoch's)."""
     role_cfg, n = job.role_cfg, len(job.class_names)
-    files, labels = labelled_files(job.paths.train, job.class_names)
+    files, labels = labeled_files(job.paths.train, job.class_names)
     size, channels = list(model.input_shape[1:3]), model.input_shape[3]
-    train_ds = labelled_dataset(
+    train_ds = labeled_dataset(
         files, labels, n, size, channels, role_cfg.train.batch_size, True, job.cfg.seed
     )
     before = (max(history.history["val_accuracy"]), model.get_weights())
@@ -196,7 +196,7 @@ def _labeled_finetune(model, job: _Job, history):
             "learning_rate": role_cfg.train.learning_rate * role_cfg.labeled_finetune_lr_factor,
         },
     )
-    log.info("student: fine-tuning on %d labelled images for %d epochs", len(files), epochs)
+    log.info("student: fine-tuning on %d labeled images for %d epochs", len(files), epochs)
     tuned = fitting.fit(
         model,
         train_ds,
@@ -207,9 +207,7 @@ def _labeled_finetune(model, job: _Job, history):
         initial_epoch=len(history.epoch),
     )
     if role_cfg.train.restore_best_weights and max(tuned.history["val_accuracy"]) < before[0]:
-        log.info(
-            "labelled fine-tuning did not beat val %.4f: keeping the weights before", before[0]
-        )
+        log.info("labeled fine-tuning did not beat val %.4f: keeping the weights before", before[0])
         model.set_weights(before[1])
     return fitting.merge_histories([history, tuned])
 
@@ -236,7 +234,7 @@ def _train(
     paths: Paths,
     tags: dict[str, Any],
     name: str | None = None,
-    unlabelled: bool = True,
+    unlabeled: bool = True,
     truth=None,
     callbacks: tuple = (),
 ) -> dict[str, Any]:
@@ -244,13 +242,13 @@ def _train(
 
     `name` (default: the role) names the model, its metrics and its MLflow run: the baseline is
     the student's config saved as "baseline". With student.consistency.enabled the student
-    trains in a ConsistencyModel, on the unlabelled images too unless `unlabelled` is false
-    (the labelled-only baseline with the same network, views, steps and EMA). `truth` (path
+    trains in a ConsistencyModel, on the unlabeled images too unless `unlabeled` is false
+    (the labeled-only baseline with the same network, views, steps and EMA). `truth` (path
     under data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels'
     precision to the logged metrics."""
     job = _job(cfg, role, name or role, train_dir, paths)
     if job.online:
-        job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabelled, truth)
+        job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth)
     else:
         train_ds, model, steps = _supervised_setup(job, train_dir)
     classifier = model.classifier if job.online else model  # what is saved
@@ -274,14 +272,14 @@ def _train(
 
 
 def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
-    """The labelled train and val images (val as batches), with the run seeded."""
-    class_names = labelled_classes(paths)
-    train_files, train_labels = labelled_files(train_dir, class_names)
-    val_files, val_labels = labelled_files(paths.val, class_names)
+    """The labeled train and val images (val as batches), with the run seeded."""
+    class_names = labeled_classes(paths)
+    train_files, train_labels = labeled_files(train_dir, class_names)
+    val_files, val_labels = labeled_files(paths.val, class_names)
     size, channels = list(cfg.data.image_size), cfg.data.channels
     fitting.seed_everything(cfg.seed, cfg[role].train.deterministic)
     n = len(class_names)  # val is read after every epoch: decoded once, kept when it fits
-    val_ds = labelled_dataset(val_files, val_labels, n, size, channels, 256, cache=True)
+    val_ds = labeled_dataset(val_files, val_labels, n, size, channels, 256, cache=True)
     return _Job(
         cfg,
         role,
@@ -297,12 +295,12 @@ def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
     )
 
 
-def _consistency_setup(job: _Job, train_dir: Path, unlabelled: bool, truth):
-    """The consistency student's streams (labelled and, if `unlabelled`, every unlabelled image
+def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth):
+    """The consistency student's streams (labeled and, if `unlabeled`, every unlabeled image
     with the teacher's probabilities), its ConsistencyModel and its steps per epoch. From the
-    merged set it takes the labelled rows only (the job it returns says so)."""
+    merged set it takes the labeled rows only (the job it returns says so)."""
     cfg, paths, n = job.cfg, job.paths, len(job.class_names)
-    if train_dir == paths.merged:  # the labelled rows of the merged set, not its pseudo ones
+    if train_dir == paths.merged:  # the labeled rows of the merged set, not its pseudo ones
         manifest = merged_set.read_manifest(train_dir)
         rows = manifest[manifest["source"] == "labeled"]
         index = {label: i for i, label in enumerate(job.class_names)}
@@ -312,20 +310,20 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabelled: bool, truth):
             train_labels=np.array([index[label] for label in rows["label"]], np.int64),
         )
     batch = job.role_cfg.train.batch_size
-    labelled = consistency.labelled_stream(
+    labeled = consistency.labeled_stream(
         job.train_files, job.train_labels, n, job.size, job.channels, batch, cfg.seed
     )
-    unlabelled_ds, n_unlabeled = None, 0
-    if unlabelled:
-        parts = _unlabelled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood.exclude)
+    unlabeled_ds, n_unlabeled = None, 0
+    if unlabeled:
+        parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood.exclude)
         n_unlabeled = len(parts[0])
         job = replace(job, unlabeled_images=n_unlabeled)
         per_step = job.role_cfg.consistency.ratio * batch
-        unlabelled_ds = consistency.unlabelled_stream(
+        unlabeled_ds = consistency.unlabeled_stream(
             *parts, job.size, job.channels, per_step, cfg.seed
         )
     steps = consistency_steps(cfg, n_unlabeled)
-    train_ds = consistency.training_stream(labelled, unlabelled_ds)
+    train_ds = consistency.training_stream(labeled, unlabeled_ds)
     with fitting.precision(job.role_cfg.train.mixed_precision):
         model = _consistency_model(
             cfg, job.class_names, job.train_labels, job.size, job.channels, steps, n_unlabeled
@@ -437,8 +435,8 @@ def import_teacher(cfg, paths: Paths) -> dict[str, Any]:
         },
     ) as run:
         meta.run_id = run.info.run_id
-        val_files, val_labels = labelled_files(paths.val, class_names)
-        val_ds = labelled_dataset(
+        val_files, val_labels = labeled_files(paths.val, class_names)
+        val_ds = labeled_dataset(
             val_files, val_labels, len(class_names), meta.image_size, meta.channels, 256
         )
         model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
@@ -480,7 +478,7 @@ def _warn_input_mismatch(meta: model_io.ModelMeta, data, source: Path) -> None:
 
 def _teacher_classes(cfg, paths: Paths) -> list[str]:
     """The imported teacher's output classes in order: from config, else the folder names."""
-    folders = labelled_classes(paths)
+    folders = labeled_classes(paths)
     names = list(cfg.teacher.class_names or folders)
     if sorted(names) != folders:
         raise PseudoLabelError(
@@ -497,8 +495,8 @@ def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
 
 
 def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
-    """The student's network and steps (all rounds' students' together) on the labelled images
-    alone (student.baseline): what the unlabelled images must beat. Off: a metrics file saying
+    """The student's network and steps (all rounds' students' together) on the labeled images
+    alone (student.baseline): what the unlabeled images must beat. Off: a metrics file saying
     so, and no model."""
     if not cfg.student.baseline.enabled:
         paths.model("baseline").parent.mkdir(parents=True, exist_ok=True)
@@ -511,9 +509,9 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
         publish_metrics(paths.metrics / "baseline.json", metrics, logged={})  # no MLflow run
         return metrics
     student, raw = cfg.student, to_dict(cfg)
-    if student.consistency.enabled:  # the consistency student's steps, without the unlabelled
+    if student.consistency.enabled:  # the consistency student's steps, without the unlabeled
         steps = consistency_steps(cfg, len(list_images(paths.unlabeled)))
-    else:  # the offline student's schedule: one pass over labelled + all unlabelled images
+    else:  # the offline student's schedule: one pass over labeled + all unlabeled images
         n = len(list_images(paths.train)) + len(list_images(paths.unlabeled))
         steps = student.train.steps_per_epoch or predicting.batches(n, student.train.batch_size)
         raw["student"]["train"]["labeled_fraction"] = None
@@ -526,7 +524,7 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
     raw["student"]["train"]["epochs"] = student.train.epochs * rounds
     raw["student"]["train"]["patience"] = student.train.patience * rounds
     base_cfg = validate(raw, origin="train_baseline")
-    tags = {"baseline": "labelled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
+    tags = {"baseline": "labeled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
     return _train(
         base_cfg, "student", paths.train, paths, tags, "baseline", False, callbacks=callbacks
     )
@@ -534,8 +532,8 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
 
 def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict[str, Any]:
     """The larger, noised student on the merged set (and, with student.consistency, every
-    unlabelled image), tagged with the pseudo-label set it used. `truth` and `callbacks` are for
-    benchmarks: the unlabelled images' true classes, extra Keras callbacks."""
+    unlabeled image), tagged with the pseudo-label set it used. `truth` and `callbacks` are for
+    benchmarks: the unlabeled images' true classes, extra Keras callbacks."""
     merged_set.check_complete(paths.merged)  # a merge's complete output, nothing more or less
     teacher_meta = model_io.read_meta(paths.model("teacher"))
     merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
