@@ -121,3 +121,34 @@ def test_benchmark_run_folders_stay_within_the_file_systems_name_limit(monkeypat
     long = "consistency_x1" + "".join(f"_student.train.key{i}=value" for i in range(20))
     assert len(run_folder_name(long).encode()) <= 255
     assert run_folder_name(long) != run_folder_name(long.replace("value", "other"))
+
+
+def _yaml_scalar(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def test_the_readmes_knob_table_states_the_composed_defaults():
+    """Each README knob row that names keys and their defaults (`key`, `key2` | `v`, `v2`; a
+    later key without a dot is the first one's sibling) says what `compose()` gives: the table
+    drifted before (pseudo_label.rounds said 1 where conf/ said 2)."""
+    cfg = config.compose([])
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| knob | default"))
+    checked = 0
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        keys = re.findall(r"`([^`]+)`", cells[0])
+        values = re.findall(r"`([^`]+)`", cells[1])
+        if not keys or len(keys) != len(values) or any(set(k) & set("*=@+…") for k in keys):
+            continue  # a group, a preset or a pattern: not one key's default
+        parent = keys[0].rpartition(".")[0]
+        for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+            full = key if i == 0 or "." in key else f"{parent}.{key}"
+            actual = OmegaConf.select(cfg, full, throw_on_missing=True)
+            assert _yaml_scalar(actual) == value, f"README says {full} = {value}, conf/: {actual}"
+            checked += 1
+    assert checked >= 8, checked
