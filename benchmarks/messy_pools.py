@@ -34,9 +34,9 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
   flags; the student's online pseudo-label precision (in-distribution images) in its last
   epoch; the seconds of every part.
 
-Settings: `default` (the project's defaults, no extra overrides) and `ood`
+Settings: `default` (the project's defaults, no extra overrides), `ood`
 (pseudo_label.ood.exclude=true: merge and the consistency term leave out the images the
-pipeline flags). A setting whose overrides `compose` rejects fails with one line; the others
+pipeline flags) and `ood_fr20` (the same with the cut at 20 % false rejection). A setting whose overrides `compose` rejects fails with one line; the others
 still run (exit status 1).
 
     python benchmarks/messy_pools.py --scenarios mismatch-0.5 --seeds 0 --settings default
@@ -89,6 +89,8 @@ TRUTH = "data/unlabeled_truth.json"
 ARMS = {
     "default": [],
     "ood": ["pseudo_label.ood.exclude=true"],
+    # a stricter cut: flags 20 % of the labeled val images, and more of what does not belong
+    "ood_fr20": ["pseudo_label.ood.exclude=true", "pseudo_label.ood.false_rejection=0.2"],
 }
 
 
