@@ -36,8 +36,8 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
 
 Settings: `default` (the project's defaults, no extra overrides), `ood`
 (pseudo_label.ood.exclude=true: merge and the consistency term leave out the images the
-pipeline flags) and `ood_fr20` (the same with the cut at 20 % false rejection). A setting whose overrides `compose` rejects fails with one line; the others
-still run (exit status 1).
+pipeline flags) and `ood_fr20` (the same with the cut at 20 % false rejection). A setting
+whose overrides `compose` rejects fails with one line; the others still run (exit status 1).
 
     python benchmarks/messy_pools.py --scenarios mismatch-0.5 --seeds 0 --settings default
     python benchmarks/messy_pools.py --scenarios mismatch-0.5 junk longtail-10 --seeds 0 1 2 \\
