@@ -56,6 +56,16 @@ def by_kind(kinds: np.ndarray, scores: np.ndarray, flags: np.ndarray) -> dict:
     return out
 
 
+def in_by_class(kinds: np.ndarray, names: np.ndarray, flags: np.ndarray) -> dict:
+    """{class: (images, share flagged)} of the in-distribution images, largest class first."""
+    inside = kinds == scenarios.IN
+    counts = {c: int((names[inside] == c).sum()) for c in set(names[inside])}
+    return {
+        c: {"n": n, "flagged": round(float(flags[inside][names[inside] == c].mean()), 4)}
+        for c, n in sorted(counts.items(), key=lambda item: -item[1])
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, overrides = split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -85,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         "cut": metrics["ood"]["cut"],
         "flagged_fraction": metrics["ood"]["flagged_fraction"],
         "by_kind": by_kind(kinds, frame["ood_score"].to_numpy(), frame["ood"].to_numpy(bool)),
+        # the in-distribution images flagged per true class (a skewed pool's head class first)
+        "in_flagged_by_class": in_by_class(
+            kinds, np.array(truth(frame["path"]), dtype=object), frame["ood"].to_numpy(bool)
+        ),
         "labeling_seconds": seconds,
         "cpu": cpu_model(),
-        "code": code_version(("benchmarks/ood_in_pool.py",)),
+        "code": code_version(("benchmarks/ood_in_pool.py", "src/pseudolabel/ood.py")),
     }
     payload = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     key = ("scenario", "seed", "overrides")
