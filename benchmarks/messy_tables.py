@@ -32,8 +32,14 @@ SHOWN = {
     "energy": "energy",
     "knn5": "kNN (k=5), penultimate features",
     "mahalanobis": "Mahalanobis, penultimate features",
-    "mahalanobis_all_blocks": "**Mahalanobis, all blocks (the pipeline's)**",
+    "pipeline_distances": "Mahalanobis, all blocks (`pseudo_label.ood.contrast=false`)",
     "mahalanobis_all_blocks+knn5/pool_knn5": "+ kNN ratio to the pool (transductive)",
+    "pipeline": "**+ contrast per block (the pipeline's default)**",
+}
+SETTINGS = {
+    "default": "default (nothing left out)",
+    "ood": "pseudo_label.ood.exclude=true",
+    "ood_fr20": "exclude, cut at 20 % false rejection",
 }
 COLUMNS = {
     "unseen_classes": "unseen classes 6-9",
@@ -80,7 +86,7 @@ def pool_table(rows: list[dict]) -> str:
         "AUROC | minutes |"
     )
     lines = [head, "|---" * 13 + "|"]
-    order = {name: i for i, name in enumerate(("default", "ood"))}
+    order = {name: i for i, name in enumerate(SETTINGS)}
     for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"], order.get(r["setting"], 9))):
         labeling = r.get("labeling", {})
         merged = labeling.get("merged_share", {})
@@ -113,6 +119,29 @@ def pool_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """Per scenario and setting: the gain's mean ± std over seeds, its lowest seed, the seeds."""
+    lines = [
+        "| scenario | setting | seeds | gain, mean ± std (points) | lowest seed |",
+        "|---|---|---|---|---|",
+    ]
+    order = {name: i for i, name in enumerate(SETTINGS)}
+    groups = sorted(
+        {(r["scenario"], r["setting"]) for r in rows}, key=lambda g: (g[0], order.get(g[1], 9))
+    )
+    for scenario, setting in groups:
+        mine = sorted(
+            (r for r in rows if (r["scenario"], r["setting"]) == (scenario, setting)),
+            key=lambda r: r["seed"],
+        )
+        gains = [r["gain"] for r in mine]
+        seeds = ", ".join(str(r["seed"]) for r in mine)
+        lines.append(
+            f"| {scenario} | {setting} | {seeds} | {_cell(gains, 1, 2)} | {min(gains):+.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def in_pool_table(rows: list[dict]) -> str:
     """The pipeline's own score and cut on the benchmark's pools (benchmarks/ood_in_pool.py)."""
     lines = [
@@ -126,6 +155,14 @@ def in_pool_table(rows: list[dict]) -> str:
                 f"| {r['scenario']} | {r['seed']} | {kind} | {v['n']:,} | {auroc} | "
                 f"{v['flagged']:.3f} |"
             )
+        if r["scenario"].startswith("longtail"):  # the skewed pool: is its head class flagged?
+            for name, v in r.get("in_flagged_by_class", {}).items():
+                lines.append(
+                    f"| {r['scenario']} | {r['seed']} | in: {name} | {v['n']:,} | – | "
+                    f"{v['flagged']:.3f} |"
+                )
+    codes = sorted({r.get("code") or "?" for r in rows})
+    lines += ["", f"Code: {', '.join(codes)}."]
     return "\n".join(lines)
 
 
@@ -135,7 +172,10 @@ def render(scores: dict, pools: dict, in_pool: dict | None = None) -> str:
         parts += ["", "### The pipeline's score on the pools", "", in_pool_table(in_pool["rows"])]
     parts += ["", "### The student on messy pools", ""]
     rows = pools.get("rows", [])
-    parts.append(pool_table(rows) if rows else "No rows yet.")
+    if rows:
+        parts += [summary_table(rows), "", pool_table(rows)]
+    else:
+        parts.append("No rows yet.")
     if any(r["scenario"].startswith("mismatch-") for r in rows):
         parts += ["", f"![Gain vs class mismatch](figures/{FIGURE.name})"]
     return "\n".join(parts)
@@ -149,7 +189,7 @@ def gain_figure(rows: list[dict], path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels = {"default": "default (nothing left out)", "ood": "pseudo_label.ood.exclude=true"}
+    labels = SETTINGS
     for setting in sorted({r["setting"] for r in mismatch}):
         mine = [r for r in mismatch if r["setting"] == setting]
         xs = sorted({r["scenario_params"]["fraction"] for r in mine})

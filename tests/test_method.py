@@ -101,3 +101,52 @@ def test_teacher_weight_decays_to_zero_by_the_last_step():
     decayed = [float(method.teacher_weight(s, 100.0, 2.0, True)) for s in steps]
     assert decayed == pytest.approx([2.0, 1.0, 0.0, 0.0])
     assert [float(method.teacher_weight(s, 100.0, 2.0, False)) for s in steps] == [2.0] * 4
+
+
+def test_one_train_step_updates_the_shells_state_as_the_functions_say():
+    """ConsistencyModel's train_step on hand-made batches (no views, plain SGD at learning rate
+    0): the running class distribution, the FlexMatch memory and the pseudo-label precision
+    follow the formulas, computed here in numpy from the classifier's own predictions."""
+    from types import SimpleNamespace
+
+    import keras
+
+    from pseudolabel import consistency
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2, 2, 1))
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs)))
+    classifier = keras.Model(inputs, keras.layers.Softmax()(logits))
+    settings = SimpleNamespace(
+        threshold=0.5, flexible=True, weight=1.0, teacher_weight=1.0, teacher_decay=False,
+        distribution_alignment=True, alignment_momentum=0.9, rampup=0.0,
+    )  # fmt: skip
+    prior = np.array([1.0, 1.0, 2.0])
+    model = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, total_steps=1)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
+    rng = np.random.default_rng(0)
+    x_l = rng.integers(0, 256, (4, 2, 2, 1)).astype(np.uint8)
+    y_l = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
+    x_u = rng.integers(0, 256, (8, 2, 2, 1)).astype(np.uint8)
+    teacher = np.full((8, 3), 1 / 3, np.float32)
+    truth = np.array([0, 1, 2, 0, 1, 2, -1, -1], np.int32)
+    index = np.arange(8, dtype=np.int32)
+    batch = ((x_l, y_l), (x_u, teacher, np.ones(8, np.float32), truth, index))
+    data = tf.data.Dataset.from_tensors(batch)
+    p_weak = np.asarray(classifier(x_u.astype(np.float32), training=False), np.float64)
+    history = model.fit(data, epochs=1, verbose=0).history
+
+    prior = prior / prior.sum()
+    p_model = 0.9 * prior + 0.1 * p_weak.mean(0)  # the running mean, started at the prior
+    np.testing.assert_allclose(np.asarray(model.p_model.value), p_model, rtol=1e-5)
+    aligned = p_weak * prior / p_model
+    aligned /= aligned.sum(1, keepdims=True)
+    confident = aligned.max(1) > 0.5
+    expected = np.where(confident, aligned.argmax(1), -1)
+    np.testing.assert_array_equal(np.asarray(model.selected.value), expected)
+    # FlexMatch's thresholds before the step: nothing selected yet, so all 0 (the warm-up):
+    # every image is masked in, and the precision counts the images whose truth is known.
+    pseudo = aligned.argmax(1)
+    known = truth >= 0
+    assert history["mask_rate"][0] == pytest.approx(1.0)
+    assert history["pseudo_precision"][0] == pytest.approx((pseudo == truth)[known].mean())
