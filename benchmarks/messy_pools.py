@@ -36,7 +36,8 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
 
 Settings: `default` (the project's defaults, no extra overrides), `ood`
 (pseudo_label.ood.exclude=true: merge and the consistency term leave out the images the
-pipeline flags) and `ood_fr20` (the same with the cut at 20 % false rejection). A setting
+pipeline flags), `ood_fr20` (the same with the cut at 20 % false rejection) and `no_align`
+(the consistency student without distribution alignment, for the long-tailed pools). A setting
 whose overrides `compose` rejects fails with one line; the others still run (exit status 1).
 
     python benchmarks/messy_pools.py --scenarios mismatch-0.5 --seeds 0 --settings default
@@ -91,6 +92,8 @@ ARMS = {
     "ood": ["pseudo_label.ood.exclude=true"],
     # a stricter cut: flags 20 % of the labeled val images, and more of what does not belong
     "ood_fr20": ["pseudo_label.ood.exclude=true", "pseudo_label.ood.false_rejection=0.2"],
+    # item 4 on a skewed pool: the student's distribution alignment (to the labeled prior) off
+    "no_align": ["student.consistency.distribution_alignment=false"],
 }
 
 
