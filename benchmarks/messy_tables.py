@@ -136,9 +136,9 @@ def summary_table(rows: list[dict]) -> str:
         )
         gains = [r["gain"] for r in mine]
         seeds = ", ".join(str(r["seed"]) for r in mine)
-        lines.append(
-            f"| {scenario} | {setting} | {seeds} | {_cell(gains, 1, 2)} | {min(gains):+.2f} |"
-        )
+        cell = _cell(gains, 1, 2)
+        cell = cell if cell.startswith("-") else "+" + cell
+        lines.append(f"| {scenario} | {setting} | {seeds} | {cell} | {min(gains):+.2f} |")
     return "\n".join(lines)
 
 
