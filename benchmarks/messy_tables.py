@@ -37,7 +37,7 @@ SHOWN = {
     "pipeline": "**+ contrast per block (the pipeline's default)**",
 }
 SETTINGS = {
-    "default": "default (nothing left out)",
+    "keep": "nothing left out (exclude=false)",
     "ood": "pseudo_label.ood.exclude=true",
     "ood_fr20": "exclude, cut at 20 % false rejection",
 }

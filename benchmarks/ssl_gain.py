@@ -308,6 +308,25 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
             "seconds": seconds}  # fmt: skip
 
 
+NOT_READ_BY_BASELINE = ("pseudo_label.ood.",)  # which unlabeled images the student sees
+
+
+def baseline_peer(rows, budget, seed, setting, compute, overrides) -> dict | None:
+    """A row of the same budget, seed, setting and compute that trained its own baseline and
+    whose overrides differ from `overrides` only in keys the baseline never reads."""
+
+    def read(overrides):
+        return sorted(o for o in overrides if not o.lstrip("+~").startswith(NOT_READ_BY_BASELINE))
+
+    for row in rows:
+        same = (row["budget"], row["seed"], row["setting"], row["compute"]) == (
+            budget, seed, setting, compute,
+        )  # fmt: skip
+        if same and "baseline_from" not in row and read(row["overrides"]) == read(overrides):
+            return {**row, "setting": f"{row['setting']} {' '.join(row['overrides'])}".strip()}
+    return None
+
+
 def _same(a: dict, b: dict) -> bool:
     keys = ("budget", "seed", "setting", "compute", "overrides")
     return all(a.get(k) == b.get(k) for k in keys)
@@ -406,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=["consistency"], choices=SETTINGS)
     parser.add_argument("--compute", type=int, nargs="+", default=[1], help="x the epochs")
     parser.add_argument("--test-curves", action="store_true", help="test accuracy per epoch")
+    parser.add_argument(
+        "--reuse-baseline",
+        action="store_true",
+        help="take the baseline of a row in --out that differs only in pseudo_label.ood.* "
+        "overrides (which the labeled-only baseline never reads) instead of training it again",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/ssl_gain_work"))
     parser.add_argument("--out", type=Path, default=RESULTS / "ssl_gain.json")
     parser.add_argument(
@@ -464,9 +489,13 @@ def main(argv: list[str] | None = None) -> int:
             shared, info = shared_part(budget, seed, overrides, args.work)
             for setting in args.settings:
                 for compute in args.compute:
+                    peer = None
+                    if args.reuse_baseline:
+                        peer = baseline_peer(rows, budget, seed, setting, compute, overrides)
                     row = run_setting(
-                        shared, budget, seed, setting, compute, overrides, args.test_curves
-                    )
+                        shared, budget, seed, setting, compute, overrides, args.test_curves,
+                        baseline=peer,
+                    )  # fmt: skip
                     row["teacher"] = info["teacher"]
                     row["pseudo_label_precision"] = info["pseudo_label_precision"]
                     row["pseudo_labeled"] = info["pseudo_labeled"]
