@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,8 @@ def summary(rows: list[dict]) -> str:
         minutes = [
             (r["shared_seconds"] + r["baseline_seconds"] + r["student_seconds"]) / 60 for r in group
         ]
+        if all(r.get("default") for r in group):  # ssl_gain.mark_default: today's recipe
+            setting = f"**{setting} (default)**"
         lines.append(
             f"| {budget} | {setting} | {compute} | {overrides or '–'} | {seeds} | "
             f"{_cell([r['teacher'] for r in group])} | {_cell([r['baseline'] for r in group])} | "
@@ -178,26 +181,41 @@ def _save(fig, path: Path) -> bool:
     return True
 
 
+def _curve_rows(rows: list[dict], budget: int) -> list[dict]:
+    """The rows a budget's panel shows: today's default recipe at 1x where it has curves, else
+    the recipe of the budget's newest 1x row with curves; one row per seed."""
+    mine = [r for r in rows if r["budget"] == budget and r["compute"] == 1]
+    chosen = [r for r in mine if r.get("default")] or [
+        r for r in mine if r["overrides"] == mine[-1]["overrides"]
+    ]
+    return sorted(chosen, key=lambda r: r["seed"])
+
+
 def curves_figure(rows: list[dict], path: Path) -> bool:
-    """Test accuracy per epoch of every student and its baseline (runs with --test-curves)."""
+    """Test accuracy per epoch of the students and their baselines of one recipe per label
+    budget (runs with --test-curves; with Noisy Student rounds, the first round's)."""
     plt = _pyplot()
     rows = [r for r in rows if r.get("student_test_curve") and r.get("baseline_test_curve")]
     if not rows:
         return False
     budgets = sorted({r["budget"] for r in rows})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4.6), squeeze=False)
     for ax, budget in zip(axes[0], budgets, strict=True):
-        for i, r in enumerate(r for r in rows if r["budget"] == budget):
-            label = f"seed {r['seed']} {r['setting']} {r['compute']}x"
+        shown = _curve_rows(rows, budget)
+        for i, r in enumerate(shown):
             colour = f"C{i}"
-            ax.plot(100 * np.asarray(r["student_test_curve"]), colour, label=f"student, {label}")
+            ax.plot(100 * np.asarray(r["student_test_curve"]), colour,
+                    label=f"seed {r['seed']}: student")  # fmt: skip
             ax.plot(100 * np.asarray(r["baseline_test_curve"]), colour, ls="--", alpha=0.7,
-                    label=f"labeled-only baseline, {label}")  # fmt: skip
+                    label=f"seed {r['seed']}: labeled-only baseline")  # fmt: skip
             ax.axhline(100 * r["teacher"], color=colour, ls=":", lw=0.8)
-        ax.set(title=f"{budget} labels per class (dotted: teacher)", xlabel="epoch",
+        recipe = "default recipe" if shown[0].get("default") else _short(shown[0]["overrides"])
+        recipe = "\n".join(textwrap.wrap(recipe, 60))
+        ax.set(title=f"{budget} labels per class\n{recipe} (dotted: teacher)", xlabel="epoch",
                ylabel="test accuracy (%)")  # fmt: skip
+        ax.title.set_fontsize(8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
 

@@ -295,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/messy_pools_work"))
     parser.add_argument("--out", type=Path, default=RESULTS / "messy_pools.json")
     parser.add_argument("--strict", action="store_true", help="a failing setting stops the run")
+    parser.add_argument(
+        "--mark-defaults",
+        action="store_true",
+        help="only recompute every row's `default` flag in --out against today's conf/",
+    )
     args = parser.parse_args(argv)
     for name in args.scenarios:
         try:
@@ -308,14 +313,22 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_model()
     failed = []
 
-    def save(row: dict) -> None:  # after every row: a stopped run keeps its rows
-        rows[:] = [r for r in rows if not _same(r, row)] + [row]
+    def save(row: dict | None = None) -> None:  # after every row: a stopped run keeps its rows
+        if row is not None:
+            rows[:] = [r for r in rows if not _same(r, row)] + [row]
         ssl_gain.with_gains(rows, split_key)
+        for r in rows:
+            r["default"] = ssl_gain.recipe_is_default(
+                [f"seed={r['seed']}"], [*r["setting_overrides"], *r["overrides"]]
+            )
         payload["table"] = table(rows)
-        if command not in payload.setdefault("commands", []):
+        if row is not None and command not in payload.setdefault("commands", []):
             payload["commands"].append(command)
         model_io.write_text_atomic(args.out, json.dumps(payload, indent=1) + "\n")
 
+    if args.mark_defaults:
+        save()
+        return 0
     for scenario in args.scenarios:
         spec = parse_scenario(scenario)
         for seed in args.seeds:

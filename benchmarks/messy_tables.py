@@ -138,6 +138,8 @@ def summary_table(rows: list[dict]) -> str:
         seeds = ", ".join(str(r["seed"]) for r in mine)
         cell = _cell(gains, 1, 2)
         cell = cell if cell.startswith("-") else "+" + cell
+        if all(r.get("default") for r in mine):  # the project's default recipe today
+            setting = f"**{setting} (default)**"
         lines.append(f"| {scenario} | {setting} | {seeds} | {cell} | {min(gains):+.2f} |")
     return "\n".join(lines)
 

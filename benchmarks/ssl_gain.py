@@ -32,6 +32,7 @@ replaced.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -47,6 +48,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from pseudolabel import merged_set, stages, tracking  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
@@ -57,6 +59,7 @@ from pseudolabel.data.images import (  # noqa: E402
     labeled_files,
     list_images,
 )
+from pseudolabel.errors import PseudoLabelError  # noqa: E402
 from pseudolabel.evaluation import evaluate  # noqa: E402
 from pseudolabel.models import io as model_io  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
@@ -308,6 +311,45 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
             "seconds": seconds}  # fmt: skip
 
 
+FASHION_MNIST_TRAIN = 60_000  # training images, 10 classes
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> str:
+    """The composed, validated config of `overrides` (without its digest), as text."""
+    values = OmegaConf.to_container(compose(list(overrides)), resolve=True)
+    values.pop("params_digest", None)
+    data = values["data"]
+    if (
+        data["source"] == "fashion_mnist"
+        and data["unlabeled"] is None
+        and data["test_per_class"] is None
+    ):
+        # null: every training image the labeled split leaves, which rows spell as a count
+        data["unlabeled"] = FASHION_MNIST_TRAIN - 10 * (
+            data["train_per_class"] + data["val_per_class"]
+        )
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def recipe_is_default(scenario: list[str], recipe: list[str]) -> bool:
+    """Whether `recipe` (a row's overrides) changes nothing in the committed conf/ on top of
+    `scenario` (the label budget and seed: what is measured, not how): the row ran today's
+    default recipe. Recomputed on every save, so a change of a default moves the flag."""
+    try:
+        return _composed(tuple([*scenario, *recipe])) == _composed(tuple(scenario))
+    except PseudoLabelError:  # a key today's conf/ no longer has: not today's recipe
+        return False
+
+
+def mark_default(row: dict) -> dict:
+    """row["default"]: the row ran the committed defaults at 1x compute (`recipe_is_default`)."""
+    scenario = [f"data.train_per_class={row['budget']}", f"seed={row['seed']}"]
+    recipe = [*SETTINGS.get(row["setting"], []), *row["overrides"]]
+    row["default"] = row["compute"] == 1 and recipe_is_default(scenario, recipe)
+    return row
+
+
 NOT_READ_BY_BASELINE = ("pseudo_label.ood.",)  # which unlabeled images the student sees
 
 
@@ -426,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute", type=int, nargs="+", default=[1], help="x the epochs")
     parser.add_argument("--test-curves", action="store_true", help="test accuracy per epoch")
     parser.add_argument(
+        "--mark-defaults",
+        action="store_true",
+        help="only recompute every row's `default` flag in --out against today's conf/",
+    )
+    parser.add_argument(
         "--reuse-baseline",
         action="store_true",
         help="take the baseline of a row in --out that differs only in pseudo_label.ood.* "
@@ -459,14 +506,20 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:
             rows[:] = [r for r in rows if not _same(r, row)] + [row]
         with_gains(rows)
+        for r in rows:
+            mark_default(r)
         payload["table"] = table(rows) if rows else ""
         if "full_reference" in payload and rows:
             payload["gap"] = gap_closed(rows, payload["full_reference"]["accuracy"])
         payload.setdefault("commands", [])
-        if not args.merge and " ".join(sys.argv) not in payload["commands"]:
+        recorded = args.merge or args.mark_defaults
+        if not recorded and " ".join(sys.argv) not in payload["commands"]:
             payload["commands"].append(" ".join(sys.argv))
         model_io.write_text_atomic(args.out, json.dumps(payload, indent=1) + "\n")
 
+    if args.mark_defaults:
+        save()
+        return 0
     if args.merge:
         for other in map(lambda f: json.loads(f.read_text()), args.merge):
             for command in other.get("commands", []):

@@ -153,3 +153,29 @@ def test_the_readmes_knob_table_states_the_composed_defaults():
             assert _yaml_scalar(actual) == value, f"README says {full} = {value}, conf/: {actual}"
             checked += 1
     assert checked >= 8, checked
+
+
+def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
+    """Each committed row's `default` says whether its recipe is today's conf/ defaults (issue
+    31): the docs' tables mark those rows, so a changed default must re-mark them."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import json
+
+    from ssl_gain import mark_default, recipe_is_default
+
+    results = REPO / "benchmarks" / "results"
+    stale = []
+    for row in json.loads((results / "ssl_gain.json").read_text())["rows"]:
+        if row.get("default") != mark_default(dict(row))["default"]:
+            stale.append(f"ssl_gain.json: budget {row['budget']} seed {row['seed']}")
+    for row in json.loads((results / "messy_pools.json").read_text())["rows"]:
+        recipe = [*row["setting_overrides"], *row["overrides"]]
+        if row.get("default") != recipe_is_default([f"seed={row['seed']}"], recipe):
+            stale.append(f"messy_pools.json: {row['scenario']} seed {row['seed']}")
+    assert not stale, (
+        "default flags out of date (python benchmarks/ssl_gain.py --mark-defaults; "
+        f"python benchmarks/messy_pools.py --mark-defaults): {stale}"
+    )
+    assert any(
+        row["default"] for row in json.loads((results / "ssl_gain.json").read_text())["rows"]
+    )
