@@ -83,9 +83,9 @@ def pool_table(rows: list[dict]) -> str:
     head = (
         "| scenario | seed | setting | teacher | baseline | best labeled-only | student | "
         "gain (points) | OOD share of the merged set | OOD flagged | in-distribution flagged | "
-        "AUROC | minutes |"
+        "AUROC | AUROC, last round's labeling | minutes |"
     )
-    lines = [head, "|---" * 13 + "|"]
+    lines = [head, "|---" * 14 + "|"]
     order = {name: i for i, name in enumerate(SETTINGS)}
     for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"], order.get(r["setting"], 9))):
         labeling = r.get("labeling", {})
@@ -99,6 +99,8 @@ def pool_table(rows: list[dict]) -> str:
             sum(flagged[k] * kinds.get(k, 0) for k in out_kinds) / total if total else None
         )
         auroc = (labeling.get("auroc") or {}).get("ood")
+        rounds = r.get("by_round") or [{}]
+        last_auroc = (rounds[-1].get("auroc") or {}).get("ood")
         cells = [
             r["scenario"],
             r["seed"],
@@ -110,6 +112,7 @@ def pool_table(rows: list[dict]) -> str:
             _num(ood_flagged),
             _num(flagged.get("in")),
             _num(auroc),
+            _num(last_auroc),
             f"{r['seconds'] / 60:.0f}",
         ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
