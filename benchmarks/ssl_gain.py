@@ -195,6 +195,8 @@ def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tup
     lookup = truth_of(cfg.data.idx_dir)
     info = {
         "teacher": _test_accuracy(paths.model("teacher"), paths.test),
+        "teacher_digest": weights_digest(paths.model("teacher")),
+        "split_digest": split_digest(paths),
         "pseudo_label_precision": pseudo_label_precision(paths, lookup),
         "pseudo_labeled": json.loads((paths.metrics / "merge.json").read_text())["pseudo_labeled"],
         "seconds": seconds,
@@ -369,6 +371,61 @@ def baseline_peer(rows, budget, seed, setting, compute, overrides) -> dict | Non
     return None
 
 
+def weights_digest(model_path: Path) -> str:
+    """md5 of a saved model's weights: the same teacher in two rows, whatever file holds it."""
+    model, _ = model_io.load(model_path)
+    digest = hashlib.md5()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()
+
+
+def split_digest(paths: Paths) -> str:
+    """md5 of the labeled split: the names of its train and val images, by class."""
+    names = sorted(str(p.relative_to(paths.labeled)) for p in list_images(paths.labeled))
+    return hashlib.md5("\n".join(n for n in names if not n.startswith("test")).encode()).hexdigest()
+
+
+def _teacher_recipe(row: dict) -> tuple:
+    """What a row's teacher depends on besides the seed: budget and data.* / teacher.* keys."""
+    keys = ("data.", "teacher.", "model@teacher")
+    mine = [o for o in row["overrides"] if o.lstrip("+~").startswith(keys)]
+    return (row["budget"], tuple(o for o in mine if not o.startswith("data.unlabeled=")))
+
+
+def pairing_problems(rows: list[dict]) -> list[str]:
+    """Rows whose pairing is suspect: two seeds sharing one teacher or labeled split (by their
+    digests), one seed and teacher recipe with two teachers, or, for rows without digests, two
+    seeds of one teacher recipe whose teachers score the same to 4 digits (how seed 2's rows
+    that reused seed 0's teacher were found)."""
+    problems = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1 :]:
+            same_recipe = _teacher_recipe(a) == _teacher_recipe(b)
+            if a["seed"] != b["seed"]:
+                for key in ("teacher_digest", "split_digest"):
+                    if a.get(key) and a.get(key) == b.get(key):
+                        problems.append(f"seeds {a['seed']} and {b['seed']} share a {key}")
+                digests = a.get("teacher_digest") and b.get("teacher_digest")
+                if same_recipe and not digests and a["teacher"] == b["teacher"]:
+                    problems.append(
+                        f"seeds {min(a['seed'], b['seed'])} and {max(a['seed'], b['seed'])} "
+                        f"(budget {a['budget']}): the same teacher accuracy {a['teacher']} "
+                        "with one teacher recipe"
+                    )
+            elif same_recipe:  # one seed, one recipe: one (deterministic) teacher
+                if a.get("teacher_digest") and b.get("teacher_digest"):
+                    differ = a["teacher_digest"] != b["teacher_digest"]
+                else:
+                    differ = a["teacher"] != b["teacher"]
+                if differ:
+                    problems.append(
+                        f"seed {a['seed']} (budget {a['budget']}): two teachers of one recipe "
+                        f"({a['teacher']}, {b['teacher']})"
+                    )
+    return sorted(set(problems))
+
+
 def _same(a: dict, b: dict) -> bool:
     keys = ("budget", "seed", "setting", "compute", "overrides")
     return all(a.get(k) == b.get(k) for k in keys)
@@ -508,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         with_gains(rows)
         for r in rows:
             mark_default(r)
+        for problem in pairing_problems(rows):
+            print(f"warning: suspect pairing: {problem}", file=sys.stderr, flush=True)
         payload["table"] = table(rows) if rows else ""
         if "full_reference" in payload and rows:
             payload["gap"] = gap_closed(rows, payload["full_reference"]["accuracy"])
@@ -550,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
                         baseline=peer,
                     )  # fmt: skip
                     row["teacher"] = info["teacher"]
+                    for key in ("teacher_digest", "split_digest"):
+                        if key in info:  # (shared parts reused from before they were kept)
+                            row[key] = info[key]
                     row["pseudo_label_precision"] = info["pseudo_label_precision"]
                     row["pseudo_labeled"] = info["pseudo_labeled"]
                     row["shared_seconds"] = sum(info["seconds"].values())

@@ -179,3 +179,31 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
     assert any(
         row["default"] for row in json.loads((results / "ssl_gain.json").read_text())["rows"]
     )
+
+
+def test_benchmark_pairing_guard(monkeypatch):
+    """ssl_gain's rows pair seeds with their own teacher (issue 31, item 7): the committed rows
+    pass the guard, and it flags a teacher reused across seeds or two teachers of one seed."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import json
+
+    from ssl_gain import pairing_problems
+
+    rows = json.loads((REPO / "benchmarks" / "results" / "ssl_gain.json").read_text())["rows"]
+    assert pairing_problems(rows) == []
+
+    def row(seed, teacher, digest=None, overrides=()):
+        out = {"budget": 50, "seed": seed, "teacher": teacher, "overrides": list(overrides)}
+        return {**out, "teacher_digest": digest} if digest else out
+
+    assert pairing_problems([row(0, 0.81), row(1, 0.82), row(0, 0.81)]) == []
+    reused = pairing_problems([row(0, 0.7974), row(2, 0.7974)])
+    assert reused == [
+        "seeds 0 and 2 (budget 50): the same teacher accuracy 0.7974 with one teacher recipe"
+    ]
+    assert pairing_problems([row(0, 0.80, "a"), row(2, 0.81, "a")]) == [
+        "seeds 0 and 2 share a teacher_digest"
+    ]
+    assert pairing_problems([row(2, 0.7998), row(2, 0.7974)])  # one seed, two teachers
+    other = ["teacher.train.epochs=50"]  # another teacher recipe: its own teacher, no problem
+    assert pairing_problems([row(2, 0.7998), row(2, 0.7974, overrides=other)]) == []
