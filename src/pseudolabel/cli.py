@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pseudolabel  # also quiets TensorFlow (TF_CPP_MIN_LOG_LEVEL)
-from pseudolabel.errors import PseudoLabelError
+from pseudolabel.errors import Preempted, PseudoLabelError
 from pseudolabel.stages import ENTRIES as STAGE_ENTRIES  # imports no stage
 from pseudolabel.stages import entry
 
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except PseudoLabelError as exc:
         print(f"pseudolabel {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:  # SIGTERM during a training: its state is saved, resume later
+        print(f"pseudolabel {args.command}: {exc}", file=sys.stderr)
+        return Preempted.exit_code
     except KeyboardInterrupt:
         print(f"pseudolabel {args.command}: interrupted", file=sys.stderr)
         return 130

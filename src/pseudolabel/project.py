@@ -33,7 +33,7 @@ from pseudolabel.template_files import TEMPLATE_FILES
 RENAMED = {"dvcignore": ".dvcignore", "dvc.yaml.in": "dvc.yaml"}
 DVC_CONFIG = "dvc_config"  # applied with `dvc config`, merged into the project's settings
 # What `git add .` must not take in a project: MLflow's store, Hydra's and the plots' folders,
-# the environment. The pipeline's outputs (data/, models/, outputs/) are DVC's: `dvc repro`
+# an interrupted training's state, the environment. The pipeline's outputs (data/, models/, outputs/) are DVC's: `dvc repro`
 # writes their own .gitignore entries. Added to the project's .gitignore, never replacing it.
 GITIGNORE = (
     "/mlflow.db",
@@ -43,6 +43,7 @@ GITIGNORE = (
     "/multirun/",
     "/outputs/hydra/",
     "/outputs/ingest_cache.sqlite",
+    ".resume/",  # an interrupted training's state (models/.resume/<name>/), removed on success
     "/dvc_plots/",
     "/.venv/",
     "__pycache__/",

@@ -238,6 +238,9 @@ def _ended(process: str) -> bool:
     return now is None or bool(started and now and now != started)  # gone, or the pid reused
 
 
+FAILURE_TAG = "pseudolabel_failure"
+
+
 def close_orphaned_runs(client: mlflow.MlflowClient | None = None) -> list[str]:
     """Mark FAILED the runs left RUNNING by a stage process of this machine that has ended
     (killed before it could close its run); returns their ids. Runs of live processes (a
@@ -257,7 +260,7 @@ def close_orphaned_runs(client: mlflow.MlflowClient | None = None) -> list[str]:
             continue
         client.set_tag(
             run.info.run_id,
-            "pseudolabel_failure",
+            FAILURE_TAG,
             f"process {process.split(_SEP)[2]} ended without closing this run (killed?)",
         )
         client.set_terminated(run.info.run_id, status="FAILED")
@@ -290,11 +293,17 @@ def warn_unknown_run(client: mlflow.MlflowClient, run_id: str | None, what: str)
 
 @contextmanager
 def start_run(
-    cfg, stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None
+    cfg,
+    stage: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    resume_run: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """A run named after its stage, with the stage's params and the context tags. Runs that
     killed stages left RUNNING are marked FAILED first; a teacher run the tags name but the
-    store does not hold is reported (see warn_unknown_run)."""
+    store does not hold is reported (see warn_unknown_run). `resume_run`: the run of an
+    interrupted training this one resumes (pseudolabel.resume), continued rather than a new one
+    when the store still holds it."""
     configure(cfg)
     client = mlflow.MlflowClient()
     close_orphaned_runs(client)
@@ -306,6 +315,17 @@ def start_run(
         **context_tags(),
         **{k: str(v) for k, v in tags.items()},
     }
+    interrupted = find_run(client, resume_run) if resume_run else None
+    if interrupted is not None:
+        if FAILURE_TAG in interrupted.data.tags:  # close_orphaned_runs' note: no longer true
+            client.delete_tag(resume_run, FAILURE_TAG)
+        with mlflow.start_run(run_id=resume_run, nested=mlflow.active_run() is not None) as run:
+            mlflow.set_tags({**all_tags, "pseudolabel_resumed": "true"})
+            log.info("continuing MLflow run %s of the interrupted training", resume_run)
+            yield run
+        return
+    if resume_run:
+        warn_unknown_run(client, resume_run, "the interrupted training's")
     # Inside a sweep job's run, a stage's run is its child.
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name=stage, tags=all_tags, nested=nested) as run:
@@ -313,6 +333,7 @@ def start_run(
         if params:
             mlflow.log_params(flatten(params))
         yield run
+
 
 
 # --- Lineage: student run -> pseudo-label CSV -> labeling run -> teacher run -> data ------------

@@ -23,6 +23,7 @@ from pseudolabel import (
     ood,
     plots,
     predicting,
+    resume,
     tracking,
 )
 from pseudolabel.config import no_augmentation, to_dict, validate
@@ -262,13 +263,55 @@ def _train(
         "val_images": len(job.val_files),
         "steps_per_epoch": steps,
     }
-    with tracking.start_run(cfg, f"train_{job.name}", params, {"role": job.name, **tags}) as run:
-        history = _fit(job, model, train_ds, steps, callbacks)
+    state = _training_state(job, train_dir, steps, unlabeled)
+    saved = state.load() if state is not None else None  # another run's state: refused here
+    with tracking.start_run(
+        cfg,
+        f"train_{job.name}",
+        params,
+        {"role": job.name, **tags},
+        resume_run=saved.get("run_id") if saved else None,
+    ) as run:
+        if state is not None:
+            state.extra = {"run_id": run.info.run_id}
+        history = _fit(job, model, train_ds, steps, callbacks, state)
         if job.online:  # the consistency wrapper only trained it
             classifier.compile(loss="categorical_crossentropy", metrics=["accuracy"])
         if role == "student" and job.role_cfg.labeled_finetune_epochs:
             history = _labeled_finetune(classifier, job, history)
-        return _save_and_publish(job, classifier, history, steps, run.info.run_id, tags)
+        metrics = _save_and_publish(job, classifier, history, steps, run.info.run_id, tags)
+    if state is not None:
+        state.clear()  # the model is saved: nothing left to resume
+    return metrics
+
+
+def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
+    """The state folder of this training (pseudolabel.resume): <models>/.resume/<name>, keyed
+    by what the training depends on: its config, the seed, the images it reads (names and
+    labels, and for a student the pseudo-label CSV and merged set), the teacher it starts from,
+    and the code. None under Ray Train workers (train.strategy=multi_worker): each worker
+    would write it."""
+    if job.role_cfg.train.strategy == "multi_worker":
+        return None
+    inputs = {
+        "name": job.name,
+        "role": to_dict(job.role_cfg),
+        "seed": job.cfg.seed,
+        "data": to_dict(job.cfg.data),
+        "train": [job.train_files, np.asarray(job.train_labels).tolist()],
+        "val": job.val_files,
+        "steps": steps,
+    }
+    if job.role == "student" and train_dir.joinpath(merged_set.MANIFEST).is_file():
+        inputs["merged"] = tracking.md5(train_dir / merged_set.MANIFEST)
+    if job.online and unlabeled:
+        inputs["labels"] = tracking.md5(job.paths.csv)
+        inputs["ood_exclude"] = bool(job.cfg.pseudo_label.ood.exclude)
+    if job.role == "student" and job.role_cfg.init_from_teacher:
+        teacher = job.paths.model("teacher")
+        inputs["teacher"] = tracking.md5(teacher) if teacher.is_file() else None
+    folder = job.paths.models / resume.FOLDER / job.name
+    return resume.TrainingState(folder, resume.fingerprint(**inputs))
 
 
 def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
@@ -359,7 +402,9 @@ def _init_from_teacher(job: _Job, classifier: keras.Model) -> None:
         log.warning("student.init_from_teacher: no layer matches the teacher's; from scratch")
 
 
-def _fit(job: _Job, model: keras.Model, train_ds, steps: int, callbacks) -> keras.callbacks.History:
+def _fit(
+    job: _Job, model: keras.Model, train_ds, steps: int, callbacks, state=None
+) -> keras.callbacks.History:
     """The training itself, each epoch logged to MLflow and to plots/train/<name>.csv."""
     train_cfg = job.role_cfg.train
     class_weight = (
@@ -377,6 +422,7 @@ def _fit(job: _Job, model: keras.Model, train_ds, steps: int, callbacks) -> kera
         callbacks=[_EpochLogger(), *callbacks],
         model_cfg=None if job.online else job.role_cfg.model,
         class_weight=class_weight,
+        state=state,
     )
 
 
