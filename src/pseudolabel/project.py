@@ -33,8 +33,9 @@ from pseudolabel.template_files import TEMPLATE_FILES
 RENAMED = {"dvcignore": ".dvcignore", "dvc.yaml.in": "dvc.yaml"}
 DVC_CONFIG = "dvc_config"  # applied with `dvc config`, merged into the project's settings
 # What `git add .` must not take in a project: MLflow's store, Hydra's and the plots' folders,
-# an interrupted training's state, the environment. The pipeline's outputs (data/, models/, outputs/) are DVC's: `dvc repro`
-# writes their own .gitignore entries. Added to the project's .gitignore, never replacing it.
+# an interrupted training's state, the environment. The pipeline's outputs (data/, models/,
+# outputs/) are DVC's: `dvc repro` writes their own .gitignore entries. Added to the project's
+# .gitignore, never replacing it.
 GITIGNORE = (
     "/mlflow.db",
     "/mlruns/",
