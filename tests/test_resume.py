@@ -184,3 +184,145 @@ def test_consistency_student_preempted_mid_epoch_resumes_to_the_same_model(tmp_p
     assert history["epoch"].tolist() == list(range(4))
     (run,) = _runs(preempted, "train_student")
     assert run == saved["run_id"]
+
+
+# --- A tracking server that goes away mid-training (issue 33, item 2) --------------------------
+
+
+class _Server:
+    """A real `mlflow server` (SQLite backend, artifacts proxied) that can be stopped and started
+    again on the same port and store."""
+
+    def __init__(self, base: Path):
+        from tests.conftest import free_port
+
+        self.base, self.port = base, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from tests.conftest import wait_until_answers
+
+        bin_dir = Path(sys.executable).parent
+        log = self.base / f"server.{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{self.base / 'mlflow.db'}", "--artifacts-destination",
+             str(self.base / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_until_answers(f"{self.url}/health", self.proc, lambda: log.read_text(), 240)
+
+    def stop(self) -> None:
+        from tests.test_team import _stop
+
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    served = _Server(tmp_path / "server")
+    served.base.mkdir()
+    served.start()
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def _server_run(url: str, run_id: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    run = client.get_run(run_id)
+    epochs = [m.step for m in client.get_metric_history(run_id, "val_accuracy")]
+    return run.info.status, sorted(epochs), run.data.metrics
+
+
+def _start_with(paths: Paths, stage: str, url: str) -> tuple[subprocess.Popen, Path]:
+    log = paths.root / f"{stage}.{time.monotonic_ns()}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pseudolabel.cli", stage],
+            cwd=paths.root,
+            env={**os.environ, "MLFLOW_TRACKING_URI": url},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log
+
+
+def _wait_epoch(paths: Paths, proc, log: Path, epochs: int) -> None:
+    deadline = time.monotonic() + 600
+    while (_state(paths, "teacher") or {}).get("epoch", 0) < epochs:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no epoch ended"
+        time.sleep(0.05)
+
+
+LONG_TEACHER = ["+experiment=smoke", "teacher.train.epochs=30", "teacher.train.patience=30"]
+
+
+def test_a_server_away_mid_training_gets_every_epoch_when_back(tmp_path, digits_data, server):
+    """Stopped after 2 epochs, started again: the training goes on, the epochs' metrics are kept
+    and sent once it answers, and the run ends FINISHED with all of them."""
+    paths = _project(tmp_path / "p", digits_data, LONG_TEACHER)
+    proc, log = _start_with(paths, "train_teacher", server.url)
+    try:
+        _wait_epoch(paths, proc, log, 2)
+        server.stop()
+        _wait_epoch(paths, proc, log, 4)  # it trains on without the server
+        server.start()
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "training goes on, the metrics of epoch" in out
+    assert "the tracking server answers again" in out
+    run_id = model_io.read_meta(paths.model("teacher")).run_id
+    status, epochs, metrics = _server_run(server.url, run_id)
+    assert status == "FINISHED"
+    assert epochs == list(range(30))  # every epoch, those of the outage included
+    assert "best_val_accuracy" in metrics
+    assert not (paths.models / FOLDER).exists()
+
+
+def test_a_server_away_past_the_wait_fails_at_the_end_and_the_rerun_only_logs(
+    tmp_path, digits_data, server
+):
+    overrides = [*LONG_TEACHER, "tracking.outage_wait=2"]
+    paths = _project(tmp_path / "p", digits_data, overrides)
+    proc, log = _start_with(paths, "train_teacher", server.url)
+    try:
+        _wait_epoch(paths, proc, log, 2)
+        server.stop()
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 2, out[-3000:]
+    lines = [line for line in out.splitlines() if "did not answer for 2 s" in line]
+    assert len(lines) == 1 and "run the stage again once the server answers" in lines[0]
+    assert paths.model("teacher").is_file()  # the model and its metrics, saved locally
+    assert json.loads((paths.metrics / "teacher.json").read_text())["epochs"] == 30
+    saved = _state(paths, "teacher")
+    assert saved["epoch"] == 30 and saved["pending"]  # the unsent epochs, kept
+
+    server.start()
+    proc, log = _start_with(paths, "train_teacher", server.url)
+    proc.wait(timeout=900)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "Epoch 1/" not in out  # nothing trained again: it only logs
+    status, epochs, _ = _server_run(server.url, saved["run_id"])
+    assert status == "FINISHED" and epochs == list(range(30))
+    assert not (paths.models / FOLDER).exists()

@@ -345,6 +345,10 @@ class TrackingConfig:
     # evaluate registers the student as a version of this MLflow registered model (alias
     # champion on a win on the same test set, else challenger); null: no registration.
     registered_model: str | None = MISSING
+    # Seconds a training stage waits at its end for a tracking server that stopped answering
+    # during the training (its metrics kept meanwhile); past it the stage fails in one line,
+    # model and metrics saved, and the next run only logs.
+    outage_wait: float = MISSING
 
 
 @dataclass
@@ -421,6 +425,8 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
     check_threshold(cfg.pseudo_label.threshold, f"{origin}: pseudo_label.threshold")
     if not 0 <= cfg.seed < 2**32:  # numpy's generators refuse anything else, mid-run
         fail("seed", cfg.seed, "use a whole number from 0 to 4294967295")
+    if not (math.isfinite(cfg.tracking.outage_wait) and cfg.tracking.outage_wait >= 0):
+        fail("tracking.outage_wait", cfg.tracking.outage_wait, "use seconds, 0 or more")
     if cfg.teacher.input_scale not in INPUT_SCALES:
         fail(
             "teacher.input_scale", cfg.teacher.input_scale, f"use one of {', '.join(INPUT_SCALES)}"

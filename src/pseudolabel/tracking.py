@@ -316,24 +316,114 @@ def start_run(
         **{k: str(v) for k, v in tags.items()},
     }
     interrupted = find_run(client, resume_run) if resume_run else None
+    nested = mlflow.active_run() is not None  # inside a sweep job's run: its child
     if interrupted is not None:
         if FAILURE_TAG in interrupted.data.tags:  # close_orphaned_runs' note: no longer true
             client.delete_tag(resume_run, FAILURE_TAG)
-        with mlflow.start_run(run_id=resume_run, nested=mlflow.active_run() is not None) as run:
-            mlflow.set_tags({**all_tags, "pseudolabel_resumed": "true"})
-            log.info("continuing MLflow run %s of the interrupted training", resume_run)
-            yield run
-        return
-    if resume_run:
-        warn_unknown_run(client, resume_run, "the interrupted training's")
-    # Inside a sweep job's run, a stage's run is its child.
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=stage, tags=all_tags, nested=nested) as run:
+        run = mlflow.start_run(run_id=resume_run, nested=nested)
+        mlflow.set_tags({**all_tags, "pseudolabel_resumed": "true"})
+        log.info("continuing MLflow run %s of the interrupted training", resume_run)
+    else:
+        if resume_run:
+            warn_unknown_run(client, resume_run, "the interrupted training's")
+        run = mlflow.start_run(run_name=stage, tags=all_tags, nested=nested)
         mlflow.log_text(OmegaConf.to_yaml(cfg), CONFIG_ARTIFACT)
         if params:
             mlflow.log_params(flatten(params))
+    try:
         yield run
+    except BaseException:
+        # A server that went away cannot be told the run failed: the next run of the stage
+        # resumes and closes it (or close_orphaned_runs marks it FAILED).
+        with contextlib.suppress(*OUTAGE), quick_requests():
+            mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
+
+# --- A tracking server that goes away mid-training ----------------------------------------------
+
+# What MLflow's client raises when its server does not answer (requests' errors are OSErrors).
+OUTAGE = (mlflow.exceptions.MlflowException, OSError)
+
+
+@contextmanager
+def quick_requests(retries: int = 0, timeout: int = 10) -> Iterator[None]:
+    """Outbox's requests to a server that went away fail within seconds, not after MLflow's 7
+    retries with backoff (minutes a call), so the training is not held up. Settings of the
+    user's own (MLFLOW_HTTP_REQUEST_*) win."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}  # fmt: skip
+    mine = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(mine)
+    try:
+        yield
+    finally:
+        for key in mine:
+            os.environ.pop(key, None)
+
+
+class Outbox:
+    """A training run's per-epoch metrics: sent at once, or, while the tracking server does not
+    answer, kept in order (`pending`, which the training state saves: pseudolabel.resume) and
+    sent as soon as it answers again. The training goes on either way."""
+
+    def __init__(self, run_id: str, pending: list | None = None):
+        self.run_id = run_id
+        self.pending: list[dict] = pending if pending is not None else []
+        self._down = False
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self.pending.append({"step": int(step), "time": _now_ms(), "metrics": values})
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is kept; True when nothing is left."""
+        from mlflow.entities import Metric
+
+        client = mlflow.MlflowClient()
+        while self.pending:
+            entry = self.pending[0]
+            batch = [
+                Metric(k, v, entry["time"], entry["step"]) for k, v in entry["metrics"].items()
+            ]
+            try:
+                with quick_requests():
+                    client.log_batch(self.run_id, metrics=batch)
+            except OUTAGE as exc:
+                if not self._down:
+                    log.warning(
+                        "the tracking server does not answer (%s): training goes on, the metrics "
+                        "of epoch %d on are kept and sent when it answers",
+                        _one_line(exc),
+                        entry["step"] + 1,
+                    )
+                self._down = True
+                return False
+            self.pending.pop(0)
+        if self._down:
+            log.warning("the tracking server answers again: the kept metrics are sent")
+        self._down = False
+        return True
+
+    def wait(self, seconds: float) -> bool:
+        """Flush, retrying for up to `seconds`; True when everything was sent."""
+        import time
+
+        deadline = time.monotonic() + seconds
+        while not self.flush():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(5.0, left))
+        return True
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
 
 
 # --- Lineage: student run -> pseudo-label CSV -> labeling run -> teacher run -> data ------------

@@ -167,13 +167,27 @@ def _consistency_model(cfg, class_names, train_labels, size, channels, steps, n_
 
 
 class _EpochLogger(mlflow.keras.MlflowCallback):
-    """MLflow's Keras callback: one value per epoch per metric. Fine-tuning is a second `fit`
-    with a new optimizer, so the optimizer params and summary are logged at the first only."""
+    """MLflow's Keras callback: one value per epoch per metric, through `outbox`
+    (tracking.Outbox: kept while the tracking server does not answer, sent when it does).
+    Fine-tuning is a second `fit` with a new optimizer, so the optimizer params and summary are
+    logged at the first only."""
+
+    def __init__(self, outbox: tracking.Outbox):
+        super().__init__()
+        self.outbox = outbox
 
     def on_train_begin(self, logs=None):
         if not getattr(self, "_begun", False):
             self._begun = True
-            super().on_train_begin(logs)
+            super().on_train_begin(logs)  # (MLflow's callbacks warn rather than raise)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs:
+            self.outbox.log(logs, epoch)
+
+    def on_test_end(self, logs=None):
+        """Nothing: MLflow's callback would log each validation again, asynchronously and at
+        step 0; the epoch's logs above carry it (val_*)."""
 
 
 def _labeled_finetune(model, job: _Job, history):
@@ -272,14 +286,16 @@ def _train(
         {"role": job.name, **tags},
         resume_run=saved.get("run_id") if saved else None,
     ) as run:
-        if state is not None:
-            state.extra = {"run_id": run.info.run_id}
-        history = _fit(job, model, train_ds, steps, callbacks, state)
+        outbox = tracking.Outbox(run.info.run_id, saved.get("pending") if saved else None)
+        if state is not None:  # the metrics not sent yet are part of the state
+            state.extra = {"run_id": run.info.run_id, "pending": outbox.pending}
+        outbox.flush()  # an interrupted run's kept metrics
+        history = _fit(job, model, train_ds, steps, [_EpochLogger(outbox), *callbacks], state)
         if job.online:  # the consistency wrapper only trained it
             classifier.compile(loss="categorical_crossentropy", metrics=["accuracy"])
         if role == "student" and job.role_cfg.labeled_finetune_epochs:
             history = _labeled_finetune(classifier, job, history)
-        metrics = _save_and_publish(job, classifier, history, steps, run.info.run_id, tags)
+        metrics = _save_and_publish(job, classifier, history, steps, run.info.run_id, tags, outbox)
     if state is not None:
         state.clear()  # the model is saved: nothing left to resume
     return metrics
@@ -419,16 +435,19 @@ def _fit(
         train_cfg,
         steps,
         job.paths.history(job.name),
-        callbacks=[_EpochLogger(), *callbacks],
+        callbacks=list(callbacks),
         model_cfg=None if job.online else job.role_cfg.model,
         class_weight=class_weight,
         state=state,
     )
 
 
-def _save_and_publish(job: _Job, model, history, steps: int, run_id: str, tags) -> dict[str, Any]:
-    """Score on val, save the model with its metadata, and log it, its training curves and its
-    metrics (best_val_accuracy, best_val_loss in MLflow) to the active run."""
+def _save_and_publish(
+    job: _Job, model, history, steps: int, run_id: str, tags, outbox: tracking.Outbox
+) -> dict[str, Any]:
+    """Score on val, save the model with its metadata and its metrics file, then (once the
+    tracking server answers: `outbox` sent) log the model, its training curves and its metrics
+    (best_val_accuracy, best_val_loss in MLflow) to the active run."""
     val_loss, val_accuracy = model.evaluate(job.val_ds, verbose=0)
     extra = {"role": job.name, **{k: str(v) for k, v in tags.items()}}
     meta = model_io.ModelMeta(job.class_names, job.size, job.channels, run_id=run_id, extra=extra)
@@ -443,6 +462,16 @@ def _save_and_publish(job: _Job, model, history, steps: int, run_id: str, tags) 
         "unlabeled_images": job.unlabeled_images,
         "params": int(model.count_params()),
     }
+    metrics_path = job.paths.metrics / f"{job.name}.json"
+    write_json(metrics_path, metrics)  # saved here whatever the server does
+    wait = float(job.cfg.tracking.outage_wait)
+    if not outbox.wait(wait):
+        raise PseudoLabelError(
+            f"the tracking server ({mlflow.get_tracking_uri()}) did not answer for {wait:g} s "
+            f"after the training (tracking.outage_wait): {model_path} and {metrics_path} are "
+            f"saved and the training state kept; run the stage again once the server answers: "
+            "it only logs"
+        )
     mlflow.log_figure(
         plots.training_curves(pd.read_csv(job.paths.history(job.name)), f"{job.name} training"),
         f"{job.name}_training_curves.png",
