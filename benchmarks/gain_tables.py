@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_block  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ssl_gain.json"
 DOC = ROOT / "docs" / "gain.md"
@@ -276,24 +279,15 @@ def compute_figure(rows: list[dict], path: Path) -> bool:
     return _save(fig, path)
 
 
-def updated(doc: str, payload: dict) -> str:
-    start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[:start] + "\n" + render(payload) + "\n" + doc[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/gain.md is stale")
     args = parser.parse_args(argv)
     payload = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
-    doc = DOC.read_text(encoding="utf-8")
-    new = updated(doc, payload)
+    command = "python benchmarks/gain_tables.py"
+    fresh = doc_block.write_or_check(DOC, START, END, render(payload), args.check, command)
     if args.check:
-        if new != doc:
-            print(f"{DOC} is out of date: run python benchmarks/gain_tables.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
+        return 0 if fresh else 1
     curves_figure(payload.get("rows", []), FIGURE)
     compute_figure(payload.get("rows", []), COMPUTE_FIGURE)
     return 0

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_block  # noqa: E402
 from gain_tables import _cell, _pyplot, _save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,11 +222,6 @@ def gain_figure(rows: list[dict], path: Path) -> bool:
     return _save(fig, path)
 
 
-def updated(doc: str, scores: dict, pools: dict, in_pool: dict) -> str:
-    start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[:start] + "\n" + render(scores, pools, in_pool) + "\n" + doc[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/messy.md is stale")
@@ -234,14 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
         for p in (SCORES, POOLS, IN_POOL)
     )
-    doc = DOC.read_text(encoding="utf-8")
-    new = updated(doc, scores, pools, in_pool)
+    body = render(scores, pools, in_pool)
+    command = "python benchmarks/messy_tables.py"
+    fresh = doc_block.write_or_check(DOC, START, END, body, args.check, command)
     if args.check:
-        if new != doc:
-            print(f"{DOC} is out of date: run python benchmarks/messy_tables.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
+        return 0 if fresh else 1
     gain_figure(pools.get("rows", []), FIGURE)
     return 0
 

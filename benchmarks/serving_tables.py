@@ -14,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_block  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serving_load.json"
 DOC = ROOT / "docs" / "team.md"
@@ -55,25 +58,14 @@ def render(rows: list[dict]) -> str:
     return "\n\n".join(parts) if parts else "No rows yet."
 
 
-def updated(doc: str, rows: list[dict]) -> str:
-    start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[:start] + "\n" + render(rows) + "\n" + doc[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/team.md is stale")
     args = parser.parse_args(argv)
     rows = json.loads(RESULTS.read_text(encoding="utf-8"))["rows"] if RESULTS.is_file() else []
-    doc = DOC.read_text(encoding="utf-8")
-    new = updated(doc, rows)
-    if args.check:
-        if new != doc:
-            print(f"{DOC} is out of date: run python benchmarks/serving_tables.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
-    return 0
+    command = "python benchmarks/serving_tables.py"
+    fresh = doc_block.write_or_check(DOC, START, END, render(rows), args.check, command)
+    return 0 if fresh else 1
 
 
 if __name__ == "__main__":

@@ -250,11 +250,6 @@ def render(result: dict | None) -> str:
     ])  # fmt: skip
 
 
-def updated(doc: str, result: dict | None) -> str:
-    start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[:start] + "\n" + render(result) + "\n" + doc[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiments", type=int, default=20)
@@ -268,19 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="write docs/failure-modes.md's block")
     parser.add_argument("--check", action="store_true", help="fail if that block is stale")
     args = parser.parse_args(argv)
-    if args.render or args.check:
-        result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else None
-        doc = DOC.read_text(encoding="utf-8")
-        new = updated(doc, result)
-        if args.check:
-            if new != doc:
-                print(f"{DOC} is out of date: run python benchmarks/soak.py --render",
-                      file=sys.stderr)  # fmt: skip
-                return 1
-            return 0
-        DOC.write_text(new, encoding="utf-8")
-        return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.render or args.check:
+        import doc_block
+
+        result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else None
+        command = "python benchmarks/soak.py --render"
+        fresh = doc_block.write_or_check(DOC, START, END, render(result), args.check, command)
+        return 0 if fresh else 1
     result = soak(args)
     print(json.dumps(result, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
