@@ -6,8 +6,8 @@ for the smoke preset: `make server`'s script (scripts/tracking-server.sh: Postgr
 `mlflow server` on free ports), `dvc repro` once and a commit (the queued experiments then only
 re-run what their params change), `--experiments` experiments queued with `dvc exp run --queue
 -S pseudo_label.threshold=...` (one threshold each) and run by `dvc queue start -j JOBS`. Once
-`--restart-after` of them have ended, the MLflow server is stopped (SIGTERM to its process
-group) and started again on the same port and database, `--down` seconds later. Then, after
+`--restart-after` of them have ended, while others run, the MLflow server is stopped (SIGTERM
+to its process group) and started again on the same port and database, `--down` seconds later. Then, after
 every experiment has ended:
 
 - from `dvc queue status` and `dvc exp show --json`: how many succeeded and are listed;
@@ -28,6 +28,7 @@ root.) The result goes to benchmarks/results/soak.json (committed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -159,13 +160,16 @@ def soak(args) -> dict:
                   f"pseudo_label.threshold={t}"], root, env)  # fmt: skip
         print(f"soak: {len(thresholds)} experiments queued, {args.jobs} at a time", flush=True)
         queue_start = time.monotonic()
-        _run([str(BIN / "dvc"), "queue", "start", "-j", str(args.jobs)], root, env)
+        # Its workers outlive it and inherit its output: a file, not a pipe run() would wait on.
+        with open(work / "queue.log", "wb") as out:
+            subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", str(args.jobs)], cwd=root,
+                           env=env, stdout=out, stderr=subprocess.STDOUT, check=True)  # fmt: skip
         restarted_at = None
         while True:
             counts = _queue_status(root, env)
             ended = counts["Success"] + counts["Failed"]
             print(f"soak: {json.dumps(counts)}", flush=True)
-            if restarted_at is None and ended >= args.restart_after:
+            if restarted_at is None and ended >= args.restart_after and counts["Running"]:
                 print(f"soak: stopping the tracking server for {args.down} s", flush=True)
                 server.stop()
                 restarted_at = round(time.monotonic() - queue_start, 1)
@@ -180,6 +184,9 @@ def soak(args) -> dict:
         wall = round(time.monotonic() - started, 1)
         return _verify(root, env, server.url, thresholds, counts, restarted_at, wall, args)
     finally:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):  # its celery workers
+            subprocess.run([str(BIN / "dvc"), "queue", "stop", "--kill"], cwd=work / "project",
+                           env=env, capture_output=True, timeout=120)  # fmt: skip
         server.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
