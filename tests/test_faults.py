@@ -574,10 +574,14 @@ def _cli_merge_fails(paths: Paths, tracking_uri: str) -> list[str]:
 def test_unreachable_tracking_server_fails_before_any_work(merge_project):
     import socket
 
+    from pseudolabel.config import compose_raw, to_yaml
+
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     paths = merge_project
+    params = compose_raw(["+experiment=smoke", "tracking.start_wait=3"])
+    (paths.root / "params.yaml").write_text(to_yaml(params))
     before = _digest(paths.merged)
     errors = _cli_merge_fails(paths, f"http://127.0.0.1:{port}")
     assert "cannot be reached" in errors[0]

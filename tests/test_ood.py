@@ -132,8 +132,10 @@ def test_the_facade_writes_the_pipelines_ood_columns(messy, tmp_path):
     facade = gen.generate_pseudolabel_data(batch_size=256)
     pipeline = read_csv(paths.csv)
     assert list(facade["path"]) == list(pipeline["path"])
+    # float32 sums of quadratic forms (scores up to ~45), in batches of another size: a last-bit
+    # difference reaches 1e-4 where a score is near 0 (seen once: 1.2e-4 on 1 of 860 images)
     np.testing.assert_allclose(
-        facade[ood.SCORE_COLUMN], pipeline[ood.SCORE_COLUMN], rtol=1e-4, atol=1e-4
+        facade[ood.SCORE_COLUMN], pipeline[ood.SCORE_COLUMN], rtol=1e-4, atol=1e-3
     )
     assert (facade[ood.FLAG_COLUMN] == pipeline[ood.FLAG_COLUMN]).mean() > 0.99
     written = read_csv(tmp_path / "data.csv")

@@ -52,9 +52,11 @@ def _project(root: Path, source: Paths, overrides: list[str], upto_merge: bool =
     return paths
 
 
-def _start(paths: Paths, stage: str) -> tuple[subprocess.Popen, Path]:
+def _start(paths: Paths, stage: str, uri: str | None = None) -> tuple[subprocess.Popen, Path]:
+    """`pseudolabel <stage>` in the project, tracking to `uri` (default: its own mlflow.db)."""
     log = paths.root / f"{stage}.{time.monotonic_ns()}.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{paths.root / 'mlflow.db'}"}
+    uri = uri or f"sqlite:///{paths.root / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pseudolabel.cli", stage],
@@ -81,16 +83,21 @@ def _state(paths: Paths, name: str) -> dict | None:
         return None
 
 
+def _wait_epoch(paths: Paths, name: str, proc, log: Path, epochs: int) -> None:
+    """Until the training state of `name` has `epochs` epochs done (the stage still running)."""
+    deadline = time.monotonic() + 600
+    while (_state(paths, name) or {}).get("epoch", 0) < epochs:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no epoch ended"
+        time.sleep(0.05)
+
+
 def _interrupt(paths: Paths, stage: str, name: str, sig: int, epochs: int) -> tuple[int, str]:
     """Start `stage`, send `sig` once its state has `epochs` epochs done; its exit status and
     output."""
     proc, log = _start(paths, stage)
     try:
-        deadline = time.monotonic() + 600
-        while (_state(paths, name) or {}).get("epoch", 0) < epochs:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no epoch ended"
-            time.sleep(0.05)
+        _wait_epoch(paths, name, proc, log, epochs)
         proc.send_signal(sig)
         proc.wait(timeout=300)
     finally:
@@ -245,27 +252,6 @@ def _server_run(url: str, run_id: str):
     return run.info.status, sorted(epochs), run.data.metrics
 
 
-def _start_with(paths: Paths, stage: str, url: str) -> tuple[subprocess.Popen, Path]:
-    log = paths.root / f"{stage}.{time.monotonic_ns()}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pseudolabel.cli", stage],
-            cwd=paths.root,
-            env={**os.environ, "MLFLOW_TRACKING_URI": url},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return proc, log
-
-
-def _wait_epoch(paths: Paths, proc, log: Path, epochs: int) -> None:
-    deadline = time.monotonic() + 600
-    while (_state(paths, "teacher") or {}).get("epoch", 0) < epochs:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no epoch ended"
-        time.sleep(0.05)
-
-
 LONG_TEACHER = ["+experiment=smoke", "teacher.train.epochs=30", "teacher.train.patience=30"]
 
 
@@ -273,11 +259,11 @@ def test_a_server_away_mid_training_gets_every_epoch_when_back(tmp_path, digits_
     """Stopped after 2 epochs, started again: the training goes on, the epochs' metrics are kept
     and sent once it answers, and the run ends FINISHED with all of them."""
     paths = _project(tmp_path / "p", digits_data, LONG_TEACHER)
-    proc, log = _start_with(paths, "train_teacher", server.url)
+    proc, log = _start(paths, "train_teacher", server.url)
     try:
-        _wait_epoch(paths, proc, log, 2)
+        _wait_epoch(paths, "teacher", proc, log, 2)
         server.stop()
-        _wait_epoch(paths, proc, log, 4)  # it trains on without the server
+        _wait_epoch(paths, "teacher", proc, log, 4)  # it trains on without the server
         server.start()
         proc.wait(timeout=900)
     finally:
@@ -300,9 +286,9 @@ def test_a_server_away_past_the_wait_fails_at_the_end_and_the_rerun_only_logs(
 ):
     overrides = [*LONG_TEACHER, "tracking.outage_wait=2"]
     paths = _project(tmp_path / "p", digits_data, overrides)
-    proc, log = _start_with(paths, "train_teacher", server.url)
+    proc, log = _start(paths, "train_teacher", server.url)
     try:
-        _wait_epoch(paths, proc, log, 2)
+        _wait_epoch(paths, "teacher", proc, log, 2)
         server.stop()
         proc.wait(timeout=900)
     finally:
@@ -318,7 +304,7 @@ def test_a_server_away_past_the_wait_fails_at_the_end_and_the_rerun_only_logs(
     assert saved["epoch"] == 30 and saved["pending"]  # the unsent epochs, kept
 
     server.start()
-    proc, log = _start_with(paths, "train_teacher", server.url)
+    proc, log = _start(paths, "train_teacher", server.url)
     proc.wait(timeout=900)
     out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
@@ -326,3 +312,28 @@ def test_a_server_away_past_the_wait_fails_at_the_end_and_the_rerun_only_logs(
     status, epochs, _ = _server_run(server.url, saved["run_id"])
     assert status == "FINISHED" and epochs == list(range(30))
     assert not (paths.models / FOLDER).exists()
+
+
+def test_a_stage_started_while_the_server_restarts_waits_for_it(tmp_path, digits_data):
+    """A queued experiment's stage that starts while the server is down waits for it
+    (tracking.start_wait) instead of failing, says so, and logs to it once it answers."""
+    served = _Server(tmp_path / "server")
+    served.base.mkdir()
+    paths = _project(tmp_path / "p", digits_data, ["+experiment=smoke", "tracking.start_wait=300"])
+    proc, log = _start(paths, "train_teacher", served.url)
+    try:
+        deadline = time.monotonic() + 300
+        while "waiting up to 300 s" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no waiting said"
+            time.sleep(0.2)
+        served.start()
+        proc.wait(timeout=900)
+        out = log.read_text()
+        assert proc.returncode == 0, out[-3000:]
+        run_id = model_io.read_meta(paths.model("teacher")).run_id
+        assert _server_run(served.url, run_id)[0] == "FINISHED"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        served.stop()

@@ -349,6 +349,9 @@ class TrackingConfig:
     # during the training (its metrics kept meanwhile); past it the stage fails in one line,
     # model and metrics saved, and the next run only logs.
     outage_wait: float = MISSING
+    # Seconds a stage waits at its start for a tracking server that does not answer (being
+    # restarted); past it the stage stops in one line before any work.
+    start_wait: float = MISSING
 
 
 @dataclass
@@ -425,8 +428,9 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
     check_threshold(cfg.pseudo_label.threshold, f"{origin}: pseudo_label.threshold")
     if not 0 <= cfg.seed < 2**32:  # numpy's generators refuse anything else, mid-run
         fail("seed", cfg.seed, "use a whole number from 0 to 4294967295")
-    if not (math.isfinite(cfg.tracking.outage_wait) and cfg.tracking.outage_wait >= 0):
-        fail("tracking.outage_wait", cfg.tracking.outage_wait, "use seconds, 0 or more")
+    for key in ("outage_wait", "start_wait"):
+        if not (math.isfinite(cfg.tracking[key]) and cfg.tracking[key] >= 0):
+            fail(f"tracking.{key}", cfg.tracking[key], "use seconds, 0 or more")
     if cfg.teacher.input_scale not in INPUT_SCALES:
         fail(
             "teacher.input_scale", cfg.teacher.input_scale, f"use one of {', '.join(INPUT_SCALES)}"

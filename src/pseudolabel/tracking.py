@@ -94,10 +94,13 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def check_reachable(cfg, timeout: float = 10) -> None:
-    """Open the tracking store once; raise PseudoLabelError at once, in one line, if it cannot
-    be used: a server that does not answer (MLflow's own client retries it for minutes) or a
+    """Open the tracking store once; raise PseudoLabelError, in one line, if it cannot be used:
+    a server that does not answer within `tracking.start_wait` seconds (a restart: the stage
+    waits for it, saying so; MLflow's own client would retry for minutes at every call) or a
     local database that is not one (MLflow would end the stage in a sqlalchemy traceback)."""
     uri = tracking_uri(cfg)
+    if uri.startswith(HTTP):
+        _wait_for_server(uri, float(cfg.tracking.start_wait), timeout)
     if uri.startswith(SQLITE):
         db = Path(uri[len(SQLITE) :])
         if db.is_file() and db.stat().st_size:
@@ -122,6 +125,35 @@ def check_reachable(cfg, timeout: float = 10) -> None:
             f"MLflow tracking URI {uri!r} cannot be reached ({_one_line(exc)}); "
             "start the server, fix tracking.uri in conf/tracking/, or unset MLFLOW_TRACKING_URI."
         ) from None
+
+
+def _wait_for_server(uri: str, seconds: float, timeout: float) -> None:
+    """Until the server's /health answers, for up to `seconds` (one warning when it does not at
+    once); the caller's own check then reports a server that never answered."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    warned = False
+    while True:
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+            if warned:
+                log.warning("the tracking server %s answers: going on", uri)
+            return
+        except OSError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if not warned:
+                log.warning(
+                    "the tracking server %s does not answer (%s): waiting up to %g s for it "
+                    "(tracking.start_wait)",
+                    uri,
+                    _one_line(exc),
+                    seconds,
+                )
+                warned = True
+            time.sleep(min(2.0, left))
 
 
 def _corrupt(uri: str, db: Path, why: str) -> str:
