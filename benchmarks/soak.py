@@ -7,8 +7,8 @@ for the smoke preset: `make server`'s script (scripts/tracking-server.sh: Postgr
 re-run what their params change), `--experiments` experiments queued with `dvc exp run --queue
 -S pseudo_label.threshold=...` (one threshold each) and run by `dvc queue start -j JOBS`. Once
 `--restart-after` of them have ended, while others run, the MLflow server is stopped (SIGTERM
-to its process group) and started again on the same port and database, `--down` seconds later. Then, after
-every experiment has ended:
+to its process group) and started again on the same port and database, `--down` seconds
+later. Then, after every experiment has ended:
 
 - from `dvc queue status` and `dvc exp show --json`: how many succeeded and are listed;
 - from the server (MlflowClient): every run by stage and status (none may be left RUNNING);
@@ -164,7 +164,7 @@ def soak(args) -> dict:
         with open(work / "queue.log", "wb") as out:
             subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", str(args.jobs)], cwd=root,
                            env=env, stdout=out, stderr=subprocess.STDOUT, check=True)  # fmt: skip
-        restarted_at = None
+        restarted_at = away = None
         while True:
             counts = _queue_status(root, env)
             ended = counts["Success"] + counts["Failed"]
@@ -172,17 +172,20 @@ def soak(args) -> dict:
             if restarted_at is None and ended >= args.restart_after and counts["Running"]:
                 print(f"soak: stopping the tracking server for {args.down} s", flush=True)
                 server.stop()
-                restarted_at = round(time.monotonic() - queue_start, 1)
+                stopped = time.monotonic()
+                restarted_at = round(stopped - queue_start, 1)
                 time.sleep(args.down)
                 server.start()
-                print("soak: the tracking server is back", flush=True)
+                away = round(time.monotonic() - stopped, 1)
+                print(f"soak: the tracking server is back after {away} s", flush=True)
             if counts["Queued"] + counts["Running"] == 0 and ended >= len(thresholds):
                 break
             if time.monotonic() - queue_start > args.timeout:
                 raise SystemExit(f"soak: experiments still running after {args.timeout} s")
             time.sleep(10)
         wall = round(time.monotonic() - started, 1)
-        return _verify(root, env, server.url, thresholds, counts, restarted_at, wall, args)
+        result = _verify(root, env, server.url, thresholds, counts, restarted_at, wall, args)
+        return {**result, "server_away_seconds": away}
     finally:
         with contextlib.suppress(OSError, subprocess.SubprocessError):  # its celery workers
             subprocess.run([str(BIN / "dvc"), "queue", "stop", "--kill"], cwd=work / "project",
@@ -246,8 +249,9 @@ def render(result: dict | None) -> str:
     )
     return "\n".join([
         f"{r['experiments']} queued experiments (`dvc queue start -j {r['jobs']}`), the server "
-        f"stopped for {r['server_down_seconds']} s after {r['restart_after_experiments']} had "
-        f"ended ({r['restarted_at_seconds']} s into the queue): {r['queue'].get('Success', 0)} "
+        f"stopped after {r['restart_after_experiments']} had ended ({r['restarted_at_seconds']} s "
+        f"into the queue) and answering again {r.get('server_away_seconds')} s later (stopped "
+        f"for {r['server_down_seconds']} s, then its start): {r['queue'].get('Success', 0)} "
         f"succeeded, {r['queue'].get('Failed', 0)} failed; `dvc exp show` lists "
         f"{r['listed_by_dvc_exp_show']}; {r['student_runs_complete']} student runs FINISHED with "
         f"their metrics and lineage tags, {r['thresholds_with_a_student_run']} of "
