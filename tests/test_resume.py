@@ -7,6 +7,7 @@ the same MLflow run, with its state folder gone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,6 +84,18 @@ def _state(paths: Paths, name: str) -> dict | None:
         return None
 
 
+@contextlib.contextmanager
+def _stage(paths: Paths, stage: str, uri: str | None = None):
+    """`_start`'s process and log; killed on the way out if it is still running."""
+    proc, log = _start(paths, stage, uri)
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _wait_epoch(paths: Paths, name: str, proc, log: Path, epochs: int) -> None:
     """Until the training state of `name` has `epochs` epochs done (the stage still running)."""
     deadline = time.monotonic() + 600
@@ -95,15 +108,10 @@ def _wait_epoch(paths: Paths, name: str, proc, log: Path, epochs: int) -> None:
 def _interrupt(paths: Paths, stage: str, name: str, sig: int, epochs: int) -> tuple[int, str]:
     """Start `stage`, send `sig` once its state has `epochs` epochs done; its exit status and
     output."""
-    proc, log = _start(paths, stage)
-    try:
+    with _stage(paths, stage) as (proc, log):
         _wait_epoch(paths, name, proc, log, epochs)
         proc.send_signal(sig)
         proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     return proc.returncode, log.read_text()
 
 
@@ -259,16 +267,12 @@ def test_a_server_away_mid_training_gets_every_epoch_when_back(tmp_path, digits_
     """Stopped after 2 epochs, started again: the training goes on, the epochs' metrics are kept
     and sent once it answers, and the run ends FINISHED with all of them."""
     paths = _project(tmp_path / "p", digits_data, LONG_TEACHER)
-    proc, log = _start(paths, "train_teacher", server.url)
-    try:
+    with _stage(paths, "train_teacher", server.url) as (proc, log):
         _wait_epoch(paths, "teacher", proc, log, 2)
         server.stop()
         _wait_epoch(paths, "teacher", proc, log, 4)  # it trains on without the server
         server.start()
         proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "training goes on, the metrics of epoch" in out
@@ -286,14 +290,10 @@ def test_a_server_away_past_the_wait_fails_at_the_end_and_the_rerun_only_logs(
 ):
     overrides = [*LONG_TEACHER, "tracking.outage_wait=2"]
     paths = _project(tmp_path / "p", digits_data, overrides)
-    proc, log = _start(paths, "train_teacher", server.url)
-    try:
+    with _stage(paths, "train_teacher", server.url) as (proc, log):
         _wait_epoch(paths, "teacher", proc, log, 2)
         server.stop()
         proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     out = log.read_text()
     assert proc.returncode == 2, out[-3000:]
     lines = [line for line in out.splitlines() if "did not answer for 2 s" in line]
@@ -320,20 +320,18 @@ def test_a_stage_started_while_the_server_restarts_waits_for_it(tmp_path, digits
     served = _Server(tmp_path / "server")
     served.base.mkdir()
     paths = _project(tmp_path / "p", digits_data, ["+experiment=smoke", "tracking.start_wait=300"])
-    proc, log = _start(paths, "train_teacher", served.url)
     try:
-        deadline = time.monotonic() + 300
-        while "waiting up to 300 s" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no waiting said"
-            time.sleep(0.2)
-        served.start()
-        proc.wait(timeout=900)
+        with _stage(paths, "train_teacher", served.url) as (proc, log):
+            deadline = time.monotonic() + 300
+            while "waiting up to 300 s" not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no waiting said"
+                time.sleep(0.2)
+            served.start()
+            proc.wait(timeout=900)
         out = log.read_text()
         assert proc.returncode == 0, out[-3000:]
         run_id = model_io.read_meta(paths.model("teacher")).run_id
         assert _server_run(served.url, run_id)[0] == "FINISHED"
     finally:
-        if proc.poll() is None:
-            proc.kill()
         served.stop()
