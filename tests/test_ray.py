@@ -96,6 +96,7 @@ def test_actor_count_leaves_room_for_decoding():
         ("ray.address=somewhere", "ray.address"),
         ("ray.actors=0", "ray.actors"),
         ("ray.cpus_per_actor=0", "ray.cpus_per_actor"),
+        ("ray.max_failures=-2", "ray.max_failures"),
         ("teacher.train.strategy=horovod", "teacher.train.strategy"),
         ("student.train.workers=0", "student.train.workers"),
         ("teacher.train.strategy=multi_worker teacher.train.workers=9", "teacher.train.batch_size"),
@@ -336,3 +337,167 @@ def test_a_workers_user_error_comes_back_as_one_line():
     assert isinstance(error, PseudoLabelError) and str(error) == "models/teacher.keras: no"
     other = WorkerGroupError("rank 1 failed", {1: ValueError("a bug")})
     assert _worker_error(other) is other
+
+
+@pytest.mark.slow
+def test_two_worker_training_survives_a_killed_worker(
+    ray_cluster, digits_data, tmp_path, tracking_uri
+):
+    """train.strategy=multi_worker: SIGKILL the chief's process once the run holds a checkpoint
+    (an epoch's training state, reported with ray.train.report). Ray Train (ray.max_failures)
+    restarts both workers, which start again from that checkpoint: the chief continues its
+    MLflow run, and the stage ends with every epoch once in the history and in MLflow, its
+    state folder and the run's storage removed."""
+    import signal
+    import threading
+
+    import mlflow
+
+    from pseudolabel import tracking
+    from pseudolabel.config import compose
+    from pseudolabel.models import io as model_io
+    from pseudolabel.stages import train_teacher
+
+    epochs = 6
+    cfg = compose(
+        [
+            "+experiment=smoke",
+            "teacher.train.strategy=multi_worker",
+            "teacher.train.workers=2",
+            f"teacher.train.epochs={epochs}",
+            f"teacher.train.patience={epochs}",
+            f"ray.address={ray_cluster}",
+            "ray.max_failures=1",
+        ]
+    )
+    paths = Paths(tmp_path / "killed_worker", data_root=digits_data.input_root)
+    state = paths.models / ".resume" / "teacher" / "state.json"  # the chief's
+    client = mlflow.MlflowClient(tracking_uri)
+    before = {r.info.run_id for r in client.search_runs(_experiments(client))}
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result["metrics"] = train_teacher(cfg, paths)
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            result["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 600
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        if _epochs_saved(state) >= 2:  # so epoch 1's checkpoint is reported: mid-run
+            for run in client.search_runs(_experiments(client), "attributes.status = 'RUNNING'"):
+                if run.info.run_id not in before and run.info.run_name == "train_teacher":
+                    killed = int(run.data.tags[tracking.PROCESS_TAG].split("|")[2])
+                    os.kill(killed, signal.SIGKILL)  # the chief's Ray Train worker
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert killed is not None, "the chief was not found running after a checkpoint"
+    assert "error" not in result, result.get("error")
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed, 0)
+
+    metrics = result["metrics"]
+    assert metrics["epochs"] == epochs
+    history = pd.read_csv(paths.history("teacher"))
+    assert history["epoch"].tolist() == list(range(epochs))  # the redone epoch once
+    new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]
+    meta = model_io.read_meta(paths.model("teacher"))
+    assert [r.info.run_id for r in new] == [meta.run_id]  # the chief's one run, continued
+    run = new[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("pseudolabel_resumed") == "true"  # restored from the checkpoint
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
+    assert steps == set(range(epochs))
+    assert not (paths.models / ".resume").exists()  # the state and the run's storage
+
+
+def _epochs_saved(state: Path) -> int:
+    """The epochs a training state file says are done (0 while there is none)."""
+    import json
+
+    try:
+        return int(json.loads(state.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+_KILLED_DRIVER = """
+import sys
+from pathlib import Path
+
+from pseudolabel.config import compose
+from pseudolabel.paths import Paths
+from pseudolabel.stages import train_teacher
+
+root, data_root, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+train_teacher(compose(overrides), Paths(root, data_root=data_root))
+"""
+
+
+@pytest.mark.slow
+def test_two_worker_training_resumes_after_its_driver_is_killed(
+    ray_cluster, digits_data, tmp_path, tracking_uri
+):
+    """The stage's own process (the Ray Train driver, what `dvc repro` runs) SIGKILLed
+    mid-training: its workers go with it, the run's storage (<models>/.resume/teacher.ray)
+    stays, and the next run of the stage restores the Ray Train run from it and resumes from
+    its last checkpoint, in the same MLflow run."""
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from pseudolabel.config import compose
+    from pseudolabel.models import io as model_io
+    from pseudolabel.stages import train_teacher
+
+    epochs = 6
+    overrides = [
+        "+experiment=smoke",
+        "teacher.train.strategy=multi_worker",
+        "teacher.train.workers=2",
+        f"teacher.train.epochs={epochs}",
+        f"teacher.train.patience={epochs}",
+        f"ray.address={ray_cluster}",
+    ]
+    root = tmp_path / "killed_driver"
+    paths = Paths(root, data_root=digits_data.input_root)
+    state = paths.models / ".resume" / "teacher" / "state.json"
+    client = mlflow.MlflowClient(tracking_uri)
+    before = {r.info.run_id for r in client.search_runs(_experiments(client))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+    }
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_DRIVER, str(root), str(digits_data.input_root),
+         *overrides],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while driver.poll() is None and time.monotonic() < deadline:
+        if _epochs_saved(state) >= 2:
+            driver.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, "the stage ended before it could be killed"
+    assert any((paths.models / ".resume" / "teacher.ray").glob("checkpoint_*"))
+    killed_at = _epochs_saved(state)
+
+    metrics = train_teacher(compose(overrides), paths)
+    assert metrics["epochs"] == epochs
+    history = pd.read_csv(paths.history("teacher"))
+    assert history["epoch"].tolist() == list(range(epochs))
+    new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]
+    meta = model_io.read_meta(paths.model("teacher"))
+    assert [r.info.run_id for r in new] == [meta.run_id]
+    assert new[0].info.status == "FINISHED"
+    assert new[0].data.tags.get("pseudolabel_resumed") == "true"
+    assert killed_at >= 2
+    assert not (paths.models / ".resume").exists()

@@ -364,6 +364,9 @@ class RayConfig:
     # cluster's CPUs hold beside the decoding) and the CPUs each reserves.
     actors: int | None = MISSING
     cpus_per_actor: float = MISSING
+    # Restarts of a Ray Train run (multi_worker) from its last checkpoint after a worker
+    # dies; -1: without limit.
+    max_failures: int = MISSING
 
 
 @dataclass
@@ -604,6 +607,8 @@ def _check_ray(ray: DictConfig, fail) -> None:
         fail("ray.actors", ray.actors, "use >= 1 teacher replica, or null")
     if not ray.cpus_per_actor > 0:
         fail("ray.cpus_per_actor", ray.cpus_per_actor, "must be > 0 (fractions allowed)")
+    if ray.max_failures < -1:
+        fail("ray.max_failures", ray.max_failures, "use >= 0 restarts, or -1 for no limit")
     address = ray.address
     if address is not None and address != "auto" and not _host_port(address):
         fail("ray.address", address, "use null (a local Ray), auto, or HOST:PORT")

@@ -14,6 +14,7 @@ or replicated file system) and runs the same Python environment (docs/scale.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -295,6 +296,14 @@ def _label_on_ray(
 # metrics at the project's paths and logs to MLflow; the other workers run the same code (every
 # fit, evaluate and save step is collective) with their writes sent to a scratch folder and a
 # scratch MLflow store, removed after.
+#
+# Fault tolerance is Ray Train's: FailureConfig(max_failures=ray.max_failures) restarts the whole
+# worker group when a worker (or its node) dies, and every worker starts again from the run's
+# latest checkpoint. That checkpoint is the chief's training state (pseudolabel.resume), reported
+# with ray.train.report at every epoch's end (share_state); the run's storage is
+# <models>/.resume/<name>.ray, beside the chief's state folder, so that a driver killed with its
+# `dvc repro` resumes from there too (Ray Train restores a run from its storage and name), and
+# both are removed once the model is saved.
 
 
 def with_strategy(train):
@@ -339,13 +348,17 @@ def train_on_ray(train, arguments: dict[str, Any]) -> dict[str, Any]:
     key = f"{role}.train.strategy=multi_worker"
     _require_ray(key)
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
+
+    from pseudolabel import resume
 
     paths = arguments["paths"]
     metrics_file = Path(paths.metrics) / f"{name}.json"
+    storage = Path(paths.models).resolve() / resume.FOLDER
+    run_dir = storage / f"{name}.ray"  # Ray Train's run: its checkpoints, kept until saved
     started = _connect(cfg.ray.address)
-    storage = tempfile.mkdtemp(prefix="pseudolabel-train-")
+    succeeded = False
     try:
         resources = ray.cluster_resources()
         workers = train_cfg.workers
@@ -370,7 +383,10 @@ def train_on_ray(train, arguments: dict[str, Any]) -> dict[str, Any]:
             "cwd": os.getcwd(),
             "tracking_uri": tracking.tracking_uri(cfg),
             "env": {k: v for k, v in os.environ.items() if k in _PASSED_ENV},
+            "resume_hint": str(storage),
         }
+        if run_dir.is_dir():
+            log.info("%s: resuming the Ray Train run in %s", name, run_dir)
         trainer = TensorflowTrainer(
             _worker_loop,
             train_loop_config=config,
@@ -378,19 +394,24 @@ def train_on_ray(train, arguments: dict[str, Any]) -> dict[str, Any]:
                 num_workers=workers, use_gpu=gpus, resources_per_worker={"CPU": 1}
             ),
             run_config=RunConfig(
-                name=f"train_{name}",
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=0),
+                name=run_dir.name,
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
         )
         try:
             trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError: the worker's error inside
-            raise _worker_error(exc) from exc
+            raise _worker_error(exc, run_dir) from exc
+        succeeded = True
     finally:
         if started:
             ray.shutdown()
-        shutil.rmtree(storage, ignore_errors=True)
+        if succeeded:  # the model is saved: nothing left to resume
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                storage.rmdir()  # when empty
     return json.loads(metrics_file.read_text(encoding="utf-8"))
 
 
@@ -399,8 +420,15 @@ def train_on_ray(train, arguments: dict[str, Any]) -> dict[str, Any]:
 _PASSED_ENV = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
 
 
-def _worker_error(exc: Exception) -> Exception:
-    """A worker's PseudoLabelError as itself (one line, exit code 2); anything else as it came."""
+def _worker_error(exc: Exception, run_dir: Path | None = None) -> Exception:
+    """A worker's PseudoLabelError as itself (one line, exit code 2); anything else as it came
+    (with where the run's checkpoints are kept, when it has some)."""
+    if run_dir is not None and any(run_dir.glob("checkpoint_*")):
+        log.error(
+            "the Ray Train run failed after ray.max_failures restarts; its last checkpoint is "
+            "in %s: run the stage again to resume from it",
+            run_dir,
+        )
     seen, stack = set(), [exc]
     while stack:
         error = stack.pop()
@@ -426,6 +454,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     _patch_keras_multi_worker()
     os.chdir(config["cwd"])
     os.environ.update(config["env"])
+    global _resume_hint
+    _resume_hint = Path(config["resume_hint"])
     # Created first, before any TensorFlow op (TF_CONFIG was set by Ray Train).
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     rank = ray.train.get_context().get_world_rank()
@@ -446,6 +476,54 @@ def _worker_loop(config: dict[str, Any]) -> None:
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+# The project's <models>/.resume folder (set in each worker): what a refused state names.
+_resume_hint: Path | None = None
+
+
+def share_state(state) -> None:
+    """Make this Ray Train worker's training state (a resume.TrainingState) the run's: its
+    folder starts as the run's latest checkpoint (ray.train.get_checkpoint: after a restart, or
+    from the run's storage when the driver was killed), or empty with none, so that every worker
+    starts from the same epoch; and each save is reported (ray.train.report, which every worker
+    calls once an epoch) with the chief's folder as the checkpoint. The chief keeps the MLflow
+    run id it holds; the other workers, whose runs go to a scratch store, drop it."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    if _resume_hint is not None:
+        state.hint = _resume_hint
+    checkpoint = ray.train.get_checkpoint()
+    shutil.rmtree(state.folder, ignore_errors=True)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as source:
+            _copy_state(Path(source), state.folder, keep_run=rank == 0)
+        log.info("worker %d: training state restored from %s", rank, checkpoint.path)
+
+    def report(folder: Path, saved: dict) -> None:
+        ray.train.report(
+            {"epoch": saved["epoch"]},
+            checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None,
+            delete_local_checkpoint_after_upload=False,  # the state folder stays
+        )
+
+    state.on_save = report
+
+
+def _copy_state(source: Path, folder: Path, keep_run: bool) -> None:
+    """A checkpoint's state files into `folder`: the arrays first, state.json last."""
+    from pseudolabel import resume
+    from pseudolabel.atomic import write_text_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for arrays in source.glob("variables-*.npz"):
+        shutil.copyfile(arrays, folder / arrays.name)
+    state = json.loads((source / resume.STATE).read_text(encoding="utf-8"))
+    if not keep_run:
+        state.pop("run_id", None)
+        state.pop("pending", None)
+    write_text_atomic(folder / resume.STATE, json.dumps(state, indent=1))
 
 
 def _scratch_paths(paths, scratch: Path, name: str):

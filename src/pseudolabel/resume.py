@@ -33,7 +33,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,14 @@ def fingerprint(**parts: Any) -> str:
 class TrainingState:
     """The state folder of one training (see the module docstring)."""
 
-    def __init__(self, folder: Path, fingerprint: str):
+    def __init__(self, folder: Path, fingerprint: str, hint: Path | None = None):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.hint = Path(hint) if hint is not None else self.folder  # what to delete to start over
         self.extra: dict = {}  # saved with every state (the MLflow run id)
+        # Called with (folder, state) after every save: under Ray Train workers it reports the
+        # folder as the run's checkpoint (distributed.share_state).
+        self.on_save: Callable[[Path, dict], None] | None = None
 
     def load(self) -> dict | None:
         """The saved state, or None when there is none. A state of another fingerprint is
@@ -85,16 +89,16 @@ class TrainingState:
         except (ValueError, KeyError, TypeError) as exc:
             raise PseudoLabelError(
                 f"{path}: not a training state this version wrote ({exc}); delete "
-                f"{self.folder} to train from the first epoch."
+                f"{self.hint} to train from the first epoch."
             ) from None
         if state.get("fingerprint") != self.fingerprint:
             raise PseudoLabelError(
-                f"{self.folder} holds an interrupted training of other params, code or images "
+                f"{self.hint} holds an interrupted training of other params, code or images "
                 f"(stopped after epoch {state.get('epoch')}); it is not mixed in: delete the "
                 "folder to train from the first epoch, or restore what it was trained with."
             )
         if not arrays.is_file():
-            raise PseudoLabelError(f"{arrays}: missing; delete {self.folder} to start afresh.")
+            raise PseudoLabelError(f"{arrays}: missing; delete {self.hint} to start afresh.")
         return state
 
     def arrays(self, state: dict) -> dict[str, np.ndarray]:
@@ -127,6 +131,8 @@ class TrainingState:
         for old in self.folder.glob("variables-*.npz"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+        if self.on_save is not None:
+            self.on_save(self.folder, state)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

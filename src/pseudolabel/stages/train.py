@@ -305,10 +305,9 @@ def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
     """The state folder of this training (pseudolabel.resume): <models>/.resume/<name>, keyed
     by what the training depends on: its config, the seed, the images it reads (names and
     labels, and for a student the pseudo-label CSV and merged set), the teacher it starts from,
-    and the code. None under Ray Train workers (train.strategy=multi_worker): each worker
-    would write it."""
-    if job.role_cfg.train.strategy == "multi_worker":
-        return None
+    and the code. Under Ray Train workers (train.strategy=multi_worker) each worker keeps its
+    own (the chief's here, the others' in their scratch folder), restored from and reported as
+    the Ray Train run's checkpoint (distributed.share_state)."""
     inputs = {
         "name": job.name,
         "role": to_dict(job.role_cfg),
@@ -327,7 +326,11 @@ def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
         teacher = job.paths.model("teacher")
         inputs["teacher"] = tracking.md5(teacher) if teacher.is_file() else None
     folder = job.paths.models / resume.FOLDER / job.name
-    return resume.TrainingState(folder, resume.fingerprint(**inputs))
+    if job.role_cfg.train.strategy != "multi_worker":
+        return resume.TrainingState(folder, resume.fingerprint(**inputs))
+    state = resume.TrainingState(folder, resume.fingerprint(**inputs))
+    distributed.share_state(state)
+    return state
 
 
 def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
