@@ -74,7 +74,7 @@ class TrainingState:
         self.hint = Path(hint) if hint is not None else self.folder  # what to delete to start over
         self.extra: dict = {}  # saved with every state (the MLflow run id)
         # Called with (folder, state) after every save: under Ray Train workers it reports the
-        # folder as the run's checkpoint (distributed.share_state).
+        # folder as the run's checkpoint (strategies.share_state).
         self.on_save: Callable[[Path, dict], None] | None = None
 
     def load(self) -> dict | None:

@@ -17,13 +17,13 @@ from omegaconf import OmegaConf
 
 from pseudolabel import (
     consistency,
-    distributed,
     fitting,
     merged_set,
     ood,
     plots,
     predicting,
     resume,
+    strategies,
     tracking,
 )
 from pseudolabel.config import no_augmentation, to_dict, validate
@@ -241,27 +241,27 @@ def _log_model(model: keras.Model, val_ds, name: str) -> None:
     )
 
 
-@distributed.with_strategy  # train.strategy: here (auto), MirroredStrategy or Ray Train workers
 def _train(
     cfg,
     role: str,
-    train_dir: Path,
+    name: str,
     paths: Paths,
+    train_dir: Path,
     tags: dict[str, Any],
-    name: str | None = None,
     unlabeled: bool = True,
     truth=None,
     callbacks: tuple = (),
 ) -> dict[str, Any]:
     """Train the teacher or the student from a class-folder tree; save model, metadata, metrics.
+    Called through strategies.run, which runs it where `cfg[role].train.strategy` says.
 
-    `name` (default: the role) names the model, its metrics and its MLflow run: the baseline is
-    the student's config saved as "baseline". With student.consistency.enabled the student
+    `name` names the model, its metrics and its MLflow run: the baseline is the student's
+    config saved as "baseline". With student.consistency.enabled the student
     trains in a ConsistencyModel, on the unlabeled images too unless `unlabeled` is false
     (the labeled-only baseline with the same network, views, steps and EMA). `truth` (path
     under data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels'
     precision to the logged metrics."""
-    job = _job(cfg, role, name or role, train_dir, paths)
+    job = _job(cfg, role, name, train_dir, paths)
     if job.online:
         job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth)
     else:
@@ -307,7 +307,7 @@ def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
     labels, and for a student the pseudo-label CSV and merged set), the teacher it starts from,
     and the code. Under Ray Train workers (train.strategy=multi_worker) each worker keeps its
     own (the chief's here, the others' in their scratch folder), restored from and reported as
-    the Ray Train run's checkpoint (distributed.share_state)."""
+    the Ray Train run's checkpoint (strategies.share_state)."""
     inputs = {
         "name": job.name,
         "role": to_dict(job.role_cfg),
@@ -329,7 +329,7 @@ def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
     if job.role_cfg.train.strategy != "multi_worker":
         return resume.TrainingState(folder, resume.fingerprint(**inputs))
     state = resume.TrainingState(folder, resume.fingerprint(**inputs))
-    distributed.share_state(state)
+    strategies.share_state(state)
     return state
 
 
@@ -569,7 +569,7 @@ def _teacher_classes(cfg, paths: Paths) -> list[str]:
 def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     if cfg.teacher.path:
         return import_teacher(cfg, paths)
-    return _train(cfg, "teacher", paths.train, paths, tags={})
+    return strategies.run(_train, cfg, "teacher", "teacher", paths, train_dir=paths.train, tags={})
 
 
 def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
@@ -603,9 +603,10 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
     raw["student"]["train"]["patience"] = student.train.patience * rounds
     base_cfg = validate(raw, origin="train_baseline")
     tags = {"baseline": "labeled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
-    return _train(
-        base_cfg, "student", paths.train, paths, tags, "baseline", False, callbacks=callbacks
-    )
+    return strategies.run(
+        _train, base_cfg, "student", "baseline", paths, train_dir=paths.train, tags=tags,
+        unlabeled=False, callbacks=callbacks,
+    )  # fmt: skip
 
 
 def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict[str, Any]:
@@ -623,7 +624,10 @@ def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict
         "pseudo_labeled": merge_metrics["pseudo_labeled"],
         "round": paths.round_number,  # round r > 1: the teacher is round r-1's student
     }
-    metrics = _train(cfg, "student", paths.merged, paths, tags, truth=truth, callbacks=callbacks)
+    metrics = strategies.run(
+        _train, cfg, "student", "student", paths, train_dir=paths.merged, tags=tags, truth=truth,
+        callbacks=callbacks,
+    )  # fmt: skip
     student_meta = model_io.read_meta(paths.model("student"))
     tracking.log_lineage_inputs(student_meta.run_id, cfg, paths, tags)
     return metrics
