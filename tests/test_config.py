@@ -13,6 +13,7 @@ from pseudolabel.config import (
     group_options,
     load_params,
     no_augmentation,
+    to_dict,
     validate,
 )
 from pseudolabel.errors import PseudoLabelError
@@ -202,3 +203,35 @@ def test_round_paths_share_the_images_and_chain_the_teachers(tmp_path):
     assert third.model("teacher") == tmp_path / "rounds/round2/models/student.keras"
     assert paths.round(2).model("teacher") == paths.model("student")
     assert third.round_number == 3
+
+
+def test_the_baseline_node_is_the_students_with_all_rounds_epochs():
+    """conf/config.yaml derives `baseline` (what train_baseline trains) from the student's node:
+    it follows every student.* setting; its epochs and patience are all rounds' together, its
+    EMA student.baseline.ema; the offline student's pseudo-label batches and labeled
+    fine-tuning are off, the consistency student's fine-tuning kept."""
+    cfg = compose(["pseudo_label.rounds=3", "student.train.learning_rate=0.02"])
+    base, student = to_dict(cfg.baseline), to_dict(cfg.student)
+    assert base["train"]["learning_rate"] == 0.02
+    assert base["train"]["epochs"] == 3 * student["train"]["epochs"]
+    assert base["train"]["patience"] == 3 * student["train"]["patience"]
+    assert base["train"]["ema"] == student["baseline"]["ema"] != student["train"]["ema"]
+    for key in ("epochs", "patience", "ema"):
+        base["train"][key] = student["train"][key]
+    assert base == student  # nothing else differs
+    offline = compose(
+        ["student.consistency.enabled=false", "student.labeled_finetune_epochs=3",
+         "student.train.labeled_fraction=0.5"]
+    )  # fmt: skip
+    assert offline.baseline.train.labeled_fraction is None
+    assert offline.baseline.labeled_finetune_epochs == 0
+    online = compose(["student.labeled_finetune_epochs=3"])
+    assert online.baseline.labeled_finetune_epochs == 3
+
+
+def test_a_baseline_node_not_derived_from_the_student_is_refused():
+    """A params.yaml edited by hand, or a config changed in code without recomposing."""
+    raw = OmegaConf.to_container(compose_raw(), resolve=True)
+    raw["student"]["train"]["learning_rate"] = 0.5  # the baseline still has the old one
+    with pytest.raises(PseudoLabelError, match="baseline.*recompose"):
+        validate(raw)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from pseudolabel import calibration, merged_set, thresholds, tracking
-from pseudolabel.config import compose_raw, to_dict, to_yaml, validate
+from pseudolabel.config import compose, compose_raw, to_dict, to_yaml, validate
 from pseudolabel.data.images import list_images
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.paths import Paths
@@ -134,10 +134,9 @@ def test_merge_topk_writes_soft_targets_qa_grids_and_analysis(pipeline, smoke_cf
 def test_soft_labels_feed_probability_vectors(pipeline, smoke_cfg, tmp_path):
     paths = _project(pipeline, tmp_path)
     merge(_cfg(smoke_cfg, threshold=None), paths)
-    raw = to_dict(smoke_cfg)
-    raw["student"]["soft_labels"] = True
-    raw["student"]["train"]["labeled_fraction"] = None
-    cfg = validate(raw)
+    cfg = compose(
+        ["+experiment=smoke", "student.soft_labels=true", "student.train.labeled_fraction=null"]
+    )
     files = [str(p) for p in list_images(paths.merged)]
     ds = _training_data(cfg.student, paths.merged, files, None, CLASSES, [8, 8], 1, 0)
     targets = np.concatenate([y.numpy() for _, y in ds])

@@ -168,7 +168,7 @@ def test_two_worker_training_on_the_cluster(ray_cluster, pipeline, tmp_path, tra
     assert json.loads((paths.metrics / "student.json").read_text()) == metrics
     assert metrics["epochs"] == 1
     unlabeled = len(pd.read_csv(paths.csv))
-    assert metrics["steps"] == consistency_steps(cfg, unlabeled)
+    assert metrics["steps"] == consistency_steps(cfg.student, unlabeled)
     history = pd.read_csv(paths.history("student"))
     assert len(history) == 1 and {"mask_rate", "loss_unlabeled"} <= set(history.columns)
     new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]

@@ -382,6 +382,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    # Derived from `student` and pseudo_label.rounds by conf/config.yaml (pseudolabel.rounds.
+    # baseline): the labeled-only model train_baseline trains.
+    baseline: StudentConfig = field(default_factory=StudentConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -480,6 +483,19 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
     _check_pseudo_label(cfg.pseudo_label, fail)
     _check_ray(cfg.ray, fail)
     _check_rounds(cfg, origin)
+    _check_baseline(cfg, origin)
+
+
+def _check_baseline(cfg: DictConfig, origin: str) -> None:
+    """`baseline` must be the node conf/config.yaml derives from the student's (a hand-edited
+    params.yaml, or a config changed in code, may not match it)."""
+    expected = rounds.baseline(cfg.student, cfg.pseudo_label.rounds)
+    if OmegaConf.to_container(cfg.baseline, resolve=True) != expected:
+        raise PseudoLabelError(
+            f"{origin}: `baseline` is not the node derived from `student` and "
+            "pseudo_label.rounds (it is derived: set student.* instead); recompose with "
+            "`pseudolabel compose`"
+        )
 
 
 def _check_rounds(cfg: DictConfig, origin: str) -> None:

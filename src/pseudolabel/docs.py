@@ -182,6 +182,11 @@ def sources(conf_dir: Path | None = None) -> list[tuple[str, Path]]:
     return [*files, ("", conf_dir / "config.yaml")]
 
 
+# Nodes conf/config.yaml derives whole from others (do not set them): one row each, their
+# interpolation as the default.
+DERIVED = {"baseline": "${pseudolabel.baseline:${student},${pseudo_label.rounds}}"}
+
+
 def config_keys(conf_dir: Path | None = None) -> list[Key]:
     """Every key of the default composition with its default, source file and description."""
     conf_dir = conf_dir or config.conf_dir()
@@ -205,6 +210,10 @@ def config_keys(conf_dir: Path | None = None) -> list[Key]:
         for name, value in values.items():
             dotted = f"{prefix}{name}"
             annotation, schema_doc = fields.get(name, ("", ""))
+            if dotted in DERIVED:  # one row: its keys are the student's, listed there
+                source, yaml_doc = set_in.get(dotted, ("", ""))
+                found.append(Key(dotted, DERIVED[dotted], source, yaml_doc or schema_doc))
+                continue
             if annotation in schema and isinstance(value, dict):
                 walk(value, annotation, f"{dotted}.")
                 continue

@@ -43,12 +43,33 @@ def final_student(rounds: int) -> str:
     return student_model(max(1, int(rounds)))
 
 
+def baseline(student, rounds: int) -> dict[str, Any]:
+    """conf/config.yaml's `baseline` node: what train_baseline trains, derived from the student's
+    node so that it follows every student.* setting. The same network, views, optimiser and
+    steps per epoch; the epochs (and patience) of all `rounds` students in one schedule, so
+    that it has the chain's compute; its own weight average (student.baseline.ema). The
+    offline student's pseudo-label batches (labeled_fraction) and labeled fine-tuning have no
+    meaning on labeled images alone: off. Its train.steps_per_epoch null means the student's:
+    one pass over the unlabeled images, counted when it trains."""
+    node = OmegaConf.to_container(student, resolve=True)
+    train = node["train"]
+    train["ema"] = node["baseline"]["ema"]
+    train["epochs"] = train["epochs"] * int(rounds)
+    train["patience"] = train["patience"] * int(rounds)
+    if not node["consistency"]["enabled"]:
+        train["labeled_fraction"] = None
+        node["labeled_finetune_epochs"] = 0
+    return node
+
+
 def register() -> None:
-    """Make ${pseudolabel.later_rounds:N} and ${pseudolabel.final_student:N} resolvable."""
+    """Make ${pseudolabel.later_rounds:N}, ${pseudolabel.final_student:N} and
+    ${pseudolabel.baseline:STUDENT,N} resolvable."""
     resolvers = {
         # A DictConfig, not a dict: OmegaConf.resolve (which DVC calls too) cannot store a dict.
         "later_rounds": lambda n: OmegaConf.create(foreach_items(n)),
         "final_student": final_student,
+        "baseline": lambda student, n: OmegaConf.create(baseline(student, n)),
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(f"pseudolabel.{name}"):

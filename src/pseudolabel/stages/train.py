@@ -26,7 +26,7 @@ from pseudolabel import (
     strategies,
     tracking,
 )
-from pseudolabel.config import no_augmentation, to_dict, validate
+from pseudolabel.config import no_augmentation, to_dict
 from pseudolabel.data.images import (
     labeled_dataset,
     labeled_files,
@@ -53,8 +53,8 @@ class _Job:
     """What the steps of one training share: its config and name, and the labeled images."""
 
     cfg: Any
-    role: str  # teacher | student: the config section (cfg[role]) and the network's name
-    name: str  # the model, its metrics and its MLflow run (the baseline is a "student")
+    role: str  # teacher | baseline | student: the config node it trains from (cfg[role])
+    name: str  # the model, its metrics and its MLflow run
     paths: Paths
     class_names: list[str]
     train_files: list[str]
@@ -70,9 +70,15 @@ class _Job:
         return self.cfg[self.role]
 
     @property
+    def network(self) -> str:
+        """The network's name, and the config node its errors name: the baseline trains the
+        student's network, set by student.*."""
+        return "teacher" if self.role == "teacher" else "student"
+
+    @property
     def online(self) -> bool:
-        """The student trains in a ConsistencyModel (student.consistency.enabled)."""
-        return self.role == "student" and self.role_cfg.consistency.enabled
+        """A student or its baseline trains in a ConsistencyModel (consistency.enabled)."""
+        return self.role != "teacher" and self.role_cfg.consistency.enabled
 
 
 def _training_data(role_cfg, train_dir, files, labels, class_names, size, channels, seed):
@@ -138,18 +144,17 @@ def _unlabeled_targets(paths: Paths, class_names, truth, exclude_ood: bool = Fal
     return files, probs, accepted, labels
 
 
-def consistency_steps(cfg, n_unlabeled: int) -> int:
-    """Optimiser steps per epoch of the consistency student: train.steps_per_epoch, else one
-    pass over the unlabeled images (ratio * batch_size of them per step)."""
-    train = cfg.student.train
-    per_step = cfg.student.consistency.ratio * train.batch_size
-    return train.steps_per_epoch or max(1, predicting.batches(n_unlabeled, per_step))
+def consistency_steps(node, n_unlabeled: int) -> int:
+    """Optimiser steps per epoch of a consistency student (`node`: cfg.student, or
+    cfg.baseline): train.steps_per_epoch, else one pass over the unlabeled images
+    (ratio * batch_size of them per step)."""
+    per_step = node.consistency.ratio * node.train.batch_size
+    return node.train.steps_per_epoch or max(1, predicting.batches(n_unlabeled, per_step))
 
 
-def _consistency_model(cfg, class_names, train_labels, size, channels, steps, n_unlabeled):
+def _consistency_model(student, class_names, train_labels, size, channels, steps, n_unlabeled):
     """The student's classifier (no noise layers inside: the views are made in the step) in
-    the ConsistencyModel that trains it."""
-    student = cfg.student
+    the ConsistencyModel that trains it (`student`: the student's or the baseline's node)."""
     n = len(class_names)
     classifier = build_model(student.model, no_augmentation(), n, size, channels, "student")
     prior = np.bincount(train_labels, minlength=n).astype(np.float64) + 1.0
@@ -251,23 +256,25 @@ def _train(
     unlabeled: bool = True,
     truth=None,
     callbacks: tuple = (),
+    steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train the teacher or the student from a class-folder tree; save model, metadata, metrics.
-    Called through strategies.run, which runs it where `cfg[role].train.strategy` says.
+    """Train one model from its config node `cfg[role]` (teacher, baseline or student) on a
+    class-folder tree; save the model, its metadata and metrics. Called through
+    strategies.run, which runs it where `cfg[role].train.strategy` says.
 
-    `name` names the model, its metrics and its MLflow run: the baseline is the student's
-    config saved as "baseline". With student.consistency.enabled the student
-    trains in a ConsistencyModel, on the unlabeled images too unless `unlabeled` is false
-    (the labeled-only baseline with the same network, views, steps and EMA). `truth` (path
-    under data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels'
-    precision to the logged metrics."""
+    `name` names the model, its metrics and its MLflow run. With consistency.enabled a student
+    trains in a ConsistencyModel, on the unlabeled images too unless `unlabeled` is false (the
+    labeled-only baseline). `steps`: the steps per epoch, when the node's train.steps_per_epoch
+    is null and the count is another's (the baseline's is the student's). `truth` (path under
+    data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels' precision to
+    the logged metrics."""
     job = _job(cfg, role, name, train_dir, paths)
     if job.online:
-        job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth)
+        job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth, steps)
     else:
-        train_ds, model, steps = _supervised_setup(job, train_dir)
+        train_ds, model, steps = _supervised_setup(job, train_dir, steps)
     classifier = model.classifier if job.online else model  # what is saved
-    if role == "student" and job.role_cfg.init_from_teacher:
+    if role != "teacher" and job.role_cfg.init_from_teacher:
         _init_from_teacher(job, classifier)
     params = {
         "seed": cfg.seed,
@@ -293,7 +300,7 @@ def _train(
         history = _fit(job, model, train_ds, steps, [_EpochLogger(outbox), *callbacks], state)
         if job.online:  # the consistency wrapper only trained it
             classifier.compile(loss="categorical_crossentropy", metrics=["accuracy"])
-        if role == "student" and job.role_cfg.labeled_finetune_epochs:
+        if role != "teacher" and job.role_cfg.labeled_finetune_epochs:
             history = _labeled_finetune(classifier, job, history)
         metrics = _save_and_publish(job, classifier, history, steps, run.info.run_id, tags, outbox)
     if state is not None:
@@ -317,12 +324,12 @@ def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
         "val": job.val_files,
         "steps": steps,
     }
-    if job.role == "student" and train_dir.joinpath(merged_set.MANIFEST).is_file():
+    if job.role != "teacher" and train_dir.joinpath(merged_set.MANIFEST).is_file():
         inputs["merged"] = tracking.md5(train_dir / merged_set.MANIFEST)
     if job.online and unlabeled:
         inputs["labels"] = tracking.md5(job.paths.csv)
         inputs["ood_exclude"] = bool(job.cfg.pseudo_label.ood.exclude)
-    if job.role == "student" and job.role_cfg.init_from_teacher:
+    if job.role != "teacher" and job.role_cfg.init_from_teacher:
         teacher = job.paths.model("teacher")
         inputs["teacher"] = tracking.md5(teacher) if teacher.is_file() else None
     folder = job.paths.models / resume.FOLDER / job.name
@@ -357,10 +364,11 @@ def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
     )
 
 
-def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth):
+def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps=None):
     """The consistency student's streams (labeled and, if `unlabeled`, every unlabeled image
-    with the teacher's probabilities), its ConsistencyModel and its steps per epoch. From the
-    merged set it takes the labeled rows only (the job it returns says so)."""
+    with the teacher's probabilities), its ConsistencyModel and its steps per epoch (`steps`,
+    else its node's). From the merged set it takes the labeled rows only (the job it returns
+    says so)."""
     cfg, paths, n = job.cfg, job.paths, len(job.class_names)
     if train_dir == paths.merged:  # the labeled rows of the merged set, not its pseudo ones
         manifest = merged_set.read_manifest(train_dir)
@@ -384,17 +392,19 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth):
         unlabeled_ds = consistency.unlabeled_stream(
             *parts, job.size, job.channels, per_step, cfg.seed
         )
-    steps = consistency_steps(cfg, n_unlabeled)
+    steps = steps or consistency_steps(job.role_cfg, n_unlabeled)
     train_ds = consistency.training_stream(labeled, unlabeled_ds)
     with fitting.precision(job.role_cfg.train.mixed_precision):
         model = _consistency_model(
-            cfg, job.class_names, job.train_labels, job.size, job.channels, steps, n_unlabeled
-        )
+            job.role_cfg, job.class_names, job.train_labels, job.size, job.channels, steps,
+            n_unlabeled,
+        )  # fmt: skip
     return job, train_ds, model, steps
 
 
-def _supervised_setup(job: _Job, train_dir: Path):
-    """The teacher's (or the merged-set student's) batches, network and steps per epoch."""
+def _supervised_setup(job: _Job, train_dir: Path, steps: int | None = None):
+    """The teacher's (or the merged-set student's) batches, network and steps per epoch
+    (`steps`, else its node's train.steps_per_epoch, else one pass over the images)."""
     role_cfg, n = job.role_cfg, len(job.class_names)
     data = (job.train_files, job.train_labels, job.class_names, job.size, job.channels)
     train_ds = _training_data(role_cfg, train_dir, *data, job.cfg.seed)
@@ -402,12 +412,12 @@ def _supervised_setup(job: _Job, train_dir: Path):
         train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, job.cfg.seed)
     with fitting.precision(role_cfg.train.mixed_precision):
         model = build_model(
-            role_cfg.model, role_cfg.train.augment, n, job.size, job.channels, job.role
+            role_cfg.model, role_cfg.train.augment, n, job.size, job.channels, job.network
         )
-    batch = role_cfg.train.batch_size
-    steps = role_cfg.train.steps_per_epoch or predicting.batches(len(job.train_files), batch)
+    fixed = steps or role_cfg.train.steps_per_epoch
+    steps = fixed or predicting.batches(len(job.train_files), role_cfg.train.batch_size)
     endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
-    if role_cfg.train.steps_per_epoch and not endless:
+    if fixed and not endless:
         train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
     return train_ds, model, steps
 
@@ -573,9 +583,9 @@ def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
 
 
 def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
-    """The student's network and steps (all rounds' students' together) on the labeled images
-    alone (student.baseline): what the unlabeled images must beat. Off: a metrics file saying
-    so, and no model."""
+    """The `baseline` node (the student's network and steps, all rounds' epochs together) on the
+    labeled images alone: what the unlabeled images must beat. Off (student.baseline.enabled):
+    a metrics file saying so, and no model."""
     if not cfg.student.baseline.enabled:
         paths.model("baseline").parent.mkdir(parents=True, exist_ok=True)
         write_json(paths.model("baseline").with_suffix(".off.json"), {"enabled": False})
@@ -586,26 +596,18 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
         metrics = {"enabled": False}
         publish_metrics(paths.metrics / "baseline.json", metrics, logged={})  # no MLflow run
         return metrics
-    student, raw = cfg.student, to_dict(cfg)
-    if student.consistency.enabled:  # the consistency student's steps, without the unlabeled
-        steps = consistency_steps(cfg, len(list_images(paths.unlabeled)))
-    else:  # the offline student's schedule: one pass over labeled + all unlabeled images
-        n = len(list_images(paths.train)) + len(list_images(paths.unlabeled))
-        steps = student.train.steps_per_epoch or predicting.batches(n, student.train.batch_size)
-        raw["student"]["train"]["labeled_fraction"] = None
-        raw["student"]["labeled_finetune_epochs"] = 0
-    raw["student"]["train"]["steps_per_epoch"] = steps
-    raw["student"]["train"]["ema"] = student.baseline.ema
-    # The same compute as the whole chain of students: with pseudo_label.rounds each round's
-    # student trains its epochs anew, so the baseline gets rounds x as many (one schedule).
-    rounds = cfg.pseudo_label.rounds
-    raw["student"]["train"]["epochs"] = student.train.epochs * rounds
-    raw["student"]["train"]["patience"] = student.train.patience * rounds
-    base_cfg = validate(raw, origin="train_baseline")
+    node, steps = cfg.baseline, None  # its node: conf/config.yaml derives it from the student's
+    if node.train.steps_per_epoch is None:  # the student's: one pass over the unlabeled images
+        unlabeled = len(list_images(paths.unlabeled))
+        if node.consistency.enabled:
+            steps = consistency_steps(node, unlabeled)
+        else:  # the offline student's pass: labeled + all unlabeled images
+            n = len(list_images(paths.train)) + unlabeled
+            steps = predicting.batches(n, node.train.batch_size)
     tags = {"baseline": "labeled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
     return strategies.run(
-        _train, base_cfg, "student", "baseline", paths, train_dir=paths.train, tags=tags,
-        unlabeled=False, callbacks=callbacks,
+        _train, cfg, "baseline", "baseline", paths, train_dir=paths.train, tags=tags,
+        unlabeled=False, callbacks=callbacks, steps=steps,
     )  # fmt: skip
 
 
