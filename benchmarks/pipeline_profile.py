@@ -134,9 +134,10 @@ def _fit_rate(model: keras.Model, data, steps: int, images_per_step: int) -> flo
     return steps * images_per_step / (time.perf_counter() - start)
 
 
-def profile_phases(cfg, unlabeled: list[str], steps: int, repeats: int = 3) -> dict:
-    """Images/s of each phase of the student's step on in-memory batches (see the docstring)."""
-    student, n, size, channels = cfg.student, 10, list(cfg.data.image_size), cfg.data.channels
+def step_batches(cfg, n: int = 10):
+    """One step's in-memory batches of the demo's shape, repeated: (the consistency step's
+    labeled + unlabeled batch, the bare step's batch of as many labeled images, and its x_u)."""
+    student, size, channels = cfg.student, list(cfg.data.image_size), cfg.data.channels
     b = student.train.batch_size
     u = student.consistency.ratio * b
     rng = np.random.default_rng(0)
@@ -150,15 +151,47 @@ def profile_phases(cfg, unlabeled: list[str], steps: int, repeats: int = 3) -> d
     bare_data = tf.data.Dataset.from_tensors(
         (both, np.eye(n, dtype=np.float32)[rng.integers(0, n, b + u)])
     ).repeat()
+    return step_data, bare_data, x_u
+
+
+def student_classifier(cfg, mixed: bool, n: int = 10) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    size, channels = list(cfg.data.image_size), cfg.data.channels
+    with fitting.precision(mixed):
+        return build_model(cfg.student.model, no_augmentation(), n, size, channels, "student")
+
+
+def student_optimizer(cfg) -> keras.optimizers.Optimizer:
+    ema = cfg.student.train.ema
+    return keras.optimizers.Adam(1e-3, use_ema=bool(ema), ema_momentum=ema or 0.99)
+
+
+def consistency_step_model(cfg, mixed: bool, steps: int, n: int = 10) -> keras.Model:
+    """The consistency student's keras.Model (its train_step) around the default classifier,
+    compiled: what one step of train_student runs."""
+    student = cfg.student
+    with fitting.precision(mixed):
+        model = consistency.ConsistencyModel(
+            student_classifier(cfg, mixed, n), augmentation_layers(student.consistency.weak),
+            augmentation_layers(student.consistency.strong), student.consistency, n, 20000,
+            np.ones(n), total_steps=steps * 10, label_smoothing=0.0,
+        )  # fmt: skip
+    model.compile(optimizer=student_optimizer(cfg))
+    return model
+
+
+def profile_phases(cfg, unlabeled: list[str], steps: int, repeats: int = 3) -> dict:
+    """Images/s of each phase of the student's step on in-memory batches (see the docstring)."""
+    student, n, size, channels = cfg.student, 10, list(cfg.data.image_size), cfg.data.channels
+    b = student.train.batch_size
+    u = student.consistency.ratio * b
+    step_data, bare_data, x_u = step_batches(cfg, n)
 
     def classifier(mixed: bool):
-        keras.utils.set_random_seed(0)
-        with fitting.precision(mixed):
-            return build_model(student.model, no_augmentation(), n, size, channels, "student")
+        return student_classifier(cfg, mixed, n)
 
     def optimizer():
-        return keras.optimizers.Adam(1e-3, use_ema=bool(student.train.ema),
-                                     ema_momentum=student.train.ema or 0.99)  # fmt: skip
+        return student_optimizer(cfg)
 
     def bare(mixed: bool, jit: bool) -> float:
         model = classifier(mixed)
@@ -166,13 +199,7 @@ def profile_phases(cfg, unlabeled: list[str], steps: int, repeats: int = 3) -> d
         return _fit_rate(model, bare_data, steps, b + u)
 
     def step(mixed: bool) -> float:
-        with fitting.precision(mixed):
-            model = consistency.ConsistencyModel(
-                classifier(mixed), augmentation_layers(student.consistency.weak),
-                augmentation_layers(student.consistency.strong), student.consistency, n, 20000,
-                np.ones(n), total_steps=steps * 10, label_smoothing=0.0,
-            )  # fmt: skip
-        model.compile(optimizer=optimizer())
+        model = consistency_step_model(cfg, mixed, steps, n)
         return _fit_rate(model, step_data, steps, b + u)  # images trained on per step
 
     mixed = bool(student.train.mixed_precision)

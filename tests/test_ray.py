@@ -268,7 +268,6 @@ def test_ray_engine_survives_a_killed_worker(ray_cluster, project, tmp_path):
     """SIGKILL the teacher actor's worker process once the first results are back: Ray restarts
     the actor and retries its batches, and the run still returns every image, equal to local."""
     import signal
-    import threading
 
     from pseudolabel import distributed, predicting
     from pseudolabel.models import io as model_io
@@ -276,20 +275,13 @@ def test_ray_engine_survives_a_killed_worker(ray_cluster, project, tmp_path):
     model = project.model("teacher")
     meta = model_io.read_meta(model)
     partial = tmp_path / "partial"
-    result: dict = {}
-
-    def label() -> None:
-        try:
-            result["out"] = distributed.predict_folder(
-                model, {"allow_unsafe": False, "trusted_saved_model": None}, meta,
-                project.unlabeled, 16, tta=False, temperature=1.0, address=ray_cluster,
-                actors=1, cpus_per_actor=0.5, partial_dir=partial, chunk_size=16,
-            )  # fmt: skip
-        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
-            result["error"] = exc
-
-    thread = threading.Thread(target=label)
-    thread.start()
+    thread, result = _in_thread(
+        lambda: distributed.predict_folder(
+            model, {"allow_unsafe": False, "trusted_saved_model": None}, meta,
+            project.unlabeled, 16, tta=False, temperature=1.0, address=ray_cluster,
+            actors=1, cpus_per_actor=0.5, partial_dir=partial, chunk_size=16,
+        )
+    )  # fmt: skip
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
@@ -301,7 +293,7 @@ def test_ray_engine_survives_a_killed_worker(ray_cluster, project, tmp_path):
     thread.join(timeout=300)
     assert killed is not None, "no teacher actor was found to kill before the run ended"
     assert "error" not in result, result.get("error")
-    frame, failed = result["out"]
+    frame, failed = result["value"]
     whole, whole_failed = predicting.predict_folder(
         model_io.load(model)[0], meta, project.unlabeled, 16, temperature=1.0
     )
@@ -309,6 +301,23 @@ def test_ray_engine_survives_a_killed_worker(ray_cluster, project, tmp_path):
     assert frame["path"].tolist() == whole["path"].tolist()
     numbers = [c for c in whole.columns if c not in ("path", "label")]
     np.testing.assert_allclose(frame[numbers], whole[numbers], atol=1e-6, rtol=0)
+
+
+def _in_thread(call) -> tuple:
+    """Start `call()` in a thread; the thread, and a dict that gets its "value" or "error"."""
+    import threading
+
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 (the test's assertion reports it)
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
 
 
 def _actor_pids() -> list[int]:
@@ -349,7 +358,6 @@ def test_two_worker_training_survives_a_killed_worker(
     MLflow run, and the stage ends with every epoch once in the history and in MLflow, its
     state folder and the run's storage removed."""
     import signal
-    import threading
 
     import mlflow
 
@@ -374,16 +382,7 @@ def test_two_worker_training_survives_a_killed_worker(
     run_dir = paths.models / ".resume" / "teacher.ray"  # the Ray Train run's storage
     client = mlflow.MlflowClient(tracking_uri)
     before = {r.info.run_id for r in client.search_runs(_experiments(client))}
-    result: dict = {}
-
-    def train() -> None:
-        try:
-            result["metrics"] = train_teacher(cfg, paths)
-        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
-            result["error"] = exc
-
-    thread = threading.Thread(target=train)
-    thread.start()
+    thread, result = _in_thread(lambda: train_teacher(cfg, paths))
     killed = None
     deadline = time.monotonic() + 600
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
@@ -399,7 +398,7 @@ def test_two_worker_training_survives_a_killed_worker(
     with pytest.raises(ProcessLookupError):
         os.kill(killed, 0)
 
-    metrics = result["metrics"]
+    metrics = result["value"]
     assert metrics["epochs"] == epochs
     history = pd.read_csv(paths.history("teacher"))
     assert history["epoch"].tolist() == list(range(epochs))  # the redone epoch once
