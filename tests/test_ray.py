@@ -363,21 +363,9 @@ def test_two_worker_training_survives_a_killed_worker(
 
     from pseudolabel import tracking
     from pseudolabel.config import compose
-    from pseudolabel.models import io as model_io
     from pseudolabel.stages import train_teacher
 
-    epochs = 6
-    cfg = compose(
-        [
-            "+experiment=smoke",
-            "teacher.train.strategy=multi_worker",
-            "teacher.train.workers=2",
-            f"teacher.train.epochs={epochs}",
-            f"teacher.train.patience={epochs}",
-            f"ray.address={ray_cluster}",
-            "ray.max_failures=1",
-        ]
-    )
+    cfg = compose([*_two_worker_teacher(ray_cluster), "ray.max_failures=1"])
     paths = Paths(tmp_path / "killed_worker", data_root=digits_data.input_root)
     run_dir = paths.models / ".resume" / "teacher.ray"  # the Ray Train run's storage
     client = mlflow.MlflowClient(tracking_uri)
@@ -398,18 +386,41 @@ def test_two_worker_training_survives_a_killed_worker(
     with pytest.raises(ProcessLookupError):
         os.kill(killed, 0)
 
-    metrics = result["value"]
-    assert metrics["epochs"] == epochs
+    _resumed_once(result["value"], paths, client, before)
+
+
+_EPOCHS = 6  # the two-worker teacher's, all run (patience as long)
+
+
+def _two_worker_teacher(address: str) -> list[str]:
+    """The smoke teacher on two Ray Train workers of the cluster at `address`."""
+    return [
+        "+experiment=smoke",
+        "teacher.train.strategy=multi_worker",
+        "teacher.train.workers=2",
+        f"teacher.train.epochs={_EPOCHS}",
+        f"teacher.train.patience={_EPOCHS}",
+        f"ray.address={address}",
+    ]
+
+
+def _resumed_once(metrics: dict, paths: Paths, client, before: set) -> None:
+    """The interrupted teacher ended as one uninterrupted one would look: every epoch once in
+    its history and in MLflow, in the chief's one run (continued: tag pseudolabel_resumed),
+    and no training state or Ray Train storage left."""
+    from pseudolabel.models import io as model_io
+
+    assert metrics["epochs"] == _EPOCHS
     history = pd.read_csv(paths.history("teacher"))
-    assert history["epoch"].tolist() == list(range(epochs))  # the redone epoch once
+    assert history["epoch"].tolist() == list(range(_EPOCHS))  # the redone epoch once
     new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]
     meta = model_io.read_meta(paths.model("teacher"))
     assert [r.info.run_id for r in new] == [meta.run_id]  # the chief's one run, continued
     run = new[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags.get("pseudolabel_resumed") == "true"  # restored from the checkpoint
+    assert run.data.tags.get("pseudolabel_resumed") == "true"  # restored from a checkpoint
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
-    assert steps == set(range(epochs))
+    assert steps == set(range(_EPOCHS))
     assert not (paths.models / ".resume").exists()  # the state and the run's storage
 
 
@@ -464,18 +475,9 @@ def test_two_worker_training_resumes_after_its_driver_is_killed(
     import mlflow
 
     from pseudolabel.config import compose
-    from pseudolabel.models import io as model_io
     from pseudolabel.stages import train_teacher
 
-    epochs = 6
-    overrides = [
-        "+experiment=smoke",
-        "teacher.train.strategy=multi_worker",
-        "teacher.train.workers=2",
-        f"teacher.train.epochs={epochs}",
-        f"teacher.train.patience={epochs}",
-        f"ray.address={ray_cluster}",
-    ]
+    overrides = _two_worker_teacher(ray_cluster)
     root = tmp_path / "killed_driver"
     paths = Paths(root, data_root=digits_data.input_root)
     state = paths.models / ".resume" / "teacher" / "state.json"
@@ -502,14 +504,5 @@ def test_two_worker_training_resumes_after_its_driver_is_killed(
     assert any((paths.models / ".resume" / "teacher.ray").glob("checkpoint_*"))
     killed_at = _epochs_saved(state)
 
-    metrics = train_teacher(compose(overrides), paths)
-    assert metrics["epochs"] == epochs
-    history = pd.read_csv(paths.history("teacher"))
-    assert history["epoch"].tolist() == list(range(epochs))
-    new = [r for r in client.search_runs(_experiments(client)) if r.info.run_id not in before]
-    meta = model_io.read_meta(paths.model("teacher"))
-    assert [r.info.run_id for r in new] == [meta.run_id]
-    assert new[0].info.status == "FINISHED"
-    assert new[0].data.tags.get("pseudolabel_resumed") == "true"
-    assert 1 <= killed_at < epochs
-    assert not (paths.models / ".resume").exists()
+    _resumed_once(train_teacher(compose(overrides), paths), paths, client, before)
+    assert 1 <= killed_at < _EPOCHS
