@@ -280,7 +280,7 @@ def test_soft_label_student_trains_on_a_plain_labeled_folder(pipeline, tmp_path,
     offline = "student.consistency.enabled=false"  # the merged-folder student
     cfg = compose(["+experiment=smoke", "student.soft_labels=true", offline])
     paths = Paths(tmp_path, data_root=pipeline.root, teacher_model=pipeline.model("teacher"))
-    metrics = _train(cfg, "student", "student", paths, paths.train, {"baseline": "supervised_only"})
+    metrics = _train(cfg, "student", paths, paths.train, {"baseline": "supervised_only"})
     assert metrics["train_images"] == len(list_images(paths.train))
 
 
@@ -301,7 +301,7 @@ def test_steps_per_epoch_repeats_a_small_training_set(pipeline, tmp_path, tracki
     )
     paths = Paths(tmp_path, data_root=pipeline.root, teacher_model=pipeline.model("teacher"))
     assert batches(len(list_images(paths.train)), cfg.student.train.batch_size) < 7
-    metrics = _train(cfg, "student", "student", paths, paths.train, {"baseline": "supervised_only"})
+    metrics = _train(cfg, "student", paths, paths.train, {"baseline": "supervised_only"})
     assert metrics["epochs"] == 2
     assert len(pd.read_csv(paths.plots / "train" / "student.csv")) == 2
     model = keras.models.load_model(paths.model("student"))

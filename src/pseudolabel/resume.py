@@ -68,10 +68,10 @@ def fingerprint(**parts: Any) -> str:
 class TrainingState:
     """The state folder of one training (see the module docstring)."""
 
-    def __init__(self, folder: Path, fingerprint: str, hint: Path | None = None):
+    def __init__(self, folder: Path, fingerprint: str):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
-        self.hint = Path(hint) if hint is not None else self.folder  # what to delete to start over
+        self.hint = self.folder  # what a refusal says to delete (Ray Train: the .resume folder)
         self.extra: dict = {}  # saved with every state (the MLflow run id)
         # Called with (folder, state) after every save: under Ray Train workers it reports the
         # folder as the run's checkpoint (strategies.share_state).

@@ -1,6 +1,6 @@
 """teacher/student.train.strategy: where a training runs, chosen by config in one call.
 
-`run(train, cfg, role, name, paths, ...)` calls the training function `train` (stages.train's
+`run(train, cfg, role, paths, ...)` calls the training function `train` (stages.train's
 `_train`) under `cfg[role].train.strategy`:
 
 - auto: as it is, in this process;
@@ -44,11 +44,11 @@ from pseudolabel.errors import PseudoLabelError
 log = logging.getLogger(__name__)
 
 
-def run(train: Callable[..., dict], cfg, role: str, name: str, paths, **arguments) -> dict:
-    """`train(cfg=cfg, role=role, name=name, paths=paths, **arguments)` under
+def run(train: Callable[..., dict], cfg, role: str, paths, **arguments) -> dict:
+    """`train(cfg=cfg, role=role, paths=paths, **arguments)` under
     `cfg[role].train.strategy`; its metrics (the chief's, on Ray Train workers). `train` must
     be a module-level function: Ray Train workers import it by name."""
-    arguments = {"cfg": cfg, "role": role, "name": name, "paths": paths, **arguments}
+    arguments = {"cfg": cfg, "role": role, "paths": paths, **arguments}
     strategy = cfg[role].train.strategy
     if strategy == "mirrored":
         import tensorflow as tf
@@ -73,7 +73,8 @@ def train_on_ray(train, arguments: dict[str, Any]) -> dict[str, Any]:
     """`train(**arguments)` on `train.workers` Ray Train workers; the chief's metrics."""
     from pseudolabel import tracking
 
-    cfg, role, name = arguments["cfg"], arguments["role"], arguments["name"]
+    cfg, role = arguments["cfg"], arguments["role"]
+    name = role  # the model's and its run's name
     train_cfg = cfg[role].train
     key = f"{role}.train.strategy=multi_worker"
     _require_ray(key)
@@ -196,7 +197,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     uri = config["tracking_uri"]
     if rank != 0:
         scratch = Path(tempfile.mkdtemp(prefix=f"pseudolabel-worker{rank}-"))
-        arguments["paths"] = _scratch_paths(arguments["paths"], scratch, arguments["name"])
+        arguments["paths"] = _scratch_paths(arguments["paths"], scratch, arguments["role"])
         uri = f"sqlite:///{scratch / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # tracking.use_store reads it (it wins over cfg)
     try:

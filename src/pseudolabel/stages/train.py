@@ -53,8 +53,7 @@ class _Job:
     """What the steps of one training share: its config and name, and the labeled images."""
 
     cfg: Any
-    role: str  # teacher | baseline | student: the config node it trains from (cfg[role])
-    name: str  # the model, its metrics and its MLflow run
+    role: str  # teacher | baseline | student: its config node (cfg[role]), model and MLflow run
     paths: Paths
     class_names: list[str]
     train_files: list[str]
@@ -68,6 +67,11 @@ class _Job:
     @property
     def role_cfg(self):
         return self.cfg[self.role]
+
+    @property
+    def name(self) -> str:
+        """The model, its metrics and its MLflow run: models/<role>.keras, train_<role>."""
+        return self.role
 
     @property
     def network(self) -> str:
@@ -249,7 +253,6 @@ def _log_model(model: keras.Model, val_ds, name: str) -> None:
 def _train(
     cfg,
     role: str,
-    name: str,
     paths: Paths,
     train_dir: Path,
     tags: dict[str, Any],
@@ -262,13 +265,13 @@ def _train(
     class-folder tree; save the model, its metadata and metrics. Called through
     strategies.run, which runs it where `cfg[role].train.strategy` says.
 
-    `name` names the model, its metrics and its MLflow run. With consistency.enabled a student
+    `role` also names the model, its metrics and its MLflow run. With consistency.enabled a student
     trains in a ConsistencyModel, on the unlabeled images too unless `unlabeled` is false (the
     labeled-only baseline). `steps`: the steps per epoch, when the node's train.steps_per_epoch
     is null and the count is another's (the baseline's is the student's). `truth` (path under
     data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels' precision to
     the logged metrics."""
-    job = _job(cfg, role, name, train_dir, paths)
+    job = _job(cfg, role, train_dir, paths)
     if job.online:
         job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth, steps)
     else:
@@ -333,14 +336,13 @@ def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
         teacher = job.paths.model("teacher")
         inputs["teacher"] = tracking.md5(teacher) if teacher.is_file() else None
     folder = job.paths.models / resume.FOLDER / job.name
-    if job.role_cfg.train.strategy != "multi_worker":
-        return resume.TrainingState(folder, resume.fingerprint(**inputs))
     state = resume.TrainingState(folder, resume.fingerprint(**inputs))
-    strategies.share_state(state)
+    if job.role_cfg.train.strategy == "multi_worker":
+        strategies.share_state(state)  # restored from and reported as Ray Train checkpoints
     return state
 
 
-def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
+def _job(cfg, role: str, train_dir: Path, paths: Paths) -> _Job:
     """The labeled train and val images (val as batches), with the run seeded."""
     class_names = labeled_classes(paths)
     train_files, train_labels = labeled_files(train_dir, class_names)
@@ -352,7 +354,6 @@ def _job(cfg, role: str, name: str, train_dir: Path, paths: Paths) -> _Job:
     return _Job(
         cfg,
         role,
-        name,
         paths,
         class_names,
         train_files,
@@ -579,7 +580,7 @@ def _teacher_classes(cfg, paths: Paths) -> list[str]:
 def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     if cfg.teacher.path:
         return import_teacher(cfg, paths)
-    return strategies.run(_train, cfg, "teacher", "teacher", paths, train_dir=paths.train, tags={})
+    return strategies.run(_train, cfg, "teacher", paths, train_dir=paths.train, tags={})
 
 
 def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
@@ -606,7 +607,7 @@ def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
             steps = predicting.batches(n, node.train.batch_size)
     tags = {"baseline": "labeled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
     return strategies.run(
-        _train, cfg, "baseline", "baseline", paths, train_dir=paths.train, tags=tags,
+        _train, cfg, "baseline", paths, train_dir=paths.train, tags=tags,
         unlabeled=False, callbacks=callbacks, steps=steps,
     )  # fmt: skip
 
@@ -627,7 +628,7 @@ def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict
         "round": paths.round_number,  # round r > 1: the teacher is round r-1's student
     }
     metrics = strategies.run(
-        _train, cfg, "student", "student", paths, train_dir=paths.merged, tags=tags, truth=truth,
+        _train, cfg, "student", paths, train_dir=paths.merged, tags=tags, truth=truth,
         callbacks=callbacks,
     )  # fmt: skip
     student_meta = model_io.read_meta(paths.model("student"))
