@@ -135,8 +135,16 @@ def test_bad_input_is_one_error_before_any_job(project, overrides, message):
 
 
 def test_unreachable_tracking_uri_is_one_error_before_any_job(project):
-    result = _sweep(project, "pseudo_label.threshold=0.5", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    """After tracking.start_wait (300 s by default: a server restarting; 2 s here) of waiting,
+    said at once, one error and no job launched."""
+    result = _sweep(
+        project,
+        "pseudo_label.threshold=0.5",
+        "tracking.start_wait=2",
+        MLFLOW_TRACKING_URI="http://127.0.0.1:9",
+    )
     assert result.returncode == 2
+    assert "waiting up to 2 s for it (tracking.start_wait)" in result.stdout + result.stderr
     assert "http://127.0.0.1:9' cannot be reached" in result.stderr
     assert "Launching" not in result.stdout + result.stderr
 
