@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -24,6 +25,8 @@ from PIL import Image
 from pseudolabel import registry, tracking
 from pseudolabel.config import compose
 from pseudolabel.data.images import class_names_from, list_images
+from pseudolabel.models import io as model_io
+from pseudolabel.paths import Paths
 from pseudolabel.stages.evaluate import evaluate
 from tests.conftest import REPO, free_port, wait_until_answers
 
@@ -44,21 +47,33 @@ def test_the_rule_moves_the_champion_only_on_a_win_on_the_same_test_set():
     assert alias == registry.CHALLENGER and "another test set" in why
 
 
+def _stronger_copy(pipeline, root: Path) -> Paths:
+    """The pipeline copied to `root` with a real, stronger student: the smoke student learns
+    little in its 18 steps, the smoke teacher more; the teacher's network and weights saved as
+    the student (with the student's metadata, so the same lineage)."""
+    top = lambda folder, names: ["data"] if Path(folder) == pipeline.root else []  # noqa: E731
+    shutil.copytree(pipeline.root, root, dirs_exist_ok=True, ignore=top)  # not the images
+    paths = Paths(root, data_root=pipeline.root)
+    teacher, _ = model_io.load(pipeline.model("teacher"))
+    model_io.save(teacher, paths.model("student"), model_io.read_meta(pipeline.model("student")))
+    return paths
+
+
 @pytest.fixture(scope="module")
-def registered(pipeline, tracking_uri):
-    """Three evaluate runs against a registered model of their own: the first becomes champion,
-    the second (same student, a tie) challenger; then, the champion's recorded accuracy lowered
-    (as if it had been a weaker model), the third wins and takes the alias."""
+def registered(pipeline, tracking_uri, tmp_path_factory):
+    """Three evaluate runs against a registered model of their own: the pipeline's student
+    becomes champion; the same student again (a tie) challenger; then a stronger student (a
+    real model scored on the same test set) wins and takes the alias."""
     name = f"test-student-{uuid.uuid4().hex[:8]}"
     cfg = compose(["+experiment=smoke", f"tracking.registered_model={name}"])
     client = mlflow.MlflowClient()
-    evaluate(cfg, pipeline)
+    weaker = evaluate(cfg, pipeline)["student_accuracy"]
     first = registry.champion(client, name)
     evaluate(cfg, pipeline)
     second = client.get_model_version_by_alias(name, registry.CHALLENGER)
     champion_after_tie = registry.champion(client, name)
-    client.set_model_version_tag(name, first.version, registry.ACCURACY_TAG, "-1")
-    evaluate(cfg, pipeline)
+    stronger = evaluate(cfg, _stronger_copy(pipeline, tmp_path_factory.mktemp("stronger")))
+    assert stronger["student_accuracy"] > weaker, "the premise: a stronger student"
     return SimpleNamespace(
         name=name,
         client=client,
@@ -96,6 +111,8 @@ def test_a_win_moves_the_champion(registered):
     assert str(registered.third.version) == "3"
     assert registered.third.tags["promotion"] == registry.CHAMPION
     assert "beats champion v1" in registered.third.tags["promotion_reason"]
+    accuracy = registry.ACCURACY_TAG
+    assert float(registered.third.tags[accuracy]) > float(registered.first.tags[accuracy])
 
 
 def _png(pipeline) -> tuple[bytes, str]:
