@@ -141,6 +141,17 @@ def _poison(csv: Path, how: str) -> None:
         edit(7, "confidence", "-0.1")
     elif how == "empty_path":
         edit(8, "path", "")
+    elif how == "empty_label":
+        edit(2, "label", "")
+    elif how == "missing_column":
+        drop = col["confidence"]
+        lines = [",".join(c for i, c in enumerate(line.split(",")) if i != drop) for line in lines]
+    elif how == "unknown_class":  # a confident row, so that merge would copy it
+        edit(2, "label", "digit_x")
+        edit(2, "confidence", "0.99")
+    elif how == "outside_path":
+        edit(2, "path", "../x.png")
+        edit(2, "confidence", "0.99")
     csv.write_text("\n".join(lines) + "\n")
 
 
@@ -153,6 +164,10 @@ POISONS = {
     "above_one": r"column prob_digit_7 has a value outside \[0, 1\] on line 7",
     "negative": r"column confidence has a value outside \[0, 1\] on line 8",
     "empty_path": "empty path on line 9",
+    "empty_label": "empty label on line 3",
+    "missing_column": r"column\(s\) confidence missing",
+    "unknown_class": "names unknown class\\(es\\) digit_x",
+    "outside_path": "row '../x.png' is not a file inside",
 }
 
 
@@ -216,6 +231,35 @@ def test_merge_refuses_a_symlink_out_of_the_unlabeled_folder(merge_project, smok
         merge(smoke_cfg, paths)
     assert str(secret) in str(err.value) and "\n" not in str(err.value)
     assert _digest(paths.merged) == before
+
+
+def test_merge_follows_links_into_the_folder_data_link_symlink_names(merge_project, tmp_path):
+    """The same link is allowed when it points into data.unlabeled_root and the config says
+    the view is made of links (data.source=folder, data.link=symlink): its bytes are copied."""
+    import numpy as np
+    import pandas as pd
+
+    from pseudolabel.config import compose
+    from pseudolabel.merged_set import copy_name
+    from pseudolabel.predicting import read_csv, to_frame, write_csv
+    from pseudolabel.stages.merge import merge
+
+    paths = merge_project
+    user = tmp_path / "user_unlabeled"
+    photo = user / "photo.png"
+    photo.parent.mkdir()
+    photo.write_bytes(next(paths.unlabeled.rglob("*.png")).read_bytes())
+    (paths.unlabeled / "photo.png").symlink_to(photo)
+    frame = read_csv(paths.csv)
+    rows = to_frame(["photo.png"], np.eye(10)[[3]], CLASSES)  # confidence 1: selected
+    write_csv(pd.concat([frame, rows], ignore_index=True), paths.csv)
+    cfg = compose(
+        ["+experiment=smoke", "data=folder", "data.link=symlink"]
+        + [f"data.labeled_root={tmp_path}", f"data.unlabeled_root={user}"]
+    )
+    merge(cfg, paths)
+    copied = paths.merged / CLASSES[3] / copy_name("photo.png")
+    assert not copied.is_symlink() and copied.read_bytes() == photo.read_bytes()
 
 
 def _folder_cfg(user: Path, *extra: str):
@@ -851,3 +895,46 @@ def test_imported_teacher_of_another_input_size_is_said(tmp_path, digits_data, c
     (line,) = [r.getMessage() for r in caplog.records if "expects" in r.getMessage()]
     assert "expects 32x32x3 images but the data is 8x8x1" in line
     assert "resized to 32x32 and its grey copied to 3 channels" in line
+
+
+def test_only_runs_of_ended_processes_of_this_machine_are_failed(tmp_path):
+    """close_orphaned_runs, against real processes: a run whose process has ended is marked
+    FAILED; runs of a live process (a parallel sweep job), of another machine and of a pid
+    that is alive but was reused by a later process are told apart (the last is FAILED)."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from pseudolabel import tracking
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("orphans")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended_id = tracking.process_id(ended.pid)  # recorded while it runs, as a stage does
+    ended.wait(timeout=60)
+    try:
+        host, boot, pid, started = tracking.process_id(live.pid).split("|")
+        processes = {
+            "live": tracking.process_id(live.pid),
+            "ended": ended_id,
+            "other_machine": "|".join([host + "-elsewhere", boot, str(ended.pid), started]),
+            "pid_reused": "|".join([host, boot, pid, str(int(started) - 1)]),
+        }
+        runs = {
+            name: client.create_run(experiment, tags={tracking.PROCESS_TAG: process}).info.run_id
+            for name, process in processes.items()
+        }
+        closed = tracking.close_orphaned_runs(client)
+        status = {name: client.get_run(run).info.status for name, run in runs.items()}
+    finally:
+        live.kill()
+        live.wait(timeout=60)
+    assert sorted(closed) == sorted([runs["ended"], runs["pid_reused"]])
+    assert status == {
+        "live": "RUNNING",
+        "ended": "FAILED",
+        "other_machine": "RUNNING",
+        "pid_reused": "FAILED",
+    }

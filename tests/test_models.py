@@ -536,3 +536,19 @@ def test_flip_tta_averages_the_image_and_its_mirror():
     expected = (model.predict(images, verbose=0) + model.predict(images[:, :, ::-1], verbose=0)) / 2
     np.testing.assert_allclose(tta.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-6)
     assert tta.name != model.name  # partial labeling chunks of one are not reused by the other
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", '{"class_names": ["a"], "image_size": [8, 8], "channels": 1, "x": 1}']
+)
+def test_a_metadata_file_that_is_not_ours_is_one_line_and_nothing_loads(tmp_path, text):
+    """docs/failure-modes.md: the metadata beside a model is not JSON, or has unknown fields."""
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+    path = tmp_path / "models" / "teacher.keras"
+    model_io.save(model, path, model_io.ModelMeta(["a", "b"], [8, 8], 1))
+    model_io.meta_path(path).write_text(text)
+    for call in (lambda: model_io.read_meta(path), lambda: model_io.load(path)):
+        with pytest.raises(PseudoLabelError, match="not a model metadata file") as err:
+            call()
+        assert "\n" not in str(err.value) and str(model_io.meta_path(path)) in str(err.value)
