@@ -1,5 +1,6 @@
 # `make demo`: set up and run the pipeline on Fashion-MNIST. `make test`: set up and run the tests.
-# `make test-fast`: the tests not marked slow (no end-to-end training), for development.
+# `make test-fast`: the tests not marked slow (no pipeline fixture, no dvc repro or sweep, none over
+# ~15 s; tests/conftest.py marks what uses a training fixture), for development.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

@@ -44,6 +44,16 @@ def copy_tracked_files(dest: Path) -> Path:
 
 CONF_DIR = REPO / "conf"
 
+# Fixtures that train models (directly or through fixtures they use): a test that uses one is
+# an end-to-end test whatever its own cost, so `-m "not slow"` (make test-fast) leaves it out.
+TRAINING_FIXTURES = {"pipeline"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def smoke_cfg():

@@ -684,6 +684,7 @@ def _stage_runs(db: Path, stage: str) -> dict[str, tuple[str, dict[str, str]]]:
     return {run: (status, {k: v for r, k, v in tags if r == run}) for run, status in rows}
 
 
+@pytest.mark.slow  # ~30 s: a real train_teacher subprocess, killed, then one in-process
 def test_killed_stage_run_is_failed_next_time_and_a_deleted_store_is_reported(
     merge_project, smoke_cfg, monkeypatch, caplog
 ):
