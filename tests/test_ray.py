@@ -112,8 +112,9 @@ def test_engine_and_ray_keys_are_checked(override, message):
 
 @pytest.mark.parametrize("strategy", ["multi_worker", "mirrored"])
 def test_the_consistency_student_composes_under_every_strategy(strategy, tmp_path):
-    """The consistency student (the default student) trains under mirrored and multi_worker
-    too: its config is accepted (the two-worker test below trains it)."""
+    """The consistency student's (the default student's) config is accepted under mirrored and
+    multi_worker. The trainings: test_two_worker_training_on_the_cluster below (multi_worker),
+    tests/test_consistency.py's mirrored-scope test."""
     from pseudolabel import cli
 
     output = tmp_path / "params.yaml"
