@@ -342,10 +342,14 @@ def test_ingest_reports_links_out_of_the_root(user_folders, tmp_path):
 # --- 4. writes are atomic: a failure or a kill leaves the previous complete output ------------
 
 
-def _kill_during_loop(tmp_path: Path, source: str, *args, rounds: int = 2, after: float = 0.03):
+def _kill_during_loop(
+    tmp_path: Path, source: str, *args, landed, rounds: int = 2, after: float = 0.03, tries=8
+):
     """Run `source` (a script that writes in a loop and prints a line per complete round) in a
-    subprocess; after `rounds` complete rounds and `after` seconds, SIGKILL it: a real kill
-    at an arbitrary moment of the next round's write."""
+    subprocess; after `rounds` complete rounds and `after` seconds, SIGKILL it: a real kill in
+    the next round's write. `landed()` says from what the kill left (a temporary, a `.building`
+    folder) that it struck mid-write; if it did not (it fell between two writes), the loop is
+    run and killed again, each time a little later, up to `tries` times."""
     import os
     import signal
     import subprocess
@@ -354,16 +358,25 @@ def _kill_during_loop(tmp_path: Path, source: str, *args, rounds: int = 2, after
 
     script = tmp_path / "loop.py"
     script.write_text(source)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        for _ in range(rounds):
-            assert proc.stdout.readline(), "the write loop died"
-        time.sleep(after)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    for attempt in range(tries):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            for _ in range(rounds):
+                assert proc.stdout.readline(), "the write loop died"
+            time.sleep(after * (1 + attempt / tries))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        if landed():
+            return
+    pytest.fail(f"no SIGKILL struck mid-write in {tries} tries")
+
+
+def _hidden(folder: Path) -> list[str]:
+    """Entries a killed write leaves in `folder`: `.<name>.building` folders, `.<name>.tmp`."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
 _INGEST_LOOP = """
@@ -394,7 +407,9 @@ def test_sigkill_during_ingest_leaves_whole_views(user_folders, tmp_path):
     expected = Paths(tmp_path / "expected")
     ingest(cfg, expected)
     paths = Paths(tmp_path / "project")
-    _kill_during_loop(tmp_path, _INGEST_LOOP, user, paths.root, REPO, after=0.023)
+    data = paths.labeled.parent
+    landed = lambda: bool(_hidden(data)) if data.is_dir() else False  # noqa: E731
+    _kill_during_loop(tmp_path, _INGEST_LOOP, user, paths.root, REPO, landed=landed, after=0.023)
     # The images of each view are whole; its decoded copy (data.decoded) is written after the
     # view and renamed into place whole, so it is there or not: without it stages decode.
     assert _digest(paths.labeled, images=True) == _digest(expected.labeled, images=True)
@@ -453,7 +468,10 @@ def test_sigkill_during_merge_leaves_a_whole_merged_folder(merge_project, tmp_pa
     from pseudolabel.predicting import read_csv
 
     paths = merge_project
-    _kill_during_loop(tmp_path, _MERGE_LOOP, paths.root, ",".join(CLASSES), after=0.031)
+    landed = lambda: bool(_hidden(paths.merged.parent))  # noqa: E731
+    _kill_during_loop(
+        tmp_path, _MERGE_LOOP, paths.root, ",".join(CLASSES), landed=landed, after=0.031
+    )
     check_complete(paths.merged)  # the manifest and the files agree
     expected = tmp_path / "expected"
     build_merged(paths.train, paths.unlabeled, read_csv(paths.csv), expected, CLASSES)
@@ -510,12 +528,15 @@ while True:
 
 
 def test_sigkill_during_saves_leaves_complete_files(tmp_path):
-    _kill_during_loop(tmp_path, _SAVE_LOOP, tmp_path, rounds=3, after=0.137)
-    model, meta = model_io.load(tmp_path / "teacher.keras")
+    out = tmp_path / "models"
+    out.mkdir()
+    landed = lambda: bool(_hidden(out))  # noqa: E731
+    _kill_during_loop(tmp_path, _SAVE_LOOP, out, rounds=3, landed=landed, after=0.137)
+    model, meta = model_io.load(out / "teacher.keras")
     assert model.outputs[0].shape[-1] == 10 and meta.num_classes == 10
-    assert json.loads((tmp_path / "teacher.json.metrics").read_text())["n"] >= 2
-    leftovers = [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
-    assert len(leftovers) <= 2  # at most the temporaries being written when it died
+    assert json.loads((out / "teacher.json.metrics").read_text())["n"] >= 2
+    leftovers = _hidden(out)  # the temporaries being written when it died, and only those
+    assert 1 <= len(leftovers) <= 2 and all(".tmp" in name for name in leftovers), leftovers
 
 
 # --- 5. decompression bombs are reported from their header, never decoded -------------------
