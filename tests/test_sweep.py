@@ -71,19 +71,28 @@ def _parent_and_children(root: Path):
     return parent, sorted(children, key=lambda r: int(r.data.tags["sweep.job"]))
 
 
-@pytest.mark.slow  # ~25 s: a real 2-job multirun
-def test_two_job_threshold_sweep(project, tracking_uri):
+@pytest.mark.slow  # ~30 s: a real multirun, two jobs trained and two failing in merge
+def test_threshold_sweep_with_failing_jobs(project, tracking_uri):
+    """Two thresholds x two selections: per_class names a class that does not exist, which
+    passes the schema but fails in merge, so those two jobs fail and the sweep goes on."""
     before = _snapshot(project)
-    result = _sweep(project, "pseudo_label.threshold=0.3,0.6")
+    result = _sweep(
+        project,
+        "pseudo_label.selection=threshold,per_class",
+        "pseudo_label.threshold=0.3,0.6",
+        "pseudo_label.per_class_threshold={nope:0.5}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert _snapshot(project) == before, "a sweep job wrote into the project's DVC outputs"
 
     mlflow.set_tracking_uri(tracking_uri)
     parent, children = _parent_and_children(project)
     assert parent.info.status == "FINISHED"
-    assert [c.data.params["pseudo_label.threshold"] for c in children] == ["0.3", "0.6"]
-    for child in children:
-        assert child.info.status == "FINISHED"
+    assert [c.data.params["pseudo_label.threshold"] for c in children] == ["0.3", "0.6"] * 2
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
+    assert all("nope" in c.data.tags["sweep.error"] for c in children[2:])
+    assert parent.data.metrics["failed_jobs"] == 2
+    for child in children[:2]:
         assert {"student_accuracy", "gain", "kept_fraction"} <= set(child.data.metrics)
         job_dir = Path(child.data.tags["sweep.job_dir"])
         assert job_dir.parent == Path(parent.data.tags["sweep.dir"])
@@ -99,22 +108,6 @@ def test_two_job_threshold_sweep(project, tracking_uri):
     assert student.data.tags["pseudo_label_csv_md5"] == before["outputs/data.csv"]
     assert student.data.tags["pseudo_label.threshold"] == "0.3"
     assert {d.dataset.digest for d in student.inputs.dataset_inputs} >= {before["outputs/data.csv"]}
-
-
-@pytest.mark.slow  # ~18 s: a multirun with a failing job
-def test_failed_job_is_marked_and_the_sweep_goes_on(project, tracking_uri):
-    # per_class with a class that does not exist passes the schema but fails in merge.
-    result = _sweep(
-        project,
-        "pseudo_label.selection=per_class,threshold",
-        "pseudo_label.per_class_threshold={nope:0.5}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    mlflow.set_tracking_uri(tracking_uri)
-    parent, children = _parent_and_children(project)
-    assert [c.info.status for c in children] == ["FAILED", "FINISHED"]
-    assert "nope" in children[0].data.tags["sweep.error"]
-    assert parent.data.metrics["failed_jobs"] == 1
 
 
 @pytest.mark.parametrize(
