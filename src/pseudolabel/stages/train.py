@@ -1,4 +1,13 @@
-"""train_teacher and train_student: fit a model from class folders, or import the user's."""
+"""train_teacher, train_baseline and train_student: each trains one model from its config node
+(`teacher`, `baseline`, `student` in conf/; the baseline's node is derived from the student's)
+with the one function `_train`, run where the node's `train.strategy` says (strategies.run).
+
+Read top to bottom: the three stage entry points; `_train`; then its steps in the order it
+takes them: the labeled images (`_job`); the data and model, either the consistency student's
+(`_consistency_setup`: the method itself is pseudolabel.consistency and pseudolabel.method) or
+a supervised model's (`_supervised_setup`); the start from the teacher; the resume state; the
+fit; the labeled fine-tune; saving and publishing. Importing the user's own teacher
+(`teacher.path`) comes last."""
 
 from __future__ import annotations
 
@@ -48,6 +57,125 @@ from pseudolabel.stages.common import (
 log = logging.getLogger(__name__)
 
 
+def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
+    if cfg.teacher.path:
+        return import_teacher(cfg, paths)
+    return strategies.run(_train, cfg, "teacher", paths, train_dir=paths.train, tags={})
+
+
+def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
+    """The `baseline` node (the student's network and steps, all rounds' epochs together) on the
+    labeled images alone: what the unlabeled images must beat. Off (student.baseline.enabled):
+    a metrics file saying so, and no model."""
+    if not cfg.student.baseline.enabled:
+        paths.model("baseline").parent.mkdir(parents=True, exist_ok=True)
+        write_json(paths.model("baseline").with_suffix(".off.json"), {"enabled": False})
+        paths.history("baseline").parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(columns=["epoch", "val_accuracy"]).to_csv(
+            paths.history("baseline"), index=False
+        )
+        metrics = {"enabled": False}
+        publish_metrics(paths.metrics / "baseline.json", metrics, logged={})  # no MLflow run
+        return metrics
+    node, steps = cfg.baseline, None  # its node: conf/config.yaml derives it from the student's
+    if node.train.steps_per_epoch is None:  # the student's: one pass over the unlabeled images
+        unlabeled = len(list_images(paths.unlabeled))
+        if node.consistency.enabled:
+            steps = consistency_steps(node, unlabeled)
+        else:  # the offline student's pass: labeled + all unlabeled images
+            n = len(list_images(paths.train)) + unlabeled
+            steps = predicting.batches(n, node.train.batch_size)
+    tags = {"baseline": "labeled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
+    return strategies.run(
+        _train, cfg, "baseline", paths, train_dir=paths.train, tags=tags,
+        unlabeled=False, callbacks=callbacks, steps=steps,
+    )  # fmt: skip
+
+
+def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict[str, Any]:
+    """The larger, noised student on the merged set (and, with student.consistency, every
+    unlabeled image), tagged with the pseudo-label set it used. `truth` and `callbacks` are for
+    benchmarks: the unlabeled images' true classes, extra Keras callbacks."""
+    merged_set.check_complete(paths.merged)  # a merge's complete output, nothing more or less
+    teacher_meta = model_io.read_meta(paths.model("teacher"))
+    merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
+    # Lineage (see tracking.lineage): the same tags whether dvc repro, a sweep job or a DVC
+    # experiment made this student; the hashes equal those dvc.lock records.
+    tags = {
+        **tracking.lineage_tags(cfg, paths, teacher_meta.run_id if teacher_meta else None),
+        "threshold": cfg.pseudo_label.threshold,
+        "pseudo_labeled": merge_metrics["pseudo_labeled"],
+        "round": paths.round_number,  # round r > 1: the teacher is round r-1's student
+    }
+    metrics = strategies.run(
+        _train, cfg, "student", paths, train_dir=paths.merged, tags=tags, truth=truth,
+        callbacks=callbacks,
+    )  # fmt: skip
+    student_meta = model_io.read_meta(paths.model("student"))
+    tracking.log_lineage_inputs(student_meta.run_id, cfg, paths, tags)
+    return metrics
+
+
+def _train(
+    cfg,
+    role: str,
+    paths: Paths,
+    train_dir: Path,
+    tags: dict[str, Any],
+    unlabeled: bool = True,
+    truth=None,
+    callbacks: tuple = (),
+    steps: int | None = None,
+) -> dict[str, Any]:
+    """Train one model from its config node `cfg[role]` (teacher, baseline or student) on a
+    class-folder tree; save the model, its metadata and metrics. Called through
+    strategies.run, which runs it where `cfg[role].train.strategy` says.
+
+    `role` also names the model, its metrics and its MLflow run. With consistency.enabled a student
+    trains in a ConsistencyModel, on the unlabeled images too unless `unlabeled` is false (the
+    labeled-only baseline). `steps`: the steps per epoch, when the node's train.steps_per_epoch
+    is null and the count is another's (the baseline's is the student's). `truth` (path under
+    data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels' precision to
+    the logged metrics."""
+    job = _job(cfg, role, train_dir, paths)
+    if job.online:
+        job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth, steps)
+    else:
+        train_ds, model, steps = _supervised_setup(job, train_dir, steps)
+    classifier = model.classifier if job.online else model  # what is saved
+    if role != "teacher" and job.role_cfg.init_from_teacher:
+        _init_from_teacher(job, classifier)
+    params = {
+        "seed": cfg.seed,
+        "data": to_dict(cfg.data),
+        role: to_dict(job.role_cfg),
+        "train_images": len(job.train_files),
+        "val_images": len(job.val_files),
+        "steps_per_epoch": steps,
+    }
+    state = _training_state(job, train_dir, steps, unlabeled)
+    saved = state.load()  # an interrupted run's state, or None; another config's: refused here
+    with tracking.start_run(
+        cfg,
+        f"train_{job.name}",
+        params,
+        {"role": job.name, **tags},
+        resume_run=saved.get("run_id") if saved else None,
+    ) as run:
+        outbox = tracking.Outbox(run.info.run_id, saved.get("pending") if saved else None)
+        # The metrics not sent yet are part of the state.
+        state.extra = {"run_id": run.info.run_id, "pending": outbox.pending}
+        outbox.flush()  # an interrupted run's kept metrics
+        history = _fit(job, model, train_ds, steps, [_EpochLogger(outbox), *callbacks], state)
+        if job.online:  # the consistency wrapper only trained it
+            classifier.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+        if role != "teacher" and job.role_cfg.labeled_finetune_epochs:
+            history = _labeled_finetune(classifier, job, history)
+        metrics = _save_and_publish(job, classifier, history, steps, run.info.run_id, tags, outbox)
+    state.clear()  # the model is saved: nothing left to resume
+    return metrics
+
+
 @dataclass(frozen=True)
 class _Job:
     """What the steps of one training share: its config and name, and the labeled images."""
@@ -85,46 +213,65 @@ class _Job:
         return self.role != "teacher" and self.role_cfg.consistency.enabled
 
 
-def _training_data(role_cfg, train_dir, files, labels, class_names, size, channels, seed):
-    """Shuffled batches of the training folder; for a student with `labeled_fraction`, an
-    endless stream with that share of labeled images in each batch (see the merge manifest).
-    With `student.soft_labels`, pseudo-labeled images are trained on the teacher's probability
-    vectors from the manifest, labeled ones on one-hot targets."""
-    train_cfg = role_cfg.train
-    fraction = train_cfg.labeled_fraction
-    n = len(class_names)
-    soft = bool(role_cfg.get("soft_labels", False))  # the teacher's config has no such key
-    has_manifest = train_dir.joinpath(merged_set.MANIFEST).exists()
-    if not has_manifest or (not soft and fraction is None):  # a plain labeled folder
-        return labeled_dataset(
-            files, labels, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
-        )
-    manifest = merged_set.read_manifest(train_dir)
-    index = {name: i for i, name in enumerate(class_names)}
-    groups = []
-    for source in ("labeled", "pseudo"):
-        rows = manifest[manifest["source"] == source]
-        targets = np.array([index[label] for label in rows["label"]], dtype=np.int64)
-        if soft:
-            targets = np.eye(n, dtype=np.float32)[targets]
-            if source == "pseudo":
-                what = f"{train_dir / merged_set.MANIFEST} (student.soft_labels: true)"
-                probs = predicting.probabilities(rows, class_names, what).astype(np.float32)
-                targets = probs / probs.sum(axis=1, keepdims=True)
-        groups.append(([str(train_dir / f) for f in rows["file"]], targets))
-    if fraction is None:  # the whole merged set, sampled uniformly
-        paths = groups[0][0] + groups[1][0]
-        targets = np.concatenate([groups[0][1], groups[1][1]])
-        return labeled_dataset(
-            paths, targets, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
-        )
-    if not len(groups[1][0]):  # no pseudo-label passed the threshold: labeled images only
-        return labeled_dataset(
-            *groups[0], n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
-        )
-    return mixed_dataset(
-        groups, [fraction, 1.0 - fraction], n, size, channels, train_cfg.batch_size, seed
+def _job(cfg, role: str, train_dir: Path, paths: Paths) -> _Job:
+    """The labeled train and val images (val as batches), with the run seeded."""
+    class_names = labeled_classes(paths)
+    train_files, train_labels = labeled_files(train_dir, class_names)
+    val_files, val_labels = labeled_files(paths.val, class_names)
+    size, channels = list(cfg.data.image_size), cfg.data.channels
+    fitting.seed_everything(cfg.seed, cfg[role].train.deterministic)
+    n = len(class_names)  # val is read after every epoch: decoded once, kept when it fits
+    val_ds = labeled_dataset(val_files, val_labels, n, size, channels, 256, cache=True)
+    return _Job(
+        cfg,
+        role,
+        paths,
+        class_names,
+        train_files,
+        train_labels,
+        val_files,
+        val_ds,
+        size,
+        channels,
     )
+
+
+def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps=None):
+    """The consistency student's streams (labeled and, if `unlabeled`, every unlabeled image
+    with the teacher's probabilities), its ConsistencyModel and its steps per epoch (`steps`,
+    else its node's). From the merged set it takes the labeled rows only (the job it returns
+    says so)."""
+    cfg, paths, n = job.cfg, job.paths, len(job.class_names)
+    if train_dir == paths.merged:  # the labeled rows of the merged set, not its pseudo ones
+        manifest = merged_set.read_manifest(train_dir)
+        rows = manifest[manifest["source"] == "labeled"]
+        index = {label: i for i, label in enumerate(job.class_names)}
+        job = replace(
+            job,
+            train_files=[str(train_dir / file) for file in rows["file"]],
+            train_labels=np.array([index[label] for label in rows["label"]], np.int64),
+        )
+    batch = job.role_cfg.train.batch_size
+    labeled = consistency.labeled_stream(
+        job.train_files, job.train_labels, n, job.size, job.channels, batch, cfg.seed
+    )
+    unlabeled_ds, n_unlabeled = None, 0
+    if unlabeled:
+        parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood.exclude)
+        n_unlabeled = len(parts[0])
+        job = replace(job, unlabeled_images=n_unlabeled)
+        per_step = job.role_cfg.consistency.ratio * batch
+        unlabeled_ds = consistency.unlabeled_stream(
+            *parts, job.size, job.channels, per_step, cfg.seed
+        )
+    steps = steps or consistency_steps(job.role_cfg, n_unlabeled)
+    train_ds = consistency.training_stream(labeled, unlabeled_ds)
+    with fitting.precision(job.role_cfg.train.mixed_precision):
+        model = _consistency_model(
+            job.role_cfg, job.class_names, job.train_labels, job.size, job.channels, steps,
+            n_unlabeled,
+        )  # fmt: skip
+    return job, train_ds, model, steps
 
 
 def _unlabeled_targets(paths: Paths, class_names, truth, exclude_ood: bool = False):
@@ -172,6 +319,132 @@ def _consistency_model(student, class_names, train_labels, size, channels, steps
         prior,
         total_steps=student.train.epochs * steps,
         label_smoothing=student.train.label_smoothing,
+    )
+
+
+def _supervised_setup(job: _Job, train_dir: Path, steps: int | None = None):
+    """The teacher's (or the merged-set student's) batches, network and steps per epoch
+    (`steps`, else its node's train.steps_per_epoch, else one pass over the images)."""
+    role_cfg, n = job.role_cfg, len(job.class_names)
+    data = (job.train_files, job.train_labels, job.class_names, job.size, job.channels)
+    train_ds = _training_data(role_cfg, train_dir, *data, job.cfg.seed)
+    if role_cfg.train.augment.mixup:
+        train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, job.cfg.seed)
+    with fitting.precision(role_cfg.train.mixed_precision):
+        model = build_model(
+            role_cfg.model, role_cfg.train.augment, n, job.size, job.channels, job.network
+        )
+    fixed = steps or role_cfg.train.steps_per_epoch
+    steps = fixed or predicting.batches(len(job.train_files), role_cfg.train.batch_size)
+    endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
+    if fixed and not endless:
+        train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
+    return train_ds, model, steps
+
+
+def _training_data(role_cfg, train_dir, files, labels, class_names, size, channels, seed):
+    """Shuffled batches of the training folder; for a student with `labeled_fraction`, an
+    endless stream with that share of labeled images in each batch (see the merge manifest).
+    With `student.soft_labels`, pseudo-labeled images are trained on the teacher's probability
+    vectors from the manifest, labeled ones on one-hot targets."""
+    train_cfg = role_cfg.train
+    fraction = train_cfg.labeled_fraction
+    n = len(class_names)
+    soft = bool(role_cfg.get("soft_labels", False))  # the teacher's config has no such key
+    has_manifest = train_dir.joinpath(merged_set.MANIFEST).exists()
+    if not has_manifest or (not soft and fraction is None):  # a plain labeled folder
+        return labeled_dataset(
+            files, labels, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
+        )
+    manifest = merged_set.read_manifest(train_dir)
+    index = {name: i for i, name in enumerate(class_names)}
+    groups = []
+    for source in ("labeled", "pseudo"):
+        rows = manifest[manifest["source"] == source]
+        targets = np.array([index[label] for label in rows["label"]], dtype=np.int64)
+        if soft:
+            targets = np.eye(n, dtype=np.float32)[targets]
+            if source == "pseudo":
+                what = f"{train_dir / merged_set.MANIFEST} (student.soft_labels: true)"
+                probs = predicting.probabilities(rows, class_names, what).astype(np.float32)
+                targets = probs / probs.sum(axis=1, keepdims=True)
+        groups.append(([str(train_dir / f) for f in rows["file"]], targets))
+    if fraction is None:  # the whole merged set, sampled uniformly
+        paths = groups[0][0] + groups[1][0]
+        targets = np.concatenate([groups[0][1], groups[1][1]])
+        return labeled_dataset(
+            paths, targets, n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
+        )
+    if not len(groups[1][0]):  # no pseudo-label passed the threshold: labeled images only
+        return labeled_dataset(
+            *groups[0], n, size, channels, train_cfg.batch_size, shuffle=True, seed=seed
+        )
+    return mixed_dataset(
+        groups, [fraction, 1.0 - fraction], n, size, channels, train_cfg.batch_size, seed
+    )
+
+
+def _init_from_teacher(job: _Job, classifier: keras.Model) -> None:
+    """student.init_from_teacher: the leading layers that match the teacher's take its weights."""
+    teacher, _ = model_io.load(job.paths.model("teacher"), **teacher_trust(job.cfg))
+    copied = fitting.init_from(classifier, teacher)
+    log.info("%s: %d leading layers initialised from the teacher", job.name, copied)
+    if not copied:
+        log.warning("student.init_from_teacher: no layer matches the teacher's; from scratch")
+
+
+def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
+    """The state folder of this training (pseudolabel.resume): <models>/.resume/<name>, keyed
+    by what the training depends on: its config, the seed, the images it reads (names and
+    labels, and for a student the pseudo-label CSV and merged set), the teacher it starts from,
+    and the code. Under Ray Train workers (train.strategy=multi_worker) each worker keeps its
+    own (the chief's here, the others' in their scratch folder), restored from and reported as
+    the Ray Train run's checkpoint (strategies.share_state)."""
+    inputs = {
+        "name": job.name,
+        "role": to_dict(job.role_cfg),
+        "seed": job.cfg.seed,
+        "data": to_dict(job.cfg.data),
+        "train": [job.train_files, np.asarray(job.train_labels).tolist()],
+        "val": job.val_files,
+        "steps": steps,
+    }
+    if job.role != "teacher" and train_dir.joinpath(merged_set.MANIFEST).is_file():
+        inputs["merged"] = tracking.md5(train_dir / merged_set.MANIFEST)
+    if job.online and unlabeled:
+        inputs["labels"] = tracking.md5(job.paths.csv)
+        inputs["ood_exclude"] = bool(job.cfg.pseudo_label.ood.exclude)
+    if job.role != "teacher" and job.role_cfg.init_from_teacher:
+        teacher = job.paths.model("teacher")
+        inputs["teacher"] = tracking.md5(teacher) if teacher.is_file() else None
+    folder = job.paths.models / resume.FOLDER / job.name
+    state = resume.TrainingState(folder, resume.fingerprint(**inputs))
+    if job.role_cfg.train.strategy == "multi_worker":
+        strategies.share_state(state)  # restored from and reported as Ray Train checkpoints
+    return state
+
+
+def _fit(
+    job: _Job, model: keras.Model, train_ds, steps: int, callbacks, state=None
+) -> keras.callbacks.History:
+    """The training itself, each epoch logged to MLflow and to plots/train/<name>.csv."""
+    train_cfg = job.role_cfg.train
+    class_weight = (
+        fitting.balanced_class_weights(job.train_labels, len(job.class_names))
+        if train_cfg.class_weights and not job.online
+        else None
+    )
+    return fitting.fit(
+        model,
+        train_ds,
+        job.val_ds,
+        train_cfg,
+        steps,
+        job.paths.history(job.name),
+        callbacks=list(callbacks),
+        model_cfg=None if job.online else job.role_cfg.model,
+        class_weight=class_weight,
+        state=state,
     )
 
 
@@ -236,226 +509,6 @@ def _labeled_finetune(model, job: _Job, history):
     return fitting.merge_histories([history, tuned])
 
 
-def _log_model(model: keras.Model, val_ds, name: str) -> None:
-    """The model in MLflow's Keras flavour with a signature: raw pixels in, probabilities out."""
-    images = next(iter(val_ds))[0][:2].numpy()
-    probs = np.asarray(model(images, training=False))  # eager: no predict function to trace
-    signature = mlflow.models.infer_signature(images, probs)
-    mlflow.keras.log_model(
-        model,
-        name=name,
-        signature=signature,
-        # Given, so that MLflow does not reload the model in a subprocess to infer them.
-        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
-    )
-
-
-def _train(
-    cfg,
-    role: str,
-    paths: Paths,
-    train_dir: Path,
-    tags: dict[str, Any],
-    unlabeled: bool = True,
-    truth=None,
-    callbacks: tuple = (),
-    steps: int | None = None,
-) -> dict[str, Any]:
-    """Train one model from its config node `cfg[role]` (teacher, baseline or student) on a
-    class-folder tree; save the model, its metadata and metrics. Called through
-    strategies.run, which runs it where `cfg[role].train.strategy` says.
-
-    `role` also names the model, its metrics and its MLflow run. With consistency.enabled a student
-    trains in a ConsistencyModel, on the unlabeled images too unless `unlabeled` is false (the
-    labeled-only baseline). `steps`: the steps per epoch, when the node's train.steps_per_epoch
-    is null and the count is another's (the baseline's is the student's). `truth` (path under
-    data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels' precision to
-    the logged metrics."""
-    job = _job(cfg, role, train_dir, paths)
-    if job.online:
-        job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth, steps)
-    else:
-        train_ds, model, steps = _supervised_setup(job, train_dir, steps)
-    classifier = model.classifier if job.online else model  # what is saved
-    if role != "teacher" and job.role_cfg.init_from_teacher:
-        _init_from_teacher(job, classifier)
-    params = {
-        "seed": cfg.seed,
-        "data": to_dict(cfg.data),
-        role: to_dict(job.role_cfg),
-        "train_images": len(job.train_files),
-        "val_images": len(job.val_files),
-        "steps_per_epoch": steps,
-    }
-    state = _training_state(job, train_dir, steps, unlabeled)
-    saved = state.load() if state is not None else None  # another run's state: refused here
-    with tracking.start_run(
-        cfg,
-        f"train_{job.name}",
-        params,
-        {"role": job.name, **tags},
-        resume_run=saved.get("run_id") if saved else None,
-    ) as run:
-        outbox = tracking.Outbox(run.info.run_id, saved.get("pending") if saved else None)
-        if state is not None:  # the metrics not sent yet are part of the state
-            state.extra = {"run_id": run.info.run_id, "pending": outbox.pending}
-        outbox.flush()  # an interrupted run's kept metrics
-        history = _fit(job, model, train_ds, steps, [_EpochLogger(outbox), *callbacks], state)
-        if job.online:  # the consistency wrapper only trained it
-            classifier.compile(loss="categorical_crossentropy", metrics=["accuracy"])
-        if role != "teacher" and job.role_cfg.labeled_finetune_epochs:
-            history = _labeled_finetune(classifier, job, history)
-        metrics = _save_and_publish(job, classifier, history, steps, run.info.run_id, tags, outbox)
-    if state is not None:
-        state.clear()  # the model is saved: nothing left to resume
-    return metrics
-
-
-def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
-    """The state folder of this training (pseudolabel.resume): <models>/.resume/<name>, keyed
-    by what the training depends on: its config, the seed, the images it reads (names and
-    labels, and for a student the pseudo-label CSV and merged set), the teacher it starts from,
-    and the code. Under Ray Train workers (train.strategy=multi_worker) each worker keeps its
-    own (the chief's here, the others' in their scratch folder), restored from and reported as
-    the Ray Train run's checkpoint (strategies.share_state)."""
-    inputs = {
-        "name": job.name,
-        "role": to_dict(job.role_cfg),
-        "seed": job.cfg.seed,
-        "data": to_dict(job.cfg.data),
-        "train": [job.train_files, np.asarray(job.train_labels).tolist()],
-        "val": job.val_files,
-        "steps": steps,
-    }
-    if job.role != "teacher" and train_dir.joinpath(merged_set.MANIFEST).is_file():
-        inputs["merged"] = tracking.md5(train_dir / merged_set.MANIFEST)
-    if job.online and unlabeled:
-        inputs["labels"] = tracking.md5(job.paths.csv)
-        inputs["ood_exclude"] = bool(job.cfg.pseudo_label.ood.exclude)
-    if job.role != "teacher" and job.role_cfg.init_from_teacher:
-        teacher = job.paths.model("teacher")
-        inputs["teacher"] = tracking.md5(teacher) if teacher.is_file() else None
-    folder = job.paths.models / resume.FOLDER / job.name
-    state = resume.TrainingState(folder, resume.fingerprint(**inputs))
-    if job.role_cfg.train.strategy == "multi_worker":
-        strategies.share_state(state)  # restored from and reported as Ray Train checkpoints
-    return state
-
-
-def _job(cfg, role: str, train_dir: Path, paths: Paths) -> _Job:
-    """The labeled train and val images (val as batches), with the run seeded."""
-    class_names = labeled_classes(paths)
-    train_files, train_labels = labeled_files(train_dir, class_names)
-    val_files, val_labels = labeled_files(paths.val, class_names)
-    size, channels = list(cfg.data.image_size), cfg.data.channels
-    fitting.seed_everything(cfg.seed, cfg[role].train.deterministic)
-    n = len(class_names)  # val is read after every epoch: decoded once, kept when it fits
-    val_ds = labeled_dataset(val_files, val_labels, n, size, channels, 256, cache=True)
-    return _Job(
-        cfg,
-        role,
-        paths,
-        class_names,
-        train_files,
-        train_labels,
-        val_files,
-        val_ds,
-        size,
-        channels,
-    )
-
-
-def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps=None):
-    """The consistency student's streams (labeled and, if `unlabeled`, every unlabeled image
-    with the teacher's probabilities), its ConsistencyModel and its steps per epoch (`steps`,
-    else its node's). From the merged set it takes the labeled rows only (the job it returns
-    says so)."""
-    cfg, paths, n = job.cfg, job.paths, len(job.class_names)
-    if train_dir == paths.merged:  # the labeled rows of the merged set, not its pseudo ones
-        manifest = merged_set.read_manifest(train_dir)
-        rows = manifest[manifest["source"] == "labeled"]
-        index = {label: i for i, label in enumerate(job.class_names)}
-        job = replace(
-            job,
-            train_files=[str(train_dir / file) for file in rows["file"]],
-            train_labels=np.array([index[label] for label in rows["label"]], np.int64),
-        )
-    batch = job.role_cfg.train.batch_size
-    labeled = consistency.labeled_stream(
-        job.train_files, job.train_labels, n, job.size, job.channels, batch, cfg.seed
-    )
-    unlabeled_ds, n_unlabeled = None, 0
-    if unlabeled:
-        parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood.exclude)
-        n_unlabeled = len(parts[0])
-        job = replace(job, unlabeled_images=n_unlabeled)
-        per_step = job.role_cfg.consistency.ratio * batch
-        unlabeled_ds = consistency.unlabeled_stream(
-            *parts, job.size, job.channels, per_step, cfg.seed
-        )
-    steps = steps or consistency_steps(job.role_cfg, n_unlabeled)
-    train_ds = consistency.training_stream(labeled, unlabeled_ds)
-    with fitting.precision(job.role_cfg.train.mixed_precision):
-        model = _consistency_model(
-            job.role_cfg, job.class_names, job.train_labels, job.size, job.channels, steps,
-            n_unlabeled,
-        )  # fmt: skip
-    return job, train_ds, model, steps
-
-
-def _supervised_setup(job: _Job, train_dir: Path, steps: int | None = None):
-    """The teacher's (or the merged-set student's) batches, network and steps per epoch
-    (`steps`, else its node's train.steps_per_epoch, else one pass over the images)."""
-    role_cfg, n = job.role_cfg, len(job.class_names)
-    data = (job.train_files, job.train_labels, job.class_names, job.size, job.channels)
-    train_ds = _training_data(role_cfg, train_dir, *data, job.cfg.seed)
-    if role_cfg.train.augment.mixup:
-        train_ds = with_mixup(train_ds, role_cfg.train.augment.mixup, job.cfg.seed)
-    with fitting.precision(role_cfg.train.mixed_precision):
-        model = build_model(
-            role_cfg.model, role_cfg.train.augment, n, job.size, job.channels, job.network
-        )
-    fixed = steps or role_cfg.train.steps_per_epoch
-    steps = fixed or predicting.batches(len(job.train_files), role_cfg.train.batch_size)
-    endless = train_ds.cardinality() == tf.data.INFINITE_CARDINALITY
-    if fixed and not endless:
-        train_ds = train_ds.repeat()  # epochs of steps_per_epoch batches, across passes
-    return train_ds, model, steps
-
-
-def _init_from_teacher(job: _Job, classifier: keras.Model) -> None:
-    """student.init_from_teacher: the leading layers that match the teacher's take its weights."""
-    teacher, _ = model_io.load(job.paths.model("teacher"), **teacher_trust(job.cfg))
-    copied = fitting.init_from(classifier, teacher)
-    log.info("%s: %d leading layers initialised from the teacher", job.name, copied)
-    if not copied:
-        log.warning("student.init_from_teacher: no layer matches the teacher's; from scratch")
-
-
-def _fit(
-    job: _Job, model: keras.Model, train_ds, steps: int, callbacks, state=None
-) -> keras.callbacks.History:
-    """The training itself, each epoch logged to MLflow and to plots/train/<name>.csv."""
-    train_cfg = job.role_cfg.train
-    class_weight = (
-        fitting.balanced_class_weights(job.train_labels, len(job.class_names))
-        if train_cfg.class_weights and not job.online
-        else None
-    )
-    return fitting.fit(
-        model,
-        train_ds,
-        job.val_ds,
-        train_cfg,
-        steps,
-        job.paths.history(job.name),
-        callbacks=list(callbacks),
-        model_cfg=None if job.online else job.role_cfg.model,
-        class_weight=class_weight,
-        state=state,
-    )
-
-
 def _save_and_publish(
     job: _Job, model, history, steps: int, run_id: str, tags, outbox: tracking.Outbox
 ) -> dict[str, Any]:
@@ -494,6 +547,20 @@ def _save_and_publish(
     mlflow.log_artifact(str(model_io.meta_path(model_path)), "model")
     _publish(job.paths, job.name, metrics)
     return metrics
+
+
+def _log_model(model: keras.Model, val_ds, name: str) -> None:
+    """The model in MLflow's Keras flavour with a signature: raw pixels in, probabilities out."""
+    images = next(iter(val_ds))[0][:2].numpy()
+    probs = np.asarray(model(images, training=False))  # eager: no predict function to trace
+    signature = mlflow.models.infer_signature(images, probs)
+    mlflow.keras.log_model(
+        model,
+        name=name,
+        signature=signature,
+        # Given, so that MLflow does not reload the model in a subprocess to infer them.
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+    )
 
 
 def _publish(paths: Paths, name: str, metrics: dict[str, Any]) -> None:
@@ -575,62 +642,3 @@ def _teacher_classes(cfg, paths: Paths) -> list[str]:
             f"{folders}; list each folder once, in the order of the model's outputs."
         )
     return names
-
-
-def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
-    if cfg.teacher.path:
-        return import_teacher(cfg, paths)
-    return strategies.run(_train, cfg, "teacher", paths, train_dir=paths.train, tags={})
-
-
-def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
-    """The `baseline` node (the student's network and steps, all rounds' epochs together) on the
-    labeled images alone: what the unlabeled images must beat. Off (student.baseline.enabled):
-    a metrics file saying so, and no model."""
-    if not cfg.student.baseline.enabled:
-        paths.model("baseline").parent.mkdir(parents=True, exist_ok=True)
-        write_json(paths.model("baseline").with_suffix(".off.json"), {"enabled": False})
-        paths.history("baseline").parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(columns=["epoch", "val_accuracy"]).to_csv(
-            paths.history("baseline"), index=False
-        )
-        metrics = {"enabled": False}
-        publish_metrics(paths.metrics / "baseline.json", metrics, logged={})  # no MLflow run
-        return metrics
-    node, steps = cfg.baseline, None  # its node: conf/config.yaml derives it from the student's
-    if node.train.steps_per_epoch is None:  # the student's: one pass over the unlabeled images
-        unlabeled = len(list_images(paths.unlabeled))
-        if node.consistency.enabled:
-            steps = consistency_steps(node, unlabeled)
-        else:  # the offline student's pass: labeled + all unlabeled images
-            n = len(list_images(paths.train)) + unlabeled
-            steps = predicting.batches(n, node.train.batch_size)
-    tags = {"baseline": "labeled_only", tracking.LABELED_TAG: tracking.dvc_hash(paths.train)}
-    return strategies.run(
-        _train, cfg, "baseline", paths, train_dir=paths.train, tags=tags,
-        unlabeled=False, callbacks=callbacks, steps=steps,
-    )  # fmt: skip
-
-
-def train_student(cfg, paths: Paths = Paths(), truth=None, callbacks=()) -> dict[str, Any]:
-    """The larger, noised student on the merged set (and, with student.consistency, every
-    unlabeled image), tagged with the pseudo-label set it used. `truth` and `callbacks` are for
-    benchmarks: the unlabeled images' true classes, extra Keras callbacks."""
-    merged_set.check_complete(paths.merged)  # a merge's complete output, nothing more or less
-    teacher_meta = model_io.read_meta(paths.model("teacher"))
-    merge_metrics = json.loads((paths.metrics / "merge.json").read_text(encoding="utf-8"))
-    # Lineage (see tracking.lineage): the same tags whether dvc repro, a sweep job or a DVC
-    # experiment made this student; the hashes equal those dvc.lock records.
-    tags = {
-        **tracking.lineage_tags(cfg, paths, teacher_meta.run_id if teacher_meta else None),
-        "threshold": cfg.pseudo_label.threshold,
-        "pseudo_labeled": merge_metrics["pseudo_labeled"],
-        "round": paths.round_number,  # round r > 1: the teacher is round r-1's student
-    }
-    metrics = strategies.run(
-        _train, cfg, "student", paths, train_dir=paths.merged, tags=tags, truth=truth,
-        callbacks=callbacks,
-    )  # fmt: skip
-    student_meta = model_io.read_meta(paths.model("student"))
-    tracking.log_lineage_inputs(student_meta.run_id, cfg, paths, tags)
-    return metrics
