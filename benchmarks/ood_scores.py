@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,7 +53,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
-from ssl_gain import code_version, split_argv  # noqa: E402
+from ssl_gain import code_version, cpu_model, split_argv  # noqa: E402, F401
 
 from pseudolabel import calibration, ood, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
@@ -71,17 +69,6 @@ CUT_QUANTILE = 0.95  # the val-calibrated cut: 5 % of val rejected
 KS = (1, 5, 10)
 BATCH = 500
 CODE = ("benchmarks/ood_scores.py", "benchmarks/scenarios.py", "src/pseudolabel/ood.py")
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def known_source(source: sources.ArraySource, known: int = KNOWN) -> sources.ArraySource:

@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -132,6 +133,29 @@ def _link_shared(shared: Paths, run: Paths) -> None:
             target.symlink_to((shared.root / rel).resolve(), target_is_directory=True)
     (run.metrics).mkdir(parents=True, exist_ok=True)
     (run.metrics / "merge.json").write_text((shared.metrics / "merge.json").read_text())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu), which every result row records."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> str:
+    """What a result row records about the machine: CPU model, cores and widest vector ISA
+    (AVX-512 or AVX2 changes TensorFlow's CPU speed several-fold)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, {simd}"
 
 
 def code_version(code: tuple[str, ...] = ("benchmarks/ssl_gain.py",)) -> str | None:
@@ -240,6 +264,7 @@ def run_setting(
     row: dict = {"budget": budget, "seed": seed, "setting": setting, "compute": compute}
     row["overrides"] = overrides
     row["code"] = code_version()
+    row["cpu"] = machine()
     for part in ("baseline", "student"):
         if part == "baseline" and baseline is not None:
             print(f"[{label}] {setting} x{compute}: baseline of {baseline['setting']}", flush=True)
