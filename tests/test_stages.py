@@ -146,13 +146,33 @@ def test_mlflow_has_four_linked_runs(pipeline, smoke_cfg, tracking_uri):
     assert "data.csv" in artifacts and "plots" in artifacts
 
 
-def test_threshold_out_of_range_stops_merge_before_writing(pipeline, smoke_cfg):
-    from pseudolabel.config import to_dict, validate
+def test_threshold_out_of_range_is_one_line_and_nothing_is_written(tmp_path):
+    """`pseudolabel compose pseudo_label.threshold=1.5` (what every params.yaml writer, dvc exp
+    run -S included, composes) stops with one line, exit 2, before params.yaml or
+    conf/project.yaml changes, so no stage runs on it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    with pytest.raises(PseudoLabelError, match="threshold"):
-        raw = to_dict(smoke_cfg)
-        raw["pseudo_label"]["threshold"] = 1.5
-        validate(raw)
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "conf", tmp_path / "conf")
+    shutil.copy2(repo / "dvc.yaml", tmp_path / "dvc.yaml")
+    cli = [sys.executable, "-m", "pseudolabel.cli", "compose"]
+    subprocess.run([*cli, "+experiment=smoke"], cwd=tmp_path, check=True, capture_output=True)
+    before = {
+        p.name: p.read_bytes() for p in (tmp_path / "params.yaml", tmp_path / "conf/project.yaml")
+    }
+    done = subprocess.run(
+        [*cli, "pseudo_label.threshold=1.5"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "pseudo_label.threshold" in errors[0], done.stderr
+    after = {
+        p.name: p.read_bytes() for p in (tmp_path / "params.yaml", tmp_path / "conf/project.yaml")
+    }
+    assert after == before
 
 
 def test_missing_inputs_stop_with_the_path(tmp_path, smoke_cfg, pipeline):
