@@ -552,3 +552,31 @@ def test_a_metadata_file_that_is_not_ours_is_one_line_and_nothing_loads(tmp_path
         with pytest.raises(PseudoLabelError, match="not a model metadata file") as err:
             call()
         assert "\n" not in str(err.value) and str(model_io.meta_path(path)) in str(err.value)
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_import_pseudolabel_turns_onednn_on_unless_the_user_chose(preset):
+    """docs/speed.md: `import pseudolabel` sets TF_ENABLE_ONEDNN_OPTS=1 on x86 before TensorFlow
+    loads (TensorFlow's own default is off on AVX2-only CPUs); a value the user set stays."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if preset is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = preset
+    code = (
+        "import os, pseudolabel, tensorflow\n"
+        "from tensorflow.python.util import _pywrap_util_port as port\n"
+        "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), port.IsMklEnabled())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    expected = preset or ("1" if x86 else "None")
+    assert done.stdout.split()[0] == expected
+    if expected in ("0", "1"):
+        assert done.stdout.split()[1] == str(expected == "1")

@@ -1,6 +1,7 @@
 """pseudolabel: make an image classifier better with unlabeled images."""
 
 import os
+import platform
 
 # Quiet TensorFlow's C++ start-up chatter: the one place it is set. This runs before any
 # pseudolabel module, so before TensorFlow in every entry point (CLI, sweep, facade, tests).
@@ -9,7 +10,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # with AVX-512 VNNI/BF16 or AMX; on an AVX2-only CPU its Eigen kernels took 3x the CPU time a
 # consistency step needs, 44 % of it in the kernel serving page faults (docs/speed.md). Set
 # TF_ENABLE_ONEDNN_OPTS=0 to keep TensorFlow's own choice.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# (x86 only: on Arm, oneDNN runs through other libraries; nothing was measured there.)
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 
