@@ -116,7 +116,7 @@ def _run(variant: str, steps: int) -> dict:
 
 def _cpu_model() -> str:
     sys.path.insert(0, str(HERE))
-    from ood_scores import cpu_model
+    from ssl_gain import cpu_model
 
     return cpu_model()
 

@@ -72,7 +72,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
 import ssl_gain  # noqa: E402
-from ood_scores import cpu_model, known_source  # noqa: E402
+from ood_scores import known_source  # noqa: E402
+from ssl_gain import cpu_model  # noqa: E402
 
 from pseudolabel import merged_set, predicting, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402

@@ -26,8 +26,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
-from ood_scores import cpu_model  # noqa: E402
-from ssl_gain import code_version, split_argv  # noqa: E402
+from ssl_gain import code_version, cpu_model, split_argv  # noqa: E402
 
 from pseudolabel.atomic import write_text_atomic  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402

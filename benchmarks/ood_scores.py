@@ -53,7 +53,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
-from ssl_gain import code_version, cpu_model, split_argv  # noqa: E402, F401
+from ssl_gain import code_version, cpu_model, split_argv  # noqa: E402
 
 from pseudolabel import calibration, ood, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ood_scores import cpu_model  # noqa: E402
+from ssl_gain import cpu_model  # noqa: E402
 
 from pseudolabel.atomic import write_text_atomic  # noqa: E402
 

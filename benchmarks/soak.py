@@ -217,7 +217,7 @@ def _verify(root, env, url, thresholds, counts, restarted_at, wall, args) -> dic
         if r.info.status == "FINISHED" and all(r.data.tags.get(k) for k in LINEAGE)
         and "best_val_accuracy" in r.data.metrics
     ]  # fmt: skip
-    from ood_scores import cpu_model  # benchmarks/: the CPU model line of lscpu
+    from ssl_gain import cpu_model  # benchmarks/: the CPU model line of lscpu
 
     return {
         "experiments": len(thresholds),
