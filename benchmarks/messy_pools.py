@@ -36,10 +36,11 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
 
 Settings: `keep` (pseudo_label.ood.exclude=false: every image is learnt from), `ood`
 (pseudo_label.ood.exclude=true: merge and the consistency term leave out the images the
-pipeline flags), `ood_fr20` (the same with the cut at 20 % false rejection) and `no_align`
-(`keep` without the consistency student's distribution alignment, for the long-tailed
-pools). A setting whose overrides `compose` rejects fails with one line; the others still run
-(exit status 1).
+pipeline flags), `ood_fr20` (the same with the cut at 20 % false rejection), and for the
+long-tailed pools `no_align` (`keep` without the consistency student's distribution
+alignment) and `no_flex` (`keep` with one fixed threshold for every class: FlexMatch's
+per-class thresholds off). A setting whose overrides `compose` rejects fails with one line;
+the others still run (exit status 1).
 
     python benchmarks/messy_pools.py --scenarios mismatch-0.5 --seeds 0 --settings keep
     python benchmarks/messy_pools.py --scenarios mismatch-0.5 junk longtail-10 --seeds 0 1 2 \\
@@ -101,6 +102,8 @@ ARMS = {
         "pseudo_label.ood.exclude=false",
         "student.consistency.distribution_alignment=false",
     ],
+    # item 4's per-class thresholds on a skewed pool: FlexMatch's off (one fixed threshold)
+    "no_flex": ["pseudo_label.ood.exclude=false", "student.consistency.flexible=false"],
 }
 
 

@@ -222,3 +222,17 @@ def test_benchmark_pairing_guard(monkeypatch):
     assert pairing_problems([row(2, 0.7998), row(2, 0.7974)])  # one seed, two teachers
     other = ["teacher.train.epochs=50"]  # another teacher recipe: its own teacher, no problem
     assert pairing_problems([row(2, 0.7998), row(2, 0.7974, overrides=other)]) == []
+
+
+def test_every_benchmark_recipe_composes_against_todays_conf(monkeypatch):
+    """The benchmarks' named recipes (ssl_gain's SETTINGS, messy_pools' ARMS) are override lists
+    run hours later: a key renamed in conf/ must fail here, not after the teacher has trained."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from messy_pools import ARMS
+    from ssl_gain import SETTINGS
+
+    for name, overrides in [*SETTINGS.items(), *ARMS.items()]:
+        cfg = config.compose(["seed=0", *overrides])
+        for override in overrides:
+            key, value = override.split("=", 1)
+            assert _yaml_scalar(OmegaConf.select(cfg, key, throw_on_missing=True)) == value, name
