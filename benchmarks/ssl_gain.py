@@ -12,7 +12,9 @@ setting of a seed (paired seeds):
   at no more compute, whatever teacher or student recipe trained it; gain = student - best
   labeled-only, in points;
 - precision of the teacher's kept pseudo-labels, and (consistency) of the student's own online
-  pseudo-labels, against the true labels; seconds per part;
+  pseudo-labels, against the true labels; per part its seconds, optimiser steps and images
+  through the network (`*_images`: trained on, and forward only: the weak views), so recipes
+  compare at equal seconds as well as at equal steps (issue 31);
 - with --test-curves: test accuracy after every epoch of every student and baseline;
 - with --full-reference EPOCHS: the teacher's recipe on (nearly) all 60,000 labels, and the share
   of the labeled-only -> all-labels gap the student closes (stretch target: half).
@@ -268,7 +270,8 @@ def run_setting(
     for part in ("baseline", "student"):
         if part == "baseline" and baseline is not None:
             print(f"[{label}] {setting} x{compute}: baseline of {baseline['setting']}", flush=True)
-            row.update({k: baseline[k] for k in ("baseline", "baseline_steps")})
+            copied = ("baseline", "baseline_steps", "baseline_images")
+            row.update({k: baseline[k] for k in copied if k in baseline})
             row["baseline_seconds"] = 0.0  # trained by that setting
             row["baseline_from"] = baseline["setting"]
             continue
@@ -283,6 +286,7 @@ def run_setting(
         row[f"{part}_seconds"] = round(time.perf_counter() - start, 1)
         row[part] = _test_accuracy(run.model(part), shared.test)
         row[f"{part}_steps"] = metrics["steps"]
+        row[f"{part}_images"] = _images(metrics)
         if curves:
             row[f"{part}_test_curve"] = callback[0].curve
     history = pd.read_csv(run.history("student"))
@@ -299,10 +303,19 @@ def run_setting(
             metrics = stages.run_round(cfg, run, number)
             row["student_seconds"] += round(time.perf_counter() - start, 1)
             row["student_steps"] += metrics["steps"]
+            row["student_images"] = {
+                k: v + row["student_images"][k] for k, v in _images(metrics).items()
+            }
             accuracy = _test_accuracy(run.round(number).model("student"), shared.test)
             row["student_by_round"].append(accuracy)
         row["student"] = row["student_by_round"][-1]
     return row
+
+
+def _images(metrics: dict) -> dict:
+    """Images through the network (the stage's metrics): trained on (forward and backward) and
+    forward only (the consistency student's weak views), beside the steps and seconds."""
+    return {k: metrics.get(f"images_{k}", 0) for k in ("trained", "forward_only")}
 
 
 def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> dict:

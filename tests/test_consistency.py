@@ -121,6 +121,12 @@ def test_baseline_trains_the_student_network_on_labeled_images_alone(consistency
     assert base["params"] == student["params"]  # the same network
     assert base["steps"] == student["steps"]  # the same optimiser steps
     assert base["train_images"] == len(list((paths.train).rglob("*.png")))
+    # images through the network, for accuracy per second: the baseline its labeled batches;
+    # the student also the unlabeled images' strong views, and their weak views forward only
+    batch, ratio = cfg.student.train.batch_size, cfg.student.consistency.ratio
+    assert base["images_trained"] == base["steps"] * batch and base["images_forward_only"] == 0
+    assert student["images_trained"] == student["steps"] * batch * (1 + ratio)
+    assert student["images_forward_only"] == student["steps"] * batch * ratio > 0
     run = _run(paths, "baseline")
     assert run.info.run_name == "train_baseline"
     assert run.data.tags["baseline"] == "labeled_only"

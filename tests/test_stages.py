@@ -317,6 +317,9 @@ def test_soft_label_student_trains_on_a_plain_labeled_folder(pipeline, tmp_path,
     paths = Paths(tmp_path, data_root=pipeline.root, teacher_model=pipeline.model("teacher"))
     metrics = _train(cfg, "student", paths, paths.train, {"baseline": "supervised_only"})
     assert metrics["train_images"] == len(list_images(paths.train))
+    batch = cfg.student.train.batch_size  # a supervised fit: its batches, nothing forward only
+    assert metrics["images_trained"] == metrics["steps"] * batch
+    assert metrics["images_forward_only"] == 0
 
 
 def test_steps_per_epoch_repeats_a_small_training_set(pipeline, tmp_path, tracking_uri):

@@ -142,6 +142,7 @@ def _train(
         job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth, steps)
     else:
         train_ds, model, steps = _supervised_setup(job, train_dir, steps)
+        job = replace(job, images_per_step=(job.role_cfg.train.batch_size, 0))
     classifier = model.classifier if job.online else model  # what is saved
     if role != "teacher" and job.role_cfg.init_from_teacher:
         _init_from_teacher(job, classifier)
@@ -191,6 +192,10 @@ class _Job:
     size: list[int]
     channels: int
     unlabeled_images: int = 0  # those the consistency student learns from (after the OOD cut)
+    # Images through the network in one step: (forward and backward, forward only). A
+    # consistency student: its labeled batch and the unlabeled images' strong views trained on,
+    # their weak views predicted for targets; otherwise the batch. For accuracy per second.
+    images_per_step: tuple[int, int] = (0, 0)
 
     @property
     def role_cfg(self):
@@ -256,11 +261,14 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
         job.train_files, job.train_labels, n, job.size, job.channels, batch, cfg.seed
     )
     unlabeled_ds, n_unlabeled = None, 0
+    job = replace(job, images_per_step=(batch, 0))
     if unlabeled:
         parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood.exclude)
         n_unlabeled = len(parts[0])
-        job = replace(job, unlabeled_images=n_unlabeled)
         per_step = job.role_cfg.consistency.ratio * batch
+        job = replace(
+            job, unlabeled_images=n_unlabeled, images_per_step=(batch + per_step, per_step)
+        )
         unlabeled_ds = consistency.unlabeled_stream(
             *parts, job.size, job.channels, per_step, cfg.seed
         )
@@ -527,6 +535,9 @@ def _save_and_publish(
         "steps": int(len(history.epoch) * steps),
         "train_images": len(job.train_files),
         "unlabeled_images": job.unlabeled_images,
+        # images through the network (at most: an epoch's last labeled batch may be short)
+        "images_trained": int(len(history.epoch) * steps * job.images_per_step[0]),
+        "images_forward_only": int(len(history.epoch) * steps * job.images_per_step[1]),
         "params": int(model.count_params()),
     }
     metrics_path = job.paths.metrics / f"{job.name}.json"
