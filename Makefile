@@ -8,19 +8,26 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test test-fast test-services docs docs-serve ui plots server server-stop lint \
-	format params fashion-mnist clean
+.PHONY: setup setup-core demo test test-fast test-services docs docs-serve ui plots server \
+	server-stop lint format params fashion-mnist clean
 
 # The virtual environment, installed from the pinned constraints (a fresh install reproduces ours).
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The demo installs the package alone; the tests, the docs and `make server` add the dev and server
+# extras (pyproject.toml: pytest, ruff, mkdocs, selenium, Ray, psycopg2, ...) on top.
+$(VENV)/.core: pyproject.toml constraints.txt
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); \
 	  else echo "python3 -m venv failed: install python3-venv" >&2; exit 1; fi; }
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,server]"
 	touch $@
 
+setup-core: $(VENV)/.core
 setup: $(VENV)/.installed
 
 # The demo data: Debian's dataset-fashion-mnist (IDX files), installed when missing and root.
@@ -31,7 +38,7 @@ fashion-mnist:
 	  else echo "Fashion-MNIST IDX files not in $(FASHION_MNIST): 'sudo apt-get install dataset-fashion-mnist'," \
 	            "or the ingest stage will try Keras's download." >&2; fi; fi
 
-demo: setup fashion-mnist
+demo: setup-core fashion-mnist
 	time dvc repro
 	dvc metrics show metrics/evaluation.json
 
@@ -61,7 +68,7 @@ docs: setup
 docs-serve: setup
 	mkdocs serve
 
-ui: setup
+ui: setup-core
 	@echo "MLflow 3's UI opens in GenAI mode: click 'Model training' (top left) once, or open" \
 	  "http://127.0.0.1:5000/#/experiments/<id>?workflowType=machine_learning"
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
