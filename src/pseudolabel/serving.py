@@ -60,7 +60,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         )
         self.max_images = int(os.environ.get(MAX_IMAGES_ENV, MAX_IMAGES))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         items = _items(model_input)
         if not items:
             raise BadInput(f"no images in the request: send one or more in the {COLUMN!r} column")
