@@ -25,12 +25,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# pseudolabel first: it sets TensorFlow's environment (oneDNN, logging) before TensorFlow
+# loads, which reads it once (docs/speed.md)
+import pseudolabel  # noqa: F401
 
-import tensorflow as tf  # noqa: E402
-from PIL import Image  # noqa: E402
+# isort: split
 
-from pseudolabel.data import folder, sources  # noqa: E402
+import tensorflow as tf
+from PIL import Image
+
+from pseudolabel.data import folder, sources
 
 log = logging.getLogger("ingest_throughput")
 

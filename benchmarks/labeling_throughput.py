@@ -73,9 +73,11 @@ def image_folder(workdir: Path, n: int) -> Path:
 def build_teacher(name: str):
     """The demo's small CNN (28x28 grey), or EfficientNetB0 without weights at 96x96 RGB; both
     take raw 0..255 pixels (EfficientNet rescales and normalises inside itself)."""
+    from pseudolabel.config import compose  # first: it sets TensorFlow's environment (oneDNN)
+
+    # isort: split
     import keras
 
-    from pseudolabel.config import compose
     from pseudolabel.models.builders import build_model
     from pseudolabel.models.io import ModelMeta
 

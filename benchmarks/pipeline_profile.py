@@ -32,18 +32,22 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# pseudolabel first: it sets TensorFlow's environment (oneDNN, logging) before TensorFlow
+# loads, which reads it once (docs/speed.md)
+import pseudolabel  # noqa: F401
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+# isort: split
 
-from pseudolabel import consistency, fitting, stages  # noqa: E402
-from pseudolabel.config import compose, no_augmentation  # noqa: E402
-from pseudolabel.data import sources  # noqa: E402
-from pseudolabel.data.images import decode_image, list_images  # noqa: E402
-from pseudolabel.models.builders import augmentation_layers, build_model  # noqa: E402
-from pseudolabel.paths import Paths  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pseudolabel import consistency, fitting, stages
+from pseudolabel.config import compose, no_augmentation
+from pseudolabel.data import sources
+from pseudolabel.data.images import decode_image, list_images
+from pseudolabel.models.builders import augmentation_layers, build_model
+from pseudolabel.paths import Paths
 
 ORDER = ("ingest", "train_teacher", "train_baseline", "pseudo_label", "merge", "train_student",
          "evaluate")  # fmt: skip

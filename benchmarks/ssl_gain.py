@@ -46,26 +46,30 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# pseudolabel first: it sets TensorFlow's environment (oneDNN, logging) before TensorFlow
+# loads, which reads it once (docs/speed.md)
+import pseudolabel  # noqa: F401
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+# isort: split
 
-from pseudolabel import merged_set, stages, tracking  # noqa: E402
-from pseudolabel.config import compose  # noqa: E402
-from pseudolabel.data import sources  # noqa: E402
-from pseudolabel.data.images import (  # noqa: E402
+import keras
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from pseudolabel import merged_set, stages, tracking
+from pseudolabel.config import compose
+from pseudolabel.data import sources
+from pseudolabel.data.images import (
     class_names_from,
     labeled_dataset,
     labeled_files,
     list_images,
 )
-from pseudolabel.errors import PseudoLabelError  # noqa: E402
-from pseudolabel.evaluation import evaluate  # noqa: E402
-from pseudolabel.models import io as model_io  # noqa: E402
-from pseudolabel.paths import Paths  # noqa: E402
+from pseudolabel.errors import PseudoLabelError
+from pseudolabel.evaluation import evaluate
+from pseudolabel.models import io as model_io
+from pseudolabel.paths import Paths
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INDEX = re.compile(r"train_(\d+)(?:-\d+)?\.png$")  # -N: a duplicated copy (topk)

@@ -580,3 +580,29 @@ def test_import_pseudolabel_turns_onednn_on_unless_the_user_chose(preset):
     assert done.stdout.split()[0] == expected
     if expected in ("0", "1"):
         assert done.stdout.split()[1] == str(expected == "1")
+
+
+def test_tensorflow_imported_first_keeps_its_choice_and_a_warning_says_so_where_it_is_eigen():
+    """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it loads: a script that imports it (or
+    Keras) before pseudolabel keeps TensorFlow's own choice (the benchmarks did, on Eigen: 3x
+    slower on this AVX2 CPU). Where that choice is off, `import pseudolabel` warns, once."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    code = (
+        "import keras, pseudolabel\n"
+        "from tensorflow.python.util import _pywrap_util_port as port\n"
+        "print(port.IsMklEnabled())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    warned = done.stderr.count("TensorFlow was imported before pseudolabel")
+    on = done.stdout.split()[-1] == "True"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert warned == (1 if x86 and not on else 0), (done.stdout, done.stderr[-2000:])

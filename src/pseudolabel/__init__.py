@@ -2,6 +2,8 @@
 
 import os
 import platform
+import sys
+import warnings
 
 # Quiet TensorFlow's C++ start-up chatter: the one place it is set. This runs before any
 # pseudolabel module, so before TensorFlow in every entry point (CLI, sweep, facade, tests).
@@ -11,8 +13,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # consistency step needs, 44 % of it in the kernel serving page faults (docs/speed.md). Set
 # TF_ENABLE_ONEDNN_OPTS=0 to keep TensorFlow's own choice.
 # (x86 only: on Arm, oneDNN runs through other libraries; nothing was measured there.)
-if platform.machine().lower() in ("x86_64", "amd64"):
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# TensorFlow reads the variable once, when it loads: imported before pseudolabel, it keeps its
+# own choice, and a warning says so where that choice is Eigen.
+if platform.machine().lower() in ("x86_64", "amd64") and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    if "tensorflow" in sys.modules:
+        try:
+            from tensorflow.python.util import _pywrap_util_port
+
+            _onednn = bool(_pywrap_util_port.IsMklEnabled())
+        except Exception:  # a private TensorFlow API: no warning rather than a failed import
+            _onednn = True
+        if not _onednn:
+            warnings.warn(
+                "TensorFlow was imported before pseudolabel, so its oneDNN kernels stay off on "
+                "this CPU and training takes about 3x the CPU time (docs/speed.md): import "
+                "pseudolabel first, or set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow loads",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 
