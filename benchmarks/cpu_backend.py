@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python benchmarks/cpu_backend.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "cpu": machine(),
+        "cpu": machine(kernels=False),  # each variant chooses its own
         "steps": args.steps,
         "repeats": args.repeats,
         "overrides": budget_seed,
