@@ -117,9 +117,14 @@ def pool_table(rows: list[dict]) -> str:
             f"{r['seconds'] / 60:.0f}",
         ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    cpus = sorted({r.get("cpu", "?") for r in rows})
+    # Rows of different machines or TensorFlow kernels train different teachers and baselines
+    # from the same split: say which rows ran where.
+    runs: dict[str, set[str]] = {}
+    for r in rows:
+        runs.setdefault(r.get("cpu", "?"), set()).add(f"{r['scenario']} seed {r['seed']}")
+    machines = "; ".join(f"{cpu}: {', '.join(sorted(runs[cpu]))}" for cpu in sorted(runs))
     commits = sorted({r.get("code") or "?" for r in rows})
-    lines += ["", f"Machine: {', '.join(cpus)} (2 cores); code: {', '.join(commits)}."]
+    lines += ["", f"Machines (2 cores each): {machines}. Code: {', '.join(commits)}."]
     return "\n".join(lines)
 
 
