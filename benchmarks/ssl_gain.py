@@ -425,6 +425,17 @@ def baseline_peer(rows, budget, seed, setting, compute, overrides) -> dict | Non
     return None
 
 
+def same_teacher(row: dict, info: dict) -> bool:
+    """Whether a row was paired with the teacher this run trained (`shared_part`'s info): the
+    weights' digest where both have one, else the test accuracy. A baseline is only reused from
+    such a row: the same split and seed train another teacher on another machine or under
+    TensorFlow's other CPU kernels (0.8296 under Eigen, 0.8266 under oneDNN, 0.8189 on a Zen
+    4), so a row from there is not paired with this run's student."""
+    if row.get("teacher_digest") and info.get("teacher_digest"):
+        return row["teacher_digest"] == info["teacher_digest"]
+    return round(row["teacher"], 4) == round(info["teacher"], 4)
+
+
 def weights_digest(model_path: Path) -> str:
     """md5 of a saved model's weights: the same teacher in two rows, whatever file holds it."""
     model, _ = model_io.load(model_path)
@@ -587,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse-baseline",
         action="store_true",
         help="take the baseline of a row in --out that differs only in pseudo_label.ood.* "
-        "overrides (which the labeled-only baseline never reads) instead of training it again",
+        "overrides (which the labeled-only baseline never reads) instead of training it again, "
+        "if that row's teacher is the one this run trained (same machine and kernels)",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/ssl_gain_work"))
     parser.add_argument("--out", type=Path, default=RESULTS / "ssl_gain.json")
@@ -658,6 +670,15 @@ def main(argv: list[str] | None = None) -> int:
                     peer = None
                     if args.reuse_baseline:
                         peer = baseline_peer(rows, budget, seed, setting, compute, overrides)
+                    if peer is not None and not same_teacher(peer, info):
+                        print(
+                            f"[budget {budget}, seed {seed}] not reusing the baseline of "
+                            f"{peer['setting']!r}: its row's teacher ({peer['teacher']}) is not "
+                            f"this run's ({info['teacher']}): another machine or TensorFlow's "
+                            "other kernels; training the baseline here",
+                            flush=True,
+                        )
+                        peer = None
                     row = run_setting(
                         shared, budget, seed, setting, compute, overrides, args.test_curves,
                         baseline=peer,

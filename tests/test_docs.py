@@ -224,6 +224,24 @@ def test_benchmark_pairing_guard(monkeypatch):
     assert pairing_problems([row(2, 0.7998), row(2, 0.7974, overrides=other)]) == []
 
 
+def test_a_baseline_is_reused_only_from_a_row_of_the_same_teacher(monkeypatch):
+    """`ssl_gain.py --reuse-baseline` pairs a new student with a committed baseline only where
+    that row's teacher is the one this run trained: one split and seed gave 0.8189 on the Zen 4
+    and 0.8266 on the AVX2 VM, and those rows are not paired."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from ssl_gain import same_teacher
+
+    assert same_teacher({"teacher": 0.8189}, {"teacher": 0.81890001})
+    assert not same_teacher({"teacher": 0.8189}, {"teacher": 0.8266})
+    # the weights' digest decides where both rows have one, whatever the accuracy says
+    assert not same_teacher(
+        {"teacher": 0.8189, "teacher_digest": "a"}, {"teacher": 0.8189, "teacher_digest": "b"}
+    )
+    assert same_teacher(
+        {"teacher": 0.8, "teacher_digest": "a"}, {"teacher": 0.8, "teacher_digest": "a"}
+    )
+
+
 def test_every_benchmark_recipe_composes_against_todays_conf(monkeypatch):
     """The benchmarks' named recipes (ssl_gain's SETTINGS, messy_pools' ARMS) are override lists
     run hours later: a key renamed in conf/ must fail here, not after the teacher has trained."""
