@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
 import ssl_gain  # noqa: E402
 from ood_scores import known_source  # noqa: E402
-from ssl_gain import cpu_model  # noqa: E402
+from ssl_gain import machine  # noqa: E402
 
 from pseudolabel import merged_set, predicting, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = payload["rows"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/messy_pools.py", *sys.argv[1:]])
-    cpu = cpu_model()
+    cpu = machine()  # model, cores, vector ISA and TensorFlow kernels
     failed = []
 
     def save(row: dict | None = None) -> None:  # after every row: a stopped run keeps its rows
@@ -341,13 +341,14 @@ def main(argv: list[str] | None = None) -> int:
             truth = scenarios.Truth.load(shared.root / TRUTH)
             budget = int(cfg.data.train_per_class)
             baselines: dict[str, dict] = {}  # baseline_key -> the row that trained it
-            for old in rows:  # an earlier run's, of the same split and overrides: reused
+            # an earlier run's, of the same split, overrides and teacher (machine and kernels)
+            for old in rows:
                 same = (old["scenario"], old["seed"], old["overrides"]) == (
                     scenario,
                     seed,
                     overrides,
                 )
-                if same and "baseline_from" not in old:
+                if same and "baseline_from" not in old and ssl_gain.same_teacher(old, info):
                     baselines.setdefault(baseline_key(old["setting"], overrides), old)
             for setting in args.settings:
                 chosen = [f"seed={seed}", *ARMS[setting], *overrides]

@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
-from ssl_gain import code_version, cpu_model, split_argv  # noqa: E402
+from ssl_gain import code_version, machine, split_argv  # noqa: E402
 
 from pseudolabel.atomic import write_text_atomic  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             kinds, np.array(truth(frame["path"]), dtype=object), frame["ood"].to_numpy(bool)
         ),
         "labeling_seconds": seconds,
-        "cpu": cpu_model(),
+        "cpu": machine(),
         "code": code_version(("benchmarks/ood_in_pool.py", "src/pseudolabel/ood.py")),
     }
     payload = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}

@@ -57,7 +57,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios
-from ssl_gain import code_version, cpu_model, split_argv
+from ssl_gain import code_version, machine, split_argv
 
 from pseudolabel import calibration, ood, stages
 from pseudolabel.config import compose
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         new_rows, info = run_seed(seed, overrides, args.work)
         info["seconds"] = round(time.perf_counter() - start, 1)
-        info["cpu"] = cpu_model()
+        info["cpu"] = machine()
         info["code"] = code_version(CODE)
         for row in new_rows:
             row["cpu"], row["code"] = info["cpu"], info["code"]
