@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +232,9 @@ def fit(model: keras.Model, train_ds, train_labels: np.ndarray, val_ds, pool_ds=
     scorer = Scorer(tuple(blocks))
     if pool_ds is None:
         return scorer
-    outputs = extractor.predict(pool_ds, verbose=0)
+    with warnings.catch_warnings():  # its length is unknown (undecodable files are dropped)
+        warnings.filterwarnings("ignore", "Your input ran out of data", UserWarning)
+        outputs = extractor.predict(pool_ds, verbose=0)
     pool_probs = np.asarray(outputs[0], np.float64)
     pool = [np.asarray(o, np.float64) for o in outputs[1:]]
     if not len(pool_probs):
