@@ -80,6 +80,12 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _setting(row: dict) -> str:
+    """A row's setting, with the overrides its run added (another compute, say) spelled out."""
+    extra = " ".join(row.get("overrides") or [])
+    return f"{row['setting']} (`{extra}`)" if extra else row["setting"]
+
+
 def pool_table(rows: list[dict]) -> str:
     head = (
         "| scenario | seed | setting | teacher | baseline | best labeled-only | student | "
@@ -105,7 +111,7 @@ def pool_table(rows: list[dict]) -> str:
         cells = [
             r["scenario"],
             r["seed"],
-            r["setting"],
+            _setting(r),
             *(f"{100 * r[k]:.2f}" for k in ("teacher", "baseline", "best_labeled_only")),
             f"{100 * r['student']:.2f}",
             f"{r['gain']:+.2f}",
@@ -136,11 +142,12 @@ def summary_table(rows: list[dict]) -> str:
     ]
     order = {name: i for i, name in enumerate(SETTINGS)}
     groups = sorted(
-        {(r["scenario"], r["setting"]) for r in rows}, key=lambda g: (g[0], order.get(g[1], 9))
+        {(r["scenario"], r["setting"], _setting(r)) for r in rows},
+        key=lambda g: (g[0], order.get(g[1], 9), g[2]),
     )
-    for scenario, setting in groups:
+    for scenario, _name, setting in groups:
         mine = sorted(
-            (r for r in rows if (r["scenario"], r["setting"]) == (scenario, setting)),
+            (r for r in rows if (r["scenario"], _setting(r)) == (scenario, setting)),
             key=lambda r: r["seed"],
         )
         gains = [r["gain"] for r in mine]
@@ -195,7 +202,8 @@ def render(scores: dict, pools: dict, in_pool: dict | None = None) -> str:
 def gain_figure(rows: list[dict], path: Path) -> bool:
     """Gain over the best labeled-only model against the share of unseen classes in the pool,
     per setting (mean over seeds, each seed a dot)."""
-    mismatch = [r for r in rows if r["scenario"].startswith("mismatch-")]
+    # at the default compute: rows whose run added overrides (half the steps, say) are not
+    mismatch = [r for r in rows if r["scenario"].startswith("mismatch-") and not r["overrides"]]
     if not mismatch:
         return False
     plt = _pyplot()
