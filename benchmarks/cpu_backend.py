@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": budget_seed,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    # (imported after the runs: `import pseudolabel` sets TensorFlow variables the runs inherit)
+    from pseudolabel.atomic import write_text_atomic
+
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     for row in rows:
         print(
             f"{row['variant']:16s} CPU s/step {row['cpu_s_per_step']:.3f} "

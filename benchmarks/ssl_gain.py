@@ -48,7 +48,7 @@ from pathlib import Path
 
 # pseudolabel first: it sets TensorFlow's environment (oneDNN, logging) before TensorFlow
 # loads, which reads it once (docs/speed.md)
-import pseudolabel  # noqa: F401
+import pseudolabel
 
 # isort: split
 
@@ -167,12 +167,9 @@ def machine(kernels: bool = True) -> str:
     described = f"{cpu_model()}, {os.cpu_count()} CPUs, {simd}"
     if not kernels:
         return described
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-
-        backend = "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
-    except Exception:  # a private TensorFlow API: the row says it does not know
-        backend = "kernels unknown"
+    backend = {True: "oneDNN", False: "Eigen", None: "kernels unknown"}[
+        pseudolabel.onednn_enabled()
+    ]
     return f"{described}, {backend}"
 
 

@@ -15,23 +15,29 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # (x86 only: on Arm, oneDNN runs through other libraries; nothing was measured there.)
 # TensorFlow reads the variable once, when it loads: imported before pseudolabel, it keeps its
 # own choice, and a warning says so where that choice is Eigen.
+
+
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs its oneDNN CPU kernels (None: its private API did not answer).
+    Loads TensorFlow. Benchmark rows record it: the kernels change the trained weights."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except Exception:  # a private TensorFlow API
+        return None
+
+
 if platform.machine().lower() in ("x86_64", "amd64") and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
-    if "tensorflow" in sys.modules:
-        try:
-            from tensorflow.python.util import _pywrap_util_port
-
-            _onednn = bool(_pywrap_util_port.IsMklEnabled())
-        except Exception:  # a private TensorFlow API: no warning rather than a failed import
-            _onednn = True
-        if not _onednn:
-            warnings.warn(
-                "TensorFlow was imported before pseudolabel, so its oneDNN kernels stay off on "
-                "this CPU and training takes about 3x the CPU time (docs/speed.md): import "
-                "pseudolabel first, or set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow loads",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    if "tensorflow" in sys.modules and onednn_enabled() is False:
+        warnings.warn(
+            "TensorFlow was imported before pseudolabel, so its oneDNN kernels stay off on "
+            "this CPU and training takes about 3x the CPU time (docs/speed.md): import "
+            "pseudolabel first, or set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow loads",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 

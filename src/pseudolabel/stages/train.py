@@ -142,7 +142,6 @@ def _train(
         job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth, steps)
     else:
         train_ds, model, steps = _supervised_setup(job, train_dir, steps)
-        job = replace(job, images_per_step=(job.role_cfg.train.batch_size, 0))
     classifier = model.classifier if job.online else model  # what is saved
     if role != "teacher" and job.role_cfg.init_from_teacher:
         _init_from_teacher(job, classifier)
@@ -192,14 +191,20 @@ class _Job:
     size: list[int]
     channels: int
     unlabeled_images: int = 0  # those the consistency student learns from (after the OOD cut)
-    # Images through the network in one step: (forward and backward, forward only). A
-    # consistency student: its labeled batch and the unlabeled images' strong views trained on,
-    # their weak views predicted for targets; otherwise the batch. For accuracy per second.
-    images_per_step: tuple[int, int] = (0, 0)
 
     @property
     def role_cfg(self):
         return self.cfg[self.role]
+
+    @property
+    def images_per_step(self) -> tuple[int, int]:
+        """Images through the network in one step, for accuracy per second: (forward and
+        backward, forward only). A consistency student with unlabeled images: its labeled batch
+        and their strong views trained on, their weak views predicted for targets; otherwise
+        the batch."""
+        batch = self.role_cfg.train.batch_size
+        unlabeled = self.role_cfg.consistency.ratio * batch if self.unlabeled_images else 0
+        return batch + unlabeled, unlabeled
 
     @property
     def name(self) -> str:
@@ -261,14 +266,11 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
         job.train_files, job.train_labels, n, job.size, job.channels, batch, cfg.seed
     )
     unlabeled_ds, n_unlabeled = None, 0
-    job = replace(job, images_per_step=(batch, 0))
     if unlabeled:
         parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood.exclude)
         n_unlabeled = len(parts[0])
+        job = replace(job, unlabeled_images=n_unlabeled)
         per_step = job.role_cfg.consistency.ratio * batch
-        job = replace(
-            job, unlabeled_images=n_unlabeled, images_per_step=(batch + per_step, per_step)
-        )
         unlabeled_ds = consistency.unlabeled_stream(
             *parts, job.size, job.channels, per_step, cfg.seed
         )
