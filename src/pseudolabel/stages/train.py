@@ -57,10 +57,14 @@ from pseudolabel.stages.common import (
 log = logging.getLogger(__name__)
 
 
-def train_teacher(cfg, paths: Paths = Paths()) -> dict[str, Any]:
+def train_teacher(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
+    """The teacher on the labeled images (or the user's own, `teacher.path`). `callbacks`: extra
+    Keras callbacks, for benchmarks."""
     if cfg.teacher.path:
         return import_teacher(cfg, paths)
-    return strategies.run(_train, cfg, "teacher", paths, train_dir=paths.train, tags={})
+    return strategies.run(
+        _train, cfg, "teacher", paths, train_dir=paths.train, tags={}, callbacks=callbacks
+    )
 
 
 def train_baseline(cfg, paths: Paths = Paths(), callbacks=()) -> dict[str, Any]:
