@@ -54,6 +54,15 @@ def test_alignment_momentum_out_of_range_is_rejected(momentum):
         compose([f"student.consistency.alignment_momentum={momentum}"])
 
 
+@pytest.mark.parametrize("value", ["sometimes", "1", "0.1"])
+def test_ood_exclude_is_true_false_or_auto(value):
+    with pytest.raises(PseudoLabelError, match="pseudo_label.ood.exclude"):
+        compose([f"pseudo_label.ood.exclude={value}"])
+    for ok in ("true", "false", "auto"):
+        compose([f"pseudo_label.ood.exclude={ok}"])
+    compose(["pseudo_label.ood.enabled=false"])  # auto without a score: nothing to exclude
+
+
 def test_steps_per_epoch_must_be_positive():
     with pytest.raises(PseudoLabelError, match="teacher.train.steps_per_epoch"):
         compose(["teacher.train.steps_per_epoch=0"])

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pseudolabel import merged_set, ood
 from pseudolabel.config import compose_raw, to_yaml
+from pseudolabel.errors import PseudoLabelError
 from pseudolabel.generator import PseudoLabelGenerator
 from pseudolabel.models.io import read_meta
 from pseudolabel.paths import Paths
@@ -111,8 +112,53 @@ def test_images_from_another_domain_are_flagged_and_kept_out(messy):
     assert sorted(listed["path"]) == sorted(flagged_rows["path"])
     assert listed["reason"].str.contains("out of distribution").all()
     assert merging["ood_excluded"] == len(flagged_rows)
+    assert merging["ood_exclude"] == {"setting": True, "excluded": True}
+    assert report["excluded"] is True  # what pseudo_label said merge would do
     # The user's folder is untouched: every foreign image is still there.
     assert len(list(paths.unlabeled.glob("foreign_*.png"))) == FOREIGN
+
+
+def test_auto_excludes_where_the_folder_holds_what_does_not_belong():
+    """pseudo_label.ood.exclude=auto (the default): exclude where more of the folder is flagged
+    than twice the share of the labeled classes' own images the cut flags (false_rejection):
+    a clean folder (about that share flagged) keeps every image, a messy one does not."""
+    from types import SimpleNamespace
+
+    def frame(flagged: int, n: int = 1000) -> pd.DataFrame:
+        return pd.DataFrame({ood.FLAG_COLUMN: [1] * flagged + [0] * (n - flagged)})
+
+    auto = SimpleNamespace(exclude="auto", false_rejection=0.05)
+    assert not ood.excludes(auto, frame(50))  # as clean as val: keep
+    assert not ood.excludes(auto, frame(100))  # twice: still keep
+    assert ood.excludes(auto, frame(130))  # the junk pool measured (13 %)
+    assert ood.excludes(auto, frame(450))  # 75 % of other classes
+    assert not ood.excludes(auto, pd.DataFrame({"label": ["a"]}))  # no score: nothing to decide
+    assert not ood.excludes(auto, frame(0, n=0))
+    assert ood.excludes(SimpleNamespace(exclude=True, false_rejection=0.05), frame(1))
+    assert not ood.excludes(SimpleNamespace(exclude=False, false_rejection=0.05), frame(900))
+    # the share is relative to the stated false rejection
+    assert not ood.excludes(SimpleNamespace(exclude="auto", false_rejection=0.2), frame(300))
+
+
+def test_later_rounds_keep_the_teachers_auto_decision(tmp_path):
+    """exclude=auto decides once, on round 1's CSV (the teacher's labeling): a later round's
+    labeler flags a different share, and its merge and student still do what round 1 said."""
+    from types import SimpleNamespace
+
+    project = Paths(tmp_path)
+    project.csv.parent.mkdir(parents=True)
+    pd.DataFrame({"path": ["a.png"] * 10, ood.FLAG_COLUMN: [1] * 3 + [0] * 7}).to_csv(
+        project.csv, index=False
+    )
+    later = project.round(2)
+    assert later.first_round_csv == project.csv
+    clean = pd.DataFrame({ood.FLAG_COLUMN: [0] * 10})
+    auto = SimpleNamespace(exclude="auto", false_rejection=0.05)
+    assert ood.excludes_in(auto, later, clean)  # round 1 flagged 30 %: excluded in round 2 too
+    assert not ood.excludes_in(auto, project, clean)  # (round 1 itself decides on its own CSV)
+    project.csv.unlink()
+    with pytest.raises(PseudoLabelError, match="round 1's labeling is missing"):
+        ood.excludes_in(auto, later, clean)
 
 
 def test_the_consistency_student_learns_from_the_kept_images_only(messy):
@@ -129,6 +175,7 @@ def test_the_facade_writes_the_pipelines_ood_columns(messy, tmp_path):
         train_data_path=paths.train,
         unlabeled_path=paths.unlabeled,
         output_folder=tmp_path,
+        pseudo_data_path=tmp_path / "train_ssl",
     )
     facade = gen.generate_pseudolabel_data(batch_size=256)
     pipeline = read_csv(paths.csv)
@@ -141,6 +188,13 @@ def test_the_facade_writes_the_pipelines_ood_columns(messy, tmp_path):
     assert (facade[ood.FLAG_COLUMN] == pipeline[ood.FLAG_COLUMN]).mean() > 0.99
     written = read_csv(tmp_path / "data.csv")
     assert {ood.SCORE_COLUMN, ood.FLAG_COLUMN} <= set(written.columns)
+    # move_unlabeled_images leaves the flagged images out as the pipeline's merge does
+    counts = gen.move_unlabeled_images(exclude_ood=True)
+    assert sum(c["pseudo"] for c in counts.values()) == int((written[ood.FLAG_COLUMN] == 0).sum())
+    counts = gen.move_unlabeled_images(exclude_ood=False)
+    assert sum(c["pseudo"] for c in counts.values()) == len(written)
+    with pytest.raises(PseudoLabelError, match="exclude_ood"):
+        gen.move_unlabeled_images(exclude_ood="sometimes")
 
 
 def test_an_all_junk_folder_is_one_line_and_nothing_is_written(pipeline, tmp_path):

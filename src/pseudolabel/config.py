@@ -297,8 +297,11 @@ class OODConfig:
     # fitted on at most contrast_sample unlabeled images drawn at random (seeded by `seed`).
     contrast: bool = MISSING
     contrast_sample: int = MISSING
-    # Flagged images stay out of data/train_ssl and of the student's unlabeled terms.
-    exclude: bool = MISSING
+    # Flagged images stay out of data/train_ssl and of the student's unlabeled terms: true,
+    # false, or "auto": when more of the folder is flagged than twice false_rejection (the
+    # share of the labeled classes' own images the cut flags), i.e. the folder holds what does
+    # not belong (pseudolabel.ood.excludes).
+    exclude: bool | str = MISSING
 
 
 @dataclass
@@ -582,7 +585,9 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
         fail("pseudo_label.ood.false_rejection", pl.ood.false_rejection, "use a share in (0, 0.5)")
     if pl.ood.contrast_sample < 1:
         fail("pseudo_label.ood.contrast_sample", pl.ood.contrast_sample, "use >= 1 image")
-    if pl.ood.exclude and not pl.ood.enabled:
+    if pl.ood.exclude not in (True, False, "auto"):
+        fail("pseudo_label.ood.exclude", pl.ood.exclude, "use true, false or auto")
+    if pl.ood.exclude is True and not pl.ood.enabled:
         fail("pseudo_label.ood.exclude", True, "needs pseudo_label.ood.enabled=true (the score)")
     if pl.selection not in SELECTIONS:
         fail("pseudo_label.selection", pl.selection, f"use one of {', '.join(SELECTIONS)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import pandas as pd
@@ -220,12 +221,26 @@ class PseudoLabelGenerator:
             written.append(plots.save(fig, self.output_folder / "confidence_per_class.png"))
         return written
 
-    def move_unlabeled_images(self, threshold: float | None = None) -> dict[str, dict[str, int]]:
+    def move_unlabeled_images(
+        self, threshold: float | None = None, exclude_ood: bool | str = "auto"
+    ) -> dict[str, dict[str, int]]:
         """Build `pseudo_data_path/<class>/` from copies of the train images and of the
-        unlabeled images whose confidence is >= threshold (all when None). Originals stay."""
+        unlabeled images whose confidence is >= threshold (all when None). Originals stay.
+        `exclude_ood` (the pipeline's pseudo_label.ood.exclude, where the CSV has the ood
+        column): leave out the images flagged out of distribution: True, False, or "auto":
+        where more of the folder is flagged than twice `ood_false_rejection`."""
         check_threshold(threshold)
+        if exclude_ood not in (True, False, "auto"):
+            raise PseudoLabelError(
+                f"exclude_ood={exclude_ood!r} is invalid: use True, False or 'auto'."
+            )
         predictions = self._predictions()
         class_names = self.class_names or class_names_from(self.train_data_path)
+        share = self.ood_false_rejection or 0.05  # (a CSV written with another setting)
+        rule = SimpleNamespace(exclude=exclude_ood, false_rejection=share)
+        if ood.FLAG_COLUMN in predictions and ood.excludes(rule, predictions):
+            predictions, flagged = ood.without_flagged(predictions, self.csv_path)
+            log.info("left out %d images flagged out of distribution", len(flagged))
         accepted = merged_set.select(predictions, threshold)
         counts = merged_set.build_merged(
             self.train_data_path, self.unlabeled_path, accepted, self.pseudo_data_path, class_names

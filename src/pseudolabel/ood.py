@@ -396,6 +396,45 @@ def val_scores(labeler: keras.Model, meta, val_dir: Path, batch_size: int) -> np
     return np.asarray(labeler.predict(ds, verbose=0), np.float64)[:, -1]
 
 
+AUTO_FACTOR = 2.0  # exclude=auto: flagged share of the folder above AUTO_FACTOR * false_rejection
+
+
+def excludes(ood_cfg, predictions: pd.DataFrame) -> bool:
+    """Whether merge and the consistency student leave the flagged images out
+    (pseudo_label.ood.exclude), given the teacher's labeling (round 1's CSV: the stages call
+    it through stages.common.excludes_ood): true, false, or auto: where more of the folder is
+    flagged than AUTO_FACTOR times the share of the labeled classes' own val images the cut
+    flags (false_rejection), i.e. where the folder holds what does not belong. Measured by the
+    teacher (docs/messy.md): clean and long-tailed pools 3.5-5.0 % flagged, the junk pool 12.7 %,
+    class-mismatched pools 27-46 %; excluding paid on every messy pool and cost 0.1-0.3 points
+    on clean ones. Later rounds keep round 1's decision: their labelers (students) flag more
+    of a clean pool (7-9 %), their cut being calibrated on val images they selected epochs on."""
+    if ood_cfg.exclude != "auto":
+        return bool(ood_cfg.exclude)
+    if FLAG_COLUMN not in predictions or predictions.empty:  # no score: nothing to decide on
+        return False
+    return auto_excludes(float(predictions[FLAG_COLUMN].mean()), ood_cfg.false_rejection)
+
+
+def auto_excludes(flagged_share: float, false_rejection: float) -> bool:
+    """exclude=auto's rule: the folder's flagged share above AUTO_FACTOR * false_rejection."""
+    return flagged_share > AUTO_FACTOR * false_rejection
+
+
+def excludes_in(ood_cfg, paths, predictions: pd.DataFrame) -> bool:
+    """`excludes` for the round of `paths` (pseudolabel.paths.Paths) whose CSV is
+    `predictions`: round 1 decides on it, later rounds on round 1's CSV."""
+    if ood_cfg.exclude != "auto" or paths.round_number == 1:
+        return excludes(ood_cfg, predictions)
+    first = paths.first_round_csv
+    if not first.is_file():
+        raise PseudoLabelError(
+            f"{first}: round 1's labeling is missing, and pseudo_label.ood.exclude=auto decides "
+            "on it: run the pseudo_label stage first (dvc repro)."
+        )
+    return excludes(ood_cfg, pd.read_csv(first, usecols=lambda c: c == FLAG_COLUMN))
+
+
 def without_flagged(predictions: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The CSV's rows the OOD score did not flag, and the flagged ones (pseudo_label.ood.exclude:
     merge and the consistency student both leave them out)."""

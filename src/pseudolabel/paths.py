@@ -29,6 +29,7 @@ class Paths:
     data_root: Path | None = None
     round_number: int = 1
     teacher_model: Path | None = None  # None: models/teacher.keras under root
+    first_round_root: Path | None = None  # round 1's root (None: root, this is round 1)
 
     def round(self, number: int) -> Paths:
         """Round `number`'s paths (1: these); call it on the project's paths."""
@@ -39,6 +40,7 @@ class Paths:
             data_root=self.input_root,
             round_number=number,
             teacher_model=self.round(number - 1).model("student"),
+            first_round_root=self.root,
         )
 
     def _p(self, rel: str) -> Path:
@@ -91,6 +93,12 @@ class Paths:
     @property
     def csv(self) -> Path:
         return self.outputs / "data.csv"
+
+    @property
+    def first_round_csv(self) -> Path:
+        """Round 1's CSV (the teacher's labeling): pseudo_label.ood.exclude=auto decides on it
+        for every round."""
+        return (self.first_round_root or self.root) / "outputs" / "data.csv"
 
     @property
     def ingest_report(self) -> Path:

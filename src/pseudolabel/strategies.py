@@ -284,5 +284,6 @@ def _scratch_paths(paths, scratch: Path, name: str):
         data_root=paths.data_root,
         round_number=paths.round_number,
         teacher_model=None if name == "teacher" else paths.model("teacher"),
+        first_round_root=paths.first_round_root,
         scratch=scratch,
     )

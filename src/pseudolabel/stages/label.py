@@ -182,6 +182,7 @@ def _ood_report(
         "val_flagged_fraction": round(float((val_scores > cut).mean()), 6),
         "flagged": int(flagged.sum()),
         "flagged_fraction": round(float(flagged.mean()), 6) if len(flagged) else 0.0,
+        "excluded": ood.excludes_in(cfg_ood, paths, predictions),  # what merge, student will do
         "flagged_per_class": {
             name: round(float(flagged[(labels == name).to_numpy()].mean()), 6)
             if (labels == name).any()

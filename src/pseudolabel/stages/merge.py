@@ -57,7 +57,8 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     pl = cfg.pseudo_label
     class_names, predictions, link_roots = _inputs(cfg, paths)  # checked before writing
     flagged = None
-    if pl.ood.exclude:  # images unlike the labeled classes are no candidates at all
+    excluding = ood.excludes_in(pl.ood, paths, predictions)
+    if excluding:  # images unlike the labeled classes are no candidates at all
         predictions, flagged = ood.without_flagged(predictions, paths.csv)
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
@@ -83,8 +84,9 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "labeled": sum(c["labeled"] for c in counts.values()),
         "per_class": counts,
     }
-    if flagged is not None:
-        metrics["ood_excluded"] = len(flagged)
+    if ood.FLAG_COLUMN in predictions or flagged is not None:  # what exclude decided
+        metrics["ood_exclude"] = {"setting": pl.ood.exclude, "excluded": excluding}
+        metrics["ood_excluded"] = 0 if flagged is None else len(flagged)
     _log_run(cfg, paths, metrics, out, with_table=table is not None)
     log.info(
         "merge (%s): kept %d of %d pseudo-labels; recommended threshold %s for precision %g",

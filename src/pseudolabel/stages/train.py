@@ -271,7 +271,7 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
     )
     unlabeled_ds, n_unlabeled = None, 0
     if unlabeled:
-        parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood.exclude)
+        parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood)
         n_unlabeled = len(parts[0])
         job = replace(job, unlabeled_images=n_unlabeled)
         per_step = job.role_cfg.consistency.ratio * batch
@@ -288,13 +288,14 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
     return job, train_ds, model, steps
 
 
-def _unlabeled_targets(paths: Paths, class_names, truth, exclude_ood: bool = False):
+def _unlabeled_targets(paths: Paths, class_names, truth, ood_cfg=None):
     """Every unlabeled image of the CSV with the teacher's probabilities, whether merge
     accepted it (the teacher term's weight) and its true class where `truth` knows it (-1).
-    `exclude_ood` (pseudo_label.ood.exclude): the images the OOD score flagged are left out of
-    the stream, so neither the online nor the teacher term learns from them."""
+    Where `ood_cfg` (pseudo_label.ood) excludes (ood.excludes_in: merge's decision), the
+    images the OOD score flagged are left out of the stream, so neither the online nor the
+    teacher term learns from them."""
     frame = predicting.read_csv(paths.csv)
-    if exclude_ood:
+    if ood_cfg is not None and ood.excludes_in(ood_cfg, paths, frame):
         frame, _ = ood.without_flagged(frame, paths.csv)
     probs = predicting.probabilities(frame, class_names, str(paths.csv)).astype(np.float32)
     probs /= probs.sum(axis=1, keepdims=True)
@@ -427,7 +428,7 @@ def _training_state(job: _Job, train_dir: Path, steps: int, unlabeled: bool):
         inputs["merged"] = tracking.md5(train_dir / merged_set.MANIFEST)
     if job.online and unlabeled:
         inputs["labels"] = tracking.md5(job.paths.csv)
-        inputs["ood_exclude"] = bool(job.cfg.pseudo_label.ood.exclude)
+        inputs["ood_exclude"] = job.cfg.pseudo_label.ood.exclude  # (auto: decided by the CSV)
     if job.role != "teacher" and job.role_cfg.init_from_teacher:
         teacher = job.paths.model("teacher")
         inputs["teacher"] = tracking.md5(teacher) if teacher.is_file() else None
