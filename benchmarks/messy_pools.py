@@ -91,10 +91,14 @@ MISMATCH_SIZE = 32_000  # the largest pool every fraction up to 0.75 allows
 JUNK_FRACTION = 0.10
 TRUTH = "data/unlabeled_truth.json"
 # Each arm states pseudo_label.ood.exclude itself, so a row means the same whatever the
-# project's default (rows before 2026-12-05 named `keep` "default": the default was false).
+# project's default (rows before 2026-12-05 named `keep` "default": the default was false;
+# since, the default is auto, and a keep or ood row ran it where auto decides the same on
+# its teacher's labeling: `default` is recomputed so, see ssl_gain.ran_default).
 ARMS = {
     "keep": ["pseudo_label.ood.exclude=false"],
     "ood": ["pseudo_label.ood.exclude=true"],
+    # the default: exclude where the teacher flags more than twice false_rejection of the pool
+    "auto": ["pseudo_label.ood.exclude=auto"],
     # a stricter cut: flags 20 % of the labeled val images, and more of what does not belong
     "ood_fr20": ["pseudo_label.ood.exclude=true", "pseudo_label.ood.false_rejection=0.2"],
     # item 4 on a skewed pool: the student's distribution alignment (to the labeled prior) off
@@ -105,6 +109,36 @@ ARMS = {
     # item 4's per-class thresholds on a skewed pool: FlexMatch's off (one fixed threshold)
     "no_flex": ["pseudo_label.ood.exclude=false", "student.consistency.flexible=false"],
 }
+
+
+def teacher_flagged(row: dict, rows: list[dict]) -> float | None:
+    """The share of the pool the teacher's labeling (round 1) flagged out of distribution
+    (what pseudo_label.ood.exclude=auto decides on): the row's own labeling report, else that
+    of a row with the same scenario, seed, machine and teacher (the same labeling: the rows
+    from before reports had the flags); None where none has it."""
+
+    def share(r: dict) -> float | None:
+        counts, flagged = r["labeling"].get("pool_counts", {}), r["labeling"].get("flagged")
+        if not flagged or not counts or set(flagged) != set(counts):
+            return None
+        return round(sum(counts[k] * flagged[k] for k in counts) / sum(counts.values()), 6)
+
+    if share(row) is not None:
+        return share(row)
+    same = ("scenario", "seed", "cpu", "teacher", "pool_size")
+    for other in rows:
+        if all(other.get(k) == row.get(k) for k in same) and share(other) is not None:
+            return share(other)
+    return None
+
+
+def mark_default(row: dict, rows: list[dict]) -> dict:
+    """row["default"]: the row ran what today's defaults do on its pool (ssl_gain.ran_default,
+    on its teacher's flagged share, row["ood_flagged"])."""
+    row["ood_flagged"] = teacher_flagged(row, rows)
+    recipe = [*row["setting_overrides"], *row["overrides"]]
+    row["default"] = ssl_gain.ran_default([f"seed={row['seed']}"], recipe, row["ood_flagged"])
+    return row
 
 
 def parse_scenario(name: str) -> dict:
@@ -322,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[:] = [r for r in rows if not _same(r, row)] + [row]
         ssl_gain.with_gains(rows, split_key)
         for r in rows:
-            r["default"] = ssl_gain.recipe_is_default(
-                [f"seed={r['seed']}"], [*r["setting_overrides"], *r["overrides"]]
-            )
+            mark_default(r, rows)
         payload["table"] = table(rows)
         if row is not None and command not in payload.setdefault("commands", []):
             payload["commands"].append(command)

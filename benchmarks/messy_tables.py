@@ -40,6 +40,7 @@ SHOWN = {
 SETTINGS = {
     "keep": "nothing left out (exclude=false)",
     "ood": "pseudo_label.ood.exclude=true",
+    "auto": "exclude=auto",
     "ood_fr20": "exclude, cut at 20 % false rejection",
 }
 COLUMNS = {
@@ -90,9 +91,9 @@ def pool_table(rows: list[dict]) -> str:
     head = (
         "| scenario | seed | setting | teacher | baseline | best labeled-only | student | "
         "gain (points) | OOD share of the merged set | OOD flagged | in-distribution flagged | "
-        "AUROC | AUROC, last round's labeling | minutes |"
+        "pool flagged (auto decides on it) | AUROC | AUROC, last round's labeling | minutes |"
     )
-    lines = [head, "|---" * 14 + "|"]
+    lines = [head, "|---" * 15 + "|"]
     order = {name: i for i, name in enumerate(SETTINGS)}
     for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"], order.get(r["setting"], 9))):
         labeling = r.get("labeling", {})
@@ -118,6 +119,7 @@ def pool_table(rows: list[dict]) -> str:
             _num(ood_share),
             _num(ood_flagged),
             _num(flagged.get("in")),
+            _num(r.get("ood_flagged")),
             _num(auroc),
             _num(last_auroc),
             f"{r['seconds'] / 60:.0f}",
@@ -154,10 +156,19 @@ def summary_table(rows: list[dict]) -> str:
         seeds = ", ".join(str(r["seed"]) for r in mine)
         cell = _cell(gains, 1, 2)
         cell = cell if cell.startswith("-") else "+" + cell
-        if all(r.get("default") for r in mine):  # the project's default recipe today
-            setting = f"**{setting} (default)**"
+        if all(r.get("default") for r in mine):  # what the project's default does here
+            setting = f"**{setting} (= the default: auto {_auto(mine)})**"
         lines.append(f"| {scenario} | {setting} | {seeds} | {cell} | {min(gains):+.2f} |")
     return "\n".join(lines)
+
+
+def _auto(rows: list[dict]) -> str:
+    """What exclude=auto decided on these rows' teachers' labelings (their flagged shares)."""
+    shares = [r["ood_flagged"] for r in rows if r.get("ood_flagged") is not None]
+    low, high = f"{100 * min(shares):.1f}", f"{100 * max(shares):.1f}"
+    flagged = f"{low} %" if low == high else f"{low}-{high} %"
+    verb = "excludes" if any("exclude=true" in o for o in rows[0]["setting_overrides"]) else "keeps"
+    return f"{verb}: {flagged} flagged"
 
 
 def in_pool_table(rows: list[dict]) -> str:
@@ -225,6 +236,14 @@ def gain_figure(rows: list[dict], path: Path) -> bool:
             alpha=0.4,
             s=12,
         )
+    default = [r for r in mismatch if r.get("default")]  # the arm exclude=auto picks, per row
+    if default:
+        xs = sorted({r["scenario_params"]["fraction"] for r in default})
+        means = [
+            sum(g := [r["gain"] for r in default if r["scenario_params"]["fraction"] == x]) / len(g)
+            for x in xs
+        ]
+        ax.plot(xs, means, "k--", linewidth=1, label="the default (exclude=auto picks)")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set(
         xlabel="share of the pool from classes without labels (6-9)",

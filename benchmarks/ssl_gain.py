@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pseudolabel import merged_set, stages, tracking
+from pseudolabel import merged_set, ood, stages, tracking
 from pseudolabel.config import compose
 from pseudolabel.data import sources
 from pseudolabel.data.images import (
@@ -238,6 +238,7 @@ def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tup
         "split_digest": split_digest(paths),
         "pseudo_label_precision": pseudo_label_precision(paths, lookup),
         "pseudo_labeled": json.loads((paths.metrics / "merge.json").read_text())["pseudo_labeled"],
+        "ood_flagged": flagged_share(paths),
         "seconds": seconds,
     }
     done.write_text(json.dumps({"key": key, "info": info}))
@@ -422,11 +423,43 @@ def recipe_is_default(scenario: list[str], recipe: list[str]) -> bool:
         return False
 
 
+EXCLUDE = "pseudo_label.ood.exclude="
+
+
+def flagged_share(paths: Paths) -> float | None:
+    """The share of the unlabeled pool the teacher's labeling flagged out of distribution
+    (metrics/pseudo_label.json), what pseudo_label.ood.exclude=auto decides on; None: no score."""
+    metrics = json.loads((paths.metrics / "pseudo_label.json").read_text())
+    return metrics.get("ood", {}).get("flagged_fraction")
+
+
+def ran_default(scenario: list[str], recipe: list[str], flagged: float | None) -> bool:
+    """`recipe_is_default`, where a recipe that set pseudo_label.ood.exclude to true or false
+    (the rows from before `auto`, the benchmark's arms) also ran the default if, all else
+    default, `auto` decides the same on its teacher's labeling, which flagged the share
+    `flagged` of the pool (ood.excludes): the student learnt from the same images. Unknown
+    (`flagged` None) is not the default."""
+    if recipe_is_default(scenario, recipe):
+        return True
+    setting = [o for o in recipe if o.startswith(EXCLUDE)]
+    rest = [o for o in recipe if not o.startswith(EXCLUDE)]
+    if len(setting) != 1 or flagged is None or not recipe_is_default(scenario, rest):
+        return False
+    value = setting[0].removeprefix(EXCLUDE).strip().lower()
+    if value not in ("true", "false"):
+        return False
+    ood_cfg = compose(scenario).pseudo_label.ood
+    if ood_cfg.exclude != "auto":
+        return False
+    return ood.auto_excludes(flagged, ood_cfg.false_rejection) == (value == "true")
+
+
 def mark_default(row: dict) -> dict:
-    """row["default"]: the row ran the committed defaults at 1x compute (`recipe_is_default`)."""
+    """row["default"]: the row ran the committed defaults at 1x compute (`ran_default`; rows
+    from before their teacher's flagged share was recorded: `recipe_is_default`)."""
     scenario = [f"data.train_per_class={row['budget']}", f"seed={row['seed']}"]
     recipe = [*SETTINGS.get(row["setting"], []), *row["overrides"]]
-    row["default"] = row["compute"] == 1 and recipe_is_default(scenario, recipe)
+    row["default"] = row["compute"] == 1 and ran_default(scenario, recipe, row.get("ood_flagged"))
     return row
 
 
@@ -721,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
                             row[key] = info[key]
                     row["pseudo_label_precision"] = info["pseudo_label_precision"]
                     row["pseudo_labeled"] = info["pseudo_labeled"]
+                    row["ood_flagged"] = info.get("ood_flagged")  # the teacher's, round 1
                     row["shared_seconds"] = sum(info["seconds"].values())
                     save(row)
                     print(json.dumps(row), flush=True)

@@ -176,16 +176,17 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import json
 
-    from ssl_gain import mark_default, recipe_is_default
+    from messy_pools import mark_default as mark_messy
+    from ssl_gain import mark_default
 
     results = REPO / "benchmarks" / "results"
     stale = []
     for row in json.loads((results / "ssl_gain.json").read_text())["rows"]:
         if row.get("default") != mark_default(dict(row))["default"]:
             stale.append(f"ssl_gain.json: budget {row['budget']} seed {row['seed']}")
-    for row in json.loads((results / "messy_pools.json").read_text())["rows"]:
-        recipe = [*row["setting_overrides"], *row["overrides"]]
-        if row.get("default") != recipe_is_default([f"seed={row['seed']}"], recipe):
+    messy = json.loads((results / "messy_pools.json").read_text())["rows"]
+    for row in messy:
+        if row.get("default") != mark_messy(dict(row), messy)["default"]:
             stale.append(f"messy_pools.json: {row['scenario']} seed {row['seed']}")
     assert not stale, (
         "default flags out of date (python benchmarks/ssl_gain.py --mark-defaults; "
@@ -194,6 +195,13 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
     assert any(
         row["default"] for row in json.loads((results / "ssl_gain.json").read_text())["rows"]
     )
+    # exclude=auto (the default): a keep or ood row ran the default where auto decides the
+    # same on its teacher's labeling, and only there
+    by_arm = {(r["scenario"], r["seed"], r["setting"]): r for r in messy if not r["overrides"]}
+    assert by_arm[("mismatch-0.5", 0, "ood")]["default"]  # 36 % flagged: auto excludes
+    assert not by_arm[("mismatch-0.5", 0, "keep")]["default"]
+    assert by_arm[("longtail-10", 0, "keep")]["default"]  # 4.4 % flagged: auto keeps
+    assert not by_arm[("mismatch-0.5", 0, "ood_fr20")]["default"]  # another cut: not auto
 
 
 def test_benchmark_pairing_guard(monkeypatch):
