@@ -402,7 +402,7 @@ AUTO_FACTOR = 2.0  # exclude=auto: flagged share of the folder above AUTO_FACTOR
 def excludes(ood_cfg, predictions: pd.DataFrame) -> bool:
     """Whether merge and the consistency student leave the flagged images out
     (pseudo_label.ood.exclude), given the teacher's labeling (round 1's CSV: the stages call
-    it through stages.common.excludes_ood): true, false, or auto: where more of the folder is
+    it through `excludes_in`): true, false, or auto: where more of the folder is
     flagged than AUTO_FACTOR times the share of the labeled classes' own val images the cut
     flags (false_rejection), i.e. where the folder holds what does not belong. Measured by the
     teacher (docs/messy.md): clean and long-tailed pools 3.5-5.0 % flagged, the junk pool 12.7 %,
