@@ -210,6 +210,10 @@ def test_two_rounds_version_each_round_and_chain_its_runs(ran):
     assert outs >= {"rounds/round2/outputs", "rounds/round2/data/train_ssl", "rounds/round2/models"}
     deps = {d["path"] for d in ran.rounds_lock["stages"]["round@round2"]["deps"]}
     assert {"models/student.keras", "models/student.json"} <= deps  # round 1's student teaches
+    assert "outputs/data.csv" in deps  # round 1's flags: exclude=auto decides on them
+    first = json.loads((root / "metrics/pseudo_label.json").read_text())["ood"]
+    second = json.loads((root / "rounds/round2/metrics/merge.json").read_text())["ood_exclude"]
+    assert second == {"setting": "auto", "excluded": first["excluded"]}
     for rel in (
         "rounds/round2/outputs/data.csv",
         "rounds/round2/data/train_ssl/manifest.csv",
