@@ -358,7 +358,7 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
     start = time.perf_counter()
     print(f"[all labels, seed {seed}, {epochs} epochs] ingest", flush=True)
     stages.STAGES["ingest"](cfg, paths)
-    class_names = sorted(p.name for p in paths.test.iterdir() if p.is_dir())
+    class_names = class_names_from(paths.train)  # not iterdir: .decoded/ is a folder too
     curve = TestCurve(paths.test, class_names, cfg.data.image_size, cfg.data.channels)
     print(f"[all labels, seed {seed}, {epochs} epochs] train_teacher", flush=True)
     stages.train_teacher(cfg, paths, callbacks=[curve])
@@ -367,6 +367,8 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
     labeled = len(list_images(paths.train))
     seconds = round(time.perf_counter() - start, 1)
     history = pd.read_csv(paths.history("teacher"))
+    if curve.curve and abs(max(curve.curve) - accuracy) > 0.05:  # the curve's labels are off
+        raise RuntimeError(f"test curve {curve.curve} disagrees with the test accuracy {accuracy}")
     return {"seed": seed, "epochs": epochs, "labeled": labeled, "accuracy": accuracy,
             "seconds": seconds, "overrides": overrides, "code": code_version(),
             "cpu": machine(), "test_curve": curve.curve,
