@@ -152,9 +152,10 @@ def render(payload: dict) -> str:
         for run in sorted(runs, key=lambda r: (r.get("cpu", ""), r["epochs"])):
             curve = run.get("test_curve") or []
             best = f"{100 * max(curve):.2f} (epoch {curve.index(max(curve)) + 1})" if curve else "–"
+            shared = " (CPU shared: no timing)" if run.get("cpu_shared") else ""
             parts.append(
                 f"| {run['epochs']} | {run['seed']} | {100 * run['accuracy']:.2f} | {best} | "
-                f"{run['seconds'] / 60:.0f} | {run.get('cpu', 'AMD EPYC (Zen 4)')} | "
+                f"{run['seconds'] / 60:.0f}{shared} | {run.get('cpu', 'AMD EPYC (Zen 4)')} | "
                 f"{' '.join(run.get('overrides') or []) or run.get('note', '–')} |"
             )
         converged = ""
@@ -246,12 +247,15 @@ def curves_figure(rows: list[dict], path: Path) -> bool:
 def ceiling_figure(runs: list[dict], path: Path) -> bool:
     """Test accuracy per epoch of every all-labels run (the ceiling of the gap-closed shares):
     has the longest one stopped rising?"""
-    runs = [r for r in runs if r.get("test_curve")]
-    if not runs:
+    mine = [r for r in runs if r.get("cpu")]  # (the first reference, of another recipe: none)
+    if not any(r.get("test_curve") for r in mine):
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in sorted(runs, key=lambda r: r["epochs"]):
+    for run in sorted((r for r in mine if not r.get("test_curve")), key=lambda r: r["epochs"]):
+        label = f"{run['epochs']} epochs: {100 * run['accuracy']:.2f} % kept (no curve)"
+        ax.axhline(100 * run["accuracy"], color="grey", ls="--", lw=1, label=label)
+    for run in sorted((r for r in mine if r.get("test_curve")), key=lambda r: r["epochs"]):
         epochs = np.arange(1, len(run["test_curve"]) + 1)
         label = f"{run['epochs']} epochs (cosine): {100 * run['accuracy']:.2f} % kept"
         ax.plot(epochs, 100 * np.asarray(run["test_curve"]), marker=".", label=label)
