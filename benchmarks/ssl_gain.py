@@ -719,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
             for command in other.get("commands", []):
                 if command not in payload.setdefault("commands", []):
                     payload["commands"].append(command)
-            for run in other.get("full_reference_runs", []):
+            old_format = [other["full_reference"]] if "full_reference" in other else []
+            for run in other.get("full_reference_runs") or old_format:
                 add_reference(run)
             for row in other["rows"]:
                 save(row)

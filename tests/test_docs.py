@@ -204,6 +204,29 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
     assert not by_arm[("mismatch-0.5", 0, "ood_fr20")]["default"]  # another cut: not auto
 
 
+def test_the_ceiling_is_the_longest_all_labels_run_and_says_if_it_converged(monkeypatch):
+    """ssl_gain's all-labels reference (issue 31, item 1): the longest run of a recipe, and
+    whether its last doubling of epochs still paid; the committed one says which."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import json
+
+    from ssl_gain import ceiling
+
+    def run(epochs, accuracy, overrides=()):
+        return {"seed": 0, "epochs": epochs, "accuracy": accuracy, "overrides": list(overrides)}
+
+    top = ceiling([run(6, 0.9168), run(12, 0.9274)])
+    assert (top["epochs"], top["doubling_from"], top["doubling_gain"]) == (12, 6, 1.06)
+    assert top["converged"] is False
+    assert ceiling([run(12, 0.9274), run(24, 0.9290)])["converged"] is True
+    # another recipe's run is no doubling of this one
+    assert "doubling_gain" not in ceiling([run(6, 0.90, ["x=1"]), run(12, 0.9274)])
+    committed = json.loads((REPO / "benchmarks/results/ssl_gain.json").read_text())
+    ref = committed["full_reference"]
+    assert ref == ceiling(committed["full_reference_runs"])
+    assert all(g["all_labels"] == ref["accuracy"] for g in committed["gap"].values())
+
+
 def test_benchmark_pairing_guard(monkeypatch):
     """ssl_gain's rows pair seeds with their own teacher (issue 31, item 7): the committed rows
     pass the guard, and it flags a teacher reused across seeds or two teachers of one seed."""
