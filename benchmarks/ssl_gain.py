@@ -450,10 +450,10 @@ def ran_default(scenario: list[str], recipe: list[str], flagged: float | None) -
     value = setting[0].removeprefix(EXCLUDE).strip().lower()
     if value not in ("true", "false"):
         return False
-    ood_cfg = compose(scenario).pseudo_label.ood
-    if ood_cfg.exclude != "auto":
+    ood_cfg = json.loads(_composed(tuple(scenario)))["pseudo_label"]["ood"]  # (cached)
+    if ood_cfg["exclude"] != "auto":
         return False
-    return ood.auto_excludes(flagged, ood_cfg.false_rejection) == (value == "true")
+    return ood.auto_excludes(flagged, ood_cfg["false_rejection"]) == (value == "true")
 
 
 def mark_default(row: dict) -> dict:

@@ -84,7 +84,7 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         "labeled": sum(c["labeled"] for c in counts.values()),
         "per_class": counts,
     }
-    if ood.FLAG_COLUMN in predictions or flagged is not None:  # what exclude decided
+    if ood.FLAG_COLUMN in predictions:  # (scored) what exclude decided
         metrics["ood_exclude"] = {"setting": pl.ood.exclude, "excluded": excluding}
         metrics["ood_excluded"] = 0 if flagged is None else len(flagged)
     _log_run(cfg, paths, metrics, out, with_table=table is not None)
