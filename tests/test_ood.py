@@ -195,6 +195,14 @@ def test_the_facade_writes_the_pipelines_ood_columns(messy, tmp_path):
     assert sum(c["pseudo"] for c in counts.values()) == len(written)
     with pytest.raises(PseudoLabelError, match="exclude_ood"):
         gen.move_unlabeled_images(exclude_ood="sometimes")
+    # a CSV without the OOD columns: auto keeps all, True is one clear error, nothing written
+    written.drop(columns=[ood.SCORE_COLUMN, ood.FLAG_COLUMN]).to_csv(gen.csv_path, index=False)
+    shutil.rmtree(tmp_path / "train_ssl")
+    with pytest.raises(PseudoLabelError, match="no ood column, which exclude_ood=True needs"):
+        gen.move_unlabeled_images(exclude_ood=True)
+    assert not (tmp_path / "train_ssl").exists()
+    counts = gen.move_unlabeled_images(exclude_ood="auto")
+    assert sum(c["pseudo"] for c in counts.values()) == len(written)
 
 
 def test_an_all_junk_folder_is_one_line_and_nothing_is_written(pipeline, tmp_path):

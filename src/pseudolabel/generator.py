@@ -238,7 +238,13 @@ class PseudoLabelGenerator:
         class_names = self.class_names or class_names_from(self.train_data_path)
         share = self.ood_false_rejection or 0.05  # (a CSV written with another setting)
         rule = SimpleNamespace(exclude=exclude_ood, false_rejection=share)
-        if ood.FLAG_COLUMN in predictions and ood.excludes(rule, predictions):
+        if ood.excludes(rule, predictions):  # auto without the ood column: keeps all
+            if ood.FLAG_COLUMN not in predictions:  # checked before anything is written
+                raise PseudoLabelError(
+                    f"{self.csv_path}: no {ood.FLAG_COLUMN} column, which exclude_ood=True "
+                    "needs: run generate_pseudolabel_data with val_data_path and "
+                    "ood_false_rejection set, or pass exclude_ood=False."
+                )
             predictions, flagged = ood.without_flagged(predictions, self.csv_path)
             log.info("left out %d images flagged out of distribution", len(flagged))
         accepted = merged_set.select(predictions, threshold)
