@@ -76,7 +76,7 @@ import ssl_gain  # noqa: E402
 from ood_scores import known_source  # noqa: E402
 from ssl_gain import machine  # noqa: E402
 
-from pseudolabel import merged_set, predicting, stages  # noqa: E402
+from pseudolabel import merged_set, ood, predicting, stages  # noqa: E402
 from pseudolabel.config import compose  # noqa: E402
 from pseudolabel.data import layout, sources  # noqa: E402
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
@@ -132,10 +132,29 @@ def teacher_flagged(row: dict, rows: list[dict]) -> float | None:
     return None
 
 
+def ood_excluded(row: dict) -> bool | None:
+    """Whether the row's students learnt without the images its teacher flagged: what its
+    merge recorded (metrics/merge.json), else what its arm says (exclude=true or false) or,
+    for exclude=auto, the rule on its teacher's flagged share; None where that is unknown."""
+    if row.get("ood_excluded") is not None:
+        return row["ood_excluded"]
+    recipe = [*row["setting_overrides"], *row["overrides"]]
+    value = [
+        o.removeprefix(ssl_gain.EXCLUDE).lower() for o in recipe if o.startswith(ssl_gain.EXCLUDE)
+    ]
+    if value and value[-1] in ("true", "false"):
+        return value[-1] == "true"
+    if row.get("ood_flagged") is None:
+        return None
+    cfg = json.loads(ssl_gain._composed((f"seed={row['seed']}", *recipe)))  # (cached)
+    return ood.auto_excludes(row["ood_flagged"], cfg["pseudo_label"]["ood"]["false_rejection"])
+
+
 def mark_default(row: dict, rows: list[dict]) -> dict:
     """row["default"]: the row ran what today's defaults do on its pool (ssl_gain.ran_default,
-    on its teacher's flagged share, row["ood_flagged"])."""
+    on its teacher's flagged share, row["ood_flagged"]); row["ood_excluded"]: `ood_excluded`."""
     row["ood_flagged"] = teacher_flagged(row, rows)
+    row["ood_excluded"] = ood_excluded(row)
     recipe = [*row["setting_overrides"], *row["overrides"]]
     row["default"] = ssl_gain.ran_default([f"seed={row['seed']}"], recipe, row["ood_flagged"])
     return row
@@ -409,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                     teacher_model=shared.model("teacher"),
                 )
                 row["labeling"] = report_of(arm, truth)
+                merge = json.loads((arm.metrics / "merge.json").read_text())
+                row["ood_excluded"] = merge.get("ood_exclude", {}).get("excluded")
                 row["by_round"] = [
                     {"round": r, **report_of(run.round(r), truth)}
                     for r in range(2, arm_cfg.pseudo_label.rounds + 1)

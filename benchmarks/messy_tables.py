@@ -167,7 +167,8 @@ def _auto(rows: list[dict]) -> str:
     shares = [r["ood_flagged"] for r in rows if r.get("ood_flagged") is not None]
     low, high = f"{100 * min(shares):.1f}", f"{100 * max(shares):.1f}"
     flagged = f"{low} %" if low == high else f"{low}-{high} %"
-    verb = "excludes" if any("exclude=true" in o for o in rows[0]["setting_overrides"]) else "keeps"
+    excluded = [bool(r.get("ood_excluded")) for r in rows]
+    verb = "excludes" if all(excluded) else "keeps" if not any(excluded) else "decides per seed"
     return f"{verb}: {flagged} flagged"
 
 

@@ -202,6 +202,18 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
     assert not by_arm[("mismatch-0.5", 0, "keep")]["default"]
     assert by_arm[("longtail-10", 0, "keep")]["default"]  # 4.4 % flagged: auto keeps
     assert not by_arm[("mismatch-0.5", 0, "ood_fr20")]["default"]  # another cut: not auto
+    # what the students learnt from, in every row (the tables say "auto excludes/keeps")
+    assert by_arm[("mismatch-0.5", 0, "ood")]["ood_excluded"] is True
+    assert by_arm[("longtail-10", 0, "keep")]["ood_excluded"] is False
+    for row, flagged in (
+        (by_arm[("mismatch-0.5", 0, "keep")], 0.36),
+        (by_arm[("longtail-10", 0, "keep")], 0.044),
+    ):
+        auto = {**row, "setting": "auto", "setting_overrides": ["pseudo_label.ood.exclude=auto"]}
+        auto.pop("ood_excluded")
+        auto = mark_messy(auto, messy)
+        assert auto["ood_flagged"] == pytest.approx(flagged, abs=0.005)
+        assert auto["default"] and auto["ood_excluded"] == (flagged > 0.1)
 
 
 def test_the_ceiling_is_the_longest_all_labels_run_and_says_if_it_converged(monkeypatch):
