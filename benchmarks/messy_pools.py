@@ -272,8 +272,9 @@ def arm_labeling(shared: Paths, seed: int, setting: str, overrides: list[str], l
     ones, or (a setting whose overrides change the labeling) its own pseudo_label and merge
     with the shared teacher, under the scenario's folder. Also the seconds they took."""
     own = [o for o in ARMS[setting] if o in ssl_gain.shared_overrides(ARMS[setting])]
-    if not own:
-        return shared, 0.0
+    base = [f"seed={seed}", *ssl_gain.shared_overrides(overrides)]
+    if not own or ssl_gain._composed((*base, *own)) == ssl_gain._composed(tuple(base)):
+        return shared, 0.0  # (the shared labeling already ran it: the default's arm, say)
     arm = Paths(
         shared.root / ssl_gain.run_folder_name(f"labels_{setting}"),
         data_root=shared.root,
