@@ -147,19 +147,33 @@ def summary_table(rows: list[dict]) -> str:
         {(r["scenario"], r["setting"], _setting(r)) for r in rows},
         key=lambda g: (g[0], order.get(g[1], 9), g[2]),
     )
+    by_scenario: dict[str, list[str]] = {}
     for scenario, _name, setting in groups:
         mine = sorted(
             (r for r in rows if (r["scenario"], _setting(r)) == (scenario, setting)),
             key=lambda r: r["seed"],
         )
-        gains = [r["gain"] for r in mine]
-        seeds = ", ".join(str(r["seed"]) for r in mine)
-        cell = _cell(gains, 1, 2)
-        cell = cell if cell.startswith("-") else "+" + cell
         if all(r.get("default") for r in mine):  # what the project's default does here
             setting = f"**{setting} (= the default: auto {_auto(mine)})**"
-        lines.append(f"| {scenario} | {setting} | {seeds} | {cell} | {min(gains):+.2f} |")
+        by_scenario.setdefault(scenario, []).append(_summary_line(scenario, setting, mine))
+    for scenario, scenario_lines in by_scenario.items():
+        lines += scenario_lines
+        # the default's seeds where they came from more than one arm (keep/ood before auto)
+        mine = [r for r in rows if r["scenario"] == scenario and r.get("default")]
+        mine = sorted((r for r in mine if not r["overrides"]), key=lambda r: r["seed"])
+        if len({r["setting"] for r in mine}) > 1 and len({r["seed"] for r in mine}) == len(mine):
+            arms = ", ".join(f"seed {r['seed']}: {r['setting']}" for r in mine)
+            setting = f"**the default, all its seeds (auto {_auto(mine)}; {arms})**"
+            lines.append(_summary_line(scenario, setting, mine))
     return "\n".join(lines)
+
+
+def _summary_line(scenario: str, setting: str, rows: list[dict]) -> str:
+    gains = [r["gain"] for r in rows]
+    cell = _cell(gains, 1, 2)
+    cell = cell if cell.startswith("-") else "+" + cell
+    seeds = ", ".join(str(r["seed"]) for r in rows)
+    return f"| {scenario} | {setting} | {seeds} | {cell} | {min(gains):+.2f} |"
 
 
 def _auto(rows: list[dict]) -> str:
