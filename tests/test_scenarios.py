@@ -181,3 +181,19 @@ def test_labeling_report_precision_shares_auroc_and_flags(tmp_path):
     # without the pipeline's score and flag: neither is reported
     plain = scenarios.labeling_report(csv.drop(columns=["ood_score", "ood"]), manifest, truth)
     assert "auroc" not in plain and "flagged" not in plain
+
+
+def test_an_arm_the_shared_labeling_already_ran_reuses_it(tmp_path, monkeypatch):
+    """messy_pools: the auto arm (exclude=auto, the default) is the shared labeling itself;
+    keep (exclude=false) relabels under its own folder."""
+    import messy_pools
+
+    from pseudolabel.paths import Paths
+
+    shared = Paths(tmp_path)
+    assert messy_pools.arm_labeling(shared, 0, "auto", [], "t") == (shared, 0.0)
+    ran = []
+    monkeypatch.setitem(messy_pools.stages.STAGES, "pseudo_label", lambda c, p: ran.append(p))
+    monkeypatch.setitem(messy_pools.stages.STAGES, "merge", lambda c, p: ran.append(p))
+    arm, _ = messy_pools.arm_labeling(shared, 0, "keep", [], "t")
+    assert arm.root == tmp_path / "labels_keep" and ran == [arm, arm]
