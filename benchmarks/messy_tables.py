@@ -234,9 +234,15 @@ def gain_figure(rows: list[dict], path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels = SETTINGS
-    for setting in sorted({r["setting"] for r in mismatch}):
-        mine = [r for r in mismatch if r["setting"] == setting]
+    labels = {**SETTINGS, "ood": "flagged left out (exclude=true, or auto where it excluded)"}
+
+    def arm(row: dict) -> str:  # an auto row learnt what the keep or the ood arm learns
+        if row["setting"] == "auto" and row.get("ood_excluded") is not None:
+            return "ood" if row["ood_excluded"] else "keep"
+        return row["setting"]
+
+    for setting in sorted({arm(r) for r in mismatch}):
+        mine = [r for r in mismatch if arm(r) == setting]
         xs = sorted({r["scenario_params"]["fraction"] for r in mine})
         means = [
             sum(r["gain"] for r in mine if r["scenario_params"]["fraction"] == x)
