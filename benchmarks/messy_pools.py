@@ -138,16 +138,13 @@ def ood_excluded(row: dict) -> bool | None:
     for exclude=auto, the rule on its teacher's flagged share; None where that is unknown."""
     if row.get("ood_excluded") is not None:
         return row["ood_excluded"]
-    recipe = [*row["setting_overrides"], *row["overrides"]]
-    value = [
-        o.removeprefix(ssl_gain.EXCLUDE).lower() for o in recipe if o.startswith(ssl_gain.EXCLUDE)
-    ]
-    if value and value[-1] in ("true", "false"):
-        return value[-1] == "true"
+    recipe = (f"seed={row['seed']}", *row["setting_overrides"], *row["overrides"])
+    rule = json.loads(ssl_gain._composed(recipe))["pseudo_label"]["ood"]  # (cached)
+    if rule["exclude"] != "auto":
+        return bool(rule["exclude"])
     if row.get("ood_flagged") is None:
         return None
-    cfg = json.loads(ssl_gain._composed((f"seed={row['seed']}", *recipe)))  # (cached)
-    return ood.auto_excludes(row["ood_flagged"], cfg["pseudo_label"]["ood"]["false_rejection"])
+    return ood.auto_excludes(row["ood_flagged"], rule["false_rejection"])
 
 
 def mark_default(row: dict, rows: list[dict]) -> dict:
