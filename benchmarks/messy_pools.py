@@ -15,6 +15,7 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
     6,000 test images of classes 0-5;
   - `junk`: the 10-class task; the pool = every image left (59,300) with 10 % of them replaced
     by junk, an equal mix of scenarios.JUNK_KINDS (`scenarios.with_junk`); test = all 10,000;
+    `junk-F` the same with a share F of junk (`junk-0.03`: a mostly clean folder);
   - `longtail-R` (R = 10, 100): the 10-class task, the pool long-tailed with imbalance ratio R
     (`scenarios.long_tailed`: class 0 the head with every image it has left, class 9 the tail),
     the labeled set balanced; test = all 10,000;
@@ -158,21 +159,25 @@ def mark_default(row: dict, rows: list[dict]) -> dict:
 
 
 def parse_scenario(name: str) -> dict:
-    """'mismatch-0.5' -> {kind, fraction}, 'junk' -> {kind, fraction}, 'longtail-10' -> ratio."""
+    """'mismatch-0.5' -> {kind, fraction}, 'junk' (10 %) or 'junk-0.03' -> {kind, fraction},
+    'longtail-10' -> {kind, ratio}."""
     kind, _, value = name.partition("-")
     try:
         if kind == "mismatch" and value:
             fraction = float(value)
             if 0.0 <= fraction < 1.0:
                 return {"kind": kind, "fraction": fraction}
-        elif kind == "junk" and not value:
-            return {"kind": kind, "fraction": JUNK_FRACTION}
+        elif kind == "junk":
+            fraction = float(value) if value else JUNK_FRACTION
+            if 0.0 < fraction < 1.0:
+                return {"kind": kind, "fraction": fraction}
         elif kind == "longtail" and value and float(value) >= 1.0:
             return {"kind": kind, "ratio": float(value)}
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(
-        f"scenario {name!r}: mismatch-F (0 <= F < 1), junk or longtail-R (R >= 1)"
+        f"scenario {name!r}: mismatch-F (0 <= F < 1), junk, junk-F (0 < F < 1) or longtail-R "
+        "(R >= 1)"
     )
 
 

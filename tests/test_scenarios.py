@@ -197,3 +197,18 @@ def test_an_arm_the_shared_labeling_already_ran_reuses_it(tmp_path, monkeypatch)
     monkeypatch.setitem(messy_pools.stages.STAGES, "merge", lambda c, p: ran.append(p))
     arm, _ = messy_pools.arm_labeling(shared, 0, "keep", [], "t")
     assert arm.root == tmp_path / "labels_keep" and ran == [arm, arm]
+
+
+def test_messy_scenario_names_parse_or_fail_with_the_forms():
+    """messy_pools: 'junk' is 10 % junk, 'junk-0.03' 3 %; a bad name names every form."""
+    import argparse
+
+    import messy_pools
+
+    assert messy_pools.parse_scenario("junk") == {"kind": "junk", "fraction": 0.10}
+    assert messy_pools.parse_scenario("junk-0.03") == {"kind": "junk", "fraction": 0.03}
+    assert messy_pools.parse_scenario("mismatch-0") == {"kind": "mismatch", "fraction": 0.0}
+    assert messy_pools.parse_scenario("longtail-100") == {"kind": "longtail", "ratio": 100.0}
+    for bad in ("junk-0", "junk-1.5", "junk-x", "mismatch-1", "longtail-0.5", "noise"):
+        with pytest.raises(argparse.ArgumentTypeError, match="junk-F"):
+            messy_pools.parse_scenario(bad)
