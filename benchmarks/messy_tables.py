@@ -189,24 +189,30 @@ def _auto(rows: list[dict]) -> str:
 def in_pool_table(rows: list[dict]) -> str:
     """The pipeline's own score and cut on the benchmark's pools (benchmarks/ood_in_pool.py)."""
     lines = [
-        "| scenario | seed | kind | images | AUROC | share flagged |",
-        "|---|---|---|---|---|---|",
+        "| scenario | seed | kind | images | AUROC | share flagged | past 2x the cut | past 3x |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"])):
         for kind, v in r["by_kind"].items():
             auroc = _num(v.get("auroc"))
+            past = [v.get("past", {}).get(k) for k in ("2", "3")]
+            far = " | ".join("–" if p is None else f"{p:.3f}" for p in past)
             lines.append(
                 f"| {r['scenario']} | {r['seed']} | {kind} | {v['n']:,} | {auroc} | "
-                f"{v['flagged']:.3f} |"
+                f"{v['flagged']:.3f} | {far} |"
             )
         if r["scenario"].startswith("longtail"):  # the skewed pool: is its head class flagged?
             for name, v in r.get("in_flagged_by_class", {}).items():
                 lines.append(
                     f"| {r['scenario']} | {r['seed']} | in: {name} | {v['n']:,} | – | "
-                    f"{v['flagged']:.3f} |"
+                    f"{v['flagged']:.3f} | – | – |"
                 )
     codes = sorted({r.get("code") or "?" for r in rows})
-    lines += ["", f"Code: {', '.join(codes)}."]
+    runs: dict[str, list[str]] = {}
+    for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"])):
+        runs.setdefault(r.get("cpu", "?"), []).append(f"{r['scenario']} seed {r['seed']}")
+    machines = "; ".join(f"{cpu}: {', '.join(runs[cpu])}" for cpu in sorted(runs))
+    lines += ["", f"Machines (2 cores each): {machines}. Code: {', '.join(codes)}."]
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@ Runs the `pseudo_label` stage (the score, the cut, the flags: pseudolabel.ood) w
 project's defaults on a pool that benchmarks/messy_pools.py wrote and trained the teacher for,
 into a scratch folder, and scores data.csv's ood_score and ood columns against the pool's truth
 table. Labeling only: what `pseudo_label.ood.exclude=true` would leave out, without training a
-student (messy_pools.py's `ood` arm does that).
+student (messy_pools.py's `ood` arm does that). Also each kind's share past 1.5, 2 and 3 times
+the cut (`past`): what a second, farther cut would leave out where the first keeps everything.
 
     python benchmarks/messy_pools.py --scenarios junk --seeds 0 --settings default
     python benchmarks/ood_in_pool.py --scenario junk --seed 0
@@ -37,21 +38,31 @@ from pseudolabel.stages import pseudo_label  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "ood_in_pool.json"
 
 
-def by_kind(kinds: np.ndarray, scores: np.ndarray, flags: np.ndarray) -> dict:
-    """AUROC (OOD = positive) and share flagged of each kind, and of all junk together."""
+# Farther cuts than the pipeline's, as multiples of it: each term of the score is centred on
+# its val images' median (pseudolabel.ood), so the score's val median is about 0 and k times the
+# cut is k times as far from the labeled classes' typical image. What a second, stricter cut
+# would leave out of a folder the pipeline keeps whole (exclude=auto below its 10 % line).
+FAR = (1.5, 2.0, 3.0)
+
+
+def by_kind(kinds: np.ndarray, scores: np.ndarray, flags: np.ndarray, cut: float | None = None):
+    """AUROC (OOD = positive) and share flagged of each kind, and of all junk together; with
+    the cut, `past`: each kind's share past every multiple of it in FAR."""
     inside = kinds == scenarios.IN
-    out = {"in": {"flagged": round(float(flags[inside].mean()), 4), "n": int(inside.sum())}}
-    groups = {k: kinds == k for k in sorted(set(kinds) - {scenarios.IN})}
+    groups = {"in": inside} | {k: kinds == k for k in sorted(set(kinds) - {scenarios.IN})}
     junk = np.char.startswith(kinds.astype(str), "junk:")
     if junk.any():
         groups["junk"] = junk
+    out = {}
     for name, mask in groups.items():
-        truth = np.r_[np.zeros(inside.sum()), np.ones(mask.sum())]
-        out[name] = {
-            "auroc": round(float(roc_auc_score(truth, np.r_[scores[inside], scores[mask]])), 4),
-            "flagged": round(float(flags[mask].mean()), 4),
-            "n": int(mask.sum()),
-        }
+        out[name] = {"flagged": round(float(flags[mask].mean()), 4), "n": int(mask.sum())}
+        if name != "in":
+            truth = np.r_[np.zeros(inside.sum()), np.ones(mask.sum())]
+            auc = roc_auc_score(truth, np.r_[scores[inside], scores[mask]])
+            out[name] = {"auroc": round(float(auc), 4), **out[name]}
+        if cut is not None:
+            past = {f"{k:g}": round(float(np.mean(scores[mask] > k * cut)), 4) for k in FAR}
+            out[name]["past"] = past
     return out
 
 
@@ -93,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": overrides,
         "cut": metrics["ood"]["cut"],
         "flagged_fraction": metrics["ood"]["flagged_fraction"],
-        "by_kind": by_kind(kinds, frame["ood_score"].to_numpy(), frame["ood"].to_numpy(bool)),
+        "by_kind": by_kind(
+            kinds,
+            frame["ood_score"].to_numpy(),
+            frame["ood"].to_numpy(bool),
+            metrics["ood"]["cut"],
+        ),
         # the in-distribution images flagged per true class (a skewed pool's head class first)
         "in_flagged_by_class": in_by_class(
             kinds, np.array(truth(frame["path"]), dtype=object), frame["ood"].to_numpy(bool)

@@ -212,3 +212,19 @@ def test_messy_scenario_names_parse_or_fail_with_the_forms():
     for bad in ("junk-0", "junk-1.5", "junk-x", "mismatch-1", "longtail-0.5", "noise"):
         with pytest.raises(argparse.ArgumentTypeError, match="junk-F"):
             messy_pools.parse_scenario(bad)
+
+
+def test_ood_in_pool_reports_each_kind_past_farther_cuts():
+    """ood_in_pool.by_kind: AUROC and the flagged share per kind, all junk together, and with
+    the cut each kind's share past 1.5, 2 and 3 times it (a second, farther cut)."""
+    import ood_in_pool
+
+    kinds = np.array(["in"] * 4 + ["junk:blank"] * 2 + ["junk:noise"] * 2)
+    scores = np.array([0.0, 0.5, 1.0, 2.5, 5.0, 1.2, 3.5, 2.2])
+    flags = scores > 1.0  # the cut: 1.0
+    out = ood_in_pool.by_kind(kinds, scores, flags, cut=1.0)
+    assert list(out) == ["in", "junk:blank", "junk:noise", "junk"]
+    assert out["in"] == {"flagged": 0.25, "n": 4, "past": {"1.5": 0.25, "2": 0.25, "3": 0.0}}
+    assert out["junk"]["past"] == {"1.5": 0.75, "2": 0.75, "3": 0.5}
+    assert out["junk:blank"]["flagged"] == 1.0 and out["junk:noise"]["auroc"] == 0.875
+    assert "past" not in ood_in_pool.by_kind(kinds, scores, flags)["junk"]  # no cut given
