@@ -140,6 +140,111 @@ def test_auto_excludes_where_the_folder_holds_what_does_not_belong():
     assert not ood.excludes(SimpleNamespace(exclude="auto", false_rejection=0.2), frame(300))
 
 
+def test_far_leaves_out_only_what_lies_past_it_where_auto_keeps_the_folder(tmp_path):
+    """pseudo_label.ood.far: where exclude=auto keeps the folder, the images past far times the
+    cut (ood_far) are still left out; where auto excludes, every flagged image; exclude=false
+    leaves everything in; a CSV without ood_far is one clear error."""
+    from types import SimpleNamespace
+
+    frame = pd.DataFrame(
+        {"path": [f"{i}.png" for i in range(100)], ood.FLAG_COLUMN: [1] * 8 + [0] * 92}
+    )
+    frame[ood.FAR_COLUMN] = [1] * 3 + [0] * 97
+    csv = tmp_path / "data.csv"
+    rule = SimpleNamespace(exclude="auto", false_rejection=0.05, far=2.0)
+    kept, out, column = ood.left_out(rule, frame, csv)  # 8 % flagged: auto keeps the folder
+    assert column == ood.FAR_COLUMN and list(out["path"]) == ["0.png", "1.png", "2.png"]
+    assert len(kept) == 97 and "far" in ood.REASONS[column]
+    messy = frame.assign(**{ood.FLAG_COLUMN: [1] * 30 + [0] * 70})  # 30 %: auto excludes
+    kept, out, column = ood.left_out(rule, messy, csv)
+    assert column == ood.FLAG_COLUMN and len(out) == 30 and len(kept) == 70
+    for exclude in (False, "auto"):  # never; auto without far: the folder kept whole
+        far = 2.0 if exclude is False else None
+        plain = SimpleNamespace(exclude=exclude, false_rejection=0.05, far=far)
+        kept, out, column = ood.left_out(plain, frame, csv)
+        assert out is None and column is None and len(kept) == 100
+    with pytest.raises(PseudoLabelError, match="no ood_far column"):
+        ood.left_out(rule, frame.drop(columns=[ood.FAR_COLUMN]), csv)
+    # the far cut is a multiple of the cut, never nearer than it
+    assert ood.far_cut(5.0, 2.0) == 10.0 and ood.far_cut(-1.0, 2.0) == -1.0
+    # read_csv checks the column as it checks ood
+    bad = frame.assign(label="a", confidence=0.9, prob_a=0.9, prob_b=0.1)
+    bad.assign(**{ood.FAR_COLUMN: [2] * 100}).to_csv(csv, index=False)
+    with pytest.raises(PseudoLabelError, match="column ood_far has a value other than 0 or 1"):
+        read_csv(csv)
+
+
+def test_far_is_a_multiple_of_the_cut_or_null():
+    from pseudolabel.config import compose
+
+    assert compose(["pseudo_label.ood.far=2"]).pseudo_label.ood.far == 2.0
+    assert compose([]).pseudo_label.ood.far is None  # off by default: no student measured
+    with pytest.raises(PseudoLabelError, match="pseudo_label.ood.far=0.5 is invalid"):
+        compose(["pseudo_label.ood.far=0.5"])
+
+
+@pytest.mark.slow
+def test_a_few_junk_images_in_a_kept_folder_are_left_out_past_the_far_cut(pipeline, tmp_path):
+    """A digits folder with a dozen images from another domain: auto keeps the folder (few
+    flagged), and with pseudo_label.ood.far=2 merge and the student's stream still leave out
+    what lies far past the cut (most of the junk, few digits), listed with the reason; the
+    facade writes the same column and leaves out the same kind of images."""
+    from pseudolabel.config import compose
+    from pseudolabel.stages.train import _unlabeled_targets
+
+    paths = _project(pipeline, tmp_path / "few", 12)
+    cfg = compose(["+experiment=smoke", "pseudo_label.ood.far=2.0"])
+    labeling = pseudo_label(cfg, paths)
+    merging = merge(cfg, paths)
+    frame = read_csv(paths.csv)
+    foreign = frame["path"].str.startswith("foreign_").to_numpy()
+    far = frame[ood.FAR_COLUMN].to_numpy(bool)
+    assert labeling["ood"]["excluded"] is False, labeling["ood"]  # auto keeps the folder
+    assert far[foreign].mean() >= 0.75, frame.loc[foreign, ood.SCORE_COLUMN].describe()
+    assert far[~foreign].mean() <= 0.03
+    assert not (far & ~frame[ood.FLAG_COLUMN].to_numpy(bool)).any()  # past the cut too
+    report = labeling["ood"]
+    assert report["far_flagged"] == int(far.sum())
+    assert report["far_cut"] == pytest.approx(2.0 * report["cut"], rel=1e-5)
+    assert merging["ood_exclude"] == {"setting": "auto", "excluded": False, "far": 2.0}
+    assert merging["ood_excluded"] == int(far.sum())
+    listed = pd.read_csv(paths.outputs / "selection" / "ood_excluded.csv")
+    assert sorted(listed["path"]) == sorted(frame.loc[far, "path"])
+    assert listed["reason"].str.startswith("far out of distribution").all()
+    manifest = merged_set.read_manifest(paths.merged)
+    copied = {Path(f).name for f in manifest.loc[manifest["source"] == "pseudo", "file"]}
+    assert not copied & {merged_set.copy_name(p) for p in frame.loc[far, "path"]}
+    names = read_meta(paths.model("teacher")).class_names
+    files, *_ = _unlabeled_targets(paths, names, None, cfg.pseudo_label.ood)
+    assert len(files) == len(frame) - int(far.sum())  # the student's unlabeled stream
+
+    gen = PseudoLabelGenerator(
+        model_path=paths.model("teacher"),
+        train_data_path=paths.train,
+        unlabeled_path=paths.unlabeled,
+        output_folder=tmp_path / "facade",
+        pseudo_data_path=tmp_path / "facade" / "train_ssl",
+        ood_far=2.0,
+    )
+    facade = gen.generate_pseudolabel_data(batch_size=256)
+    facade_far = facade[ood.FAR_COLUMN].to_numpy(bool)
+    assert (facade_far == far).mean() > 0.99
+    counts = gen.move_unlabeled_images()  # auto: keeps the folder, leaves out the far ones
+    assert sum(c["pseudo"] for c in counts.values()) == len(facade) - int(facade_far.sum())
+    facade.drop(columns=[ood.FAR_COLUMN]).to_csv(gen.csv_path, index=False)
+    shutil.rmtree(tmp_path / "facade" / "train_ssl")
+    with pytest.raises(PseudoLabelError, match="no ood_far column, which ood_far needs"):
+        gen.move_unlabeled_images()
+    assert not (tmp_path / "facade" / "train_ssl").exists()
+    with pytest.raises(PseudoLabelError, match="ood_far=0.5 is invalid"):
+        PseudoLabelGenerator(
+            model_path=paths.model("teacher"),
+            train_data_path=paths.train,
+            unlabeled_path=paths.unlabeled,
+            ood_far=0.5,
+        )
+
+
 def test_later_rounds_keep_the_teachers_auto_decision(tmp_path):
     """exclude=auto decides once, on round 1's CSV (the teacher's labeling): a later round's
     labeler flags a different share, and its merge and student still do what round 1 said."""

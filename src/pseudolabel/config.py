@@ -302,6 +302,10 @@ class OODConfig:
     # share of the labeled classes' own images the cut flags), i.e. the folder holds what does
     # not belong (pseudolabel.ood.excludes).
     exclude: bool | str = MISSING
+    # auto only, where it keeps the folder: still leave out the images whose ood_score is past
+    # `far` times the cut (data.csv's ood_far column), i.e. far from every labeled class (junk
+    # in a mostly clean folder). None: off. A multiple >= 1 (pseudolabel.ood.left_out).
+    far: float | None = MISSING
 
 
 @dataclass
@@ -589,6 +593,9 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
         fail("pseudo_label.ood.exclude", pl.ood.exclude, "use true, false or auto")
     if pl.ood.exclude is True and not pl.ood.enabled:
         fail("pseudo_label.ood.exclude", True, "needs pseudo_label.ood.enabled=true (the score)")
+    far = pl.ood.far  # (a float or None: the structured config)
+    if far is not None and not (math.isfinite(far) and far >= 1.0):
+        fail("pseudo_label.ood.far", far, "use a multiple of the cut >= 1, or null (off)")
     if pl.selection not in SELECTIONS:
         fail("pseudo_label.selection", pl.selection, f"use one of {', '.join(SELECTIONS)}")
     if not (math.isfinite(pl.target_precision) and 0.0 < pl.target_precision <= 1.0):

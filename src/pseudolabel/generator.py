@@ -14,6 +14,7 @@ same function), so the CSV equals the pipeline's for the same teacher and images
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,6 +51,7 @@ class PseudoLabelGenerator:
         calibrate: bool = True,
         max_pixels: int | None = 40_000_000,
         ood_false_rejection: float | None = 0.05,
+        ood_far: float | None = None,
     ) -> None:
         """Paths as in the seed (`model_path`: .keras, .h5 or a SavedModel folder).
         `class_names` defaults to the model's metadata, else to the sorted train folder names.
@@ -65,7 +67,10 @@ class PseudoLabelGenerator:
         `data.max_pixels` (the same default); None: no limit.
         `ood_false_rejection`: the CSV gets the pipeline's ood_score and ood columns (how unlike
         the labeled classes each image is, flagged past the cut that flags this share of the
-        val images; pseudo_label.ood), which needs the val folder; None: no OOD columns."""
+        val images; pseudo_label.ood), which needs the val folder; None: no OOD columns.
+        `ood_far` (pseudo_label.ood.far): also the ood_far column, past this multiple of the
+        cut, which move_unlabeled_images(exclude_ood="auto") leaves out where it keeps the
+        folder; None: off."""
         self.model_path = Path(model_path)
         self.train_data_path = Path(train_data_path)
         self.unlabeled_path = Path(unlabeled_path)
@@ -89,6 +94,11 @@ class PseudoLabelGenerator:
                 "or None for no OOD score."
             )
         self.ood_false_rejection = ood_false_rejection
+        if ood_far is not None and not (math.isfinite(ood_far) and ood_far >= 1.0):
+            raise PseudoLabelError(
+                f"ood_far={ood_far} is invalid: use a multiple of the cut >= 1, or None (off)."
+            )
+        self.ood_far = ood_far
         self.threshold: float | None = None
         self._model: tuple[keras.Model, model_io.ModelMeta] | None = None
 
@@ -176,7 +186,7 @@ class PseudoLabelGenerator:
             labeler, meta, self.unlabeled_path, batch_size, temperature, skip=frozenset(oversized)
         )
         if scores is not None:
-            cut = ood.flag(predictions, scores, self.ood_false_rejection)
+            cut = ood.flag(predictions, scores, self.ood_false_rejection, self.ood_far)
             log.info(
                 "%d of %d images out of distribution (ood_score > %.3g)",
                 int(predictions[ood.FLAG_COLUMN].sum()),
@@ -228,7 +238,8 @@ class PseudoLabelGenerator:
         unlabeled images whose confidence is >= threshold (all when None). Originals stay.
         `exclude_ood` (the pipeline's pseudo_label.ood.exclude, where the CSV has the ood
         column): leave out the images flagged out of distribution: True, False, or "auto":
-        where more of the folder is flagged than twice `ood_false_rejection`."""
+        where more of the folder is flagged than twice `ood_false_rejection`, and else (with
+        `ood_far`) the images past ood_far times the cut."""
         check_threshold(threshold)
         if exclude_ood not in (True, False, "auto"):
             raise PseudoLabelError(
@@ -237,16 +248,24 @@ class PseudoLabelGenerator:
         predictions = self._predictions()
         class_names = self.class_names or class_names_from(self.train_data_path)
         share = self.ood_false_rejection or 0.05  # (a CSV written with another setting)
-        rule = SimpleNamespace(exclude=exclude_ood, false_rejection=share)
-        if ood.excludes(rule, predictions):  # auto without the ood column: keeps all
-            if ood.FLAG_COLUMN not in predictions:  # checked before anything is written
-                raise PseudoLabelError(
-                    f"{self.csv_path}: no {ood.FLAG_COLUMN} column, which exclude_ood=True "
-                    "needs: run generate_pseudolabel_data with val_data_path and "
-                    "ood_false_rejection set, or pass exclude_ood=False."
-                )
-            predictions, flagged = ood.without_flagged(predictions, self.csv_path)
-            log.info("left out %d images flagged out of distribution", len(flagged))
+        rule = SimpleNamespace(exclude=exclude_ood, false_rejection=share, far=self.ood_far)
+        # checked before anything is written (auto without the ood column: keeps all)
+        if ood.excludes(rule, predictions) and ood.FLAG_COLUMN not in predictions:
+            raise PseudoLabelError(
+                f"{self.csv_path}: no {ood.FLAG_COLUMN} column, which exclude_ood=True "
+                "needs: run generate_pseudolabel_data with val_data_path and "
+                "ood_false_rejection set, or pass exclude_ood=False."
+            )
+        wants_far = exclude_ood == "auto" and self.ood_far is not None
+        if wants_far and ood.FLAG_COLUMN in predictions and ood.FAR_COLUMN not in predictions:
+            raise PseudoLabelError(
+                f"{self.csv_path}: no {ood.FAR_COLUMN} column, which ood_far needs: run "
+                "generate_pseudolabel_data with ood_far set, or make the generator with "
+                "ood_far=None."
+            )
+        predictions, flagged, column = ood.left_out(rule, predictions, self.csv_path)
+        if flagged is not None:
+            log.info("left out %d images (%s)", len(flagged), ood.REASONS[column])
         accepted = merged_set.select(predictions, threshold)
         counts = merged_set.build_merged(
             self.train_data_path, self.unlabeled_path, accepted, self.pseudo_data_path, class_names

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SCORE_COLUMN = "ood_score"
 FLAG_COLUMN = "ood"
+FAR_COLUMN = "ood_far"  # past pseudo_label.ood.far times the cut (where far is set)
 # The Keras layers whose outputs are a block's features (besides the classifier's input).
 POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 
@@ -344,12 +345,24 @@ def cut(val_scores: np.ndarray, false_rejection: float) -> float:
     return float(np.quantile(np.asarray(val_scores, np.float64), 1.0 - false_rejection))
 
 
-def flag(frame: pd.DataFrame, val_scores: np.ndarray, false_rejection: float) -> float:
-    """Add the ood column (1: ood_score past the cut) to a frame with ood_score; returns the
-    cut."""
+def flag(
+    frame: pd.DataFrame, val_scores: np.ndarray, false_rejection: float, far: float | None = None
+) -> float:
+    """Add the ood column (1: ood_score past the cut) to a frame with ood_score, and with `far`
+    the ood_far column (1: past far times the cut); returns the cut."""
     at = cut(val_scores, false_rejection)
-    frame[FLAG_COLUMN] = (frame[SCORE_COLUMN].to_numpy() > at).astype(int)
+    scores = frame[SCORE_COLUMN].to_numpy()
+    frame[FLAG_COLUMN] = (scores > at).astype(int)
+    if far is not None:
+        frame[FAR_COLUMN] = (scores > far_cut(at, far)).astype(int)
     return at
+
+
+def far_cut(at: float, far: float) -> float:
+    """`far` times the cut: every term of the score is centred on its val images' median, so
+    the score's val median is about 0 and this is `far` times as far from the labeled classes'
+    typical image as the cut (never nearer than the cut itself)."""
+    return max(at, far * at)
 
 
 def _labeled(folder: Path, meta, batch_size: int):
@@ -436,15 +449,51 @@ def excludes_in(ood_cfg, paths, predictions: pd.DataFrame) -> bool:
     return excludes(ood_cfg, pd.read_csv(first, usecols=lambda c: c == FLAG_COLUMN))
 
 
-def without_flagged(predictions: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+REASONS = {
+    FLAG_COLUMN: "out of distribution: ood_score above the cut (metrics/pseudo_label.json)",
+    FAR_COLUMN: "far out of distribution: ood_score above pseudo_label.ood.far times the cut, "
+    "in a folder kept whole (metrics/pseudo_label.json)",
+}
+
+
+def left_out(
+    ood_cfg, predictions: pd.DataFrame, csv: Path, paths=None
+) -> tuple[pd.DataFrame, pd.DataFrame | None, str | None]:
+    """What merge and the consistency student learn from: (the kept rows, the rows left out or
+    None, the column that decided or None). Where `excludes_in` (`excludes` without `paths`)
+    says so, every flagged image is left out; where exclude=auto keeps the folder and
+    pseudo_label.ood.far is set, the images past far times the cut (ood_far)."""
+    if paths is not None:
+        decided = excludes_in(ood_cfg, paths, predictions)
+    else:
+        decided = excludes(ood_cfg, predictions)
+    if decided:
+        kept, out = without_flagged(predictions, csv)
+        return kept, out, FLAG_COLUMN
+    far = getattr(ood_cfg, "far", None)
+    if ood_cfg.exclude == "auto" and far is not None and FLAG_COLUMN in predictions:
+        if FAR_COLUMN not in predictions:
+            raise PseudoLabelError(
+                f"{csv}: no {FAR_COLUMN} column, which pseudo_label.ood.far needs: re-run the "
+                "pseudo_label stage with it set (dvc repro does), or set pseudo_label.ood.far=null."
+            )
+        kept, out = without_flagged(predictions, csv, FAR_COLUMN)
+        return kept, out, FAR_COLUMN
+    return predictions, None, None
+
+
+def without_flagged(
+    predictions: pd.DataFrame, csv: Path, column: str = FLAG_COLUMN
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The CSV's rows the OOD score did not flag, and the flagged ones (pseudo_label.ood.exclude:
-    merge and the consistency student both leave them out)."""
-    if FLAG_COLUMN not in predictions:
+    merge and the consistency student both leave them out); `column`: FLAG_COLUMN or
+    FAR_COLUMN."""
+    if column not in predictions:
         raise PseudoLabelError(
-            f"{csv}: no {FLAG_COLUMN} column, which pseudo_label.ood.exclude needs: re-run "
+            f"{csv}: no {column} column, which pseudo_label.ood.exclude needs: re-run "
             "the pseudo_label stage with pseudo_label.ood.enabled=true."
         )
-    flagged = predictions[FLAG_COLUMN].to_numpy(bool)
+    flagged = predictions[column].to_numpy(bool)
     if flagged.all():
         raise PseudoLabelError(
             f"{csv}: every unlabeled image is flagged out of distribution; nothing to learn "

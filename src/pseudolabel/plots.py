@@ -208,20 +208,30 @@ def qa_grid(
 
 
 def ood_overview(
-    val_scores: np.ndarray, scores: np.ndarray, labels: pd.Series, cut: float, share: float
+    val_scores: np.ndarray,
+    scores: np.ndarray,
+    labels: pd.Series,
+    cut: float,
+    share: float,
+    far_at: float | None = None,
 ) -> Figure:
     """The OOD score of the val images (labeled, in-distribution) against the unlabeled ones,
-    with the cut, and the share of each predicted class's unlabeled images past the cut."""
+    with the cut (and the far cut, pseudo_label.ood.far), and the share of each predicted
+    class's unlabeled images past the cut."""
     fig, (hist, bars) = plt.subplots(1, 2, figsize=(10, 3.4), width_ratios=[3, 2])
     both = np.concatenate([val_scores, scores])
     high = np.quantile(both, 0.995) if len(both) else 1.0
-    bins = np.linspace(min(both.min(), 0.0), max(high, cut * 1.2), 60)
+    bins = np.linspace(min(both.min(), 0.0), max(high, (far_at or cut) * 1.2), 60)
     for values, name in ((scores, "unlabeled"), (val_scores, "val, labeled")):
         clipped = np.clip(values, None, bins[-1])
         hist.hist(clipped, bins, density=True, alpha=0.6, label=f"{name} ({len(values):,})")
     flagged = float((scores > cut).mean()) if len(scores) else 0.0
     label = f"cut {cut:.2f}: flags {share:.0%} of val, {flagged:.1%} unlabeled"
     hist.axvline(cut, color="black", linestyle="--", label=label)
+    if far_at is not None:
+        past = float((scores > far_at).mean()) if len(scores) else 0.0
+        label = f"far cut {far_at:.2f}: {past:.1%} unlabeled past it"
+        hist.axvline(far_at, color="firebrick", linestyle=":", label=label)
     hist.set(xlabel="OOD score (higher: less like the labeled classes)", ylabel="density")
     hist.legend(fontsize=7)
     names = sorted(labels.unique())

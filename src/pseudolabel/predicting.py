@@ -336,15 +336,16 @@ def read_csv(path: Path) -> pd.DataFrame:
                 f"{_lines(bad)}; {fix}"
             )
         frame[ood.SCORE_COLUMN] = values
-    if ood.FLAG_COLUMN in frame:
-        flags = pd.to_numeric(frame[ood.FLAG_COLUMN], errors="coerce")
+    for column in (ood.FLAG_COLUMN, ood.FAR_COLUMN):
+        if column not in frame:
+            continue
+        flags = pd.to_numeric(frame[column], errors="coerce")
         bad = ~flags.isin([0, 1]).to_numpy()
         if bad.any():
             raise PseudoLabelError(
-                f"{path}: column {ood.FLAG_COLUMN} has a value other than 0 or 1 on "
-                f"{_lines(bad)}; {fix}"
+                f"{path}: column {column} has a value other than 0 or 1 on {_lines(bad)}; {fix}"
             )
-        frame[ood.FLAG_COLUMN] = flags.astype(int)
+        frame[column] = flags.astype(int)
     return frame
 
 

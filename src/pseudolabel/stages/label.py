@@ -100,7 +100,7 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     val_scores = ood.val_scores(labeler, meta, paths.val, pl.batch_size) if scorer else None
     keys = ("batch_size", "chunk_size", "calibrate", "tta", "distribution_alignment", "engine")
     params = {f"pseudo_label.{key}": pl[key] for key in keys}
-    keys = ("enabled", "false_rejection", "contrast", "contrast_sample")
+    keys = ("enabled", "false_rejection", "contrast", "contrast_sample", "far")
     params |= {f"pseudo_label.ood.{key}": pl.ood[key] for key in keys}
     with tracking.start_run(
         cfg, "pseudo_label", params, {"teacher_run_id": meta.run_id, "round": paths.round_number}
@@ -115,7 +115,7 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
             predictions = _aligned(predictions, weights, meta.class_names)
         cut = None
         if scorer:  # checked before the CSV is written
-            cut = ood.flag(predictions, val_scores, pl.ood.false_rejection)
+            cut = ood.flag(predictions, val_scores, pl.ood.false_rejection, pl.ood.far)
             _check_some_belong(predictions, paths, cut, pl.ood.false_rejection)
         predicting.write_csv(predictions, paths.csv)
         errors = pd.DataFrame({"path": failed, "reason": "cannot be decoded"})
@@ -162,8 +162,9 @@ def _ood_report(
     flagged = predictions[ood.FLAG_COLUMN].to_numpy(bool)
     out = paths.outputs / "plots"
     labels = predictions["label"]
+    far_at = None if cfg_ood.far is None else ood.far_cut(cut, cfg_ood.far)
     plots.save(
-        plots.ood_overview(val_scores, scores, labels, cut, cfg_ood.false_rejection),
+        plots.ood_overview(val_scores, scores, labels, cut, cfg_ood.false_rejection, far_at),
         out / "ood.png",
     )
     worst = predictions.sort_values(ood.SCORE_COLUMN, ascending=False).head(24)
@@ -176,7 +177,7 @@ def _ood_report(
     title = f"most out of place (ood_score; {int(flagged.sum()):,} of {len(flagged):,} flagged)"
     plots.save(plots.image_grid(title, items), out / "ood_most_out_of_place.png")
     predicting.write_csv(ood.histogram(val_scores, scores, cut), paths.ood_histogram)
-    return {
+    report = {
         "cut": round(cut, 6),
         "false_rejection": cfg_ood.false_rejection,
         "val_flagged_fraction": round(float((val_scores > cut).mean()), 6),
@@ -190,6 +191,15 @@ def _ood_report(
             for name in meta.class_names
         },
     }
+    if far_at is not None:  # pseudo_label.ood.far: left out where auto keeps the folder
+        far = predictions[ood.FAR_COLUMN].to_numpy(bool)
+        report |= {
+            "far": cfg_ood.far,
+            "far_cut": round(far_at, 6),
+            "far_flagged": int(far.sum()),
+            "far_flagged_fraction": round(float(far.mean()), 6) if len(far) else 0.0,
+        }
+    return report
 
 
 def _predict(

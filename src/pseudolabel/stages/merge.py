@@ -56,10 +56,9 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """data/train_ssl/<class>/: copies of the labeled images plus the selected pseudo-labels."""
     pl = cfg.pseudo_label
     class_names, predictions, link_roots = _inputs(cfg, paths)  # checked before writing
-    flagged = None
     excluding = ood.excludes_in(pl.ood, paths, predictions)
-    if excluding:  # images unlike the labeled classes are no candidates at all
-        predictions, flagged = ood.without_flagged(predictions, paths.csv)
+    # images unlike the labeled classes are no candidates at all (all flagged, or the far ones)
+    predictions, flagged, column = ood.left_out(pl.ood, predictions, paths.csv, paths)
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
     accepted, per_class, recommended = _select(pl, predictions, class_names, table)
@@ -70,7 +69,7 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     _charts(pl, predictions, accepted, class_names, table, recommended, paths, out)
     if flagged is not None:
         listed = flagged[["path", "label", "confidence", ood.SCORE_COLUMN]].assign(
-            reason="out of distribution: ood_score above the cut (metrics/pseudo_label.json)"
+            reason=ood.REASONS[column]
         )
         predicting.write_csv(listed, out / "ood_excluded.csv")
     metrics = {
@@ -86,6 +85,8 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     }
     if ood.FLAG_COLUMN in predictions:  # (scored) what exclude decided
         metrics["ood_exclude"] = {"setting": pl.ood.exclude, "excluded": excluding}
+        if pl.ood.far is not None:
+            metrics["ood_exclude"]["far"] = pl.ood.far
         metrics["ood_excluded"] = 0 if flagged is None else len(flagged)
     _log_run(cfg, paths, metrics, out, with_table=table is not None)
     log.info(

@@ -291,12 +291,12 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
 def _unlabeled_targets(paths: Paths, class_names, truth, ood_cfg=None):
     """Every unlabeled image of the CSV with the teacher's probabilities, whether merge
     accepted it (the teacher term's weight) and its true class where `truth` knows it (-1).
-    Where `ood_cfg` (pseudo_label.ood) excludes (ood.excludes_in: merge's decision), the
-    images the OOD score flagged are left out of the stream, so neither the online nor the
-    teacher term learns from them."""
+    With `ood_cfg` (pseudo_label.ood) the images merge left out (ood.left_out: every flagged
+    one where it excludes, else those past pseudo_label.ood.far times the cut) are left out of
+    the stream, so neither the online nor the teacher term learns from them."""
     frame = predicting.read_csv(paths.csv)
-    if ood_cfg is not None and ood.excludes_in(ood_cfg, paths, frame):
-        frame, _ = ood.without_flagged(frame, paths.csv)
+    if ood_cfg is not None:
+        frame, _, _ = ood.left_out(ood_cfg, frame, paths.csv, paths)
     probs = predicting.probabilities(frame, class_names, str(paths.csv)).astype(np.float32)
     probs /= probs.sum(axis=1, keepdims=True)
     manifest = merged_set.read_manifest(paths.merged)
