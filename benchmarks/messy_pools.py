@@ -100,6 +100,9 @@ ARMS = {
     "ood": ["pseudo_label.ood.exclude=true"],
     # the default: exclude where the teacher flags more than twice false_rejection of the pool
     "auto": ["pseudo_label.ood.exclude=auto"],
+    # auto and a second, farther cut (pseudo_label.ood.far): where auto keeps the folder, the
+    # images past twice the cut are left out all the same (junk in a mostly clean folder)
+    "far": ["pseudo_label.ood.exclude=auto", "pseudo_label.ood.far=2.0"],
     # a stricter cut: flags 20 % of the labeled val images, and more of what does not belong
     "ood_fr20": ["pseudo_label.ood.exclude=true", "pseudo_label.ood.false_rejection=0.2"],
     # item 4 on a skewed pool: the student's distribution alignment (to the labeled prior) off
@@ -107,6 +110,9 @@ ARMS = {
         "pseudo_label.ood.exclude=false",
         "student.consistency.distribution_alignment=false",
     ],
+    # item 4 on a skewed pool: alignment to the pool's own class mix (estimated by EM from the
+    # teacher's probabilities) instead of the labeled images' balanced one
+    "pool_align": ["pseudo_label.ood.exclude=auto", "student.consistency.alignment_target=pool"],
     # item 4's per-class thresholds on a skewed pool: FlexMatch's off (one fixed threshold)
     "no_flex": ["pseudo_label.ood.exclude=false", "student.consistency.flexible=false"],
 }

@@ -42,6 +42,8 @@ SETTINGS = {
     "ood": "pseudo_label.ood.exclude=true",
     "auto": "exclude=auto",
     "ood_fr20": "exclude, cut at 20 % false rejection",
+    "far": "exclude=auto, and past 2x the cut always (pseudo_label.ood.far=2)",
+    "pool_align": "alignment to the pool's estimated class mix (alignment_target=pool)",
 }
 COLUMNS = {
     "unseen_classes": "unseen classes 6-9",

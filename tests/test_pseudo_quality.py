@@ -246,6 +246,29 @@ def test_distribution_alignment_undoes_a_teacher_biased_to_one_class():
     np.testing.assert_allclose(to_skewed.mean(axis=0), skewed, atol=1e-6)
 
 
+def test_the_pools_class_mix_is_estimated_from_calibrated_probabilities():
+    """calibration.label_shift_prior (student.consistency.alignment_target=pool): from a
+    model's calibrated posteriors under its balanced labeled mix, EM recovers a skewed folder's
+    class mix, and a folder with the labeled mix gives it back."""
+    rng = np.random.default_rng(0)
+    means = np.eye(4) * 2.0  # four overlapping Gaussian classes
+
+    def posteriors(mix: np.ndarray, n: int = 20000) -> np.ndarray:
+        labels = rng.choice(4, n, p=mix)
+        x = means[labels] + rng.normal(size=(n, 4))
+        logits = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1)  # log p(x|y) + const
+        return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # under a uniform prior
+
+    balanced = np.full(4, 0.25)
+    skewed = np.array([0.70, 0.20, 0.07, 0.03])  # a long tail
+    probs = posteriors(skewed)
+    assert np.abs(probs.mean(axis=0) - skewed).max() > 0.05  # the plain mean is pulled flat
+    np.testing.assert_allclose(calibration.label_shift_prior(probs, balanced), skewed, atol=0.02)
+    np.testing.assert_allclose(
+        calibration.label_shift_prior(posteriors(balanced), balanced), balanced, atol=0.02
+    )
+
+
 def test_labeling_with_distribution_alignment(pipeline, smoke_cfg, tmp_path, tracking_uri):
     import mlflow
 
@@ -346,3 +369,33 @@ def test_mlflow_labeling_run_and_merge_run_beneath_it(pipeline, smoke_cfg, track
     assert {f"kept.{name}" for name in CLASSES} <= set(merged.data.metrics)
     qa = {a.path for a in client.list_artifacts(merged.info.run_id, "selection/qa")}
     assert {f"selection/qa/{name}.png" for name in CLASSES} == qa
+
+
+def test_the_student_aligns_to_the_pools_mix_from_the_teachers_labeling(tmp_path):
+    """alignment_target=pool: the mix is estimated from round 1's CSV (the teacher's), in every
+    round, without the images merge leaves out; a bad target is one clear line."""
+    from types import SimpleNamespace
+
+    from pseudolabel.stages.train import _pool_prior, labeled_prior
+
+    labeled = labeled_prior(np.repeat(np.arange(3), 10), 3)
+    np.testing.assert_allclose(labeled, np.full(3, 1 / 3))
+    probs = np.array([[0.9, 0.05, 0.05]] * 8 + [[0.05, 0.9, 0.05]] * 2)
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(10)]})
+    frame["label"] = np.array(["a", "b", "c"])[probs.argmax(1)]
+    frame["confidence"] = probs.max(1)
+    for j, name in enumerate("abc"):
+        frame[f"prob_{name}"] = probs[:, j]
+    frame["ood"] = [1] * 3 + [0] * 7  # 30 % flagged: auto leaves three "a" images out
+    project = Paths(tmp_path)
+    project.csv.parent.mkdir(parents=True)
+    frame.to_csv(project.csv, index=False)
+    estimated = _pool_prior(project, ["a", "b", "c"], labeled)
+    assert estimated[0] > 0.7 and estimated[2] < 0.05 and estimated.sum() == pytest.approx(1)
+    later = project.round(2)  # no CSV of its own yet: round 1's decides
+    np.testing.assert_allclose(_pool_prior(later, ["a", "b", "c"], labeled), estimated)
+    auto = SimpleNamespace(exclude="auto", false_rejection=0.05, far=None)
+    without = _pool_prior(project, ["a", "b", "c"], labeled, auto)
+    assert without[0] < estimated[0]  # 5 "a" of 7 images, not 8 of 10
+    with pytest.raises(PseudoLabelError, match="alignment_target='skewed' is invalid: use labeled"):
+        compose(["student.consistency.alignment_target=skewed"])

@@ -130,6 +130,29 @@ def alignment_weights(
     return weights
 
 
+def label_shift_prior(
+    probs: np.ndarray, source_prior: np.ndarray, iterations: int = 1000, tol: float = 1e-8
+) -> np.ndarray:
+    """The class distribution of the images `probs` were predicted on, estimated by maximum
+    likelihood under label shift (EM: Saerens, Latinne and Decaestecker 2002; with calibrated
+    probabilities it is hard to beat, Alexandari et al. 2020): q <- the mean of the
+    predictions reweighted by q / source_prior, renormalised, to its fixed point.
+    `source_prior`: the class mix the model learnt from (its labeled images). A folder with
+    the labeled classes' mix gives about `source_prior` back; a skewed folder its skew."""
+    probs = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)
+    source = np.asarray(source_prior, dtype=np.float64)
+    source = source / source.sum()
+    prior = source.copy()
+    for _ in range(iterations):
+        new = align(probs, prior / source).mean(axis=0)
+        new = new / new.sum()
+        done = np.abs(new - prior).max() < tol
+        prior = new
+        if done:
+            break
+    return prior
+
+
 def align(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """`probs` reweighted per class by `weights` and renormalised (1s leave them unchanged)."""
     scaled = np.asarray(probs, dtype=np.float64) * np.asarray(weights, dtype=np.float64)

@@ -249,6 +249,10 @@ class ConsistencyConfig:
     teacher_decay: bool = MISSING
     # Align the student's predictions to the labeled class distribution (ReMixMatch).
     distribution_alignment: bool = MISSING
+    # The distribution it aligns to: "labeled" (the labeled images' class mix, ReMixMatch) or
+    # "pool" (the unlabeled images' own, estimated from the teacher's probabilities by EM,
+    # calibration.label_shift_prior: for a folder whose class mix is skewed).
+    alignment_target: str = MISSING
     # Momentum of the running mean of the student's predictions that alignment divides by.
     alignment_momentum: float = MISSING
     # The views: weak (labeled images and the targets' view), strong (what learns from them).
@@ -565,6 +569,9 @@ def _check_augment(augment: DictConfig, key: str, fail) -> None:
             fail(f"{key}.{share}", augment[share], "use a value in [0, 1]")
 
 
+ALIGNMENT_TARGETS = ("labeled", "pool")
+
+
 def _check_consistency(cons: DictConfig, fail) -> None:
     key = "student.consistency"
     if cons.ratio < 1:
@@ -572,6 +579,8 @@ def _check_consistency(cons: DictConfig, fail) -> None:
     for share in ("threshold", "rampup"):
         if not 0.0 <= cons[share] <= 1.0:
             fail(f"{key}.{share}", cons[share], "use a value in [0, 1]")
+    if cons.alignment_target not in ALIGNMENT_TARGETS:
+        fail(f"{key}.alignment_target", cons.alignment_target, "use labeled or pool")
     if not 0.0 <= cons.alignment_momentum < 1.0:
         fail(f"{key}.alignment_momentum", cons.alignment_momentum, "use a momentum in [0, 1)")
     for weight in ("weight", "teacher_weight"):

@@ -25,6 +25,7 @@ import tensorflow as tf
 from omegaconf import OmegaConf
 
 from pseudolabel import (
+    calibration,
     consistency,
     fitting,
     merged_set,
@@ -270,9 +271,13 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
         job.train_files, job.train_labels, n, job.size, job.channels, batch, cfg.seed
     )
     unlabeled_ds, n_unlabeled = None, 0
+    prior = labeled_prior(job.train_labels, n)
     if unlabeled:
         parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood)
         n_unlabeled = len(parts[0])
+        cons = job.role_cfg.consistency
+        if cons.distribution_alignment and cons.alignment_target == "pool":
+            prior = _pool_prior(paths, job.class_names, prior, cfg.pseudo_label.ood)
         job = replace(job, unlabeled_images=n_unlabeled)
         per_step = job.role_cfg.consistency.ratio * batch
         unlabeled_ds = consistency.unlabeled_stream(
@@ -282,10 +287,34 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
     train_ds = consistency.training_stream(labeled, unlabeled_ds)
     with fitting.precision(job.role_cfg.train.mixed_precision):
         model = _consistency_model(
-            job.role_cfg, job.class_names, job.train_labels, job.size, job.channels, steps,
-            n_unlabeled,
-        )  # fmt: skip
+            job.role_cfg, job.class_names, prior, job.size, job.channels, steps, n_unlabeled
+        )
     return job, train_ds, model, steps
+
+
+def labeled_prior(train_labels: np.ndarray, n: int) -> np.ndarray:
+    """The labeled images' class mix (add-one smoothed): what the student learns from."""
+    prior = np.bincount(train_labels, minlength=n).astype(np.float64) + 1.0
+    return prior / prior.sum()
+
+
+def _pool_prior(paths: Paths, class_names, labeled: np.ndarray, ood_cfg=None) -> np.ndarray:
+    """student.consistency.alignment_target=pool: the unlabeled images' class mix that
+    distribution alignment aligns the student's predictions to, estimated by EM from the
+    teacher's probabilities (round 1's CSV, whatever the round: a later round's labeler is a
+    student that learnt with alignment; the images merge leaves out, left out here too);
+    `labeled`: the class mix the teacher learnt from."""
+    csv = paths.first_round_csv if paths.round_number > 1 else paths.csv
+    frame = predicting.read_csv(csv)
+    if ood_cfg is not None:
+        frame, _, _ = ood.left_out(ood_cfg, frame, csv)  # (round 1 decides, as in every round)
+    probs = predicting.probabilities(frame, class_names, str(csv))
+    prior = calibration.label_shift_prior(probs, labeled)
+    log.info(
+        "distribution alignment to the unlabeled images' estimated class mix: %s",
+        ", ".join(f"{name} {share:.3f}" for name, share in zip(class_names, prior, strict=True)),
+    )
+    return prior
 
 
 def _unlabeled_targets(paths: Paths, class_names, truth, ood_cfg=None):
@@ -318,12 +347,12 @@ def consistency_steps(node, n_unlabeled: int) -> int:
     return node.train.steps_per_epoch or max(1, predicting.batches(n_unlabeled, per_step))
 
 
-def _consistency_model(student, class_names, train_labels, size, channels, steps, n_unlabeled):
+def _consistency_model(student, class_names, prior, size, channels, steps, n_unlabeled):
     """The student's classifier (no noise layers inside: the views are made in the step) in
-    the ConsistencyModel that trains it (`student`: the student's or the baseline's node)."""
+    the ConsistencyModel that trains it (`student`: the student's or the baseline's node;
+    `prior`: the class mix distribution alignment aligns to)."""
     n = len(class_names)
     classifier = build_model(student.model, no_augmentation(), n, size, channels, "student")
-    prior = np.bincount(train_labels, minlength=n).astype(np.float64) + 1.0
     return consistency.ConsistencyModel(
         classifier,
         augmentation_layers(student.consistency.weak),
