@@ -250,13 +250,14 @@ class PseudoLabelGenerator:
         share = self.ood_false_rejection or 0.05  # (a CSV written with another setting)
         rule = SimpleNamespace(exclude=exclude_ood, false_rejection=share, far=self.ood_far)
         # checked before anything is written (auto without the ood column: keeps all)
-        if ood.excludes(rule, predictions) and ood.FLAG_COLUMN not in predictions:
+        excluding = ood.excludes(rule, predictions)
+        if excluding and ood.FLAG_COLUMN not in predictions:
             raise PseudoLabelError(
                 f"{self.csv_path}: no {ood.FLAG_COLUMN} column, which exclude_ood=True "
                 "needs: run generate_pseudolabel_data with val_data_path and "
                 "ood_false_rejection set, or pass exclude_ood=False."
             )
-        wants_far = exclude_ood == "auto" and self.ood_far is not None
+        wants_far = exclude_ood == "auto" and self.ood_far is not None and not excluding
         if wants_far and ood.FLAG_COLUMN in predictions and ood.FAR_COLUMN not in predictions:
             raise PseudoLabelError(
                 f"{self.csv_path}: no {ood.FAR_COLUMN} column, which ood_far needs: run "
