@@ -56,9 +56,9 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     """data/train_ssl/<class>/: copies of the labeled images plus the selected pseudo-labels."""
     pl = cfg.pseudo_label
     class_names, predictions, link_roots = _inputs(cfg, paths)  # checked before writing
-    excluding = ood.excludes_in(pl.ood, paths, predictions)
     # images unlike the labeled classes are no candidates at all (all flagged, or the far ones)
     predictions, flagged, column = ood.left_out(pl.ood, predictions, paths.csv, paths)
+    excluding = column == ood.FLAG_COLUMN  # what exclude decided (ood.excludes_in)
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
     accepted, per_class, recommended = _select(pl, predictions, class_names, table)
