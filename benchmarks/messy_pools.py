@@ -19,6 +19,11 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
   - `longtail-R` (R = 10, 100): the 10-class task, the pool long-tailed with imbalance ratio R
     (`scenarios.long_tailed`: class 0 the head with every image it has left, class 9 the tail),
     the labeled set balanced; test = all 10,000;
+  - `mixed`: every defect at once (MIXED, `scenarios.mixed`): labeled = classes 0-5 (the
+    mismatch split); the pool = those classes long-tailed at ratio 10 with a head class drawn
+    by the seed (every image the profile allows), images of classes 6-9 making 25 % of it,
+    then 5 % of it replaced by junk (about 20,100 images: 14,300 of classes 0-5, 4,800 of
+    6-9, 1,000 junk); test = the 6,000 test images of classes 0-5;
 - per scenario and seed, shared by every setting (paired): the labeled split, the teacher
   (`train_teacher`), its labeling (`pseudo_label`) and `merge`; per setting (ARMS) the
   student, its Noisy Student rounds and the labeled-only baseline (ssl_gain's `run_setting`);
@@ -90,6 +95,11 @@ CODE = ("benchmarks/messy_pools.py", "benchmarks/scenarios.py", "benchmarks/ssl_
 KNOWN = 6  # mismatch: classes 0-5 labeled, 6-9 only in the pool
 MISMATCH_SIZE = 32_000  # the largest pool every fraction up to 0.75 allows
 JUNK_FRACTION = 0.10
+# `mixed`: every defect at once, on the mismatch task (classes 0-5 labeled): those classes
+# long-tailed at ratio 10 with a head drawn per seed, a quarter of the pool of classes 6-9, 5 %
+# junk. No default was tuned on it: it is the check of the defaults on a folder they never saw.
+MIXED = {"ratio": 10.0, "unseen": 0.25, "junk": 0.05}
+PARTIAL = ("mismatch", "mixed")  # the scenarios whose labeled task is classes 0-5
 TRUTH = "data/unlabeled_truth.json"
 # Each arm states pseudo_label.ood.exclude itself, so a row means the same whatever the
 # project's default (rows before 2026-12-05 named `keep` "default": the default was false;
@@ -166,7 +176,7 @@ def mark_default(row: dict, rows: list[dict]) -> dict:
 
 def parse_scenario(name: str) -> dict:
     """'mismatch-0.5' -> {kind, fraction}, 'junk' (10 %) or 'junk-0.03' -> {kind, fraction},
-    'longtail-10' -> {kind, ratio}."""
+    'longtail-10' -> {kind, ratio}, 'mixed' -> {kind, ratio, unseen, junk} (MIXED)."""
     kind, _, value = name.partition("-")
     try:
         if kind == "mismatch" and value:
@@ -179,17 +189,20 @@ def parse_scenario(name: str) -> dict:
                 return {"kind": kind, "fraction": fraction}
         elif kind == "longtail" and value and float(value) >= 1.0:
             return {"kind": kind, "ratio": float(value)}
+        elif kind == "mixed" and not value:
+            return {"kind": kind, **MIXED}
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(
-        f"scenario {name!r}: mismatch-F (0 <= F < 1), junk, junk-F (0 < F < 1) or longtail-R "
-        "(R >= 1)"
+        f"scenario {name!r}: mismatch-F (0 <= F < 1), junk, junk-F (0 < F < 1), longtail-R "
+        "(R >= 1) or mixed"
     )
 
 
 def task_of(spec: dict) -> str:
-    """The labeled task (split and test set): classes 0-5 for mismatch, all ten otherwise."""
-    return f"classes_0-{KNOWN - 1}" if spec["kind"] == "mismatch" else "classes_0-9"
+    """The labeled task (split and test set): classes 0-5 for mismatch and mixed, all ten
+    otherwise."""
+    return f"classes_0-{KNOWN - 1}" if spec["kind"] in PARTIAL else "classes_0-9"
 
 
 def build_pool(spec: dict, images, labels, seed: int, pool_size: int | None) -> scenarios.Pool:
@@ -197,6 +210,14 @@ def build_pool(spec: dict, images, labels, seed: int, pool_size: int | None) -> 
     if spec["kind"] == "mismatch":
         size = pool_size or MISMATCH_SIZE
         return scenarios.class_mismatch(images, labels, range(KNOWN), spec["fraction"], size, seed)
+    if spec["kind"] == "mixed":
+        n_max = None
+        if pool_size:  # the head whose known-class part sums to about (1 - unseen) * pool_size
+            profile = spec["ratio"] ** (-np.arange(KNOWN) / (KNOWN - 1))
+            n_max = max(1, int(pool_size * (1 - spec["unseen"]) / profile.sum()))
+        return scenarios.mixed(
+            images, labels, range(KNOWN), spec["ratio"], spec["unseen"], spec["junk"], n_max, seed
+        )
     if spec["kind"] == "junk":
         if pool_size:
             keep = np.sort(np.random.default_rng(seed).choice(len(images), pool_size, False))
@@ -215,7 +236,7 @@ def build_pool(spec: dict, images, labels, seed: int, pool_size: int | None) -> 
 def prepare(spec: dict, cfg, paths: Paths, pool_size: int | None) -> dict:
     """The labeled split (train, val, test) and the pool written as the stages read them."""
     full = sources.fashion_mnist(cfg.data.idx_dir)
-    if spec["kind"] == "mismatch":
+    if spec["kind"] in PARTIAL:
         source, in_full = known_source(full, KNOWN), np.flatnonzero(full.train_labels < KNOWN)
     else:
         source, in_full = full, np.arange(len(full.train_labels))

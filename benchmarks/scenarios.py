@@ -253,6 +253,42 @@ def long_tailed(
     return Pool(images[chosen].copy(), labels[chosen].copy(), kind)
 
 
+def mixed(
+    images: np.ndarray,
+    labels: np.ndarray,
+    known: Iterable[int] = range(6),
+    ratio: float = 10.0,
+    unseen: float = 0.25,
+    junk: float = 0.05,
+    n_max: int | None = None,
+    seed: int = 0,
+) -> Pool:
+    """A folder as users have them, every defect at once: the `known` classes long-tailed at
+    `ratio` with the head drawn by `seed` (not class 0, which `long_tailed`'s scenarios use),
+    images of the other classes making `unseen` of the pool, then `junk` of the pool replaced by
+    junk (`with_junk`, which may replace images of either). `n_max` as in `long_tailed`."""
+    if not (0.0 <= unseen < 1.0 and 0.0 <= junk < 1.0):
+        raise ValueError(f"unseen={unseen}, junk={junk}: each must be in [0, 1)")
+    labels = np.asarray(labels, dtype=np.int64)
+    known = np.asarray(sorted(set(known)), dtype=np.int64)
+    is_known = np.isin(labels, known)
+    rng = np.random.default_rng(seed)
+    head_first = known[rng.permutation(len(known))]
+    inside = long_tailed(images[is_known], labels[is_known], ratio, head_first, n_max, seed)
+    outside = np.flatnonzero(~is_known)
+    n_out = int(round(unseen * len(inside) / (1.0 - unseen)))
+    if n_out > len(outside):
+        raise ValueError(f"unseen={unseen} needs {n_out} images of other classes; {len(outside)}")
+    out = rng.choice(outside, n_out, replace=False)
+    order = rng.permutation(len(inside) + n_out)
+    pool = Pool(
+        np.concatenate([inside.images, images[out]])[order],
+        np.concatenate([inside.truth, np.full(n_out, -1, np.int64)])[order],
+        np.concatenate([inside.kind, np.full(n_out, UNSEEN, dtype=object)])[order],
+    )
+    return with_junk(pool, junk, seed)
+
+
 # A pool written as the unlabeled folder: pool_<index>.png, the index into the pool (never its
 # class or kind, so the folder leaks nothing), and a truth table saved beside the folder.
 POOL_FILE = re.compile(r"(pool_\d+)(?:-\d+)?\.png$")  # -N: a second copy in the merged set

@@ -209,7 +209,10 @@ def test_messy_scenario_names_parse_or_fail_with_the_forms():
     assert messy_pools.parse_scenario("junk-0.03") == {"kind": "junk", "fraction": 0.03}
     assert messy_pools.parse_scenario("mismatch-0") == {"kind": "mismatch", "fraction": 0.0}
     assert messy_pools.parse_scenario("longtail-100") == {"kind": "longtail", "ratio": 100.0}
-    for bad in ("junk-0", "junk-1.5", "junk-x", "mismatch-1", "longtail-0.5", "noise"):
+    assert messy_pools.parse_scenario("mixed") == {"kind": "mixed", **messy_pools.MIXED}
+    assert messy_pools.task_of(messy_pools.parse_scenario("mixed")) == "classes_0-5"
+    bad_names = ("junk-0", "junk-1.5", "junk-x", "mismatch-1", "longtail-0.5", "noise", "mixed-2")
+    for bad in bad_names:
         with pytest.raises(argparse.ArgumentTypeError, match="junk-F"):
             messy_pools.parse_scenario(bad)
 
@@ -228,3 +231,29 @@ def test_ood_in_pool_reports_each_kind_past_farther_cuts():
     assert out["junk"]["past"] == {"1.5": 0.75, "2": 0.75, "3": 0.5}
     assert out["junk:blank"]["flagged"] == 1.0 and out["junk:noise"]["auroc"] == 0.875
     assert "past" not in ood_in_pool.by_kind(kinds, scores, flags)["junk"]  # no cut given
+
+
+def test_mixed_pool_has_every_defect_at_once():
+    """scenarios.mixed: the known classes long-tailed with a head drawn by the seed, the asked
+    share of other classes, then the asked share replaced by junk; deterministic by seed."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 400)
+    images = rng.integers(1, 255, (len(labels), 28, 28)).astype(np.uint8)
+    heads = set()
+    for seed in range(4):
+        pool = scenarios.mixed(images, labels, range(6), 10.0, 0.25, 0.05, seed=seed)
+        kinds = pool.counts()
+        junk = sum(v for k, v in kinds.items() if k.startswith("junk:"))
+        assert junk == round(0.05 * len(pool))
+        before_junk = kinds["in"] + kinds["unseen_class"] + junk
+        assert abs(kinds["unseen_class"] / before_junk - 0.25) < 0.03
+        known = np.bincount(pool.truth[pool.truth >= 0], minlength=10)
+        assert known[6:].sum() == 0  # classes 6-9 are never "in"
+        counts = known[:6]
+        assert counts.max() / counts.min() > 7  # about 10 less what junk replaced
+        heads.add(int(np.argmax(counts)))
+        again = scenarios.mixed(images, labels, range(6), 10.0, 0.25, 0.05, seed=seed)
+        assert np.array_equal(pool.images, again.images) and np.array_equal(pool.kind, again.kind)
+    assert len(heads) > 1  # the head class changes with the seed
+    with pytest.raises(ValueError, match="unseen"):
+        scenarios.mixed(images, labels, range(6), 10.0, 0.99, 0.05)
