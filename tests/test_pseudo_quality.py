@@ -294,6 +294,65 @@ def test_labeling_with_distribution_alignment(pipeline, smoke_cfg, tmp_path, tra
     )[0]
     assert run.data.params["pseudo_label.distribution_alignment"] == "True"
     assert f"alignment.{CLASSES[0]}" in run.data.metrics
+    # The folder's class mix is the same estimate either way: the aligned probabilities are
+    # read as those of a labeler whose prior the alignment weights moved.
+    plain_mix = json.loads((pipeline.metrics / "pseudo_label.json").read_text())["class_mix"]
+    mix = metrics["class_mix"]
+    assert mix["images"] == plain_mix["images"] and sum(mix["estimated"].values()) == (
+        pytest.approx(1, abs=1e-5)
+    )
+    for name in CLASSES:
+        assert mix["estimated"][name] == pytest.approx(plain_mix["estimated"][name], abs=0.01)
+    assert run.data.metrics["class_mix.head_to_tail"] == pytest.approx(mix["head_to_tail"])
+
+
+def test_labeling_reports_the_folders_class_mix(pipeline):
+    """pseudo_label's class_mix in metrics/pseudo_label.json: EM's estimate over the images the
+    student learns from, and how far the same estimate lands from val's known mix."""
+    mix = json.loads((pipeline.metrics / "pseudo_label.json").read_text())["class_mix"]
+    assert set(mix["estimated"]) == set(CLASSES)
+    assert sum(mix["estimated"].values()) == pytest.approx(1, abs=1e-5)
+    assert mix["images"] == len(read_csv(pipeline.csv)) and mix["head_to_tail"] >= 1
+    assert mix["head"] in CLASSES and 0 <= mix["val_error"] <= 1
+
+
+def test_a_skewed_folder_is_told_and_an_unsure_teacher_says_so(caplog):
+    """mix_report: from calibrated posteriors, a long-tailed folder gets the skew line (and the
+    way to align the student to it); a balanced one none; a teacher whose estimate misses val's
+    known mix says it cannot tell, whatever its estimate of the folder."""
+    from pseudolabel.stages.label import mix_report
+
+    rng = np.random.default_rng(0)
+    means = np.eye(4) * 2.5
+
+    def posteriors(mix, n=4000, scale=1.0):
+        labels = rng.choice(4, n, p=mix)
+        x = means[labels] + rng.normal(size=(n, 4))
+        logits = -0.5 * scale * ((x[:, None, :] - means[None]) ** 2).sum(-1)
+        return np.exp(logits) / np.exp(logits).sum(1, keepdims=True), labels
+
+    names, balanced = ["a", "b", "c", "d"], np.full(4, 0.25)
+    val, val_true = posteriors(balanced, 400)
+    val_mix = np.bincount(val_true, minlength=4) / 400
+    val_estimate = calibration.label_shift_prior(val, balanced)
+
+    def report(pool_mix, val_estimate=val_estimate):
+        probs, _ = posteriors(pool_mix)
+        mix = calibration.label_shift_prior(probs, balanced)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pseudolabel.stages.label"):
+            return mix_report(mix, len(probs), val_estimate, val_mix, names)
+
+    skewed = report(np.array([0.72, 0.18, 0.07, 0.03]))
+    assert skewed["head"] == "a" and skewed["tail"] == "d" and skewed["head_to_tail"] > 10
+    assert skewed["val_error"] < 0.15
+    assert "looks skewed" in caplog.text and "alignment_target=pool" in caplog.text
+    flat = report(balanced)
+    assert flat["head_to_tail"] < 2 and "looks skewed" not in caplog.text
+    wrong = np.array([0.7, 0.1, 0.1, 0.1])  # an estimate far from val's known, balanced mix
+    unsure = report(np.array([0.72, 0.18, 0.07, 0.03]), wrong)
+    assert unsure["val_error"] > 0.4 and "cannot be told" in caplog.text
+    assert "looks skewed" not in caplog.text
 
 
 # --- streaming that resumes ----------------------------------------------------------------
@@ -399,3 +458,6 @@ def test_the_student_aligns_to_the_pools_mix_from_the_teachers_labeling(tmp_path
     assert without[0] < estimated[0]  # 5 "a" of 7 images, not 8 of 10
     with pytest.raises(PseudoLabelError, match="alignment_target='skewed' is invalid: use labeled"):
         compose(["student.consistency.alignment_target=skewed"])
+    both = ["student.consistency.alignment_target=pool", "pseudo_label.distribution_alignment=true"]
+    with pytest.raises(PseudoLabelError, match="aligns to the labeled mix; set one of them"):
+        compose(both)

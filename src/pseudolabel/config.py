@@ -478,6 +478,15 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
         if train.learning_rate <= 0:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
     _check_consistency(cfg.student.consistency, fail)
+    cons = cfg.student.consistency
+    pool_aligned = cons.distribution_alignment and cons.alignment_target == "pool"
+    if pool_aligned and cfg.pseudo_label.distribution_alignment:
+        fail(
+            "student.consistency.alignment_target",
+            "pool",
+            "it estimates the unlabeled images' class mix from the CSV's probabilities, which "
+            "pseudo_label.distribution_alignment=true aligns to the labeled mix; set one of them",
+        )
     for role in ("teacher", "student"):
         _check_strategy(cfg, role, fail)
     for role in ("teacher", "student"):

@@ -56,6 +56,26 @@ def probabilities(frame: pd.DataFrame, class_names: list[str], what: str = "CSV"
     return frame[prob_columns(class_names)].to_numpy(dtype=np.float64)
 
 
+def unlabeled_class_mix(
+    frame: pd.DataFrame,
+    class_names: list[str],
+    labeled_prior: np.ndarray,
+    ood_cfg=None,
+    csv: Path | str = "CSV",
+    paths=None,
+) -> tuple[np.ndarray, int]:
+    """The unlabeled images' class mix, estimated by EM under label shift
+    (calibration.label_shift_prior) from the CSV's probabilities of the images the student
+    learns from (`ood.left_out`'s kept rows, with `ood_cfg` = pseudo_label.ood; `paths`: the
+    round whose CSV `frame` is, which round 1's decides for), and how many images it read.
+    `labeled_prior`: the class mix the labeler learnt from. What
+    student.consistency.alignment_target=pool aligns to, and pseudo_label's `class_mix`."""
+    if ood_cfg is not None:
+        frame, _, _ = ood.left_out(ood_cfg, frame, Path(csv), paths)
+    probs = probabilities(frame, class_names, str(csv))
+    return calibration.label_shift_prior(probs, labeled_prior), len(frame)
+
+
 def _fingerprint(model: keras.Model, meta: ModelMeta, relative: list[str], batch_size: int) -> str:
     """What a partial run depends on: the model's weights, its input, the files, the batching."""
     digest = hashlib.md5()

@@ -124,7 +124,10 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         if weights is not None:  # val's confidences on the same scale as the CSV's
             val_probs = calibration.align(val_probs, weights)
         _analysis_and_plots(paths, predictions, meta.class_names, val_raw, val_probs, val_true)
+        ood_cfg = pl.ood if scorer else None
+        mix = _class_mix(cfg, paths, meta, predictions, weights, ood_cfg, val_probs, val_true)
         metrics = _metrics(predictions, failed, fitted, weights, meta.class_names)
+        metrics["class_mix"] = mix
         if scorer:
             metrics["ood"] = _ood_report(paths, predictions, val_scores, cut, pl.ood, meta)
         else:  # dvc.yaml declares the plot either way
@@ -132,6 +135,78 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         _log_run(paths, metrics)
     log.info("pseudo_label: %d images labeled, %d failed", len(predictions), len(failed))
     return metrics
+
+
+SKEWED = 5.0  # the estimated head-to-tail ratio past which the log calls the folder skewed
+UNSURE = 0.15  # the estimate's error on val (total variation) past which it is not trusted
+
+
+def _class_mix(
+    cfg, paths: Paths, meta, predictions, weights, ood_cfg, val_probs, val_true
+) -> dict[str, Any]:
+    """metrics' `class_mix`: the unlabeled images' class mix estimated by EM under label shift
+    (predicting.unlabeled_class_mix: the images the student learns from), checked on the
+    labeled val images, whose mix is known (`mix_report`). The CSV's probabilities aligned by
+    pseudo_label.distribution_alignment are read as those of a labeler whose prior is the
+    labeled mix times the alignment weights (what the weights make them)."""
+    source = _labeled_prior(paths, meta)
+    if weights is not None:
+        source = source * weights / np.sum(source * weights)
+    mix, used = predicting.unlabeled_class_mix(
+        predictions, meta.class_names, source, ood_cfg, paths.csv, paths
+    )
+    val_mix = np.bincount(val_true, minlength=meta.num_classes) / max(len(val_true), 1)
+    val_estimate = calibration.label_shift_prior(val_probs, source)
+    cons = cfg.student.consistency
+    hint = cons.distribution_alignment and cons.alignment_target == "labeled"
+    return mix_report(mix, used, val_estimate, val_mix, meta.class_names, hint)
+
+
+def mix_report(
+    mix: np.ndarray,
+    images: int,
+    val_estimate: np.ndarray,
+    val_mix: np.ndarray,
+    class_names: list[str],
+    hint: bool = True,
+) -> dict[str, Any]:
+    """The estimated mix with its head and tail classes and their ratio (the tail floored at
+    one image), and `val_error`: how far the same estimate lands from the val images' known mix
+    (total variation, 0-1). A log line where the folder looks skewed (a balanced labeled set
+    says nothing of the folder's mix, and the student aligns its predictions to the labeled mix
+    unless told otherwise: `hint`, student.consistency.alignment_target=pool); where the
+    estimate misses val's mix by more than UNSURE, the teacher is too unsure to tell and the
+    line says that instead."""
+    head, tail = int(np.argmax(mix)), int(np.argmin(mix))
+    ratio = float(mix[head] / max(mix[tail], 1.0 / max(images, 1)))
+    val_error = float(0.5 * np.abs(np.asarray(val_estimate) - np.asarray(val_mix)).sum())
+    names = class_names
+    if val_error > UNSURE:
+        log.info(
+            "the unlabeled images' class mix cannot be told from this teacher's probabilities: "
+            "on the val images, whose mix is known, the estimate is off by %.0f %% (total "
+            "variation); metrics/pseudo_label.json class_mix",
+            100 * val_error,
+        )
+    elif ratio >= SKEWED:
+        advice = (
+            "; the student aligns its predictions to the labeled images' mix: "
+            "student.consistency.alignment_target=pool aligns them to this one"
+        )
+        log.warning(
+            "the unlabeled images' class mix looks skewed (estimated: %.1f %% %s, %.2f %% %s, "
+            "%.0fx; off by %.0f %% on val; metrics/pseudo_label.json class_mix)%s",
+            100 * mix[head], names[head], 100 * mix[tail], names[tail], ratio,
+            100 * val_error, advice if hint else "",
+        )  # fmt: skip
+    return {
+        "estimated": {n: round(float(v), 6) for n, v in zip(names, mix, strict=True)},
+        "images": int(images),
+        "head": names[head],
+        "tail": names[tail],
+        "head_to_tail": round(ratio, 3),
+        "val_error": round(val_error, 6),
+    }
 
 
 def _check_some_belong(predictions: pd.DataFrame, paths: Paths, cut: float, share: float) -> None:

@@ -25,7 +25,6 @@ import tensorflow as tf
 from omegaconf import OmegaConf
 
 from pseudolabel import (
-    calibration,
     consistency,
     fitting,
     merged_set,
@@ -305,11 +304,10 @@ def _pool_prior(paths: Paths, class_names, labeled: np.ndarray, ood_cfg=None) ->
     student that learnt with alignment; the images merge leaves out, left out here too);
     `labeled`: the class mix the teacher learnt from."""
     csv = paths.first_round_csv if paths.round_number > 1 else paths.csv
-    frame = predicting.read_csv(csv)
-    if ood_cfg is not None:
-        frame, _, _ = ood.left_out(ood_cfg, frame, csv)  # (round 1 decides, as in every round)
-    probs = predicting.probabilities(frame, class_names, str(csv))
-    prior = calibration.label_shift_prior(probs, labeled)
+    # (round 1's CSV decides what is left out, as in every round)
+    prior, _ = predicting.unlabeled_class_mix(
+        predicting.read_csv(csv), class_names, labeled, ood_cfg, csv
+    )
     log.info(
         "distribution alignment to the unlabeled images' estimated class mix: %s",
         ", ".join(f"{name} {share:.3f}" for name, share in zip(class_names, prior, strict=True)),
