@@ -3,10 +3,12 @@
     python benchmarks/messy_tables.py          # rewrite the generated part of docs/messy.md
     python benchmarks/messy_tables.py --check  # exit 1 if docs/messy.md is out of date
 
-Inputs: benchmarks/results/ood_scores.json (benchmarks/ood_scores.py: which OOD score) and
+Inputs: benchmarks/results/ood_scores.json (benchmarks/ood_scores.py: which OOD score),
 benchmarks/results/messy_pools.json (benchmarks/messy_pools.py: the student on messy pools,
-with and without the pipeline's defence). The block between the markers is this script's
-output (tests/test_docs.py checks it); the figure is docs/figures/messy_gain.png.
+with and without the pipeline's defence), ood_in_pool.json (the pipeline's score on those
+pools) and class_mix.json (benchmarks/class_mix.py: how well the teacher tells a pool's mix).
+The block between the markers is this script's output (tests/test_docs.py checks it); the
+figure is docs/figures/messy_gain.png.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCORES = ROOT / "benchmarks" / "results" / "ood_scores.json"
 POOLS = ROOT / "benchmarks" / "results" / "messy_pools.json"
 IN_POOL = ROOT / "benchmarks" / "results" / "ood_in_pool.json"
+MIX = ROOT / "benchmarks" / "results" / "class_mix.json"
 DOC = ROOT / "docs" / "messy.md"
 FIGURE = ROOT / "docs" / "figures" / "messy_gain.png"
 START, END = "<!-- messy-tables:start -->", "<!-- messy-tables:end -->"
@@ -218,10 +221,38 @@ def in_pool_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render(scores: dict, pools: dict, in_pool: dict | None = None) -> str:
+def mix_table(rows: list[dict]) -> str:
+    """How well the teacher's labeling tells each pool's class mix (benchmarks/class_mix.py)."""
+    lines = [
+        "| scenario | seed | teacher | images | true head:tail | EM: error | EM: head:tail | "
+        "mean probability: error | predicted-class count: error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"])):
+        est = r["estimates"]
+        lines.append(
+            f"| {r['scenario']} | {r['seed']} | {_num(r.get('teacher'))} | {r['images']:,} | "
+            f"{r['true_head_to_tail']:.1f} | {est['em']['error']:.3f} | "
+            f"{est['em']['head_to_tail']:.1f} | {est['pcc']['error']:.3f} | "
+            f"{est['cc']['error']:.3f} |"
+        )
+    codes = sorted({r.get("code") or "?" for r in rows})
+    cpus = sorted({r.get("cpu", "?") for r in rows})
+    lines += [
+        "",
+        "Error: total variation from the true mix of the pool's in-distribution images (the "
+        "share of them the estimate puts in the wrong class). Read from the teachers' labelings "
+        f"(round 1) on {'; '.join(cpus)} (2 cores). Code: {', '.join(codes)}.",
+    ]
+    return "\n".join(lines)
+
+
+def render(scores: dict, pools: dict, in_pool: dict | None = None, mix: dict | None = None) -> str:
     parts = ["### Which score", "", score_table(scores.get("rows", []))]
     if in_pool and in_pool.get("rows"):
         parts += ["", "### The pipeline's score on the pools", "", in_pool_table(in_pool["rows"])]
+    if mix and mix.get("rows"):
+        parts += ["", "### The folder's class mix", "", mix_table(mix["rows"])]
     parts += ["", "### The student on messy pools", ""]
     rows = pools.get("rows", [])
     if rows:
@@ -287,11 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/messy.md is stale")
     args = parser.parse_args(argv)
-    scores, pools, in_pool = (
+    scores, pools, in_pool, mix = (
         json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-        for p in (SCORES, POOLS, IN_POOL)
+        for p in (SCORES, POOLS, IN_POOL, MIX)
     )
-    body = render(scores, pools, in_pool)
+    body = render(scores, pools, in_pool, mix)
     command = "python benchmarks/messy_tables.py"
     fresh = doc_block.write_or_check(DOC, START, END, body, args.check, command)
     if args.check:
