@@ -166,3 +166,22 @@ def test_the_baseline_can_be_switched_off(tmp_path, digits_data, tracking_uri):
     assert STAGES["train_baseline"](cfg, paths) == {"enabled": False}
     assert not paths.model("baseline").exists()
     assert paths.model("baseline").parent.is_dir()  # the DVC output exists either way
+
+
+def test_the_student_aligns_to_the_mix_its_config_names(consistency_run, pipeline, tmp_path):
+    """alignment_target: the default aims at the labeled mix; pool at the teacher's estimate of
+    the folder's (round 1's class_mix); auto at that estimate only where the labeling found the
+    folder skewed: the smoke teacher cannot tell (its class_mix is not `skewed`), so labeled.
+    metrics/student.json says which."""
+    cfg, paths, _ = consistency_run
+    assert json.loads((paths.metrics / "student.json").read_text())["alignment"] == "labeled"
+    mix = json.loads((paths.metrics / "pseudo_label.json").read_text())["class_mix"]
+    assert mix["skewed"] is False
+    top = lambda folder, names: ["data"] if Path(folder) == paths.root else []  # noqa: E731
+    shutil.copytree(paths.root, tmp_path, dirs_exist_ok=True, ignore=top)
+    shutil.copytree(paths.merged, tmp_path / paths.merged.relative_to(paths.root))
+    copy = Paths(tmp_path, data_root=pipeline.root)
+    for target, aimed in (("pool", "pool"), ("auto", "labeled")):
+        override = f"student.consistency.alignment_target={target}"
+        metrics = STAGES["train_student"](compose(["+experiment=smoke", override]), copy)
+        assert metrics["alignment"] == aimed

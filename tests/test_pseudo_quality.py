@@ -345,13 +345,13 @@ def test_a_skewed_folder_is_told_and_an_unsure_teacher_says_so(caplog):
 
     skewed = report(np.array([0.72, 0.18, 0.07, 0.03]))
     assert skewed["head"] == "a" and skewed["tail"] == "d" and skewed["head_to_tail"] > 10
-    assert skewed["val_error"] < 0.15
+    assert skewed["val_error"] < 0.15 and skewed["skewed"]
     assert "looks skewed" in caplog.text and "alignment_target=pool" in caplog.text
     flat = report(balanced)
-    assert flat["head_to_tail"] < 2 and "looks skewed" not in caplog.text
+    assert flat["head_to_tail"] < 2 and not flat["skewed"] and "looks skewed" not in caplog.text
     wrong = np.array([0.7, 0.1, 0.1, 0.1])  # an estimate far from val's known, balanced mix
     unsure = report(np.array([0.72, 0.18, 0.07, 0.03]), wrong)
-    assert unsure["val_error"] > 0.4 and "cannot be told" in caplog.text
+    assert unsure["val_error"] > 0.4 and not unsure["skewed"] and "cannot be told" in caplog.text
     assert "looks skewed" not in caplog.text
 
 
@@ -430,34 +430,53 @@ def test_mlflow_labeling_run_and_merge_run_beneath_it(pipeline, smoke_cfg, track
     assert {f"selection/qa/{name}.png" for name in CLASSES} == qa
 
 
-def test_the_student_aligns_to_the_pools_mix_from_the_teachers_labeling(tmp_path):
-    """alignment_target=pool: the mix is estimated from round 1's CSV (the teacher's), in every
-    round, without the images merge leaves out; a bad target is one clear line."""
+def test_the_student_aligns_to_the_mix_the_teachers_labeling_estimated(tmp_path):
+    """The estimate leaves out the images merge leaves out. alignment_target=pool aligns to
+    round 1's class_mix (the teacher's labeling) in every round; auto to that mix where the
+    labeling found the folder skewed, else to the labeled mix; a labeling without class_mix,
+    or a bad target, is one clear line."""
     from types import SimpleNamespace
 
+    from pseudolabel.predicting import unlabeled_class_mix
     from pseudolabel.stages.train import _pool_prior, labeled_prior
 
+    names = ["a", "b", "c"]
     labeled = labeled_prior(np.repeat(np.arange(3), 10), 3)
     np.testing.assert_allclose(labeled, np.full(3, 1 / 3))
     probs = np.array([[0.9, 0.05, 0.05]] * 8 + [[0.05, 0.9, 0.05]] * 2)
     frame = pd.DataFrame({"path": [f"{i}.png" for i in range(10)]})
-    frame["label"] = np.array(["a", "b", "c"])[probs.argmax(1)]
+    frame["label"] = np.array(names)[probs.argmax(1)]
     frame["confidence"] = probs.max(1)
-    for j, name in enumerate("abc"):
+    for j, name in enumerate(names):
         frame[f"prob_{name}"] = probs[:, j]
     frame["ood"] = [1] * 3 + [0] * 7  # 30 % flagged: auto leaves three "a" images out
-    project = Paths(tmp_path)
-    project.csv.parent.mkdir(parents=True)
-    frame.to_csv(project.csv, index=False)
-    estimated = _pool_prior(project, ["a", "b", "c"], labeled)
-    assert estimated[0] > 0.7 and estimated[2] < 0.05 and estimated.sum() == pytest.approx(1)
-    later = project.round(2)  # no CSV of its own yet: round 1's decides
-    np.testing.assert_allclose(_pool_prior(later, ["a", "b", "c"], labeled), estimated)
+    mix, used = unlabeled_class_mix(frame, names, labeled)
+    assert used == 10 and mix[0] > 0.7 and mix[2] < 0.05 and mix.sum() == pytest.approx(1)
     auto = SimpleNamespace(exclude="auto", false_rejection=0.05, far=None)
-    without = _pool_prior(project, ["a", "b", "c"], labeled, auto)
-    assert without[0] < estimated[0]  # 5 "a" of 7 images, not 8 of 10
+    without, kept = unlabeled_class_mix(frame, names, labeled, auto)
+    assert kept == 7 and without[0] < mix[0]  # 5 "a" of 7 images, not 8 of 10
+
+    project = Paths(tmp_path)
+    project.metrics.mkdir(parents=True)
+
+    def labeling(skewed: bool) -> None:
+        estimated = {"a": 0.7, "b": 0.2, "c": 0.1}
+        report = {"estimated": estimated, "head_to_tail": 7.0, "val_error": 0.05, "skewed": skewed}
+        (project.metrics / "pseudo_label.json").write_text(json.dumps({"class_mix": report}))
+
+    labeling(True)
+    prior, aimed = _pool_prior(project, names, labeled, "pool")
+    assert aimed == "pool"
+    np.testing.assert_allclose(prior, [0.7, 0.2, 0.1])
+    later = project.round(2)  # round 1's labeling decides in every round
+    np.testing.assert_allclose(_pool_prior(later, names, labeled, "auto")[0], prior)
+    labeling(False)
+    assert _pool_prior(project, names, labeled, "pool")[1] == "pool"
+    prior, aimed = _pool_prior(project, names, labeled, "auto")
+    assert aimed == "labeled"
+    np.testing.assert_allclose(prior, labeled)
+    (project.metrics / "pseudo_label.json").write_text(json.dumps({"images": 10}))
+    with pytest.raises(PseudoLabelError, match="no class_mix with every class .* re-run the"):
+        _pool_prior(project, names, labeled, "auto")
     with pytest.raises(PseudoLabelError, match="alignment_target='skewed' is invalid: use labeled"):
         compose(["student.consistency.alignment_target=skewed"])
-    both = ["student.consistency.alignment_target=pool", "pseudo_label.distribution_alignment=true"]
-    with pytest.raises(PseudoLabelError, match="aligns to the labeled mix; set one of them"):
-        compose(both)

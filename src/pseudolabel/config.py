@@ -251,7 +251,9 @@ class ConsistencyConfig:
     distribution_alignment: bool = MISSING
     # The distribution it aligns to: "labeled" (the labeled images' class mix, ReMixMatch) or
     # "pool" (the unlabeled images' own, estimated from the teacher's probabilities by EM,
-    # calibration.label_shift_prior: for a folder whose class mix is skewed).
+    # calibration.label_shift_prior: for a folder whose class mix is skewed), or "auto": pool
+    # where the teacher's labeling finds the folder skewed (metrics/pseudo_label.json's
+    # class_mix.skewed: head-to-tail 5 or more, told within 0.15 on val), else labeled.
     alignment_target: str = MISSING
     # Momentum of the running mean of the student's predictions that alignment divides by.
     alignment_momentum: float = MISSING
@@ -478,15 +480,6 @@ def _check_ranges(cfg: DictConfig, origin: str) -> None:
         if train.learning_rate <= 0:
             fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
     _check_consistency(cfg.student.consistency, fail)
-    cons = cfg.student.consistency
-    pool_aligned = cons.distribution_alignment and cons.alignment_target == "pool"
-    if pool_aligned and cfg.pseudo_label.distribution_alignment:
-        fail(
-            "student.consistency.alignment_target",
-            "pool",
-            "it estimates the unlabeled images' class mix from the CSV's probabilities, which "
-            "pseudo_label.distribution_alignment=true aligns to the labeled mix; set one of them",
-        )
     for role in ("teacher", "student"):
         _check_strategy(cfg, role, fail)
     for role in ("teacher", "student"):
@@ -578,7 +571,7 @@ def _check_augment(augment: DictConfig, key: str, fail) -> None:
             fail(f"{key}.{share}", augment[share], "use a value in [0, 1]")
 
 
-ALIGNMENT_TARGETS = ("labeled", "pool")
+ALIGNMENT_TARGETS = ("labeled", "pool", "auto")
 
 
 def _check_consistency(cons: DictConfig, fail) -> None:
@@ -589,7 +582,7 @@ def _check_consistency(cons: DictConfig, fail) -> None:
         if not 0.0 <= cons[share] <= 1.0:
             fail(f"{key}.{share}", cons[share], "use a value in [0, 1]")
     if cons.alignment_target not in ALIGNMENT_TARGETS:
-        fail(f"{key}.alignment_target", cons.alignment_target, "use labeled or pool")
+        fail(f"{key}.alignment_target", cons.alignment_target, "use labeled, pool or auto")
     if not 0.0 <= cons.alignment_momentum < 1.0:
         fail(f"{key}.alignment_momentum", cons.alignment_momentum, "use a momentum in [0, 1)")
     for weight in ("weight", "teacher_weight"):

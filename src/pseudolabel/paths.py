@@ -101,6 +101,12 @@ class Paths:
         return (self.first_round_root or self.root) / "outputs" / "data.csv"
 
     @property
+    def first_round_labeling_metrics(self) -> Path:
+        """Round 1's metrics/pseudo_label.json: student.consistency.alignment_target=auto reads
+        its class_mix for every round."""
+        return (self.first_round_root or self.root) / "metrics" / "pseudo_label.json"
+
+    @property
     def ingest_report(self) -> Path:
         return self.outputs / "ingest_report.csv"
 

@@ -206,6 +206,8 @@ def mix_report(
         "tail": names[tail],
         "head_to_tail": round(ratio, 3),
         "val_error": round(val_error, 6),
+        # what student.consistency.alignment_target=auto reads: skewed, and told surely
+        "skewed": bool(ratio >= SKEWED and val_error <= UNSURE),
     }
 
 

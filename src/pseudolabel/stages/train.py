@@ -195,6 +195,7 @@ class _Job:
     size: list[int]
     channels: int
     unlabeled_images: int = 0  # those the consistency student learns from (after the OOD cut)
+    alignment: str | None = None  # the mix its distribution alignment aimed at: labeled | pool
 
     @property
     def role_cfg(self):
@@ -275,9 +276,12 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
         parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood)
         n_unlabeled = len(parts[0])
         cons = job.role_cfg.consistency
-        if cons.distribution_alignment and cons.alignment_target == "pool":
-            prior = _pool_prior(paths, job.class_names, prior, cfg.pseudo_label.ood)
-        job = replace(job, unlabeled_images=n_unlabeled)
+        aimed = None
+        if cons.distribution_alignment:
+            aimed = "labeled"
+            if cons.alignment_target != "labeled":
+                prior, aimed = _pool_prior(paths, job.class_names, prior, cons.alignment_target)
+        job = replace(job, unlabeled_images=n_unlabeled, alignment=aimed)
         per_step = job.role_cfg.consistency.ratio * batch
         unlabeled_ds = consistency.unlabeled_stream(
             *parts, job.size, job.channels, per_step, cfg.seed
@@ -297,22 +301,40 @@ def labeled_prior(train_labels: np.ndarray, n: int) -> np.ndarray:
     return prior / prior.sum()
 
 
-def _pool_prior(paths: Paths, class_names, labeled: np.ndarray, ood_cfg=None) -> np.ndarray:
+def _pool_prior(
+    paths: Paths, class_names, labeled: np.ndarray, target: str
+) -> tuple[np.ndarray, str]:
     """student.consistency.alignment_target=pool: the unlabeled images' class mix that
-    distribution alignment aligns the student's predictions to, estimated by EM from the
-    teacher's probabilities (round 1's CSV, whatever the round: a later round's labeler is a
-    student that learnt with alignment; the images merge leaves out, left out here too);
-    `labeled`: the class mix the teacher learnt from."""
-    csv = paths.first_round_csv if paths.round_number > 1 else paths.csv
-    # (round 1's CSV decides what is left out, as in every round)
-    prior, _ = predicting.unlabeled_class_mix(
-        predicting.read_csv(csv), class_names, labeled, ood_cfg, csv
-    )
+    distribution alignment aligns the student's predictions to, as the teacher's labeling
+    estimated it (round 1's metrics/pseudo_label.json, `class_mix`: EM under label shift over
+    the images merge keeps) whatever the round (a later round's labeler is a student that
+    learnt with alignment). `auto`: that mix where the labeling found the folder skewed
+    (`class_mix.skewed`), else `labeled` (the labeled images' mix). Returns the mix and which
+    it is (pool or labeled)."""
+    path = paths.first_round_labeling_metrics
+    try:
+        mix = json.loads(path.read_text())["class_mix"]
+        estimated = np.array([mix["estimated"][name] for name in class_names], np.float64)
+        skewed = bool(mix["skewed"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PseudoLabelError(
+            f"{path}: no class_mix with every class ({type(exc).__name__}: {exc}), which "
+            f"student.consistency.alignment_target={target} reads: re-run the pseudo_label "
+            "stage (dvc repro does), or set student.consistency.alignment_target=labeled."
+        ) from exc
+    if target == "auto" and not skewed:
+        log.info(
+            "distribution alignment to the labeled images' mix (alignment_target=auto: the "
+            "teacher's labeling did not find the folder skewed: head-to-tail %.1f, off by %.0f "
+            "%% on val)", mix.get("head_to_tail", float("nan")), 100 * mix.get("val_error", 0),
+        )  # fmt: skip
+        return labeled, "labeled"
+    prior = estimated / estimated.sum()
     log.info(
         "distribution alignment to the unlabeled images' estimated class mix: %s",
         ", ".join(f"{name} {share:.3f}" for name, share in zip(class_names, prior, strict=True)),
     )
-    return prior
+    return prior, "pool"
 
 
 def _unlabeled_targets(paths: Paths, class_names, truth, ood_cfg=None):
@@ -569,6 +591,7 @@ def _save_and_publish(
         "steps": int(len(history.epoch) * steps),
         "train_images": len(job.train_files),
         "unlabeled_images": job.unlabeled_images,
+        "alignment": job.alignment,  # the mix alignment aimed at (None: none, or no pool)
         # images through the network (at most: an epoch's last labeled batch may be short)
         "images_trained": int(len(history.epoch) * steps * job.images_per_step[0]),
         "images_forward_only": int(len(history.epoch) * steps * job.images_per_step[1]),
