@@ -247,12 +247,34 @@ def mix_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reported_mix_table(rows: list[dict]) -> str:
+    """The pipeline's own class_mix on the pools (benchmarks/ood_in_pool.py's rows that have
+    it): what student.consistency.alignment_target=auto reads."""
+    lines = [
+        "| scenario | seed | images learnt from | estimated head:tail | error on val | skewed |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"])):
+        if "class_mix" not in r:
+            continue
+        m = r["class_mix"]
+        lines.append(
+            f"| {r['scenario']} | {r['seed']} | {m['images']:,} | {m['head_to_tail']:.1f} | "
+            f"{m['val_error']:.3f} | {'yes' if m['skewed'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def render(scores: dict, pools: dict, in_pool: dict | None = None, mix: dict | None = None) -> str:
     parts = ["### Which score", "", score_table(scores.get("rows", []))]
     if in_pool and in_pool.get("rows"):
         parts += ["", "### The pipeline's score on the pools", "", in_pool_table(in_pool["rows"])]
     if mix and mix.get("rows"):
         parts += ["", "### The folder's class mix", "", mix_table(mix["rows"])]
+        if in_pool and any("class_mix" in r for r in in_pool.get("rows", [])):
+            reported = reported_mix_table(in_pool["rows"])
+            parts += ["", "As the pipeline reports it (`ood_in_pool.py`: the stage's `class_mix`):"]
+            parts += ["", reported]
     parts += ["", "### The student on messy pools", ""]
     rows = pools.get("rows", [])
     if rows:

@@ -5,7 +5,8 @@ project's defaults on a pool that benchmarks/messy_pools.py wrote and trained th
 into a scratch folder, and scores data.csv's ood_score and ood columns against the pool's truth
 table. Labeling only: what `pseudo_label.ood.exclude=true` would leave out, without training a
 student (messy_pools.py's `ood` arm does that). Also each kind's share past 1.5, 2 and 3 times
-the cut (`past`): what a second, farther cut would leave out where the first keeps everything.
+the cut (`past`): what a second, farther cut would leave out where the first keeps everything,
+and the stage's `class_mix` (head-to-tail, val_error, skewed: what alignment_target=auto reads).
 
     python benchmarks/messy_pools.py --scenarios junk --seeds 0 --settings default
     python benchmarks/ood_in_pool.py --scenario junk --seed 0
@@ -114,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         "in_flagged_by_class": in_by_class(
             kinds, np.array(truth(frame["path"]), dtype=object), frame["ood"].to_numpy(bool)
         ),
+        # the folder's class mix as the pipeline reports it (what alignment_target=auto reads)
+        "class_mix": {
+            k: metrics["class_mix"][k]
+            for k in ("head", "tail", "head_to_tail", "val_error", "skewed", "images")
+        },
         "labeling_seconds": seconds,
         "cpu": machine(),
         "code": code_version(("benchmarks/ood_in_pool.py", "src/pseudolabel/ood.py")),
