@@ -101,6 +101,7 @@ JUNK_FRACTION = 0.10
 MIXED = {"ratio": 10.0, "unseen": 0.25, "junk": 0.05}
 PARTIAL = ("mismatch", "mixed")  # the scenarios whose labeled task is classes 0-5
 TRUTH = "data/unlabeled_truth.json"
+IN_POOL = RESULTS / "ood_in_pool.json"  # ood_in_pool.py's rows: each pool's class_mix
 # Each arm states pseudo_label.ood.exclude itself, so a row means the same whatever the
 # project's default (rows before 2026-12-05 named `keep` "default": the default was false;
 # since, the default is auto, and a keep or ood row ran it where auto decides the same on
@@ -164,13 +165,53 @@ def ood_excluded(row: dict) -> bool | None:
     return ood.auto_excludes(row["ood_flagged"], rule["false_rejection"])
 
 
-def mark_default(row: dict, rows: list[dict]) -> dict:
+ALIGN = "student.consistency.alignment_target="
+
+
+def aimed_at(row: dict) -> str | None:
+    """The class mix the row's students aligned to: what they recorded (metrics/student.json's
+    `alignment`), else what their recipe says (rows from before the record: `pool` where set,
+    else the labeled mix, the only other target then); None: no alignment."""
+    if "alignment" in row:
+        return row["alignment"]
+    recipe = (f"seed={row['seed']}", *row["setting_overrides"], *row["overrides"])
+    consistency = json.loads(ssl_gain._composed(recipe))["student"]["consistency"]  # (cached)
+    if not consistency["distribution_alignment"]:
+        return None
+    return "pool" if f"{ALIGN}pool" in recipe else "labeled"
+
+
+def pool_skewed(row: dict, in_pool: list[dict]) -> bool:
+    """Whether the teacher's labeling of the row's pool found it skewed (class_mix.skewed, what
+    alignment_target=auto reads): the row's own record, else benchmarks/ood_in_pool.py's row of
+    the same scenario and seed (the same teacher and labeling), else the pool's design (the
+    long tails and `mixed` skewed, the others not: what the estimate found on every pool
+    measured, docs/messy.md)."""
+    if row.get("class_mix") is not None:
+        return bool(row["class_mix"]["skewed"])
+    for other in in_pool:
+        same = (other["scenario"], other["seed"]) == (row["scenario"], row["seed"])
+        if same and other.get("class_mix") is not None and not other.get("overrides"):
+            return bool(other["class_mix"]["skewed"])
+    return parse_scenario(row["scenario"])["kind"] in ("longtail", "mixed")
+
+
+def mark_default(row: dict, rows: list[dict], in_pool: list[dict] | None = None) -> dict:
     """row["default"]: the row ran what today's defaults do on its pool (ssl_gain.ran_default,
-    on its teacher's flagged share, row["ood_flagged"]); row["ood_excluded"]: `ood_excluded`."""
+    on its teacher's flagged share, row["ood_flagged"], and the class mix its students aligned
+    to, `aimed_at`, against what today's alignment_target picks there: auto the pool's mix
+    where `pool_skewed`); row["ood_excluded"]: `ood_excluded`."""
     row["ood_flagged"] = teacher_flagged(row, rows)
     row["ood_excluded"] = ood_excluded(row)
     recipe = [*row["setting_overrides"], *row["overrides"]]
-    row["default"] = ssl_gain.ran_default([f"seed={row['seed']}"], recipe, row["ood_flagged"])
+    rest = [o for o in recipe if not o.startswith(ALIGN)]
+    scenario = [f"seed={row['seed']}"]
+    target = json.loads(ssl_gain._composed(tuple(scenario)))["student"]["consistency"]
+    expected = target["alignment_target"] if target["distribution_alignment"] else None
+    if expected == "auto":
+        expected = "pool" if pool_skewed(row, in_pool or []) else "labeled"
+    aligned_as_default = expected is None or aimed_at(row) == expected
+    row["default"] = aligned_as_default and ssl_gain.ran_default(scenario, rest, row["ood_flagged"])
     return row
 
 
@@ -404,8 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:
             rows[:] = [r for r in rows if not _same(r, row)] + [row]
         ssl_gain.with_gains(rows, split_key)
+        in_pool = json.loads(IN_POOL.read_text())["rows"] if IN_POOL.is_file() else []
         for r in rows:
-            mark_default(r, rows)
+            mark_default(r, rows, in_pool)
         payload["table"] = table(rows)
         if row is not None and command not in payload.setdefault("commands", []):
             payload["commands"].append(command)
@@ -464,6 +506,14 @@ def main(argv: list[str] | None = None) -> int:
                     {"round": r, **report_of(run.round(r), truth)}
                     for r in range(2, arm_cfg.pseudo_label.rounds + 1)
                 ]
+                # the teacher's class_mix (what alignment_target=auto reads) and the mix the
+                # last round's student aligned to
+                labeling = json.loads((arm.metrics / "pseudo_label.json").read_text())
+                row["class_mix"] = labeling.get("class_mix")
+                last = run.round(arm_cfg.pseudo_label.rounds)
+                student = json.loads((last.metrics / "student.json").read_text())
+                if "alignment" in student:  # (recorded since 2026-12-06)
+                    row["alignment"] = student["alignment"]
                 row.update(
                     scenario=scenario,
                     scenario_params={k: v for k, v in spec.items() if k != "kind"},
