@@ -257,3 +257,34 @@ def test_mixed_pool_has_every_defect_at_once():
     assert len(heads) > 1  # the head class changes with the seed
     with pytest.raises(ValueError, match="unseen"):
         scenarios.mixed(images, labels, range(6), 10.0, 0.99, 0.05)
+
+
+def test_a_row_is_the_defaults_only_if_it_aligned_as_the_default(monkeypatch):
+    """messy_pools.mark_default: with alignment_target=auto the default aligns a skewed pool
+    to its own mix and a balanced one to the labeled mix; a row counts where its students did
+    the same (recorded, or read from its recipe for rows from before the record)."""
+    import messy_pools
+    import ssl_gain
+
+    composed = ssl_gain._composed
+    auto = "student.consistency.alignment_target=auto"
+    monkeypatch.setattr(ssl_gain, "_composed", lambda recipe: composed((auto, *recipe)))
+
+    def row(scenario, setting, **extra):
+        labeling = {"pool_counts": {"in": 100}, "flagged": {"in": 0.05}}
+        arm = messy_pools.ARMS[setting]
+        return {"scenario": scenario, "seed": 0, "setting": setting, "overrides": [],
+                "setting_overrides": arm, "labeling": labeling, **extra}  # fmt: skip
+
+    def default(r, in_pool=()):
+        return messy_pools.mark_default(r, [r], list(in_pool))["default"]
+
+    assert not default(row("longtail-10", "auto"))  # ran labeled (from before the record)
+    assert default(row("longtail-10", "pool_align"))
+    assert default(row("longtail-10", "auto", alignment="pool"))  # recorded: auto picked pool
+    assert default(row("junk", "auto")) and not default(row("junk", "pool_align"))
+    # the pool's own labeling decides over its design: a long tail its teacher found balanced
+    said = [{"scenario": "longtail-10", "seed": 0, "class_mix": {"skewed": False}}]
+    assert default(row("longtail-10", "auto"), said)
+    assert not default(row("longtail-10", "auto", class_mix={"skewed": True}), said)
+    assert not default(row("longtail-10", "no_align"))
