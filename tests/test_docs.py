@@ -185,8 +185,9 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
         if row.get("default") != mark_default(dict(row))["default"]:
             stale.append(f"ssl_gain.json: budget {row['budget']} seed {row['seed']}")
     messy = json.loads((results / "messy_pools.json").read_text())["rows"]
+    in_pool = json.loads((results / "ood_in_pool.json").read_text())["rows"]
     for row in messy:
-        if row.get("default") != mark_messy(dict(row), messy)["default"]:
+        if row.get("default") != mark_messy(dict(row), messy, in_pool)["default"]:
             stale.append(f"messy_pools.json: {row['scenario']} seed {row['seed']}")
     assert not stale, (
         "default flags out of date (python benchmarks/ssl_gain.py --mark-defaults; "
@@ -200,7 +201,10 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
     by_arm = {(r["scenario"], r["seed"], r["setting"]): r for r in messy if not r["overrides"]}
     assert by_arm[("mismatch-0.5", 0, "ood")]["default"]  # 36 % flagged: auto excludes
     assert not by_arm[("mismatch-0.5", 0, "keep")]["default"]
-    assert by_arm[("longtail-10", 0, "keep")]["default"]  # 4.4 % flagged: auto keeps
+    # 4.4 % flagged: auto keeps; but the pool is skewed, so the default aligns to its own mix
+    assert not by_arm[("longtail-10", 0, "keep")]["default"]  # (this row: the labeled mix)
+    assert by_arm[("longtail-10", 1, "pool_align")]["default"]
+    assert by_arm[("junk", 1, "auto")]["default"]  # balanced: the labeled mix, as it ran
     assert not by_arm[("mismatch-0.5", 0, "ood_fr20")]["default"]  # another cut: not auto
     # what the students learnt from, in every row (the tables say "auto excludes/keeps")
     assert by_arm[("mismatch-0.5", 0, "ood")]["ood_excluded"] is True
@@ -211,7 +215,8 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
     ):
         auto = {**row, "setting": "auto", "setting_overrides": ["pseudo_label.ood.exclude=auto"]}
         auto.pop("ood_excluded")
-        auto = mark_messy(auto, messy)
+        auto["alignment"] = "pool" if row["scenario"].startswith("longtail") else "labeled"
+        auto = mark_messy(auto, messy, in_pool)
         assert auto["ood_flagged"] == pytest.approx(flagged, abs=0.005)
         assert auto["default"] and auto["ood_excluded"] == (flagged > 0.1)
 
