@@ -346,13 +346,19 @@ def test_a_skewed_folder_is_told_and_an_unsure_teacher_says_so(caplog):
     skewed = report(np.array([0.72, 0.18, 0.07, 0.03]))
     assert skewed["head"] == "a" and skewed["tail"] == "d" and skewed["head_to_tail"] > 10
     assert skewed["val_error"] < 0.15 and skewed["skewed"]
-    assert "looks skewed" in caplog.text and "alignment_target=pool" in caplog.text
+    assert "looks skewed" in caplog.text and "aligns its predictions to this mix" in caplog.text
     flat = report(balanced)
     assert flat["head_to_tail"] < 2 and not flat["skewed"] and "looks skewed" not in caplog.text
     wrong = np.array([0.7, 0.1, 0.1, 0.1])  # an estimate far from val's known, balanced mix
     unsure = report(np.array([0.72, 0.18, 0.07, 0.03]), wrong)
     assert unsure["val_error"] > 0.4 and not unsure["skewed"] and "cannot be told" in caplog.text
     assert "looks skewed" not in caplog.text
+    probs, _ = posteriors(np.array([0.72, 0.18, 0.07, 0.03]))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pseudolabel.stages.label"):
+        mix = calibration.label_shift_prior(probs, balanced)
+        mix_report(mix, len(probs), val_estimate, val_mix, names, "labeled")
+    assert "alignment_target=auto aligns them to this one" in caplog.text
 
 
 # --- streaming that resumes ----------------------------------------------------------------

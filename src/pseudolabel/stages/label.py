@@ -158,8 +158,8 @@ def _class_mix(
     val_mix = np.bincount(val_true, minlength=meta.num_classes) / max(len(val_true), 1)
     val_estimate = calibration.label_shift_prior(val_probs, source)
     cons = cfg.student.consistency
-    hint = cons.distribution_alignment and cons.alignment_target == "labeled"
-    return mix_report(mix, used, val_estimate, val_mix, meta.class_names, hint)
+    target = cons.alignment_target if cons.distribution_alignment else None
+    return mix_report(mix, used, val_estimate, val_mix, meta.class_names, target)
 
 
 def mix_report(
@@ -168,15 +168,15 @@ def mix_report(
     val_estimate: np.ndarray,
     val_mix: np.ndarray,
     class_names: list[str],
-    hint: bool = True,
+    target: str | None = "auto",
 ) -> dict[str, Any]:
     """The estimated mix with its head and tail classes and their ratio (the tail floored at
     one image), and `val_error`: how far the same estimate lands from the val images' known mix
     (total variation, 0-1). A log line where the folder looks skewed (a balanced labeled set
-    says nothing of the folder's mix, and the student aligns its predictions to the labeled mix
-    unless told otherwise: `hint`, student.consistency.alignment_target=pool); where the
+    says nothing of the folder's mix: the line says what the student's alignment will aim at,
+    `target` being student.consistency.alignment_target, None without alignment); where the
     estimate misses val's mix by more than UNSURE, the teacher is too unsure to tell and the
-    line says that instead."""
+    line says that instead. `skewed`: both (what alignment_target=auto reads)."""
     head, tail = int(np.argmax(mix)), int(np.argmin(mix))
     ratio = float(mix[head] / max(mix[tail], 1.0 / max(images, 1)))
     val_error = float(0.5 * np.abs(np.asarray(val_estimate) - np.asarray(val_mix)).sum())
@@ -189,15 +189,17 @@ def mix_report(
             100 * val_error,
         )
     elif ratio >= SKEWED:
-        advice = (
-            "; the student aligns its predictions to the labeled images' mix: "
-            "student.consistency.alignment_target=pool aligns them to this one"
-        )
+        advice = {
+            "auto": "; the student aligns its predictions to this mix (alignment_target=auto)",
+            "pool": "; the student aligns its predictions to this mix (alignment_target=pool)",
+            "labeled": "; the student aligns its predictions to the labeled images' mix: "
+            "student.consistency.alignment_target=auto aligns them to this one",
+        }.get(target, "")
         log.warning(
             "the unlabeled images' class mix looks skewed (estimated: %.1f %% %s, %.2f %% %s, "
             "%.0fx; off by %.0f %% on val; metrics/pseudo_label.json class_mix)%s",
             100 * mix[head], names[head], 100 * mix[tail], names[tail], ratio,
-            100 * val_error, advice if hint else "",
+            100 * val_error, advice,
         )  # fmt: skip
     return {
         "estimated": {n: round(float(v), 6) for n, v in zip(names, mix, strict=True)},
