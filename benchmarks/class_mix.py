@@ -10,12 +10,20 @@ pool's in-distribution images (their true classes known) it compares with their 
 - `pcc`: the mean of the probabilities (probabilistic classify and count: pulled flat);
 - `cc`: the share of each predicted class (classify and count).
 
+With --stage FOLDER [--name NAME] instead: runs today's `pseudo_label` stage with a
+teacher and labeled split benchmarks/ssl_gain.py or messy_pools.py wrote (FOLDER: models/,
+data/), into FOLDER/class_mix/, and records the `class_mix` the stage reports (head-to-tail,
+val_error, skewed: what alignment_target=auto reads) as a `reported` row: for pools without a
+truth table, e.g. ssl_gain's clean pool (its recipe's overrides after `--`).
+
 Each estimate's error is its total variation from the true mix (0-1: the share of the folder
 it puts in the wrong class); `head_to_tail` its largest share over its smallest (the smallest
 floored at one image), which the pipeline's log reads as skewed from 5 on.
 
     python benchmarks/class_mix.py --work /tmp/messy_pools_work --scenarios longtail-10 junk \\
         --seeds 0 1 2
+    python benchmarks/class_mix.py --stage /tmp/ssl_gain_work/budget50_seed0 --name clean-10 \\
+        -- seed=0 data.unlabeled=59300
 
 (python: `PYTHONPATH=src .venv/bin/python`.) Rows are merged into
 benchmarks/results/class_mix.json (a row with the same scenario and seed is replaced); a
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,11 +42,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios  # noqa: E402
-from ssl_gain import code_version, machine  # noqa: E402
+from ssl_gain import code_version, machine, split_argv  # noqa: E402
 
 from pseudolabel import calibration  # noqa: E402
 from pseudolabel.atomic import write_text_atomic  # noqa: E402
+from pseudolabel.config import compose  # noqa: E402
+from pseudolabel.paths import Paths  # noqa: E402
 from pseudolabel.predicting import probabilities, read_csv  # noqa: E402
+from pseudolabel.stages import pseudo_label  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "class_mix.json"
 
@@ -92,13 +104,46 @@ def row_of(shared: Path, scenario: str, seed: int) -> dict:
     }
 
 
+def reported(folder: Path, name: str, overrides: list[str]) -> dict:
+    """The `class_mix` today's pseudo_label stage reports with `folder`'s teacher and data."""
+    scratch = folder / "class_mix"
+    scratch.mkdir(exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+    paths = Paths(scratch, data_root=folder, teacher_model=folder / "models" / "teacher.keras")
+    mix = pseudo_label(compose(overrides), paths)["class_mix"]
+    keys = ("head", "tail", "head_to_tail", "val_error", "skewed", "images")
+    return {
+        "name": name,
+        "overrides": overrides,
+        "class_mix": {k: mix[k] for k in keys},
+        "cpu": machine(),
+        "code": code_version(("benchmarks/class_mix.py",)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, overrides = split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, nargs="+", default=[Path("/tmp/messy_pools_work")])
-    parser.add_argument("--scenarios", nargs="+", required=True)
+    parser.add_argument("--scenarios", nargs="+")
+    parser.add_argument("--stage", type=Path, help="a folder with models/teacher.keras and data/")
+    parser.add_argument("--name", help="the --stage row's name (default: the folder's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    payload = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    if args.stage is not None:
+        if not (args.stage / "models" / "teacher.keras").is_file():
+            print(f"{args.stage}: no models/teacher.keras", file=sys.stderr)
+            return 2
+        row = reported(args.stage, args.name or args.stage.name, overrides)
+        print(json.dumps(row["class_mix"]), flush=True)
+        rows = [r for r in payload.get("reported", []) if r["name"] != row["name"]]
+        payload["reported"] = sorted([*rows, row], key=lambda r: r["name"])
+        write_text_atomic(args.out, json.dumps(payload, indent=1) + "\n")
+        return 0
+    if not args.scenarios:
+        parser.error("--scenarios (or --stage)")
     rows = []
     for scenario in args.scenarios:
         for seed in args.seeds:
@@ -114,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no labeled pool found", file=sys.stderr)
         return 2
-    payload = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     new = {(r["scenario"], r["seed"]) for r in rows}
     payload["rows"] = [r for r in payload["rows"] if (r["scenario"], r["seed"]) not in new] + rows
     payload["rows"].sort(key=lambda r: (r["scenario"], r["seed"]))

@@ -247,21 +247,26 @@ def mix_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def reported_mix_table(rows: list[dict]) -> str:
+def reported_mix_table(rows: list[dict], reported: list[dict] = ()) -> str:
     """The pipeline's own class_mix on the pools (benchmarks/ood_in_pool.py's rows that have
-    it): what student.consistency.alignment_target=auto reads."""
+    it, and class_mix.py --stage's `reported` rows: pools without a truth table): what
+    student.consistency.alignment_target=auto reads."""
     lines = [
-        "| scenario | seed | images learnt from | estimated head:tail | error on val | skewed |",
+        "| pool | seed | images learnt from | estimated head:tail | error on val | skewed |",
         "|---|---|---:|---:|---:|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["scenario"], r["seed"])):
-        if "class_mix" not in r:
-            continue
-        m = r["class_mix"]
+    found = [(r["scenario"], str(r["seed"]), r["class_mix"]) for r in rows if "class_mix" in r]
+    found.sort(key=lambda f: f[:2])
+    for r in reported:
+        seed = next((o.split("=", 1)[1] for o in r["overrides"] if o.startswith("seed=")), "–")
+        found.append((f"{r['name']} (`{' '.join(r['overrides'])}`)", seed, r["class_mix"]))
+    for pool, seed, m in found:
         lines.append(
-            f"| {r['scenario']} | {r['seed']} | {m['images']:,} | {m['head_to_tail']:.1f} | "
+            f"| {pool} | {seed} | {m['images']:,} | {m['head_to_tail']:.1f} | "
             f"{m['val_error']:.3f} | {'yes' if m['skewed'] else 'no'} |"
         )
+    cpus = sorted({r.get("cpu", "?") for r in [*rows, *reported] if "class_mix" in r})
+    lines += ["", f"On {'; '.join(cpus)} (2 cores)."]
     return "\n".join(lines)
 
 
@@ -271,9 +276,14 @@ def render(scores: dict, pools: dict, in_pool: dict | None = None, mix: dict | N
         parts += ["", "### The pipeline's score on the pools", "", in_pool_table(in_pool["rows"])]
     if mix and mix.get("rows"):
         parts += ["", "### The folder's class mix", "", mix_table(mix["rows"])]
-        if in_pool and any("class_mix" in r for r in in_pool.get("rows", [])):
-            reported = reported_mix_table(in_pool["rows"])
-            parts += ["", "As the pipeline reports it (`ood_in_pool.py`: the stage's `class_mix`):"]
+        in_pool_rows = (in_pool or {}).get("rows", [])
+        if any("class_mix" in r for r in in_pool_rows) or mix.get("reported"):
+            reported = reported_mix_table(in_pool_rows, mix.get("reported", []))
+            parts += [
+                "",
+                "As the pipeline reports it (the stage's `class_mix`: `ood_in_pool.py`, and "
+                "`class_mix.py --stage` for ssl_gain's clean pool):",
+            ]
             parts += ["", reported]
     parts += ["", "### The student on messy pools", ""]
     rows = pools.get("rows", [])
