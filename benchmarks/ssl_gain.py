@@ -131,14 +131,17 @@ class TestCurve(keras.callbacks.Callback):
 
 
 def _link_shared(shared: Paths, run: Paths) -> None:
-    """A setting's folder sees the seed's pseudo-labels and merged set (read-only links)."""
+    """A setting's folder sees the seed's pseudo-labels and merged set (read-only links), and
+    the labeling's and merge's metrics the student reads (pseudo_label.json: class_mix, which
+    student.consistency.alignment_target pool and auto read)."""
     for rel in ("outputs", "data/train_ssl"):
         target = run.root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             target.symlink_to((shared.root / rel).resolve(), target_is_directory=True)
     (run.metrics).mkdir(parents=True, exist_ok=True)
-    (run.metrics / "merge.json").write_text((shared.metrics / "merge.json").read_text())
+    for name in ("merge.json", "pseudo_label.json"):
+        (run.metrics / name).write_text((shared.metrics / name).read_text())
 
 
 def cpu_model() -> str:
