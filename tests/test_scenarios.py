@@ -288,3 +288,23 @@ def test_a_row_is_the_defaults_only_if_it_aligned_as_the_default(monkeypatch):
     assert default(row("longtail-10", "auto"), said)
     assert not default(row("longtail-10", "auto", class_mix={"skewed": True}), said)
     assert not default(row("longtail-10", "no_align"))
+
+
+def test_a_benchmark_run_folder_sees_what_the_student_reads(tmp_path):
+    """ssl_gain._link_shared: a setting's folder links the labeling's CSV and merged set and
+    copies the metrics the student reads (merge's, and the labeling's class_mix, which the
+    default alignment_target=auto reads); a missing one failed the mixed scenario's arm."""
+    import ssl_gain
+
+    from pseudolabel.paths import Paths
+
+    shared, run = Paths(tmp_path / "shared"), Paths(tmp_path / "run")
+    for folder in (shared.outputs, shared.merged, shared.metrics):
+        folder.mkdir(parents=True)
+    (shared.metrics / "merge.json").write_text('{"pseudo_labeled": 3}')
+    (shared.metrics / "pseudo_label.json").write_text('{"class_mix": {"skewed": true}}')
+    ssl_gain._link_shared(shared, run)
+    assert run.outputs.resolve() == shared.outputs.resolve()
+    assert run.merged.resolve() == shared.merged.resolve()
+    labeling = json.loads(run.first_round_labeling_metrics.read_text())
+    assert labeling["class_mix"]["skewed"] is True
