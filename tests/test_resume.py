@@ -48,7 +48,8 @@ def _project(root: Path, source: Paths, overrides: list[str], upto_merge: bool =
         paths.csv.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source.csv, paths.csv)
         paths.metrics.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source.metrics / "merge.json", paths.metrics / "merge.json")
+        for name in ("merge.json", "pseudo_label.json"):  # what the student reads
+            shutil.copy(source.metrics / name, paths.metrics / name)
     (root / "params.yaml").write_text(to_yaml(compose_raw([*overrides, *DETERMINISTIC])))
     return paths
 
