@@ -474,6 +474,12 @@ def test_the_student_aligns_to_the_mix_the_teachers_labeling_estimated(tmp_path)
     prior, aimed = _pool_prior(project, names, labeled, "pool")
     assert aimed == "pool"
     np.testing.assert_allclose(prior, [0.7, 0.2, 0.1])
+    report = json.loads((project.metrics / "pseudo_label.json").read_text())
+    report["class_mix"] |= {"estimated": {"a": 0.8, "b": 0.2, "c": 0.0}, "images": 10}
+    (project.metrics / "pseudo_label.json").write_text(json.dumps(report))
+    floored, _ = _pool_prior(project, names, labeled, "pool")  # no class below one image
+    assert floored[2] == pytest.approx(0.1 / 1.1) and floored.sum() == pytest.approx(1)
+    labeling(True)
     later = project.round(2)  # round 1's labeling decides in every round
     np.testing.assert_allclose(_pool_prior(later, names, labeled, "auto")[0], prior)
     labeling(False)

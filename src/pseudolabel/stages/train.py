@@ -329,7 +329,11 @@ def _pool_prior(
             "%% on val)", mix.get("head_to_tail", float("nan")), 100 * mix.get("val_error", 0),
         )  # fmt: skip
         return labeled, "labeled"
-    prior = estimated / estimated.sum()
+    # no class below one image's share: alignment would never let the student predict it
+    images = int(mix.get("images") or 0)
+    floor = 1.0 / images if images else 0.0
+    prior = np.maximum(estimated / estimated.sum(), floor)
+    prior = prior / prior.sum()
     log.info(
         "distribution alignment to the unlabeled images' estimated class mix: %s",
         ", ".join(f"{name} {share:.3f}" for name, share in zip(class_names, prior, strict=True)),
