@@ -106,11 +106,12 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         cfg, "pseudo_label", params, {"teacher_run_id": meta.run_id, "round": paths.round_number}
     ):
         predictions, failed = _predict(cfg, paths, labeler, meta, fitted.temperature, scorer)
+        labeled = _labeled_prior(paths, meta)  # alignment's target and class_mix's source
         weights = None
         if pl.distribution_alignment:
             weights = calibration.alignment_weights(
                 predicting.probabilities(predictions, meta.class_names),
-                _labeled_prior(paths, meta),
+                labeled,
             )
             predictions = _aligned(predictions, weights, meta.class_names)
         cut = None
@@ -124,8 +125,9 @@ def pseudo_label(cfg, paths: Paths = Paths()) -> dict[str, Any]:
         if weights is not None:  # val's confidences on the same scale as the CSV's
             val_probs = calibration.align(val_probs, weights)
         _analysis_and_plots(paths, predictions, meta.class_names, val_raw, val_probs, val_true)
+        val = (val_probs, val_true)
         ood_cfg = pl.ood if scorer else None
-        mix = _class_mix(cfg, paths, meta, predictions, weights, ood_cfg, val_probs, val_true)
+        mix = _class_mix(cfg, paths, meta, predictions, labeled, weights, ood_cfg, *val)
         metrics = _metrics(predictions, failed, fitted, weights, meta.class_names)
         metrics["class_mix"] = mix
         if scorer:
@@ -142,14 +144,14 @@ UNSURE = 0.15  # the estimate's error on val (total variation) past which it is 
 
 
 def _class_mix(
-    cfg, paths: Paths, meta, predictions, weights, ood_cfg, val_probs, val_true
+    cfg, paths: Paths, meta, predictions, labeled, weights, ood_cfg, val_probs, val_true
 ) -> dict[str, Any]:
     """metrics' `class_mix`: the unlabeled images' class mix estimated by EM under label shift
     (predicting.unlabeled_class_mix: the images the student learns from), checked on the
     labeled val images, whose mix is known (`mix_report`). The CSV's probabilities aligned by
     pseudo_label.distribution_alignment are read as those of a labeler whose prior is the
     labeled mix times the alignment weights (what the weights make them)."""
-    source = _labeled_prior(paths, meta)
+    source = labeled  # the labeled mix the labeler learnt from (_labeled_prior)
     if weights is not None:
         source = source * weights / np.sum(source * weights)
     mix, used = predicting.unlabeled_class_mix(
