@@ -359,6 +359,11 @@ def test_a_skewed_folder_is_told_and_an_unsure_teacher_says_so(caplog):
         mix = calibration.label_shift_prior(probs, balanced)
         mix_report(mix, len(probs), val_estimate, val_mix, names, "labeled")
     assert "alignment_target=auto aligns them to this one" in caplog.text
+    caplog.clear()  # a later round's labeling: the student reads round 1's estimate
+    with caplog.at_level(logging.INFO, logger="pseudolabel.stages.label"):
+        mix_report(mix, len(probs), val_estimate, val_mix, names, "auto", first_round=False)
+    assert "round 1's (the teacher's) class_mix" in caplog.text
+    assert "aligns its predictions to this mix" not in caplog.text
 
 
 # --- streaming that resumes ----------------------------------------------------------------

@@ -161,7 +161,8 @@ def _class_mix(
     val_estimate = calibration.label_shift_prior(val_probs, source)
     cons = cfg.student.consistency
     target = cons.alignment_target if cons.distribution_alignment else None
-    return mix_report(mix, used, val_estimate, val_mix, meta.class_names, target)
+    first = paths.round_number == 1
+    return mix_report(mix, used, val_estimate, val_mix, meta.class_names, target, first)
 
 
 def mix_report(
@@ -171,6 +172,7 @@ def mix_report(
     val_mix: np.ndarray,
     class_names: list[str],
     target: str | None = "auto",
+    first_round: bool = True,
 ) -> dict[str, Any]:
     """The estimated mix with its head and tail classes and their ratio (the tail floored at
     one image), and `val_error`: how far the same estimate lands from the val images' known mix
@@ -178,7 +180,8 @@ def mix_report(
     says nothing of the folder's mix: the line says what the student's alignment will aim at,
     `target` being student.consistency.alignment_target, None without alignment); where the
     estimate misses val's mix by more than UNSURE, the teacher is too unsure to tell and the
-    line says that instead. `skewed`: both (what alignment_target=auto reads)."""
+    line says that instead. `skewed`: both (what alignment_target=auto reads). A later
+    round's line says that the student reads round 1's estimate, not this one."""
     head, tail = int(np.argmax(mix)), int(np.argmin(mix))
     ratio = float(mix[head] / max(mix[tail], 1.0 / max(images, 1)))
     val_error = float(0.5 * np.abs(np.asarray(val_estimate) - np.asarray(val_mix)).sum())
@@ -197,6 +200,11 @@ def mix_report(
             "labeled": "; the student aligns its predictions to the labeled images' mix: "
             "student.consistency.alignment_target=auto aligns them to this one",
         }.get(target, "")
+        if not first_round and target in ("auto", "pool"):
+            advice = (
+                f"; the student aligns as round 1's (the teacher's) class_mix says "
+                f"(alignment_target={target}), not this round's"
+            )
         log.warning(
             "the unlabeled images' class mix looks skewed (estimated: %.1f %% %s, %.2f %% %s, "
             "%.0fx; off by %.0f %% on val; metrics/pseudo_label.json class_mix)%s",
