@@ -42,7 +42,9 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
 
 Settings: `keep` (pseudo_label.ood.exclude=false: every image is learnt from), `ood`
 (pseudo_label.ood.exclude=true: merge and the consistency term leave out the images the
-pipeline flags), `ood_fr20` (the same with the cut at 20 % false rejection), and for the
+pipeline flags), `ood_fr20` (the same with the cut at 20 % false rejection), `auto` (the
+default), `far` (`auto` and, where it keeps the folder, the images past twice the cut left
+out), `keep_far` (only the images past twice the cut left out), and for the
 long-tailed pools `no_align` (`keep` without the consistency student's distribution
 alignment) and `no_flex` (`keep` with one fixed threshold for every class: FlexMatch's
 per-class thresholds off). A setting whose overrides `compose` rejects fails with one line;
@@ -114,6 +116,10 @@ ARMS = {
     # auto and a second, farther cut (pseudo_label.ood.far): where auto keeps the folder, the
     # images past twice the cut are left out all the same (junk in a mostly clean folder)
     "far": ["pseudo_label.ood.exclude=auto", "pseudo_label.ood.far=2.0"],
+    # the flagged images kept, but not those past twice the cut: a folder with some near
+    # classes the teacher never saw (kept: their consistency term still paid at a quarter of
+    # the pool) and some junk (far past the cut)
+    "keep_far": ["pseudo_label.ood.exclude=false", "pseudo_label.ood.far=2.0"],
     # a stricter cut: flags 20 % of the labeled val images, and more of what does not belong
     "ood_fr20": ["pseudo_label.ood.exclude=true", "pseudo_label.ood.false_rejection=0.2"],
     # item 4 on a skewed pool: the student's distribution alignment (to the labeled prior) off

@@ -46,6 +46,7 @@ SETTINGS = {
     "auto": "exclude=auto",
     "ood_fr20": "exclude, cut at 20 % false rejection",
     "far": "exclude=auto, and past 2x the cut always (pseudo_label.ood.far=2)",
+    "keep_far": "exclude=false, but past 2x the cut left out (pseudo_label.ood.far=2)",
     "pool_align": "alignment to the pool's estimated class mix (alignment_target=pool)",
 }
 COLUMNS = {

@@ -143,7 +143,8 @@ def test_auto_excludes_where_the_folder_holds_what_does_not_belong():
 def test_far_leaves_out_only_what_lies_past_it_where_auto_keeps_the_folder(tmp_path):
     """pseudo_label.ood.far: where exclude=auto keeps the folder, the images past far times the
     cut (ood_far) are still left out; where auto excludes, every flagged image; exclude=false
-    leaves everything in; a CSV without ood_far is one clear error."""
+    with far leaves out only the far ones, without far everything is kept; a CSV without
+    ood_far is one clear error."""
     from types import SimpleNamespace
 
     frame = pd.DataFrame(
@@ -158,11 +159,13 @@ def test_far_leaves_out_only_what_lies_past_it_where_auto_keeps_the_folder(tmp_p
     messy = frame.assign(**{ood.FLAG_COLUMN: [1] * 30 + [0] * 70})  # 30 %: auto excludes
     kept, out, column = ood.left_out(rule, messy, csv)
     assert column == ood.FLAG_COLUMN and len(out) == 30 and len(kept) == 70
-    for exclude in (False, "auto"):  # never; auto without far: the folder kept whole
-        far = 2.0 if exclude is False else None
-        plain = SimpleNamespace(exclude=exclude, false_rejection=0.05, far=far)
+    for exclude in (False, "auto"):  # without far: the folder kept whole
+        plain = SimpleNamespace(exclude=exclude, false_rejection=0.05, far=None)
         kept, out, column = ood.left_out(plain, frame, csv)
         assert out is None and column is None and len(kept) == 100
+    near = SimpleNamespace(exclude=False, false_rejection=0.05, far=2.0)
+    kept, out, column = ood.left_out(near, messy, csv)  # 30 % flagged: only the far ones out
+    assert column == ood.FAR_COLUMN and len(out) == 3 and len(kept) == 97
     with pytest.raises(PseudoLabelError, match="no ood_far column"):
         ood.left_out(rule, frame.drop(columns=[ood.FAR_COLUMN]), csv)
     # the far cut is a multiple of the cut, never nearer than it

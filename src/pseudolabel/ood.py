@@ -461,8 +461,9 @@ def left_out(
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, str | None]:
     """What merge and the consistency student learn from: (the kept rows, the rows left out or
     None, the column that decided or None). Where `excludes_in` (`excludes` without `paths`)
-    says so, every flagged image is left out; where exclude=auto keeps the folder and
-    pseudo_label.ood.far is set, the images past far times the cut (ood_far)."""
+    says so, every flagged image is left out; where the flagged images are kept (exclude=false,
+    or auto keeping the folder) and pseudo_label.ood.far is set, the images past far times the
+    cut (ood_far): setting far with exclude=false leaves out only what lies far past the cut."""
     if paths is not None:
         decided = excludes_in(ood_cfg, paths, predictions)
     else:
@@ -471,7 +472,7 @@ def left_out(
         kept, out = without_flagged(predictions, csv)
         return kept, out, FLAG_COLUMN
     far = getattr(ood_cfg, "far", None)
-    if ood_cfg.exclude == "auto" and far is not None and FLAG_COLUMN in predictions:
+    if far is not None and FLAG_COLUMN in predictions:
         if FAR_COLUMN not in predictions:
             raise PseudoLabelError(
                 f"{csv}: no {FAR_COLUMN} column, which pseudo_label.ood.far needs: re-run the "
