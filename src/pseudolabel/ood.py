@@ -419,8 +419,9 @@ def excludes(ood_cfg, predictions: pd.DataFrame) -> bool:
     flagged than AUTO_FACTOR times the share of the labeled classes' own val images the cut
     flags (false_rejection), i.e. where the folder holds what does not belong. Measured by the
     teacher (docs/messy.md): clean and long-tailed pools 3.5-8.8 % flagged, junk pools 12.7-16.2 %,
-    class-mismatched pools 19.6-46 %; excluding paid on the messy pools but one (a quarter
-    mismatched: -0.4, one seed) and cost 0.1-0.3 points on clean ones. Later rounds keep
+    class-mismatched pools 19.6-46 %; excluding paid on the messy pools but the two with about
+    a quarter unseen classes (-0.4 and -0.85 on the mixed folder, one seed each) and cost
+    0.1-0.3 points on clean ones. Later rounds keep
     round 1's decision: their labelers (students) flag more
     of a clean pool (7-9 %), their cut being calibrated on val images they selected epochs on."""
     if ood_cfg.exclude != "auto":
