@@ -194,16 +194,14 @@ def mix_report(
             100 * val_error,
         )
     elif ratio >= SKEWED:
-        advice = {
-            "auto": "; the student aligns its predictions to this mix (alignment_target=auto)",
-            "pool": "; the student aligns its predictions to this mix (alignment_target=pool)",
-            "labeled": "; the student aligns its predictions to the labeled images' mix: "
-            "student.consistency.alignment_target=auto aligns them to this one",
-        }.get(target, "")
-        if not first_round and target in ("auto", "pool"):
+        advice = ""
+        if target in ("auto", "pool"):  # both read round 1's estimate in every round
+            aim = "this mix" if first_round else "round 1's (the teacher's) class_mix, not this one"
+            advice = f"; the student aligns its predictions to {aim} (alignment_target={target})"
+        elif target == "labeled":
             advice = (
-                f"; the student aligns as round 1's (the teacher's) class_mix says "
-                f"(alignment_target={target}), not this round's"
+                "; the student aligns its predictions to the labeled images' mix: "
+                "student.consistency.alignment_target=auto aligns them to this one"
             )
         log.warning(
             "the unlabeled images' class mix looks skewed (estimated: %.1f %% %s, %.2f %% %s, "
