@@ -43,8 +43,8 @@ own stage functions (as benchmarks/ssl_gain.py, whose functions this reuses):
 Settings: `keep` (pseudo_label.ood.exclude=false: every image is learnt from), `ood`
 (pseudo_label.ood.exclude=true: merge and the consistency term leave out the images the
 pipeline flags), `ood_fr20` (the same with the cut at 20 % false rejection), `auto` (the
-default), `far` (`auto` and, where it keeps the folder, the images past twice the cut left
-out), `keep_far` (only the images past twice the cut left out), and for the
+default), `keep_far` (pseudo_label.ood.exclude=far: only the images past twice the cut left
+out), and for the
 long-tailed pools `no_align` (`keep` without the consistency student's distribution
 alignment) and `no_flex` (`keep` with one fixed threshold for every class: FlexMatch's
 per-class thresholds off). A setting whose overrides `compose` rejects fails with one line;
@@ -106,20 +106,18 @@ TRUTH = "data/unlabeled_truth.json"
 IN_POOL = RESULTS / "ood_in_pool.json"  # ood_in_pool.py's rows: each pool's class_mix
 # Each arm states pseudo_label.ood.exclude itself, so a row means the same whatever the
 # project's default (rows before 2026-12-05 named `keep` "default": the default was false;
-# since, the default is auto, and a keep or ood row ran it where auto decides the same on
-# its teacher's labeling: `default` is recomputed so, see ssl_gain.ran_default).
+# since, the default is auto, and a keep, keep_far or ood row ran it where auto decides the
+# same on its teacher's labeling: `default` is recomputed so, see ssl_gain.ran_default and
+# `ran_ood`). Rows record what their merge left out (`ood_excluded`, `ood_far`).
 ARMS = {
     "keep": ["pseudo_label.ood.exclude=false"],
     "ood": ["pseudo_label.ood.exclude=true"],
-    # the default: exclude where the teacher flags more than twice false_rejection of the pool
+    # the default: by the share of the pool the teacher flags (ood.auto_decides)
     "auto": ["pseudo_label.ood.exclude=auto"],
-    # auto and a second, farther cut (pseudo_label.ood.far): where auto keeps the folder, the
-    # images past twice the cut are left out all the same (junk in a mostly clean folder)
-    "far": ["pseudo_label.ood.exclude=auto", "pseudo_label.ood.far=2.0"],
-    # the flagged images kept, but not those past twice the cut: a folder with some near
-    # classes the teacher never saw (kept: their consistency term still paid at a quarter of
-    # the pool) and some junk (far past the cut)
-    "keep_far": ["pseudo_label.ood.exclude=false", "pseudo_label.ood.far=2.0"],
+    # only the images past twice the cut left out (far from every labeled class: junk); the
+    # near ones kept (near classes the teacher never saw: their consistency term still paid
+    # at a quarter of the pool). Before 2026-12-06: exclude=false with far=2.0.
+    "keep_far": ["pseudo_label.ood.exclude=far", "pseudo_label.ood.far=2.0"],
     # a stricter cut: flags 20 % of the labeled val images, and more of what does not belong
     "ood_fr20": ["pseudo_label.ood.exclude=true", "pseudo_label.ood.false_rejection=0.2"],
     # item 4 on a skewed pool: the student's distribution alignment (to the labeled prior) off
@@ -168,7 +166,46 @@ def ood_excluded(row: dict) -> bool | None:
         return bool(rule["exclude"])
     if row.get("ood_flagged") is None:
         return None
-    return ood.auto_excludes(row["ood_flagged"], rule["false_rejection"])
+    return ood.auto_decides(row["ood_flagged"], rule["false_rejection"]) is True
+
+
+FAR = "pseudo_label.ood.far="
+
+
+LEFT_OUT_NAMES = {True: "flagged", "far": "far", False: "none"}  # row["ood_left_out"]
+
+
+def left_out_by(row: dict) -> bool | str | None:
+    """What the row's merge left out: True (every flagged image, `ood_excluded`), "far" (only
+    those past far times the cut: `ood_far`, what merge recorded, else a far its recipe set:
+    before 2026-12-06 a far set with exclude=false, or auto keeping the folder, applied), False
+    (none); None where that is unknown."""
+    if row.get("ood_excluded") is None:
+        return None
+    if row["ood_excluded"]:
+        return True
+    return "far" if ran_far(row) is not None else False
+
+
+def ran_far(row: dict) -> float | None:
+    """The far multiple the row's merge applied where it did not exclude (`left_out_by`)."""
+    recipe = [*row["setting_overrides"], *row["overrides"]]
+    stated = [o.removeprefix(FAR) for o in recipe if o.startswith(FAR)]
+    far = row.get("ood_far") or next((v for v in stated[::-1] if v != "null"), None)
+    return None if far is None else float(far)
+
+
+def ran_ood(row: dict, recipe: list[str]) -> list[str]:
+    """`recipe` with what the row's merge left out (`left_out_by`) in place of its
+    pseudo_label.ood.exclude and far, since auto's rule and exclude's values have moved:
+    exclude=true, exclude=far with the far it ran, or exclude=false. Unknown: `recipe`."""
+    decided = left_out_by(row)
+    if decided is None:
+        return recipe
+    rest = [o for o in recipe if not o.startswith((ssl_gain.EXCLUDE, FAR))]
+    if decided == "far":
+        return [*rest, f"{ssl_gain.EXCLUDE}far", f"{FAR}{ran_far(row)}"]
+    return [*rest, f"{ssl_gain.EXCLUDE}{str(decided).lower()}"]
 
 
 ALIGN = "student.consistency.alignment_target="
@@ -206,10 +243,13 @@ def mark_default(row: dict, rows: list[dict], in_pool: list[dict] | None = None)
     """row["default"]: the row ran what today's defaults do on its pool (ssl_gain.ran_default,
     on its teacher's flagged share, row["ood_flagged"], and the class mix its students aligned
     to, `aimed_at`, against what today's alignment_target picks there: auto the pool's mix
-    where `pool_skewed`); row["ood_excluded"]: `ood_excluded`."""
+    where `pool_skewed`); row["ood_excluded"]: `ood_excluded`; row["ood_left_out"]: what its
+    merge left out (`left_out_by`: "flagged", "far", "none")."""
     row["ood_flagged"] = teacher_flagged(row, rows)
     row["ood_excluded"] = ood_excluded(row)
-    recipe = [*row["setting_overrides"], *row["overrides"]]
+    decided = left_out_by(row)
+    row["ood_left_out"] = None if decided is None else LEFT_OUT_NAMES[decided]
+    recipe = ran_ood(row, [*row["setting_overrides"], *row["overrides"]])
     rest = [o for o in recipe if not o.startswith(ALIGN)]
     scenario = [f"seed={row['seed']}"]
     target = json.loads(ssl_gain._composed(tuple(scenario)))["student"]["consistency"]
@@ -508,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["labeling"] = report_of(arm, truth)
                 merge = json.loads((arm.metrics / "merge.json").read_text())
                 row["ood_excluded"] = merge.get("ood_exclude", {}).get("excluded")
+                row["ood_far"] = merge.get("ood_exclude", {}).get("far")
                 row["by_round"] = [
                     {"round": r, **report_of(run.round(r), truth)}
                     for r in range(2, arm_cfg.pseudo_label.rounds + 1)

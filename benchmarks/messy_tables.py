@@ -45,8 +45,7 @@ SETTINGS = {
     "ood": "pseudo_label.ood.exclude=true",
     "auto": "exclude=auto",
     "ood_fr20": "exclude, cut at 20 % false rejection",
-    "far": "exclude=auto, and past 2x the cut always (pseudo_label.ood.far=2)",
-    "keep_far": "exclude=false, but past 2x the cut left out (pseudo_label.ood.far=2)",
+    "keep_far": "only past 2x the cut left out (exclude=far, far=2)",
     "pool_align": "alignment to the pool's estimated class mix (alignment_target=pool)",
 }
 COLUMNS = {
@@ -187,8 +186,9 @@ def _auto(rows: list[dict]) -> str:
     shares = [r["ood_flagged"] for r in rows if r.get("ood_flagged") is not None]
     low, high = f"{100 * min(shares):.1f}", f"{100 * max(shares):.1f}"
     flagged = f"{low} %" if low == high else f"{low}-{high} %"
-    excluded = [bool(r.get("ood_excluded")) for r in rows]
-    verb = "excludes" if all(excluded) else "keeps" if not any(excluded) else "decides per seed"
+    did = {r.get("ood_left_out") for r in rows}  # messy_pools.mark_default
+    verbs = {"flagged": "excludes", "far": "leaves out the far ones", "none": "keeps"}
+    verb = verbs.get(did.pop(), "decides per seed") if len(did) == 1 else "decides per seed"
     return f"{verb}: {flagged} flagged"
 
 

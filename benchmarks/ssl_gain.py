@@ -439,10 +439,10 @@ def flagged_share(paths: Paths) -> float | None:
 
 
 def ran_default(scenario: list[str], recipe: list[str], flagged: float | None) -> bool:
-    """`recipe_is_default`, where a recipe that set pseudo_label.ood.exclude to true or false
-    (the rows from before `auto`, the benchmark's arms) also ran the default if, all else
-    default, `auto` decides the same on its teacher's labeling, which flagged the share
-    `flagged` of the pool (ood.excludes): the student learnt from the same images. Unknown
+    """`recipe_is_default`, where a recipe that set pseudo_label.ood.exclude to true, far or
+    false (the rows from before `auto`, the benchmark's arms) also ran the default if, all
+    else default, `auto` decides the same on its teacher's labeling, which flagged the share
+    `flagged` of the pool (ood.auto_decides): the student learnt from the same images. Unknown
     (`flagged` None) is not the default."""
     if recipe_is_default(scenario, recipe):
         return True
@@ -450,13 +450,15 @@ def ran_default(scenario: list[str], recipe: list[str], flagged: float | None) -
     rest = [o for o in recipe if not o.startswith(EXCLUDE)]
     if len(setting) != 1 or flagged is None or not recipe_is_default(scenario, rest):
         return False
-    value = setting[0].removeprefix(EXCLUDE).strip().lower()
-    if value not in ("true", "false"):
+    value = {"true": True, "false": False, "far": "far"}.get(
+        setting[0].removeprefix(EXCLUDE).strip().lower()
+    )
+    if value is None:
         return False
     ood_cfg = json.loads(_composed(tuple(scenario)))["pseudo_label"]["ood"]  # (cached)
     if ood_cfg["exclude"] != "auto":
         return False
-    return ood.auto_excludes(flagged, ood_cfg["false_rejection"]) == (value == "true")
+    return ood.auto_decides(flagged, ood_cfg["false_rejection"]) == value
 
 
 def mark_default(row: dict) -> dict:

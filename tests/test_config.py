@@ -55,12 +55,17 @@ def test_alignment_momentum_out_of_range_is_rejected(momentum):
 
 
 @pytest.mark.parametrize("value", ["sometimes", "1", "0.1"])
-def test_ood_exclude_is_true_false_or_auto(value):
+def test_ood_exclude_is_true_false_far_or_auto(value):
     with pytest.raises(PseudoLabelError, match="pseudo_label.ood.exclude"):
         compose([f"pseudo_label.ood.exclude={value}"])
-    for ok in ("true", "false", "auto"):
+    for ok in ("true", "false", "far", "auto"):
         compose([f"pseudo_label.ood.exclude={ok}"])
     compose(["pseudo_label.ood.enabled=false"])  # auto without a score: nothing to exclude
+    for needs_the_score in ("true", "far"):
+        with pytest.raises(PseudoLabelError, match="needs pseudo_label.ood.enabled=true"):
+            compose(
+                [f"pseudo_label.ood.exclude={needs_the_score}", "pseudo_label.ood.enabled=false"]
+            )
 
 
 def test_steps_per_epoch_must_be_positive():

@@ -204,11 +204,17 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
     # 4.4 % flagged: auto keeps; but the pool is skewed, so the default aligns to its own mix
     assert not by_arm[("longtail-10", 0, "keep")]["default"]  # (this row: the labeled mix)
     assert by_arm[("longtail-10", 1, "pool_align")]["default"]
-    assert by_arm[("junk", 1, "auto")]["default"]  # balanced: the labeled mix, as it ran
+    # 13.7 % flagged: this row excluded every flagged image (auto's rule then); today's auto
+    # leaves out only the far ones there
+    assert not by_arm[("junk", 1, "auto")]["default"]
+    assert by_arm[("mixed", 0, "keep_far")]["default"]  # 20.8 %: the far ones, as it ran
     assert not by_arm[("mismatch-0.5", 0, "ood_fr20")]["default"]  # another cut: not auto
     # what the students learnt from, in every row (the tables say "auto excludes/keeps")
     assert by_arm[("mismatch-0.5", 0, "ood")]["ood_excluded"] is True
+    assert by_arm[("mismatch-0.5", 0, "ood")]["ood_left_out"] == "flagged"
     assert by_arm[("longtail-10", 0, "keep")]["ood_excluded"] is False
+    assert by_arm[("longtail-10", 0, "keep")]["ood_left_out"] == "none"
+    assert by_arm[("mixed", 0, "keep_far")]["ood_left_out"] == "far"
     for row, flagged in (
         (by_arm[("mismatch-0.5", 0, "keep")], 0.36),
         (by_arm[("longtail-10", 0, "keep")], 0.044),
@@ -218,7 +224,7 @@ def test_benchmark_rows_flag_todays_default_recipe(monkeypatch):
         auto["alignment"] = "pool" if row["scenario"].startswith("longtail") else "labeled"
         auto = mark_messy(auto, messy, in_pool)
         assert auto["ood_flagged"] == pytest.approx(flagged, abs=0.005)
-        assert auto["default"] and auto["ood_excluded"] == (flagged > 0.1)
+        assert auto["default"] and auto["ood_excluded"] == (flagged > 0.25)
 
 
 def test_the_ceiling_is_the_longest_all_labels_run_and_says_if_it_converged(monkeypatch):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -118,56 +119,66 @@ def test_images_from_another_domain_are_flagged_and_kept_out(messy):
     assert len(list(paths.unlabeled.glob("foreign_*.png"))) == FOREIGN
 
 
-def test_auto_excludes_where_the_folder_holds_what_does_not_belong():
-    """pseudo_label.ood.exclude=auto (the default): exclude where more of the folder is flagged
-    than twice the share of the labeled classes' own images the cut flags (false_rejection):
-    a clean folder (about that share flagged) keeps every image, a messy one does not."""
-    from types import SimpleNamespace
+def test_auto_decides_by_the_share_of_the_folder_flagged():
+    """pseudo_label.ood.exclude=auto (the default), on the share of the folder flagged against
+    the share of the labeled classes' own images the cut flags (false_rejection): up to twice
+    it (a clean folder) every image is kept; up to five times (junk, a quarter of other
+    classes) only the far ones are left out; above (half or more other classes), every
+    flagged one."""
 
     def frame(flagged: int, n: int = 1000) -> pd.DataFrame:
         return pd.DataFrame({ood.FLAG_COLUMN: [1] * flagged + [0] * (n - flagged)})
 
     auto = SimpleNamespace(exclude="auto", false_rejection=0.05)
-    assert not ood.excludes(auto, frame(50))  # as clean as val: keep
-    assert not ood.excludes(auto, frame(100))  # twice: still keep
-    assert ood.excludes(auto, frame(130))  # the junk pool measured (13 %)
-    assert ood.excludes(auto, frame(450))  # 75 % of other classes
-    assert not ood.excludes(auto, pd.DataFrame({"label": ["a"]}))  # no score: nothing to decide
-    assert not ood.excludes(auto, frame(0, n=0))
-    assert ood.excludes(SimpleNamespace(exclude=True, false_rejection=0.05), frame(1))
-    assert not ood.excludes(SimpleNamespace(exclude=False, false_rejection=0.05), frame(900))
-    # the share is relative to the stated false rejection
-    assert not ood.excludes(SimpleNamespace(exclude="auto", false_rejection=0.2), frame(300))
+    assert ood.decides(auto, frame(50)) is False  # as clean as val: keep
+    assert ood.decides(auto, frame(100)) is False  # twice: still keep
+    assert ood.decides(auto, frame(130)) == "far"  # the junk pool measured (13 %)
+    assert ood.decides(auto, frame(208)) == "far"  # the mixed folder (20.8 %)
+    assert ood.decides(auto, frame(250)) == "far"  # five times: still only the far ones
+    assert ood.decides(auto, frame(275)) is True  # half of other classes (27.5-38 %)
+    assert ood.excludes(auto, frame(450)) and not ood.excludes(auto, frame(130))
+    assert ood.decides(auto, pd.DataFrame({"label": ["a"]})) is False  # no score: nothing
+    assert ood.decides(auto, frame(0, n=0)) is False
+    for exclude in (True, "far", False):  # stated: whatever the share
+        assert ood.decides(SimpleNamespace(exclude=exclude, false_rejection=0.05), frame(1)) is (
+            exclude
+        )
+    # the lines are relative to the stated false rejection
+    assert ood.decides(SimpleNamespace(exclude="auto", false_rejection=0.2), frame(300)) is False
+    assert ood.auto_decides(0.5, 0.2) == "far" and ood.auto_decides(0.0, 0.05) is False
 
 
-def test_far_leaves_out_only_what_lies_past_it_where_auto_keeps_the_folder(tmp_path):
-    """pseudo_label.ood.far: where exclude=auto keeps the folder, the images past far times the
-    cut (ood_far) are still left out; where auto excludes, every flagged image; exclude=false
-    with far leaves out only the far ones, without far everything is kept; a CSV without
-    ood_far is one clear error."""
-    from types import SimpleNamespace
+def test_far_leaves_out_only_what_lies_past_it(tmp_path):
+    """exclude=far leaves out only the images past far times the cut (ood_far), whatever the
+    share flagged; auto does so between its two lines; true every flagged image, false none;
+    a CSV without ood_far (scored before it had the column) is one clear error."""
 
     frame = pd.DataFrame(
         {"path": [f"{i}.png" for i in range(100)], ood.FLAG_COLUMN: [1] * 8 + [0] * 92}
     )
     frame[ood.FAR_COLUMN] = [1] * 3 + [0] * 97
     csv = tmp_path / "data.csv"
-    rule = SimpleNamespace(exclude="auto", false_rejection=0.05, far=2.0)
-    kept, out, column = ood.left_out(rule, frame, csv)  # 8 % flagged: auto keeps the folder
+
+    def rule(exclude):
+        return SimpleNamespace(exclude=exclude, false_rejection=0.05, far=2.0)
+
+    kept, out, column = ood.left_out(rule("far"), frame, csv)
     assert column == ood.FAR_COLUMN and list(out["path"]) == ["0.png", "1.png", "2.png"]
     assert len(kept) == 97 and "far" in ood.REASONS[column]
-    messy = frame.assign(**{ood.FLAG_COLUMN: [1] * 30 + [0] * 70})  # 30 %: auto excludes
-    kept, out, column = ood.left_out(rule, messy, csv)
-    assert column == ood.FLAG_COLUMN and len(out) == 30 and len(kept) == 70
-    for exclude in (False, "auto"):  # without far: the folder kept whole
-        plain = SimpleNamespace(exclude=exclude, false_rejection=0.05, far=None)
-        kept, out, column = ood.left_out(plain, frame, csv)
-        assert out is None and column is None and len(kept) == 100
-    near = SimpleNamespace(exclude=False, false_rejection=0.05, far=2.0)
-    kept, out, column = ood.left_out(near, messy, csv)  # 30 % flagged: only the far ones out
+    kept, out, column = ood.left_out(rule("auto"), frame, csv)  # 8 % flagged: kept whole
+    assert out is None and column is None and len(kept) == 100
+    messy = frame.assign(**{ood.FLAG_COLUMN: [1] * 15 + [0] * 85})  # 15 %: the far ones
+    kept, out, column = ood.left_out(rule("auto"), messy, csv)
     assert column == ood.FAR_COLUMN and len(out) == 3 and len(kept) == 97
-    with pytest.raises(PseudoLabelError, match="no ood_far column"):
-        ood.left_out(rule, frame.drop(columns=[ood.FAR_COLUMN]), csv)
+    mostly = frame.assign(**{ood.FLAG_COLUMN: [1] * 30 + [0] * 70})  # 30 %: every flagged
+    kept, out, column = ood.left_out(rule("auto"), mostly, csv)
+    assert column == ood.FLAG_COLUMN and len(out) == 30 and len(kept) == 70
+    kept, out, column = ood.left_out(rule(True), frame, csv)
+    assert column == ood.FLAG_COLUMN and len(out) == 8
+    kept, out, column = ood.left_out(rule(False), mostly, csv)
+    assert out is None and column is None and len(kept) == 100
+    with pytest.raises(PseudoLabelError, match="no ood_far column.*before it had the ood_far"):
+        ood.left_out(rule("far"), frame.drop(columns=[ood.FAR_COLUMN]), csv)
     # the far cut is a multiple of the cut, never nearer than it
     assert ood.far_cut(5.0, 2.0) == 10.0 and ood.far_cut(-1.0, 2.0) == -1.0
     # read_csv checks the column as it checks ood
@@ -177,39 +188,41 @@ def test_far_leaves_out_only_what_lies_past_it_where_auto_keeps_the_folder(tmp_p
         read_csv(csv)
 
 
-def test_far_is_a_multiple_of_the_cut_or_null():
+@pytest.mark.parametrize("value", ["0.5", "null"])
+def test_far_is_a_multiple_of_the_cut(value):
     from pseudolabel.config import compose
 
-    assert compose(["pseudo_label.ood.far=2"]).pseudo_label.ood.far == 2.0
-    assert compose([]).pseudo_label.ood.far is None  # off by default: no student measured
-    with pytest.raises(PseudoLabelError, match="pseudo_label.ood.far=0.5 is invalid"):
-        compose(["pseudo_label.ood.far=0.5"])
+    assert compose(["pseudo_label.ood.far=3"]).pseudo_label.ood.far == 3.0
+    assert compose([]).pseudo_label.ood.far == 2.0
+    with pytest.raises(PseudoLabelError, match="pseudo_label.ood.far"):
+        compose([f"pseudo_label.ood.far={value}"])
 
 
 @pytest.mark.slow
-def test_a_few_junk_images_in_a_kept_folder_are_left_out_past_the_far_cut(pipeline, tmp_path):
-    """A digits folder with a dozen images from another domain: auto keeps the folder (few
-    flagged), and with pseudo_label.ood.far=2 merge and the student's stream still leave out
+def test_a_few_junk_images_are_left_out_past_the_far_cut(pipeline, tmp_path):
+    """A digits folder with a dozen images from another domain: auto keeps it whole (few
+    flagged), and with pseudo_label.ood.exclude=far merge and the student's stream leave out
     what lies far past the cut (most of the junk, few digits), listed with the reason; the
     facade writes the same column and leaves out the same kind of images."""
     from pseudolabel.config import compose
     from pseudolabel.stages.train import _unlabeled_targets
 
     paths = _project(pipeline, tmp_path / "few", 12)
-    cfg = compose(["+experiment=smoke", "pseudo_label.ood.far=2.0"])
+    cfg = compose(["+experiment=smoke", "pseudo_label.ood.exclude=far"])
     labeling = pseudo_label(cfg, paths)
     merging = merge(cfg, paths)
     frame = read_csv(paths.csv)
     foreign = frame["path"].str.startswith("foreign_").to_numpy()
     far = frame[ood.FAR_COLUMN].to_numpy(bool)
-    assert labeling["ood"]["excluded"] is False, labeling["ood"]  # auto keeps the folder
+    report = labeling["ood"]
+    assert ood.decides(SimpleNamespace(exclude="auto", false_rejection=0.05), frame) is False
+    assert report["excluded"] is False and report["far_excluded"] is True, report
     assert far[foreign].mean() >= 0.75, frame.loc[foreign, ood.SCORE_COLUMN].describe()
     assert far[~foreign].mean() <= 0.03
     assert not (far & ~frame[ood.FLAG_COLUMN].to_numpy(bool)).any()  # past the cut too
-    report = labeling["ood"]
     assert report["far_flagged"] == int(far.sum())
     assert report["far_cut"] == pytest.approx(2.0 * report["cut"], rel=1e-5)
-    assert merging["ood_exclude"] == {"setting": "auto", "excluded": False, "far": 2.0}
+    assert merging["ood_exclude"] == {"setting": "far", "excluded": False, "far": 2.0}
     assert merging["ood_excluded"] == int(far.sum())
     listed = pd.read_csv(paths.outputs / "selection" / "ood_excluded.csv")
     assert sorted(listed["path"]) == sorted(frame.loc[far, "path"])
@@ -227,17 +240,19 @@ def test_a_few_junk_images_in_a_kept_folder_are_left_out_past_the_far_cut(pipeli
         unlabeled_path=paths.unlabeled,
         output_folder=tmp_path / "facade",
         pseudo_data_path=tmp_path / "facade" / "train_ssl",
-        ood_far=2.0,
     )
     facade = gen.generate_pseudolabel_data(batch_size=256)
     facade_far = facade[ood.FAR_COLUMN].to_numpy(bool)
     assert (facade_far == far).mean() > 0.99
-    counts = gen.move_unlabeled_images()  # auto: keeps the folder, leaves out the far ones
+    counts = gen.move_unlabeled_images()  # auto: keeps the folder whole
+    assert sum(c["pseudo"] for c in counts.values()) == len(facade)
+    shutil.rmtree(tmp_path / "facade" / "train_ssl")
+    counts = gen.move_unlabeled_images(exclude_ood="far")
     assert sum(c["pseudo"] for c in counts.values()) == len(facade) - int(facade_far.sum())
     facade.drop(columns=[ood.FAR_COLUMN]).to_csv(gen.csv_path, index=False)
     shutil.rmtree(tmp_path / "facade" / "train_ssl")
-    with pytest.raises(PseudoLabelError, match="no ood_far column, which ood_far needs"):
-        gen.move_unlabeled_images()
+    with pytest.raises(PseudoLabelError, match="no ood_far column, which exclude_ood='far'"):
+        gen.move_unlabeled_images(exclude_ood="far")
     assert not (tmp_path / "facade" / "train_ssl").exists()
     with pytest.raises(PseudoLabelError, match="ood_far=0.5 is invalid"):
         PseudoLabelGenerator(
@@ -251,7 +266,6 @@ def test_a_few_junk_images_in_a_kept_folder_are_left_out_past_the_far_cut(pipeli
 def test_later_rounds_keep_the_teachers_auto_decision(tmp_path):
     """exclude=auto decides once, on round 1's CSV (the teacher's labeling): a later round's
     labeler flags a different share, and its merge and student still do what round 1 said."""
-    from types import SimpleNamespace
 
     project = Paths(tmp_path)
     project.csv.parent.mkdir(parents=True)
@@ -262,11 +276,11 @@ def test_later_rounds_keep_the_teachers_auto_decision(tmp_path):
     assert later.first_round_csv == project.csv
     clean = pd.DataFrame({ood.FLAG_COLUMN: [0] * 10})
     auto = SimpleNamespace(exclude="auto", false_rejection=0.05)
-    assert ood.excludes_in(auto, later, clean)  # round 1 flagged 30 %: excluded in round 2 too
-    assert not ood.excludes_in(auto, project, clean)  # (round 1 itself decides on its own CSV)
+    assert ood.decides_in(auto, later, clean) is True  # round 1 flagged 30 %: so in round 2
+    assert ood.decides_in(auto, project, clean) is False  # (round 1 decides on its own CSV)
     project.csv.unlink()
     with pytest.raises(PseudoLabelError, match="round 1's labeling is missing"):
-        ood.excludes_in(auto, later, clean)
+        ood.decides_in(auto, later, clean)
 
 
 def test_the_consistency_student_learns_from_the_kept_images_only(messy):

@@ -303,15 +303,15 @@ class OODConfig:
     # fitted on at most contrast_sample unlabeled images drawn at random (seeded by `seed`).
     contrast: bool = MISSING
     contrast_sample: int = MISSING
-    # Flagged images stay out of data/train_ssl and of the student's unlabeled terms: true,
-    # false, or "auto": when more of the folder is flagged than twice false_rejection (the
-    # share of the labeled classes' own images the cut flags), i.e. the folder holds what does
-    # not belong (pseudolabel.ood.excludes).
+    # What stays out of data/train_ssl and of the student's unlabeled terms: true (every
+    # flagged image), "far" (those past `far` times the cut: data.csv's ood_far column),
+    # false (none), or "auto": by the share of the folder flagged, against false_rejection
+    # (the share of the labeled classes' own images the cut flags): false up to twice it, far
+    # up to five times, true above (pseudolabel.ood.auto_decides).
     exclude: bool | str = MISSING
-    # auto only, where it keeps the folder: still leave out the images whose ood_score is past
-    # `far` times the cut (data.csv's ood_far column), i.e. far from every labeled class (junk
-    # in a mostly clean folder). None: off. A multiple >= 1 (pseudolabel.ood.left_out).
-    far: float | None = MISSING
+    # "Far" from every labeled class: past this multiple (>= 1) of the cut (junk: blank,
+    # noise, scans; pseudolabel.ood.far_cut).
+    far: float = MISSING
 
 
 @dataclass
@@ -600,13 +600,17 @@ def _check_pseudo_label(pl: DictConfig, fail) -> None:
         fail("pseudo_label.ood.false_rejection", pl.ood.false_rejection, "use a share in (0, 0.5)")
     if pl.ood.contrast_sample < 1:
         fail("pseudo_label.ood.contrast_sample", pl.ood.contrast_sample, "use >= 1 image")
-    if pl.ood.exclude not in (True, False, "auto"):
-        fail("pseudo_label.ood.exclude", pl.ood.exclude, "use true, false or auto")
-    if pl.ood.exclude is True and not pl.ood.enabled:
-        fail("pseudo_label.ood.exclude", True, "needs pseudo_label.ood.enabled=true (the score)")
-    far = pl.ood.far  # (a float or None: the structured config)
-    if far is not None and not (math.isfinite(far) and far >= 1.0):
-        fail("pseudo_label.ood.far", far, "use a multiple of the cut >= 1, or null (off)")
+    if pl.ood.exclude not in (True, False, "far", "auto"):
+        fail("pseudo_label.ood.exclude", pl.ood.exclude, "use true, false, far or auto")
+    if pl.ood.exclude in (True, "far") and not pl.ood.enabled:
+        fail(
+            "pseudo_label.ood.exclude",
+            pl.ood.exclude,
+            "needs pseudo_label.ood.enabled=true (the score)",
+        )
+    far = pl.ood.far
+    if far is None or not (math.isfinite(far) and far >= 1.0):
+        fail("pseudo_label.ood.far", far, "use a multiple of the cut >= 1")
     if pl.selection not in SELECTIONS:
         fail("pseudo_label.selection", pl.selection, f"use one of {', '.join(SELECTIONS)}")
     if not (math.isfinite(pl.target_precision) and 0.0 < pl.target_precision <= 1.0):

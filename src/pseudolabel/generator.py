@@ -51,7 +51,7 @@ class PseudoLabelGenerator:
         calibrate: bool = True,
         max_pixels: int | None = 40_000_000,
         ood_false_rejection: float | None = 0.05,
-        ood_far: float | None = None,
+        ood_far: float = 2.0,
     ) -> None:
         """Paths as in the seed (`model_path`: .keras, .h5 or a SavedModel folder).
         `class_names` defaults to the model's metadata, else to the sorted train folder names.
@@ -68,9 +68,9 @@ class PseudoLabelGenerator:
         `ood_false_rejection`: the CSV gets the pipeline's ood_score and ood columns (how unlike
         the labeled classes each image is, flagged past the cut that flags this share of the
         val images; pseudo_label.ood), which needs the val folder; None: no OOD columns.
-        `ood_far` (pseudo_label.ood.far): also the ood_far column, past this multiple of the
-        cut, which move_unlabeled_images(exclude_ood="auto") leaves out where it keeps the
-        folder; None: off."""
+        `ood_far` (pseudo_label.ood.far): with them, the ood_far column, past this multiple of
+        the cut (far from every labeled class), which move_unlabeled_images(exclude_ood="far")
+        leaves out."""
         self.model_path = Path(model_path)
         self.train_data_path = Path(train_data_path)
         self.unlabeled_path = Path(unlabeled_path)
@@ -94,10 +94,8 @@ class PseudoLabelGenerator:
                 "or None for no OOD score."
             )
         self.ood_false_rejection = ood_false_rejection
-        if ood_far is not None and not (math.isfinite(ood_far) and ood_far >= 1.0):
-            raise PseudoLabelError(
-                f"ood_far={ood_far} is invalid: use a multiple of the cut >= 1, or None (off)."
-            )
+        if ood_far is None or not (math.isfinite(ood_far) and ood_far >= 1.0):
+            raise PseudoLabelError(f"ood_far={ood_far} is invalid: use a multiple of the cut >= 1.")
         self.ood_far = ood_far
         self.threshold: float | None = None
         self._model: tuple[keras.Model, model_io.ModelMeta] | None = None
@@ -237,32 +235,26 @@ class PseudoLabelGenerator:
         """Build `pseudo_data_path/<class>/` from copies of the train images and of the
         unlabeled images whose confidence is >= threshold (all when None). Originals stay.
         `exclude_ood` (the pipeline's pseudo_label.ood.exclude, where the CSV has the ood
-        column): leave out the images flagged out of distribution: True, False, or "auto":
-        where more of the folder is flagged than twice `ood_false_rejection`, and else (with
-        `ood_far`) the images past ood_far times the cut."""
+        column): which images flagged out of distribution to leave out: True (every one),
+        "far" (those past ood_far times the cut), False (none), or "auto": by the share of the
+        folder flagged, against `ood_false_rejection`: none up to twice it, the far ones up to
+        five times, every one above (ood.auto_decides)."""
         check_threshold(threshold)
-        if exclude_ood not in (True, False, "auto"):
+        if exclude_ood not in (True, False, "far", "auto"):
             raise PseudoLabelError(
-                f"exclude_ood={exclude_ood!r} is invalid: use True, False or 'auto'."
+                f"exclude_ood={exclude_ood!r} is invalid: use True, False, 'far' or 'auto'."
             )
         predictions = self._predictions()
         class_names = self.class_names or class_names_from(self.train_data_path)
         share = self.ood_false_rejection or 0.05  # (a CSV written with another setting)
         rule = SimpleNamespace(exclude=exclude_ood, false_rejection=share, far=self.ood_far)
         # checked before anything is written (auto without the ood column: keeps all)
-        excluding = ood.excludes(rule, predictions)
-        if excluding and ood.FLAG_COLUMN not in predictions:
+        column = ood.LEFT_OUT[ood.decides(rule, predictions)]
+        if column is not None and column not in predictions:
             raise PseudoLabelError(
-                f"{self.csv_path}: no {ood.FLAG_COLUMN} column, which exclude_ood=True "
+                f"{self.csv_path}: no {column} column, which exclude_ood={exclude_ood!r} "
                 "needs: run generate_pseudolabel_data with val_data_path and "
                 "ood_false_rejection set, or pass exclude_ood=False."
-            )
-        wants_far = exclude_ood == "auto" and self.ood_far is not None and not excluding
-        if wants_far and ood.FLAG_COLUMN in predictions and ood.FAR_COLUMN not in predictions:
-            raise PseudoLabelError(
-                f"{self.csv_path}: no {ood.FAR_COLUMN} column, which ood_far needs: run "
-                "generate_pseudolabel_data with ood_far set, or make the generator with "
-                "ood_far=None."
             )
         predictions, flagged, column = ood.left_out(rule, predictions, self.csv_path)
         if flagged is not None:

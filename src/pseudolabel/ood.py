@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 SCORE_COLUMN = "ood_score"
 FLAG_COLUMN = "ood"
-FAR_COLUMN = "ood_far"  # past pseudo_label.ood.far times the cut (where far is set)
+FAR_COLUMN = "ood_far"  # past pseudo_label.ood.far times the cut
 # The Keras layers whose outputs are a block's features (besides the classifier's input).
 POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 
@@ -345,16 +345,13 @@ def cut(val_scores: np.ndarray, false_rejection: float) -> float:
     return float(np.quantile(np.asarray(val_scores, np.float64), 1.0 - false_rejection))
 
 
-def flag(
-    frame: pd.DataFrame, val_scores: np.ndarray, false_rejection: float, far: float | None = None
-) -> float:
-    """Add the ood column (1: ood_score past the cut) to a frame with ood_score, and with `far`
-    the ood_far column (1: past far times the cut); returns the cut."""
+def flag(frame: pd.DataFrame, val_scores: np.ndarray, false_rejection: float, far: float) -> float:
+    """Add the ood column (1: ood_score past the cut) and the ood_far column (1: past `far`
+    times the cut) to a frame with ood_score; returns the cut."""
     at = cut(val_scores, false_rejection)
     scores = frame[SCORE_COLUMN].to_numpy()
     frame[FLAG_COLUMN] = (scores > at).astype(int)
-    if far is not None:
-        frame[FAR_COLUMN] = (scores > far_cut(at, far)).astype(int)
+    frame[FAR_COLUMN] = (scores > far_cut(at, far)).astype(int)
     return at
 
 
@@ -409,79 +406,81 @@ def val_scores(labeler: keras.Model, meta, val_dir: Path, batch_size: int) -> np
     return np.asarray(labeler.predict(ds, verbose=0), np.float64)[:, -1]
 
 
-AUTO_FACTOR = 2.0  # exclude=auto: flagged share of the folder above AUTO_FACTOR * false_rejection
+# exclude=auto's lines, in multiples of false_rejection (the share of the labeled classes' own
+# val images the cut flags), on the share of the folder the teacher flags (docs/messy.md):
+AUTO_FACTOR = 2.0  # above: the folder holds what does not belong; leave out the far images
+AUTO_ALL_FACTOR = 5.0  # above: much of it does not belong; leave out every flagged image
+
+
+def auto_decides(flagged_share: float, false_rejection: float) -> bool | str:
+    """exclude=auto's rule on the share of the folder the teacher flags: False (keep every
+    image) up to AUTO_FACTOR * false_rejection, what a folder of only the labeled classes
+    gives; "far" (leave out what lies past far times the cut) up to AUTO_ALL_FACTOR *
+    false_rejection; True (leave out every flagged image) above. Measured by the teacher
+    (docs/messy.md): clean and long-tailed pools 3.5-8.8 % flagged, junk pools 12.7-16.2 %,
+    a quarter of other classes 19.6-20.8 %, half or more 27-46 %."""
+    if flagged_share > AUTO_ALL_FACTOR * false_rejection:
+        return True
+    if flagged_share > AUTO_FACTOR * false_rejection:
+        return "far"
+    return False
+
+
+def decides(ood_cfg, predictions: pd.DataFrame) -> bool | str:
+    """What merge and the consistency student leave out (pseudo_label.ood.exclude), given the
+    teacher's labeling (round 1's CSV: the stages call it through `decides_in`): True (every
+    flagged image), "far" (those past far times the cut), False (none); auto decides by
+    `auto_decides` on the share the CSV flags (no score: nothing to decide on, False). Later
+    rounds keep round 1's decision: their labelers (students) flag more of a clean pool
+    (7-9 %), their cut being calibrated on val images they selected epochs on."""
+    if ood_cfg.exclude != "auto":
+        return ood_cfg.exclude
+    if FLAG_COLUMN not in predictions or predictions.empty:
+        return False
+    return auto_decides(float(predictions[FLAG_COLUMN].mean()), ood_cfg.false_rejection)
 
 
 def excludes(ood_cfg, predictions: pd.DataFrame) -> bool:
-    """Whether merge and the consistency student leave the flagged images out
-    (pseudo_label.ood.exclude), given the teacher's labeling (round 1's CSV: the stages call
-    it through `excludes_in`): true, false, or auto: where more of the folder is
-    flagged than AUTO_FACTOR times the share of the labeled classes' own val images the cut
-    flags (false_rejection), i.e. where the folder holds what does not belong. Measured by the
-    teacher (docs/messy.md): clean and long-tailed pools 3.5-8.8 % flagged, junk pools 12.7-16.2 %,
-    class-mismatched pools 19.6-46 %; excluding paid on the messy pools but the two with about
-    a quarter unseen classes (-0.4 and -0.85 on the mixed folder, one seed each) and cost
-    0.1-0.3 points on clean ones. Later rounds keep
-    round 1's decision: their labelers (students) flag more
-    of a clean pool (7-9 %), their cut being calibrated on val images they selected epochs on."""
-    if ood_cfg.exclude != "auto":
-        return bool(ood_cfg.exclude)
-    if FLAG_COLUMN not in predictions or predictions.empty:  # no score: nothing to decide on
-        return False
-    return auto_excludes(float(predictions[FLAG_COLUMN].mean()), ood_cfg.false_rejection)
+    """Whether every flagged image is left out (`decides` is True)."""
+    return decides(ood_cfg, predictions) is True
 
 
-def auto_excludes(flagged_share: float, false_rejection: float) -> bool:
-    """exclude=auto's rule: the folder's flagged share above AUTO_FACTOR * false_rejection."""
-    return flagged_share > AUTO_FACTOR * false_rejection
-
-
-def excludes_in(ood_cfg, paths, predictions: pd.DataFrame) -> bool:
-    """`excludes` for the round of `paths` (pseudolabel.paths.Paths) whose CSV is
+def decides_in(ood_cfg, paths, predictions: pd.DataFrame) -> bool | str:
+    """`decides` for the round of `paths` (pseudolabel.paths.Paths) whose CSV is
     `predictions`: round 1 decides on it, later rounds on round 1's CSV."""
     if ood_cfg.exclude != "auto" or paths.round_number == 1:
-        return excludes(ood_cfg, predictions)
+        return decides(ood_cfg, predictions)
     first = paths.first_round_csv
     if not first.is_file():
         raise PseudoLabelError(
             f"{first}: round 1's labeling is missing, and pseudo_label.ood.exclude=auto decides "
             "on it: run the pseudo_label stage first (dvc repro)."
         )
-    return excludes(ood_cfg, pd.read_csv(first, usecols=lambda c: c == FLAG_COLUMN))
+    return decides(ood_cfg, pd.read_csv(first, usecols=lambda c: c == FLAG_COLUMN))
 
 
 REASONS = {
     FLAG_COLUMN: "out of distribution: ood_score above the cut (metrics/pseudo_label.json)",
-    FAR_COLUMN: "far out of distribution: ood_score above pseudo_label.ood.far times the cut, "
-    "in a folder kept whole (metrics/pseudo_label.json)",
+    FAR_COLUMN: "far out of distribution: ood_score above pseudo_label.ood.far times the cut "
+    "(metrics/pseudo_label.json)",
 }
+LEFT_OUT = {True: FLAG_COLUMN, "far": FAR_COLUMN, False: None}  # decides -> the column
 
 
 def left_out(
     ood_cfg, predictions: pd.DataFrame, csv: Path, paths=None
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, str | None]:
     """What merge and the consistency student learn from: (the kept rows, the rows left out or
-    None, the column that decided or None). Where `excludes_in` (`excludes` without `paths`)
-    says so, every flagged image is left out; where the flagged images are kept (exclude=false,
-    or auto keeping the folder) and pseudo_label.ood.far is set, the images past far times the
-    cut (ood_far): setting far with exclude=false leaves out only what lies far past the cut."""
-    if paths is not None:
-        decided = excludes_in(ood_cfg, paths, predictions)
-    else:
-        decided = excludes(ood_cfg, predictions)
-    if decided:
-        kept, out = without_flagged(predictions, csv)
-        return kept, out, FLAG_COLUMN
-    far = getattr(ood_cfg, "far", None)
-    if far is not None and FLAG_COLUMN in predictions:
-        if FAR_COLUMN not in predictions:
-            raise PseudoLabelError(
-                f"{csv}: no {FAR_COLUMN} column, which pseudo_label.ood.far needs: re-run the "
-                "pseudo_label stage with it set (dvc repro does), or set pseudo_label.ood.far=null."
-            )
-        kept, out = without_flagged(predictions, csv, FAR_COLUMN)
-        return kept, out, FAR_COLUMN
-    return predictions, None, None
+    None, the column that decided or None), as `decides_in` (`decides` without `paths`) says:
+    every flagged image (the ood column), those past far times the cut (ood_far), or none."""
+    decided = (
+        decides(ood_cfg, predictions) if paths is None else decides_in(ood_cfg, paths, predictions)
+    )
+    column = LEFT_OUT[decided]
+    if column is None:
+        return predictions, None, None
+    kept, out = without_flagged(predictions, csv, column)
+    return kept, out, column
 
 
 def without_flagged(
@@ -491,9 +490,14 @@ def without_flagged(
     merge and the consistency student both leave them out); `column`: FLAG_COLUMN or
     FAR_COLUMN."""
     if column not in predictions:
+        how = (
+            "with pseudo_label.ood.enabled=true"
+            if column == FLAG_COLUMN or FLAG_COLUMN not in predictions
+            else "(a CSV scored before it had the ood_far column; dvc repro does)"
+        )
         raise PseudoLabelError(
             f"{csv}: no {column} column, which pseudo_label.ood.exclude needs: re-run "
-            "the pseudo_label stage with pseudo_label.ood.enabled=true."
+            f"the pseudo_label stage {how}."
         )
     flagged = predictions[column].to_numpy(bool)
     if flagged.all():

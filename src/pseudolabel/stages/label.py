@@ -249,7 +249,7 @@ def _ood_report(
     flagged = predictions[ood.FLAG_COLUMN].to_numpy(bool)
     out = paths.outputs / "plots"
     labels = predictions["label"]
-    far_at = None if cfg_ood.far is None else ood.far_cut(cut, cfg_ood.far)
+    far_at = ood.far_cut(cut, cfg_ood.far)
     plots.save(
         plots.ood_overview(val_scores, scores, labels, cut, cfg_ood.false_rejection, far_at),
         out / "ood.png",
@@ -264,13 +264,15 @@ def _ood_report(
     title = f"most out of place (ood_score; {int(flagged.sum()):,} of {len(flagged):,} flagged)"
     plots.save(plots.image_grid(title, items), out / "ood_most_out_of_place.png")
     predicting.write_csv(ood.histogram(val_scores, scores, cut), paths.ood_histogram)
+    decided = ood.decides_in(cfg_ood, paths, predictions)  # what merge, the student leave out
     report = {
         "cut": round(cut, 6),
         "false_rejection": cfg_ood.false_rejection,
         "val_flagged_fraction": round(float((val_scores > cut).mean()), 6),
         "flagged": int(flagged.sum()),
         "flagged_fraction": round(float(flagged.mean()), 6) if len(flagged) else 0.0,
-        "excluded": ood.excludes_in(cfg_ood, paths, predictions),  # what merge, student will do
+        "excluded": decided is True,  # every flagged image
+        "far_excluded": decided == "far",  # only those past far times the cut
         "flagged_per_class": {
             name: round(float(flagged[(labels == name).to_numpy()].mean()), 6)
             if (labels == name).any()
@@ -278,14 +280,13 @@ def _ood_report(
             for name in meta.class_names
         },
     }
-    if far_at is not None:  # pseudo_label.ood.far: left out where auto keeps the folder
-        far = predictions[ood.FAR_COLUMN].to_numpy(bool)
-        report |= {
-            "far": cfg_ood.far,
-            "far_cut": round(far_at, 6),
-            "far_flagged": int(far.sum()),
-            "far_flagged_fraction": round(float(far.mean()), 6) if len(far) else 0.0,
-        }
+    far = predictions[ood.FAR_COLUMN].to_numpy(bool)  # past pseudo_label.ood.far times the cut
+    report |= {
+        "far": cfg_ood.far,
+        "far_cut": round(far_at, 6),
+        "far_flagged": int(far.sum()),
+        "far_flagged_fraction": round(float(far.mean()), 6) if len(far) else 0.0,
+    }
     return report
 
 

@@ -58,7 +58,7 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     class_names, predictions, link_roots = _inputs(cfg, paths)  # checked before writing
     # images unlike the labeled classes are no candidates at all (all flagged, or the far ones)
     predictions, flagged, column = ood.left_out(pl.ood, predictions, paths.csv, paths)
-    excluding = column == ood.FLAG_COLUMN  # what exclude decided (ood.excludes_in)
+    excluding = column == ood.FLAG_COLUMN  # what exclude decided (ood.decides_in)
     table_path = paths.threshold_analysis
     table = pd.read_csv(table_path) if table_path.is_file() else None
     accepted, per_class, recommended = _select(pl, predictions, class_names, table)
@@ -85,7 +85,7 @@ def merge(cfg, paths: Paths = Paths()) -> dict[str, Any]:
     }
     if ood.FLAG_COLUMN in predictions:  # (scored) what exclude decided
         metrics["ood_exclude"] = {"setting": pl.ood.exclude, "excluded": excluding}
-        if pl.ood.far is not None:
+        if column == ood.FAR_COLUMN:  # only what lies past far times the cut
             metrics["ood_exclude"]["far"] = pl.ood.far
         metrics["ood_excluded"] = 0 if flagged is None else len(flagged)
     _log_run(cfg, paths, metrics, out, with_table=table is not None)

@@ -345,7 +345,7 @@ def _unlabeled_targets(paths: Paths, class_names, truth, ood_cfg=None):
     """Every unlabeled image of the CSV with the teacher's probabilities, whether merge
     accepted it (the teacher term's weight) and its true class where `truth` knows it (-1).
     With `ood_cfg` (pseudo_label.ood) the images merge left out (ood.left_out: every flagged
-    one where it excludes, else those past pseudo_label.ood.far times the cut) are left out of
+    one, or those past pseudo_label.ood.far times the cut, as exclude decides) are left out of
     the stream, so neither the online nor the teacher term learns from them."""
     frame = predicting.read_csv(paths.csv)
     if ood_cfg is not None:
