@@ -44,9 +44,8 @@ Settings: `keep` (pseudo_label.ood.exclude=false: every image is learnt from), `
 (pseudo_label.ood.exclude=true: merge and the consistency term leave out the images the
 pipeline flags), `ood_fr20` (the same with the cut at 20 % false rejection), `auto` (the
 default), `keep_far` (pseudo_label.ood.exclude=far: only the images past twice the cut left
-out), and for the
-long-tailed pools `no_align` (`keep` without the consistency student's distribution
-alignment) and `no_flex` (`keep` with one fixed threshold for every class: FlexMatch's
+out), and for the long-tailed pools `no_align` (`keep` without the consistency student's
+distribution alignment) and `no_flex` (`keep` with one fixed threshold for every class: FlexMatch's
 per-class thresholds off). A setting whose overrides `compose` rejects fails with one line;
 the others still run (exit status 1).
 
@@ -155,15 +154,16 @@ def teacher_flagged(row: dict, rows: list[dict]) -> float | None:
 
 
 def ood_excluded(row: dict) -> bool | None:
-    """Whether the row's students learnt without the images its teacher flagged: what its
-    merge recorded (metrics/merge.json), else what its arm says (exclude=true or false) or,
-    for exclude=auto, the rule on its teacher's flagged share; None where that is unknown."""
+    """Whether the row's students learnt without every image its teacher flagged: what its
+    merge recorded (metrics/merge.json), else what its arm says (exclude=true; false or far:
+    not every one) or, for exclude=auto, the rule on its teacher's flagged share; None where
+    that is unknown."""
     if row.get("ood_excluded") is not None:
         return row["ood_excluded"]
     recipe = (f"seed={row['seed']}", *row["setting_overrides"], *row["overrides"])
     rule = json.loads(ssl_gain._composed(recipe))["pseudo_label"]["ood"]  # (cached)
     if rule["exclude"] != "auto":
-        return bool(rule["exclude"])
+        return rule["exclude"] is True
     if row.get("ood_flagged") is None:
         return None
     return ood.auto_decides(row["ood_flagged"], rule["false_rejection"]) is True

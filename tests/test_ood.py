@@ -140,9 +140,8 @@ def test_auto_decides_by_the_share_of_the_folder_flagged():
     assert ood.decides(auto, pd.DataFrame({"label": ["a"]})) is False  # no score: nothing
     assert ood.decides(auto, frame(0, n=0)) is False
     for exclude in (True, "far", False):  # stated: whatever the share
-        assert ood.decides(SimpleNamespace(exclude=exclude, false_rejection=0.05), frame(1)) is (
-            exclude
-        )
+        stated = SimpleNamespace(exclude=exclude, false_rejection=0.05)
+        assert ood.LEFT_OUT[ood.decides(stated, frame(1))] == ood.LEFT_OUT[exclude]
     # the lines are relative to the stated false rejection
     assert ood.decides(SimpleNamespace(exclude="auto", false_rejection=0.2), frame(300)) is False
     assert ood.auto_decides(0.5, 0.2) == "far" and ood.auto_decides(0.0, 0.05) is False
