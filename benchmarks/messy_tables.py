@@ -188,7 +188,7 @@ def _auto(rows: list[dict]) -> str:
     flagged = f"{low} %" if low == high else f"{low}-{high} %"
     did = {r.get("ood_left_out") for r in rows}  # messy_pools.mark_default
     verbs = {"flagged": "excludes", "far": "leaves out the far ones", "none": "keeps"}
-    verb = verbs.get(did.pop(), "decides per seed") if len(did) == 1 else "decides per seed"
+    verb = verbs[did.pop()] if len(did) == 1 and did <= verbs.keys() else "decides per seed"
     return f"{verb}: {flagged} flagged"
 
 
