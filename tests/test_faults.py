@@ -346,10 +346,12 @@ def _kill_during_loop(
     tmp_path: Path, source: str, *args, landed, rounds: int = 2, after: float = 0.03, tries=8
 ):
     """Run `source` (a script that writes in a loop and prints a line per complete round) in a
-    subprocess; after `rounds` complete rounds and `after` seconds, SIGKILL it: a real kill in
-    the next round's write. `landed()` says from what the kill left (a temporary, a `.building`
-    folder) that it struck mid-write; if it did not (it fell between two writes), the loop is
-    run and killed again, each time a little later, up to `tries` times."""
+    subprocess; after `rounds` complete rounds, watch for the next round's write to start
+    (`landed()`: a temporary or a `.building` folder is there), wait up to `after` seconds into
+    it and SIGKILL: a real kill mid-write. `landed()` then says from what the kill left that it
+    struck mid-write; if the write had finished first, the loop is run and killed again, each
+    time sooner after the write starts (the last try at once), up to `tries` times. Watching,
+    not a fixed sleep, keeps the kill inside the write on a machine of any speed."""
     import os
     import signal
     import subprocess
@@ -365,7 +367,12 @@ def _kill_during_loop(
         try:
             for _ in range(rounds):
                 assert proc.stdout.readline(), "the write loop died"
-            time.sleep(after * (1 + attempt / tries))
+            deadline = time.monotonic() + 60
+            while not landed():
+                assert proc.poll() is None, "the write loop died"
+                assert time.monotonic() < deadline, "the write never started in 60 s"
+                time.sleep(0.0005)
+            time.sleep(after * (1 - (attempt + 1) / tries))
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
@@ -531,7 +538,7 @@ def test_sigkill_during_saves_leaves_complete_files(tmp_path):
     out = tmp_path / "models"
     out.mkdir()
     landed = lambda: bool(_hidden(out))  # noqa: E731
-    _kill_during_loop(tmp_path, _SAVE_LOOP, out, rounds=3, landed=landed, after=0.137)
+    _kill_during_loop(tmp_path, _SAVE_LOOP, out, rounds=3, landed=landed, after=0.03)
     model, meta = model_io.load(out / "teacher.keras")
     assert model.outputs[0].shape[-1] == 10 and meta.num_classes == 10
     assert json.loads((out / "teacher.json.metrics").read_text())["n"] >= 2
