@@ -30,6 +30,8 @@ MIX = ROOT / "benchmarks" / "results" / "class_mix.json"
 DOC = ROOT / "docs" / "messy.md"
 FIGURE = ROOT / "docs" / "figures" / "messy_gain.png"
 START, END = "<!-- messy-tables:start -->", "<!-- messy-tables:end -->"
+# the paired arms of what to leave out, where the prose on exclude=auto's bands needs it
+ARMS_START, ARMS_END = "<!-- messy-arms:start -->", "<!-- messy-arms:end -->"
 # The scores shown (ood_scores.json has more): the baseline, the classic ones, the chosen one.
 SHOWN = {
     "msp": "max-softmax (baseline)",
@@ -190,6 +192,56 @@ def _auto(rows: list[dict]) -> str:
     verbs = {"flagged": "excludes", "far": "leaves out the far ones", "none": "keeps"}
     verb = verbs[did.pop()] if len(did) == 1 and did <= verbs.keys() else "decides per seed"
     return f"{verb}: {flagged} flagged"
+
+
+# What a row's merge and consistency term left out (`ood_left_out`, messy_pools.mark_default),
+# for the arms that differ only in that: keep, ood, keep_far, and auto (which ran one of them).
+LEFT_OUT = {"flagged": "every flagged image", "far": "only the far ones", "none": "nothing"}
+EXCLUSION_ARMS = ("keep", "ood", "keep_far", "auto")
+
+
+def arms_table(rows: list[dict]) -> str:
+    """What to leave out, paired: per folder and seed, the gain of each arm that left out
+    something else (every flagged image, the far ones, nothing) from the same teacher's labeling
+    and the same baseline, ordered by the share of the folder the teacher flagged (what
+    exclude=auto decides on). The default's arm in bold."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["setting"] in EXCLUSION_ARMS and r.get("ood_left_out") in LEFT_OUT:
+            key = (r["scenario"], r["seed"], r["teacher"], tuple(r.get("overrides") or []))
+            groups.setdefault(key, []).append(r)
+    lines = [
+        "| folder | seed | teacher | pool flagged | "
+        + " | ".join(f"{what} left out" for what in LEFT_OUT.values())
+        + " |",
+        "|---|---|---:|---:|" + "---:|" * len(LEFT_OUT),
+    ]
+    body = []
+    for (scenario, seed, teacher, overrides), mine in groups.items():
+        if len({r["ood_left_out"] for r in mine}) < 2:
+            continue  # nothing to pair
+        shares = sorted({round(100 * r["ood_flagged"], 1) for r in mine if r.get("ood_flagged")})
+        ends = shares[:1] if len(shares) == 1 else [shares[0], shares[-1]]
+        flagged = "-".join(f"{v:.1f}" for v in ends) or "–"
+        folder = scenario + (f" (`{' '.join(overrides)}`)" if overrides else "")
+        cells = []
+        for what in LEFT_OUT:
+            gains = [
+                f"**{r['gain']:+.2f}**" if r.get("default") else f"{r['gain']:+.2f}"
+                for r in mine
+                if r["ood_left_out"] == what
+            ]
+            cells.append(" / ".join(gains) or "–")
+        row = f"| {folder} | {seed} | {100 * teacher:.2f} | {flagged} % | " + " | ".join(cells)
+        body.append(((shares[0] if shares else 0, scenario, seed, teacher), row + " |"))
+    lines += [line for _key, line in sorted(body)]
+    if any("-" in line.split(" | ")[3] for _key, line in body):
+        lines += [
+            "",
+            "A range of flagged shares: that folder's arms ran different versions of the score "
+            "(the rows' `code`) on the same teacher.",
+        ]
+    return "\n".join(lines)
 
 
 def in_pool_table(rows: list[dict]) -> str:
@@ -358,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     body = render(scores, pools, in_pool, mix)
     command = "python benchmarks/messy_tables.py"
     fresh = doc_block.write_or_check(DOC, START, END, body, args.check, command)
+    arms = arms_table(pools.get("rows", []))
+    fresh &= doc_block.write_or_check(DOC, ARMS_START, ARMS_END, arms, args.check, command)
     if args.check:
         return 0 if fresh else 1
     gain_figure(pools.get("rows", []), FIGURE)

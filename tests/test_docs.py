@@ -126,6 +126,38 @@ def test_the_docs_tables_are_generated_from_the_committed_benchmark_json(script)
     assert result.returncode == 0, result.stderr
 
 
+def test_the_arms_table_pairs_arms_on_one_teacher(monkeypatch):
+    """docs/messy.md's paired table: one line per folder, seed and teacher where arms left out
+    different images; a lone arm, or an arm that changed something else, is not a pairing."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from messy_tables import arms_table
+
+    def row(scenario, setting, left_out, gain, teacher=0.88, flagged=0.2, default=False):
+        return {
+            "scenario": scenario, "seed": 0, "setting": setting, "teacher": teacher,
+            "overrides": [], "ood_left_out": left_out, "gain": gain, "ood_flagged": flagged,
+            "default": default,
+        }  # fmt: skip
+
+    table = arms_table(
+        [
+            row("mixed", "auto", "flagged", 1.93),
+            row("mixed", "keep_far", "far", 2.62, default=True),
+            row("mixed", "keep", "none", 2.78),
+            row("mixed", "pool_align", "none", 9.0),  # alignment, not what is left out
+            row("junk", "auto", "flagged", 3.68, teacher=0.82, flagged=0.13),
+            row("junk", "keep", "none", 2.99, teacher=0.81, flagged=0.13),  # another teacher
+            row("mismatch-0.5", "ood", "flagged", 2.55, flagged=0.36, default=True),
+            row("mismatch-0.5", "keep", "none", 1.45, flagged=0.36),
+        ]
+    )
+    lines = table.splitlines()[2:]
+    assert lines == [
+        "| mixed | 0 | 88.00 | 20.0 % | +1.93 | **+2.62** | +2.78 |",
+        "| mismatch-0.5 | 0 | 88.00 | 36.0 % | **+2.55** | – | +1.45 |",
+    ]
+
+
 def test_benchmark_run_folders_stay_within_the_file_systems_name_limit(monkeypatch):
     """A long override list (a sweep of student keys) once failed with ENAMETOOLONG."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
