@@ -460,12 +460,12 @@ def test_the_student_aligns_to_the_mix_the_teachers_labeling_estimated(tmp_path)
     frame["confidence"] = probs.max(1)
     for j, name in enumerate(names):
         frame[f"prob_{name}"] = probs[:, j]
-    frame["ood"] = [1] * 3 + [0] * 7  # 30 % flagged: auto leaves three "a" images out
+    frame["ood"] = [1] * 4 + [0] * 6  # 40 % flagged: auto leaves four "a" images out
     mix, used = unlabeled_class_mix(frame, names, labeled)
     assert used == 10 and mix[0] > 0.7 and mix[2] < 0.05 and mix.sum() == pytest.approx(1)
     auto = SimpleNamespace(exclude="auto", false_rejection=0.05, far=None)
     without, kept = unlabeled_class_mix(frame, names, labeled, auto)
-    assert kept == 7 and without[0] < mix[0]  # 5 "a" of 7 images, not 8 of 10
+    assert kept == 6 and without[0] < mix[0]  # 4 "a" of 6 images, not 8 of 10
 
     project = Paths(tmp_path)
     project.metrics.mkdir(parents=True)

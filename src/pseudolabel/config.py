@@ -307,7 +307,7 @@ class OODConfig:
     # flagged image), "far" (those past `far` times the cut: data.csv's ood_far column),
     # false (none), or "auto": by the share of the folder flagged, against false_rejection
     # (the share of the labeled classes' own images the cut flags): false up to twice it, far
-    # up to five times, true above (pseudolabel.ood.auto_decides).
+    # up to 6.5 times, true above (pseudolabel.ood.auto_decides).
     exclude: bool | str = MISSING
     # "Far" from every labeled class: past this multiple (>= 1) of the cut (junk: blank,
     # noise, scans; pseudolabel.ood.far_cut).

@@ -238,7 +238,7 @@ class PseudoLabelGenerator:
         column): which images flagged out of distribution to leave out: True (every one),
         "far" (those past ood_far times the cut), False (none), or "auto": by the share of the
         folder flagged, against `ood_false_rejection`: none up to twice it, the far ones up to
-        five times, every one above (ood.auto_decides)."""
+        6.5 times, every one above (ood.auto_decides)."""
         check_threshold(threshold)
         if exclude_ood not in (True, False, "far", "auto"):
             raise PseudoLabelError(
