@@ -216,12 +216,13 @@ def arms_table(rows: list[dict]) -> str:
         + " |",
         "|---|---|---:|---:|" + "---:|" * len(LEFT_OUT),
     ]
-    body = []
+    body, ranged = [], False
     for (scenario, seed, teacher, overrides), mine in groups.items():
         if len({r["ood_left_out"] for r in mine}) < 2:
             continue  # nothing to pair
         shares = sorted({round(100 * r["ood_flagged"], 1) for r in mine if r.get("ood_flagged")})
         ends = shares[:1] if len(shares) == 1 else [shares[0], shares[-1]]
+        ranged |= len(ends) > 1
         flagged = "-".join(f"{v:.1f}" for v in ends) or "–"
         folder = scenario + (f" (`{' '.join(overrides)}`)" if overrides else "")
         cells = []
@@ -235,7 +236,7 @@ def arms_table(rows: list[dict]) -> str:
         row = f"| {folder} | {seed} | {100 * teacher:.2f} | {flagged} % | " + " | ".join(cells)
         body.append(((shares[0] if shares else 0, scenario, seed, teacher), row + " |"))
     lines += [line for _key, line in sorted(body)]
-    if any("-" in line.split(" | ")[3] for _key, line in body):
+    if ranged:
         lines += [
             "",
             "A range of flagged shares: that folder's arms ran different versions of the score "
