@@ -204,17 +204,18 @@ def arms_table(rows: list[dict]) -> str:
     """What to leave out, paired: per folder and seed, the gain of each arm that left out
     something else (every flagged image, the far ones, nothing) from the same teacher's labeling
     and the same baseline, ordered by the share of the folder the teacher flagged (what
-    exclude=auto decides on). The default's arm in bold."""
+    exclude=auto decides on), with the share past the far cut where that arm ran. The default's
+    arm in bold."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["setting"] in EXCLUSION_ARMS and r.get("ood_left_out") in LEFT_OUT:
             key = (r["scenario"], r["seed"], r["teacher"], tuple(r.get("overrides") or []))
             groups.setdefault(key, []).append(r)
     lines = [
-        "| folder | seed | teacher | pool flagged | "
+        "| folder | seed | teacher | pool flagged | past the far cut | "
         + " | ".join(f"{what} left out" for what in LEFT_OUT.values())
         + " |",
-        "|---|---|---:|---:|" + "---:|" * len(LEFT_OUT),
+        "|---|---|---:|---:|---:|" + "---:|" * len(LEFT_OUT),
     ]
     body, ranged = [], False
     for (scenario, seed, teacher, overrides), mine in groups.items():
@@ -225,6 +226,10 @@ def arms_table(rows: list[dict]) -> str:
         ranged |= len(ends) > 1
         flagged = "-".join(f"{v:.1f}" for v in ends) or "–"
         folder = scenario + (f" (`{' '.join(overrides)}`)" if overrides else "")
+        far = [  # what the far arm left out: pseudo_label.threshold is null in these arms
+            1 - r["pseudo_labeled"] / r["pool_size"] for r in mine if r["ood_left_out"] == "far"
+        ]
+        past = f"{100 * far[0]:.1f} %" if far else "–"
         cells = []
         for what in LEFT_OUT:
             gains = [
@@ -233,7 +238,9 @@ def arms_table(rows: list[dict]) -> str:
                 if r["ood_left_out"] == what
             ]
             cells.append(" / ".join(gains) or "–")
-        row = f"| {folder} | {seed} | {100 * teacher:.2f} | {flagged} % | " + " | ".join(cells)
+        row = f"| {folder} | {seed} | {100 * teacher:.2f} | {flagged} % | {past} | " + " | ".join(
+            cells
+        )
         body.append(((shares[0] if shares else 0, scenario, seed, teacher), row + " |"))
     lines += [line for _key, line in sorted(body)]
     if ranged:
