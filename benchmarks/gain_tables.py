@@ -293,7 +293,8 @@ def compute_figure(rows: list[dict], path: Path) -> bool:
     series = _compute_series(rows)
     if not series:
         return False
-    fig, (acc, gain) = plt.subplots(1, 2, figsize=(12, 4.5))
+    height = 4.5 + 0.15 * len(series)
+    fig, (acc, gain) = plt.subplots(1, 2, figsize=(12, height))
     for i, ((recipe, seed), group) in enumerate(series.items()):
         colour, label = f"C{i}", f"seed {seed}: {recipe}"
         for rounds, marker in ((False, "o"), (True, "*")):
@@ -319,8 +320,12 @@ def compute_figure(rows: list[dict], path: Path) -> bool:
         ax.minorticks_off()
         ax.set_xlabel("student optimiser steps (log scale; the default's 1x = 4,180)")
         ax.grid(alpha=0.3)
-    gain.legend(fontsize=7)
-    return _save(fig, path)
+    handles, labels = gain.get_legend_handles_labels()  # below the panels, not over a curve
+    fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, (0.1 + 0.13 * len(labels)) / height, 1, 1))  # inches: the legend
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
