@@ -94,6 +94,16 @@ def _setting(row: dict) -> str:
     return f"{row['setting']} (`{extra}`)" if extra else row["setting"]
 
 
+AUTO_DID = {"flagged": "every flagged image out", "far": "the far ones out", "none": "nothing out"}
+
+
+def _arm(row: dict) -> str:
+    """The summary's group: the setting, and for `auto` what it left out on that row, since
+    `auto`'s lines moved between runs (seeds run under one line do not average with another's)."""
+    did = AUTO_DID.get(row.get("ood_left_out")) if row["setting"] == "auto" else None
+    return f"{_setting(row)}: {did}" if did else _setting(row)
+
+
 def pool_table(rows: list[dict]) -> str:
     head = (
         "| scenario | seed | setting | teacher | baseline | best labeled-only | student | "
@@ -151,13 +161,13 @@ def summary_table(rows: list[dict]) -> str:
     ]
     order = {name: i for i, name in enumerate(SETTINGS)}
     groups = sorted(
-        {(r["scenario"], r["setting"], _setting(r)) for r in rows},
+        {(r["scenario"], r["setting"], _arm(r)) for r in rows},
         key=lambda g: (g[0], order.get(g[1], 9), g[2]),
     )
     by_scenario: dict[str, list[str]] = {}
     for scenario, _name, setting in groups:
         mine = sorted(
-            (r for r in rows if (r["scenario"], _setting(r)) == (scenario, setting)),
+            (r for r in rows if (r["scenario"], _arm(r)) == (scenario, setting)),
             key=lambda r: r["seed"],
         )
         if all(r.get("default") for r in mine):  # what the project's default does here
