@@ -198,8 +198,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> bool:
-    fig.tight_layout()
+def _save(fig, path: Path, rect: tuple | None = None) -> bool:
+    fig.tight_layout(rect=rect)  # rect: the panels' share of the figure (a legend below them)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
@@ -322,10 +322,7 @@ def compute_figure(rows: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     handles, labels = gain.get_legend_handles_labels()  # below the panels, not over a curve
     fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, (0.1 + 0.13 * len(labels)) / height, 1, 1))  # inches: the legend
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, rect=(0, (0.1 + 0.13 * len(labels)) / height, 1, 1))  # inches
 
 
 def main(argv: list[str] | None = None) -> int:

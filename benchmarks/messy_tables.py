@@ -236,8 +236,11 @@ def arms_table(rows: list[dict]) -> str:
         ranged |= len(ends) > 1
         flagged = "-".join(f"{v:.1f}" for v in ends) or "–"
         folder = scenario + (f" (`{' '.join(overrides)}`)" if overrides else "")
-        far = [  # what the far arm left out: pseudo_label.threshold is null in these arms
-            1 - r["pseudo_labeled"] / r["pool_size"] for r in mine if r["ood_left_out"] == "far"
+        far = [  # what the far arm left out, where no confidence threshold left out more
+            1 - r["pseudo_labeled"] / r["pool_size"]
+            for r in mine
+            if r["ood_left_out"] == "far"
+            and not any(o.startswith("pseudo_label.threshold=") for o in overrides)
         ]
         past = f"{100 * far[0]:.1f} %" if far else "–"
         cells = []

@@ -160,6 +160,28 @@ def test_the_arms_table_pairs_arms_on_one_teacher(monkeypatch):
     ]
 
 
+def test_the_summary_keeps_autos_decisions_apart(monkeypatch):
+    """`auto` left out every flagged image under one line and the far ones under the next: its
+    rows average only with rows where it did the same."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from messy_tables import summary_table
+
+    def row(seed, left_out, gain, default=False):
+        return {
+            "scenario": "mixed", "seed": seed, "setting": "auto", "overrides": [],
+            "ood_left_out": left_out, "gain": gain, "ood_flagged": 0.27, "default": default,
+        }  # fmt: skip
+
+    lines = summary_table(
+        [row(1, "flagged", 2.60), row(2, "flagged", 2.42), row(3, "far", 3.12, default=True)]
+    ).splitlines()[2:]
+    assert lines == [
+        "| mixed | auto: every flagged image out | 1, 2 | +2.51 ± 0.13 | +2.42 |",
+        "| mixed | **auto: the far ones out (= the default: auto leaves out the far ones: 27.0 % "
+        "flagged)** | 3 | +3.12 | +3.12 |",
+    ]
+
+
 def test_benchmark_run_folders_stay_within_the_file_systems_name_limit(monkeypatch):
     """A long override list (a sweep of student keys) once failed with ENAMETOOLONG."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
