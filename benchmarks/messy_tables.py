@@ -94,14 +94,11 @@ def _setting(row: dict) -> str:
     return f"{row['setting']} (`{extra}`)" if extra else row["setting"]
 
 
-AUTO_DID = {"flagged": "every flagged image out", "far": "the far ones out", "none": "nothing out"}
-
-
 def _arm(row: dict) -> str:
     """The summary's group: the setting, and for `auto` what it left out on that row, since
     `auto`'s lines moved between runs (seeds run under one line do not average with another's)."""
-    did = AUTO_DID.get(row.get("ood_left_out")) if row["setting"] == "auto" else None
-    return f"{_setting(row)}: {did}" if did else _setting(row)
+    did = LEFT_OUT.get(row.get("ood_left_out")) if row["setting"] == "auto" else None
+    return f"{_setting(row)}: {did} out" if did else _setting(row)
 
 
 def pool_table(rows: list[dict]) -> str:
@@ -236,13 +233,11 @@ def arms_table(rows: list[dict]) -> str:
         ranged |= len(ends) > 1
         flagged = "-".join(f"{v:.1f}" for v in ends) or "–"
         folder = scenario + (f" (`{' '.join(overrides)}`)" if overrides else "")
+        thresholded = any(o.startswith("pseudo_label.threshold=") for o in overrides)
         far = [  # what the far arm left out, where no confidence threshold left out more
-            1 - r["pseudo_labeled"] / r["pool_size"]
-            for r in mine
-            if r["ood_left_out"] == "far"
-            and not any(o.startswith("pseudo_label.threshold=") for o in overrides)
+            1 - r["pseudo_labeled"] / r["pool_size"] for r in mine if r["ood_left_out"] == "far"
         ]
-        past = f"{100 * far[0]:.1f} %" if far else "–"
+        past = f"{100 * far[0]:.1f} %" if far and not thresholded else "–"
         cells = []
         for what in LEFT_OUT:
             gains = [
@@ -251,10 +246,9 @@ def arms_table(rows: list[dict]) -> str:
                 if r["ood_left_out"] == what
             ]
             cells.append(" / ".join(gains) or "–")
-        row = f"| {folder} | {seed} | {100 * teacher:.2f} | {flagged} % | {past} | " + " | ".join(
-            cells
-        )
-        body.append(((shares[0] if shares else 0, scenario, seed, teacher), row + " |"))
+        row = [folder, str(seed), f"{100 * teacher:.2f}", f"{flagged} %", past, *cells]
+        line = "| " + " | ".join(row) + " |"
+        body.append(((shares[0] if shares else 0, scenario, seed, teacher), line))
     lines += [line for _key, line in sorted(body)]
     if ranged:
         lines += [

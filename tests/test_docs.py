@@ -177,8 +177,8 @@ def test_the_summary_keeps_autos_decisions_apart(monkeypatch):
     ).splitlines()[2:]
     assert lines == [
         "| mixed | auto: every flagged image out | 1, 2 | +2.51 ± 0.13 | +2.42 |",
-        "| mixed | **auto: the far ones out (= the default: auto leaves out the far ones: 27.0 % "
-        "flagged)** | 3 | +3.12 | +3.12 |",
+        "| mixed | **auto: only the far ones out (= the default: auto leaves out the far ones: "
+        "27.0 % flagged)** | 3 | +3.12 | +3.12 |",
     ]
 
 
