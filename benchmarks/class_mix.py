@@ -46,7 +46,7 @@ from ssl_gain import code_version, machine, split_argv  # noqa: E402
 
 from pseudolabel import calibration  # noqa: E402
 from pseudolabel.atomic import write_text_atomic  # noqa: E402
-from pseudolabel.config import compose  # noqa: E402
+from pseudolabel.config import compose_defaults  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
 from pseudolabel.predicting import probabilities, read_csv  # noqa: E402
 from pseudolabel.stages import pseudo_label  # noqa: E402
@@ -110,7 +110,7 @@ def reported(folder: Path, name: str, overrides: list[str]) -> dict:
     scratch.mkdir(exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
     paths = Paths(scratch, data_root=folder, teacher_model=folder / "models" / "teacher.keras")
-    mix = pseudo_label(compose(overrides), paths)["class_mix"]
+    mix = pseudo_label(compose_defaults(overrides), paths)["class_mix"]
     keys = ("head", "tail", "head_to_tail", "val_error", "skewed", "images")
     return {
         "name": name,

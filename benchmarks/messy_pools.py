@@ -84,7 +84,7 @@ from ood_scores import known_source  # noqa: E402
 from ssl_gain import machine  # noqa: E402
 
 from pseudolabel import merged_set, ood, predicting, stages  # noqa: E402
-from pseudolabel.config import compose  # noqa: E402
+from pseudolabel.config import compose_defaults  # noqa: E402
 from pseudolabel.data import layout, sources  # noqa: E402
 from pseudolabel.errors import PseudoLabelError  # noqa: E402
 from pseudolabel.models import io as model_io  # noqa: E402
@@ -352,7 +352,7 @@ def shared_part(scenario: str, seed: int, overrides: list[str], pool_size, work:
     )
     root.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = compose([f"seed={seed}", *overrides])
+    cfg = compose_defaults([f"seed={seed}", *overrides])
     paths = Paths(root)
     done = root / "shared_done.json"
     key = json.dumps([scenario, seed, pool_size, overrides])
@@ -402,7 +402,7 @@ def arm_labeling(shared: Paths, seed: int, setting: str, overrides: list[str], l
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         print(f"[{label}] {setting}: its pseudo-labels reused", flush=True)
         return arm, 0.0
-    cfg = compose([f"seed={seed}", *ssl_gain.shared_overrides([*own, *overrides])])
+    cfg = compose_defaults([f"seed={seed}", *ssl_gain.shared_overrides([*own, *overrides])])
     start = time.perf_counter()
     for name in ("pseudo_label", "merge"):
         print(f"[{label}] {setting}: {name}", flush=True)
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             for setting in args.settings:
                 chosen = [f"seed={seed}", *ARMS[setting], *overrides]
                 try:
-                    arm_cfg = compose(chosen)
+                    arm_cfg = compose_defaults(chosen)
                     arm, label_seconds = arm_labeling(shared, seed, setting, overrides, label)
                     row = ssl_gain.run_setting(
                         arm, budget, seed, setting, 1, overrides, False, settings=ARMS,

@@ -31,7 +31,7 @@ import scenarios  # noqa: E402
 from ssl_gain import code_version, machine, split_argv  # noqa: E402
 
 from pseudolabel.atomic import write_text_atomic  # noqa: E402
-from pseudolabel.config import compose  # noqa: E402
+from pseudolabel.config import compose_defaults  # noqa: E402
 from pseudolabel.paths import Paths  # noqa: E402
 from pseudolabel.predicting import read_csv  # noqa: E402
 from pseudolabel.stages import pseudo_label  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
     paths = Paths(scratch, data_root=shared, teacher_model=shared / "models" / "teacher.keras")
     start = time.perf_counter()
-    metrics = pseudo_label(compose([f"seed={args.seed}", *overrides]), paths)
+    metrics = pseudo_label(compose_defaults([f"seed={args.seed}", *overrides]), paths)
     seconds = round(time.perf_counter() - start, 1)
     truth = scenarios.Truth.load(shared / "data" / "unlabeled_truth.json")
     frame = read_csv(paths.csv)

@@ -25,10 +25,12 @@ setting of a seed (paired seeds):
     python benchmarks/ssl_gain.py --settings offline consistency --seeds 0   # both recipes
     python benchmarks/ssl_gain.py --budgets 50 --seeds 0 -- student.consistency.threshold=0.9
 
-Extra arguments after `--` are Hydra overrides applied to every run. Rows are merged into
-benchmarks/results/ssl_gain.json (committed: the docs' tables are generated from it by
-benchmarks/gain_tables.py); a row with the same budget, seed, setting, compute and overrides is
-replaced.
+Extra arguments after `--` are Hydra overrides applied to every run, on top of the committed
+defaults of conf/ without this working copy's conf/project.yaml (`make demo` records its profile
+there: `config.compose_defaults`), so a row means the same whatever was composed last. Rows are
+merged into benchmarks/results/ssl_gain.json (committed: the docs' tables are generated from it
+by benchmarks/gain_tables.py); a row with the same budget, seed, setting, compute and overrides
+is replaced.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from pseudolabel import merged_set, ood, stages, tracking
-from pseudolabel.config import compose
+from pseudolabel.config import compose_defaults
 from pseudolabel.data import sources
 from pseudolabel.data.images import (
     class_names_from,
@@ -220,7 +222,7 @@ def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tup
     root.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     overrides = shared_overrides(overrides)
-    cfg = compose([f"data.train_per_class={budget}", f"seed={seed}", *overrides])
+    cfg = compose_defaults([f"data.train_per_class={budget}", f"seed={seed}", *overrides])
     paths = Paths(root)
     done = root / "shared_done.json"
     key = json.dumps([budget, seed, overrides])
@@ -269,8 +271,10 @@ def run_setting(
     reuses instead of training one, `label` the progress lines' prefix."""
     label = label or f"budget {budget}, seed {seed}"
     chosen = [f"data.train_per_class={budget}", f"seed={seed}", *settings[setting], *overrides]
-    epochs = compose(chosen).student.train.epochs * compute
-    cfg = compose([*chosen, f"student.train.epochs={epochs}", f"student.train.patience={epochs}"])
+    epochs = compose_defaults(chosen).student.train.epochs * compute
+    cfg = compose_defaults(
+        [*chosen, f"student.train.epochs={epochs}", f"student.train.patience={epochs}"]
+    )
     tag = "".join(f"_{o}" for o in overrides if o not in shared_overrides(overrides))
     run = Paths(
         shared.root / run_folder_name(f"{setting}_x{compute}{tag}"),
@@ -345,7 +349,7 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
     root = work / f"full_reference_seed{seed}_epochs{epochs}"
     root.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = compose(
+    cfg = compose_defaults(
         [
             "data.train_per_class=5970",
             "data.unlabeled=10",
@@ -403,7 +407,7 @@ FASHION_MNIST_TRAIN = 60_000  # training images, 10 classes
 @functools.cache
 def _composed(overrides: tuple[str, ...]) -> str:
     """The composed, validated config of `overrides` (without its digest), as text."""
-    values = OmegaConf.to_container(compose(list(overrides)), resolve=True)
+    values = OmegaConf.to_container(compose_defaults(list(overrides)), resolve=True)
     values.pop("params_digest", None)
     data = values["data"]
     if (

@@ -14,7 +14,7 @@ import yaml
 from dvc.utils.hydra import compose_and_dump
 
 from pseudolabel import cli
-from pseudolabel.config import compose_raw, load_params, to_yaml
+from pseudolabel.config import compose_defaults, compose_raw, load_params, to_yaml
 from pseudolabel.errors import PseudoLabelError
 from tests.conftest import CONF_DIR
 
@@ -167,3 +167,24 @@ def test_a_hand_edited_params_yaml_stops_every_stage_in_one_line(tmp_path):
     assert "no params_digest: written by an older pseudolabel" in run.stderr
     with pytest.raises(PseudoLabelError, match="older pseudolabel"):
         load_params(edited)
+
+
+def test_make_demos_profile_is_recorded_and_the_benchmarks_still_compose_the_defaults(project):
+    """`make demo` records the demo profile in conf/project.yaml (so `dvc repro` and `dvc exp run
+    -S` run it); the benchmarks compose the committed defaults without it, and taking it out
+    (`~experiment`) gives them back."""
+    default_epochs = compose_raw().student.train.epochs
+    assert _compose("+experiment=demo") == 0
+    assert _compose("+experiment=demo") == 0  # `make demo` twice: the same single entry
+    assert _settings(project) == {"defaults": [{"/experiment": "demo"}]}
+    demo = load_params(project / "params.yaml")
+    assert demo.student.train.epochs < default_epochs
+    assert demo.baseline.train.epochs == demo.student.train.epochs * demo.pseudo_label.rounds
+    assert _dvc_composition(project, "seed=1")["student"]["train"]["epochs"] == (
+        demo.student.train.epochs
+    )
+    defaults = compose_defaults(["seed=1"])
+    assert (defaults.student.train.epochs, defaults.seed) == (default_epochs, 1)
+    assert _compose("~experiment") == 0
+    assert load_params(project / "params.yaml").student.train.epochs == default_epochs
+    assert _settings(project) == {}

@@ -764,6 +764,25 @@ def compose(overrides: list[str] | None = None, config_dir: Path | None = None) 
     return validate(raw, origin="conf/ " + " ".join(overrides or []))
 
 
+def compose_defaults(overrides: list[str] | None = None) -> DictConfig:
+    """`compose`, without what this project's conf/project.yaml sets (`pseudolabel compose
+    KEY=VALUE`, `make demo`'s profile): the committed defaults plus `overrides`, which is what
+    the benchmarks measure and call the default recipe, whatever the working copy composes."""
+    import shutil
+    import tempfile
+
+    conf = conf_dir()
+    project = conf / f"{composition.PROJECT}.yaml"
+    settings = composition.Settings.read(project)
+    if not (settings.added or settings.overridden or settings.values):
+        return compose(overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / CONF
+        shutil.copytree(conf, trial)
+        (trial / project.name).write_text(composition.Settings().text(), encoding="utf-8")
+        return compose(overrides, trial)
+
+
 def compose_project(
     overrides: list[str], reset: bool = False, root: str | Path | None = None
 ) -> tuple[Path, Path]:
