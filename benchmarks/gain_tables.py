@@ -52,10 +52,20 @@ def _compute(row: dict) -> str:
     return total if rounds == 1 else f"{total} ({rounds} rounds)"
 
 
+# The machine of the rows from before rows recorded theirs (docs/gain.md: 2 Zen 4 cores).
+ZEN4 = "AMD EPYC (Zen 4)"
+
+
+def _machine(row: dict) -> str:
+    """What ran the row (its minutes are that machine's): ssl_gain.machine()'s description."""
+    return row.get("cpu") or ZEN4
+
+
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for row in rows:
         key = (row["budget"], row["setting"], _compute(row), " ".join(row["overrides"]))
+        key += (_machine(row),)  # minutes compare on one machine only
         out.setdefault(key, []).append(row)
     return dict(sorted(out.items()))
 
@@ -64,10 +74,10 @@ def summary(rows: list[dict]) -> str:
     """Mean ± std over seeds, per label budget, setting, compute and overrides."""
     head = (
         "| labels/class | setting | compute | overrides | seeds | teacher | baseline | "
-        "best labeled-only | student | gain (points) | min gain | minutes/seed |"
+        "best labeled-only | student | gain (points) | min gain | minutes/seed | machine |"
     )
-    lines = [head, "|---" * 12 + "|"]
-    for (budget, setting, compute, overrides), group in _groups(rows).items():
+    lines = [head, "|---" * 13 + "|"]
+    for (budget, setting, compute, overrides, machine), group in _groups(rows).items():
         seeds = ", ".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]))
         minutes = [
             (r["shared_seconds"] + r["baseline_seconds"] + r["student_seconds"]) / 60 for r in group
@@ -80,7 +90,7 @@ def summary(rows: list[dict]) -> str:
             f"{_cell([r['best_labeled_only'] for r in group])} | "
             f"{_cell([r['student'] for r in group])} | "
             f"{_cell([r['gain'] for r in group], 1)} | {min(r['gain'] for r in group):+.2f} | "
-            f"{_cell(minutes, 1, 1)} |"
+            f"{_cell(minutes, 1, 1)} | {machine} |"
         )
     return "\n".join(lines)
 
@@ -155,7 +165,7 @@ def render(payload: dict) -> str:
             shared = " (CPU shared: no timing)" if run.get("cpu_shared") else ""
             parts.append(
                 f"| {run['epochs']} | {run['seed']} | {100 * run['accuracy']:.2f} | {best} | "
-                f"{run['seconds'] / 60:.0f}{shared} | {run.get('cpu', 'AMD EPYC (Zen 4)')} | "
+                f"{run['seconds'] / 60:.0f}{shared} | {run.get('cpu', ZEN4)} | "
                 f"{' '.join(run.get('overrides') or []) or run.get('note', '–')} |"
             )
         converged = ""
