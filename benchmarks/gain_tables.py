@@ -52,12 +52,12 @@ def _compute(row: dict) -> str:
     return total if rounds == 1 else f"{total} ({rounds} rounds)"
 
 
-# The machine of the rows from before rows recorded theirs (docs/gain.md: 2 Zen 4 cores).
-ZEN4 = "AMD EPYC (Zen 4)"
+ZEN4 = "AMD EPYC (Zen 4)"  # the machine of the rows from before rows recorded theirs (docs/gain.md)
 
 
-def _machine(row: dict) -> str:
-    """What ran the row (its minutes are that machine's): ssl_gain.machine()'s description."""
+def row_machine(row: dict) -> str:
+    """What ran the row (its minutes and its teacher are that machine's): ssl_gain.machine()'s
+    description, or the Zen 4 for the older rows."""
     return row.get("cpu") or ZEN4
 
 
@@ -65,7 +65,7 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for row in rows:
         key = (row["budget"], row["setting"], _compute(row), " ".join(row["overrides"]))
-        key += (_machine(row),)  # minutes compare on one machine only
+        key += (row_machine(row),)  # minutes compare on one machine only
         out.setdefault(key, []).append(row)
     return dict(sorted(out.items()))
 

@@ -73,6 +73,9 @@ from pseudolabel.evaluation import evaluate
 from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gain_tables import row_machine  # noqa: E402  (light: numpy and the doc blocks)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 INDEX = re.compile(r"train_(\d+)(?:-\d+)?\.png$")  # -N: a duplicated copy (topk)
 # The recipes compared. offline: the teacher's soft pseudo-labels in a merged set (the pipeline
@@ -528,7 +531,8 @@ def _teacher_recipe(row: dict) -> tuple:
 
 def pairing_problems(rows: list[dict]) -> list[str]:
     """Rows whose pairing is suspect: two seeds sharing one teacher or labeled split (by their
-    digests), one seed and teacher recipe with two teachers, or, for rows without digests, two
+    digests), one seed, teacher recipe and machine with two teachers, or, for rows without
+    digests, two
     seeds of one teacher recipe whose teachers score the same to 4 digits (how seed 2's rows
     that reused seed 0's teacher were found)."""
     problems = []
@@ -546,7 +550,9 @@ def pairing_problems(rows: list[dict]) -> list[str]:
                         f"(budget {a['budget']}): the same teacher accuracy {a['teacher']} "
                         "with one teacher recipe"
                     )
-            elif same_recipe:  # one seed, one recipe: one (deterministic) teacher
+            elif same_recipe and row_machine(a) == row_machine(b):
+                # one seed, one recipe, one machine: one (deterministic) teacher; another
+                # machine's kernels train another (machine())
                 if a.get("teacher_digest") and b.get("teacher_digest"):
                     differ = a["teacher_digest"] != b["teacher_digest"]
                 else:

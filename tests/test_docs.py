@@ -333,6 +333,10 @@ def test_benchmark_pairing_guard(monkeypatch):
         "seeds 0 and 2 share a teacher_digest"
     ]
     assert pairing_problems([row(2, 0.7998), row(2, 0.7974)])  # one seed, two teachers
+    # one seed on two machines: their kernels train two teachers (ssl_gain.machine), no problem
+    avx2 = {**row(0, 0.8266), "cpu": "AMD EPYC, 2 CPUs, AVX2, oneDNN"}
+    assert pairing_problems([row(0, 0.8189), avx2]) == []
+    assert pairing_problems([avx2, {**avx2, "teacher": 0.8296}])  # one machine, two teachers
     other = ["teacher.train.epochs=50"]  # another teacher recipe: its own teacher, no problem
     assert pairing_problems([row(2, 0.7998), row(2, 0.7974, overrides=other)]) == []
 
