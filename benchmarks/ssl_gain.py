@@ -532,9 +532,8 @@ def _teacher_recipe(row: dict) -> tuple:
 def pairing_problems(rows: list[dict]) -> list[str]:
     """Rows whose pairing is suspect: two seeds sharing one teacher or labeled split (by their
     digests), one seed, teacher recipe and machine with two teachers, or, for rows without
-    digests, two
-    seeds of one teacher recipe whose teachers score the same to 4 digits (how seed 2's rows
-    that reused seed 0's teacher were found)."""
+    digests, two seeds of one teacher recipe whose teachers score the same to 4 digits (how seed
+    2's rows that reused seed 0's teacher were found)."""
     problems = []
     for i, a in enumerate(rows):
         for b in rows[i + 1 :]:
