@@ -49,6 +49,8 @@ SETTINGS = {
     "ood_fr20": "exclude, cut at 20 % false rejection",
     "keep_far": "only past 2x the cut left out (exclude=far, far=2)",
     "pool_align": "alignment to the pool's estimated class mix (alignment_target=pool)",
+    "no_align": "no distribution alignment (distribution_alignment=false)",
+    "no_flex": "one fixed threshold for every class (flexible=false)",
 }
 COLUMNS = {
     "unseen_classes": "unseen classes 6-9",
