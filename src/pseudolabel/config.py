@@ -9,6 +9,7 @@ through `load_params` or `compose`, and both validate it against the schema.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -768,19 +769,26 @@ def compose_defaults(overrides: list[str] | None = None) -> DictConfig:
     """`compose`, without what this project's conf/project.yaml sets (`pseudolabel compose
     KEY=VALUE`, `make demo`'s profile): the committed defaults plus `overrides`, which is what
     the benchmarks measure and call the default recipe, whatever the working copy composes."""
+    conf = conf_dir()
+    settings = composition.Settings.read(conf / f"{composition.PROJECT}.yaml")
+    if not (settings.added or settings.overridden or settings.values):
+        return compose(overrides)
+    with _conf_with_project(conf, composition.Settings().text()) as trial:
+        return compose(overrides, trial)
+
+
+@contextlib.contextmanager
+def _conf_with_project(conf: Path, text: str | None):
+    """A temporary copy of `conf` whose project.yaml holds `text` (None: as it is)."""
     import shutil
     import tempfile
 
-    conf = conf_dir()
-    project = conf / f"{composition.PROJECT}.yaml"
-    settings = composition.Settings.read(project)
-    if not (settings.added or settings.overridden or settings.values):
-        return compose(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         trial = Path(tmp) / CONF
         shutil.copytree(conf, trial)
-        (trial / project.name).write_text(composition.Settings().text(), encoding="utf-8")
-        return compose(overrides, trial)
+        if text is not None:
+            (trial / f"{composition.PROJECT}.yaml").write_text(text, encoding="utf-8")
+        yield trial
 
 
 def compose_project(
@@ -790,9 +798,6 @@ def compose_project(
     what it holds; `reset`: instead of it), then write params.yaml as the composition of conf/
     alone, which is what DVC and the sweep compose too. Everything is checked (the composition,
     its values, the data folders) before either file is written. Returns both paths."""
-    import shutil
-    import tempfile
-
     root = project_root(root)
     conf = root / CONF
     project = conf / f"{composition.PROJECT}.yaml"
@@ -800,11 +805,7 @@ def compose_project(
     settings = composition.apply(settings, overrides, conf)
     text = settings.text()
     unchanged = project.is_file() and not (overrides or reset)  # keep hand edits as they are
-    with tempfile.TemporaryDirectory() as tmp:
-        trial = Path(tmp) / CONF
-        shutil.copytree(conf, trial)
-        if not unchanged:
-            (trial / project.name).write_text(text, encoding="utf-8")
+    with _conf_with_project(conf, None if unchanged else text) as trial:
         raw = compose_raw([], trial)
     cfg = validate(raw, origin=f"conf/ {' '.join(overrides)}".rstrip())
     check_data_roots(cfg, root)
