@@ -27,6 +27,7 @@ DOC = ROOT / "docs" / "gain.md"
 FIGURE = ROOT / "docs" / "figures" / "gain_curves.png"
 COMPUTE_FIGURE = ROOT / "docs" / "figures" / "gain_vs_compute.png"
 CEILING_FIGURE = ROOT / "docs" / "figures" / "all_labels_curves.png"
+SECONDS_FIGURE = ROOT / "docs" / "figures" / "gain_vs_seconds.png"
 START, END = "<!-- gain-tables:start -->", "<!-- gain-tables:end -->"
 
 
@@ -151,6 +152,17 @@ def render(payload: dict) -> str:
             "Gain vs compute (50 labels per class; every recipe and seed measured at more than one "
             "step budget, and the Noisy Student rounds): "
             "![gain vs compute](figures/gain_vs_compute.png)",
+        ]
+    if _seconds_rows(rows):
+        parts += [
+            "",
+            "Accuracy vs wall time (50 labels per class; one panel per machine, since minutes "
+            "compare on one machine only; each student at the minutes of its teacher, labeling "
+            "and student, each baseline at those of its teacher, labeling and baseline, each "
+            "teacher at those of its training and labeling; the Zen 4 rows before 2026-12-05 do "
+            "not record whether another job shared the CPU, and some did, so read their minutes "
+            "as upper bounds): "
+            "![accuracy vs minutes](figures/gain_vs_seconds.png)",
         ]
     if payload.get("full_reference"):
         ref = payload["full_reference"]
@@ -335,6 +347,55 @@ def compute_figure(rows: list[dict], path: Path) -> bool:
     return _save(fig, path, rect=(0, (0.1 + 0.13 * len(labels)) / height, 1, 1))  # inches
 
 
+def _seconds_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """50-label rows with their seconds, per machine (minutes compare on one machine only)."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["budget"] == 50 and r.get("student_seconds") and r.get("shared_seconds") is not None:
+            out.setdefault(row_machine(r), []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: -len(kv[1])))
+
+
+def seconds_figure(rows: list[dict], path: Path) -> bool:
+    """Test accuracy against wall minutes a seed, students and their labeled-only baselines,
+    per machine: what a recipe buys per second, not per step (issue 31). A baseline's minutes
+    include the labeling it does not need (the rows keep one sum for the shared part)."""
+    by_machine = _seconds_rows(rows)
+    if not by_machine:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(by_machine), figsize=(6.5 * len(by_machine), 5), squeeze=False)
+    for ax, (machine, group) in zip(axes[0], by_machine.items(), strict=True):
+        for r in group:
+            colour = f"C{r['seed'] % 10}"
+            student = (r["shared_seconds"] + r["student_seconds"]) / 60
+            baseline = (r["shared_seconds"] + r["baseline_seconds"]) / 60
+            ax.plot(student, 100 * r["student"], "*" if r.get("default") else "o",
+                    color=colour, ms=12 if r.get("default") else 6)  # fmt: skip
+            ax.annotate(_compute(r), (student, 100 * r["student"]), fontsize=6,
+                        xytext=(4, 2), textcoords="offset points")  # fmt: skip
+            if r["baseline_seconds"]:  # 0: taken from another row
+                ax.plot(baseline, 100 * r["baseline"], "s", mfc="none", color=colour, ms=6)
+            if r.get("teacher"):  # labeled only too: at the minutes of the teacher and labeling
+                ax.plot(r["shared_seconds"] / 60, 100 * r["teacher"], "^", mfc="none",
+                        color=colour, ms=6)  # fmt: skip
+        ax.set(title=machine, xlabel="minutes a seed (wall)", ylabel="test accuracy (%)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    seeds = sorted({r["seed"] for group in by_machine.values() for r in group})
+    from matplotlib.lines import Line2D as line
+
+    handles = [line([], [], color=f"C{s % 10}", marker="o", ls="none") for s in seeds]
+    labels = [f"seed {s}" for s in seeds]
+    handles += [line([], [], color="grey", marker=m, ls="none", mfc=f, ms=z)
+                for m, f, z in (("o", "grey", 6), ("*", "grey", 12), ("s", "none", 6),
+                                ("^", "none", 6))]  # fmt: skip
+    labels += ["student (another recipe)", "student, today's default recipe",
+               "its labeled-only baseline", "its teacher (labeled only)"]  # fmt: skip
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    return _save(fig, path, rect=(0, 0.12, 1, 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/gain.md is stale")
@@ -347,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     curves_figure(payload.get("rows", []), FIGURE)
     compute_figure(payload.get("rows", []), COMPUTE_FIGURE)
     ceiling_figure(payload.get("full_reference_runs", []), CEILING_FIGURE)
+    seconds_figure(payload.get("rows", []), SECONDS_FIGURE)
     return 0
 
 
