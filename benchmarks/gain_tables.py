@@ -159,9 +159,10 @@ def render(payload: dict) -> str:
             "Accuracy vs wall time (50 labels per class; one panel per machine, since minutes "
             "compare on one machine only; each student at the minutes of its teacher, labeling "
             "and student, each baseline at those of its teacher, labeling and baseline, each "
-            "teacher at those of its training and labeling; the Zen 4 rows before 2026-12-05 do "
-            "not record whether another job shared the CPU, and some did, so read their minutes "
-            "as upper bounds): "
+            "teacher at those of its training and labeling; faded: rows that measured another "
+            "process taking at least 10 % of the machine's CPU time (`cpu_shared`); the rows "
+            "before 2026-12-07 did not measure it, and some of the Zen 4's shared the CPU, so "
+            "read their minutes as upper bounds): "
             "![accuracy vs minutes](figures/gain_vs_seconds.png)",
         ]
     if payload.get("full_reference"):
@@ -368,17 +369,20 @@ def seconds_figure(rows: list[dict], path: Path) -> bool:
     for ax, (machine, group) in zip(axes[0], by_machine.items(), strict=True):
         for r in group:
             colour = f"C{r['seed'] % 10}"
+            # `cpu_shared` (ssl_gain.CpuUse): another process took its CPU, so no timing
+            alpha = 0.3 if r.get("cpu_shared") else 1.0
             student = (r["shared_seconds"] + r["student_seconds"]) / 60
             baseline = (r["shared_seconds"] + r["baseline_seconds"]) / 60
             ax.plot(student, 100 * r["student"], "*" if r.get("default") else "o",
-                    color=colour, ms=12 if r.get("default") else 6)  # fmt: skip
+                    color=colour, ms=12 if r.get("default") else 6, alpha=alpha)  # fmt: skip
             ax.annotate(_compute(r), (student, 100 * r["student"]), fontsize=6,
                         xytext=(4, 2), textcoords="offset points")  # fmt: skip
             if r["baseline_seconds"]:  # 0: taken from another row
-                ax.plot(baseline, 100 * r["baseline"], "s", mfc="none", color=colour, ms=6)
+                ax.plot(baseline, 100 * r["baseline"], "s", mfc="none", color=colour, ms=6,
+                        alpha=alpha)  # fmt: skip
             if r.get("teacher"):  # labeled only too: at the minutes of the teacher and labeling
                 ax.plot(r["shared_seconds"] / 60, 100 * r["teacher"], "^", mfc="none",
-                        color=colour, ms=6)  # fmt: skip
+                        color=colour, ms=6, alpha=alpha)  # fmt: skip
         ax.set(title=machine, xlabel="minutes a seed (wall)", ylabel="test accuracy (%)")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)

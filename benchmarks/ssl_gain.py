@@ -14,7 +14,9 @@ setting of a seed (paired seeds):
 - precision of the teacher's kept pseudo-labels, and (consistency) of the student's own online
   pseudo-labels, against the true labels; per part its seconds, optimiser steps and images
   through the network (`*_images`: trained on, and forward only: the weak views), so recipes
-  compare at equal seconds as well as at equal steps (issue 31);
+  compare at equal seconds as well as at equal steps (issue 31), and how much of the machine's
+  CPU time other processes and the hypervisor took meanwhile (`cpu_other`, `cpu_steal`;
+  `cpu_shared` when the seconds are no timing);
 - with --test-curves: test accuracy after every epoch of every student and baseline;
 - with --full-reference EPOCHS: the teacher's recipe on (nearly) all 60,000 labels, and the share
   of the labeled-only -> all-labels gap the student closes (stretch target: half).
@@ -43,6 +45,7 @@ import math
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -197,6 +200,53 @@ def code_version(code: tuple[str, ...] = ("benchmarks/ssl_gain.py",)) -> str | N
     return commit[:7] + ("+dirty" if changed else "")
 
 
+# A part's seconds are a timing only when nothing else ran: at least this share of the machine's
+# CPU time used by other processes marks its row `cpu_shared` (the docs read its minutes as upper
+# bounds). The training itself leaves TensorFlow's spare cycles idle, so other work takes its
+# cores rather than idle ones.
+CPU_SHARED = 0.10
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """CPU seconds so far: the whole machine's busy time and the time its hypervisor stole
+    (/proc/stat, all CPUs; nan elsewhere), and this process's with its waited-for children."""
+    own = sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF),
+                      resource.getrusage(resource.RUSAGE_CHILDREN))
+    )  # fmt: skip
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan, math.nan, own
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks + [0] * (8 - len(ticks))
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz, own
+
+
+class CpuUse:
+    """Who else used the CPU between its start and `shares()`: `cpu_other`, the share of the
+    machine's CPU time (wall seconds x CPUs) that other processes used (another benchmark, a
+    test suite: the row's seconds are then no timing), and `cpu_steal`, the share its
+    hypervisor took (a host throttling the VM)."""
+
+    def __init__(self) -> None:
+        self.start, self.wall = cpu_seconds(), time.perf_counter()
+
+    def shares(self) -> dict:
+        busy, steal, own = (b - a for a, b in zip(self.start, cpu_seconds(), strict=True))
+        capacity = max(time.perf_counter() - self.wall, 1e-9) * (os.cpu_count() or 1)
+        if math.isnan(busy):
+            return {}
+        return {"cpu_other": round(max(busy - own, 0.0) / capacity, 3),
+                "cpu_steal": round(steal / capacity, 3)}  # fmt: skip
+
+
+def cpu_shared(*shares: dict) -> bool:
+    """Whether any of these parts' CPU was shared enough for its seconds to be no timing."""
+    return any(part.get("cpu_other", 0.0) >= CPU_SHARED for part in shares)
+
+
 def _test_accuracy(path: Path, test: Path) -> float:
     model, meta = model_io.load(path)
     return evaluate(model, meta, test).accuracy
@@ -234,6 +284,7 @@ def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tup
         print(f"[budget {budget}, seed {seed}] teacher and pseudo-labels reused", flush=True)
         return paths, previous["info"]
     seconds = {}
+    use = CpuUse()
     for name in ("ingest", "train_teacher", "pseudo_label", "merge"):
         print(f"[budget {budget}, seed {seed}] {name}", flush=True)
         start = time.perf_counter()
@@ -248,6 +299,7 @@ def shared_part(budget: int, seed: int, overrides: list[str], work: Path) -> tup
         "pseudo_labeled": json.loads((paths.metrics / "merge.json").read_text())["pseudo_labeled"],
         "ood_flagged": flagged_share(paths),
         "seconds": seconds,
+        "cpu": use.shares(),
     }
     done.write_text(json.dumps({"key": key, "info": info}))
     return paths, info
@@ -291,6 +343,7 @@ def run_setting(
     row["overrides"] = overrides
     row["code"] = code_version()
     row["cpu"] = machine()
+    use = CpuUse()
     for part in ("baseline", "student"):
         if part == "baseline" and baseline is not None:
             print(f"[{label}] {setting} x{compute}: baseline of {baseline['setting']}", flush=True)
@@ -333,6 +386,7 @@ def run_setting(
             accuracy = _test_accuracy(run.round(number).model("student"), shared.test)
             row["student_by_round"].append(accuracy)
         row["student"] = row["student_by_round"][-1]
+    row.update(use.shares())  # the baseline's and the student's part
     return row
 
 
@@ -365,7 +419,7 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
         ]
     )
     paths = Paths(root)
-    start = time.perf_counter()
+    start, use = time.perf_counter(), CpuUse()
     print(f"[all labels, seed {seed}, {epochs} epochs] ingest", flush=True)
     stages.STAGES["ingest"](cfg, paths)
     class_names = class_names_from(paths.train)  # not iterdir: .decoded/ is a folder too
@@ -376,13 +430,15 @@ def full_reference(epochs: int, seed: int, overrides: list[str], work: Path) -> 
     accuracy = evaluate(model, meta, paths.test).accuracy
     labeled = len(list_images(paths.train))
     seconds = round(time.perf_counter() - start, 1)
+    shares = use.shares()
     history = pd.read_csv(paths.history("teacher"))
     if curve.curve and abs(max(curve.curve) - accuracy) > 0.05:  # the curve's labels are off
         raise RuntimeError(f"test curve {curve.curve} disagrees with the test accuracy {accuracy}")
     return {"seed": seed, "epochs": epochs, "labeled": labeled, "accuracy": accuracy,
             "seconds": seconds, "overrides": overrides, "code": code_version(),
             "cpu": machine(), "test_curve": curve.curve,
-            "val_curve": [round(float(v), 4) for v in history["val_accuracy"]]}  # fmt: skip
+            "val_curve": [round(float(v), 4) for v in history["val_accuracy"]],
+            **shares, **({"cpu_shared": cpu_shared(shares)} if shares else {})}  # fmt: skip
 
 
 def ceiling(runs: list[dict]) -> dict:
@@ -773,6 +829,11 @@ def main(argv: list[str] | None = None) -> int:
                     row["pseudo_labeled"] = info["pseudo_labeled"]
                     row["ood_flagged"] = info.get("ood_flagged")  # the teacher's, round 1
                     row["shared_seconds"] = sum(info["seconds"].values())
+                    if "cpu" in info:  # (shared parts reused from before it was measured)
+                        row["shared_cpu_other"] = info["cpu"].get("cpu_other")
+                        row["shared_cpu_steal"] = info["cpu"].get("cpu_steal")
+                    if "cpu_other" in row:
+                        row["cpu_shared"] = cpu_shared(row, info.get("cpu", {}))
                     save(row)
                     print(json.dumps(row), flush=True)
     if rows:
