@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 
 from pseudolabel import fitting
-from pseudolabel.config import KERAS_PREPROCESSING, MODEL_NAMES, compose, group_options
+from pseudolabel.config import (
+    KERAS_PREPROCESSING,
+    MODEL_NAMES,
+    OWN_MODELS,
+    compose,
+    group_options,
+)
 from pseudolabel.data.images import labeled_files, path_image_dataset
 from pseudolabel.errors import PseudoLabelError
 from pseudolabel.models import io as model_io
@@ -28,7 +34,7 @@ def _cfg(*overrides):
 
 def _zoo_cfg(name, *overrides):
     """A zoo model at 32 px, random weights, on the smoke config's 8x8 grey digits."""
-    weights = [] if name == "small_cnn" else ["teacher.model.weights=null"]
+    weights = [] if name in OWN_MODELS else ["teacher.model.weights=null"]
     return _cfg(
         f"model@teacher.model={name}", *weights, "teacher.model.input_size=[32,32]", *overrides
     )
@@ -44,7 +50,7 @@ def _raw_pixels(shape, seed=0):
 
 
 def test_zoo_names_configs_and_builders_agree():
-    assert set(MODEL_NAMES) == {"small_cnn", *BACKBONES}
+    assert set(MODEL_NAMES) == {"small_cnn", "resnet", *BACKBONES}
     assert set(group_options(CONF_DIR / "model")) >= set(MODEL_NAMES)
     for module in KERAS_PREPROCESSING:  # every named input_scale is a keras.applications one
         assert callable(getattr(keras.applications, module).preprocess_input), module
@@ -62,7 +68,7 @@ def test_every_zoo_model_builds_and_predicts_from_raw_pixels(name):
     names = [layer.name for layer in model.layers]
     assert "resize" in names  # 8x8 images resized to 32x32 inside the model
     backbone = backbone_of(model)
-    if name == "small_cnn":
+    if name in OWN_MODELS:
         assert backbone is None and "rescale" in names
     else:
         # keras.applications scales pixels itself: no second rescaling outside it.
@@ -525,6 +531,37 @@ def test_student_init_from_a_shallower_teacher_copies_its_blocks():
             np.testing.assert_array_equal(a, b)
     wider = _build(_cfg("teacher.model.width=16", "teacher.model.depth=2"))
     assert fitting.init_from(wider, teacher) == 0
+
+
+def test_resnet_halves_the_map_per_stage_saves_safely_and_starts_from_a_small_cnn(tmp_path):
+    """model.name=resnet (issue 31's network lever): `depth` stages of two residual blocks,
+    each stage after the first halving the map and doubling the filters; a plain .keras file
+    (no custom layer: it loads in safe mode); a student ResNet started from a small_cnn
+    teacher takes the stem and the first block's convolution that match it."""
+    keras.backend.clear_session()
+    cfg = _cfg("model@teacher.model=resnet", "teacher.model.width=8", "teacher.model.depth=3")
+    model = build_model(cfg.teacher.model, cfg.teacher.train.augment, 10, (28, 28), 1, "teacher")
+    adds = [layer for layer in model.layers if isinstance(layer, keras.layers.Add)]
+    assert [tuple(layer.output.shape[1:]) for layer in adds] == [
+        (28, 28, 8), (28, 28, 8), (14, 14, 16), (14, 14, 16), (7, 7, 32), (7, 7, 32)
+    ]  # fmt: skip
+    shortcuts = [layer.name for layer in model.layers if layer.name.endswith("_shortcut")]
+    assert shortcuts == ["stage2_block1_shortcut", "stage3_block1_shortcut"]
+    x = _raw_pixels((3, 28, 28, 1))
+    path = tmp_path / "resnet.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), atol=1e-6)
+    teacher = _build(_cfg("teacher.model.width=8", "teacher.model.depth=2"), (28, 28))
+    # stem = the teacher's first convolution, then BN, the first block's conv1 and BN
+    assert fitting.init_from(model, teacher) == 4
+    np.testing.assert_array_equal(
+        model.get_layer("stem").get_weights()[0],
+        [la for la in teacher.layers if isinstance(la, keras.layers.Conv2D)][0].get_weights()[0],
+    )
+    with pytest.raises(PseudoLabelError, match="no pretrained weights"):
+        _cfg("model@teacher.model=resnet", "teacher.model.weights=imagenet")
+    keras.backend.clear_session()
 
 
 def test_flip_tta_averages_the_image_and_its_mirror():

@@ -36,7 +36,9 @@ BACKBONES = {
     **{f"efficientnetv2_{s}": f"EfficientNetV2{s.upper()}" for s in "sml"},
 }
 EFFICIENTNETS = tuple(BACKBONES)
-MODEL_NAMES = ("small_cnn", *EFFICIENTNETS)
+# Built from the config alone (models/builders.OWN_BUILDERS), no pretrained weights.
+OWN_MODELS = ("small_cnn", "resnet")
+MODEL_NAMES = (*OWN_MODELS, *EFFICIENTNETS)
 # How pseudo-labeled images are selected (pseudo_label.selection; merged_set.py applies them).
 SELECTIONS = ("threshold", "per_class", "topk")
 ENGINES = ("local", "ray")  # pseudo_label.engine
@@ -103,10 +105,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """One model of the zoo (conf/model/): small_cnn or a keras.applications EfficientNet."""
+    """One model of the zoo (conf/model/): small_cnn, resnet or a keras.applications
+    EfficientNet."""
 
     name: str = MISSING
-    # small_cnn: `depth` blocks of two convolutions, `width` filters in the first.
+    # small_cnn: `depth` blocks of two convolutions, `width` filters in the first. resnet: a
+    # stem of `width` filters and `depth` stages of two residual blocks, the filters doubling
+    # and the map halving at each stage after the first.
     width: int = MISSING
     depth: int = MISSING
     # The head of every model: global pooling (avg|max), dropout, an optional hidden Dense

@@ -73,6 +73,42 @@ def small_cnn(x, model_cfg):
     return x
 
 
+def resnet(x, model_cfg):
+    """A pre-activation ResNet for small images (He et al. 2016, "Identity Mappings in Deep
+    Residual Networks"; the CIFAR-style layout of the WRNs semi-supervised papers train): a 3x3
+    stem of `width` filters, then `depth` stages of two residual blocks, each BN-ReLU-conv3x3
+    twice beside the identity (a 1x1 convolution where the shape changes). Each stage after the
+    first doubles the filters and halves the map with its first convolution's stride; BN-ReLU
+    closes the last. Returns the feature map."""
+    x = layers.Conv2D(model_cfg.width, 3, padding="same", use_bias=False, name="stem")(x)
+    for stage in range(model_cfg.depth):
+        filters = model_cfg.width * 2**stage
+        for block in range(2):
+            prefix = f"stage{stage + 1}_block{block + 1}"
+            stride = 2 if stage and not block and min(x.shape[1], x.shape[2]) >= 2 else 1
+            # momentum 0.9 as in small_cnn: moving statistics settle within few steps
+            y = layers.BatchNormalization(momentum=0.9, name=f"{prefix}_bn1")(x)
+            y = layers.ReLU(name=f"{prefix}_relu1")(y)
+            shortcut = x
+            if stride != 1 or x.shape[-1] != filters:  # projected from the activated input
+                shortcut = layers.Conv2D(
+                    filters, 1, strides=stride, use_bias=False, name=f"{prefix}_shortcut"
+                )(y)
+            y = layers.Conv2D(
+                filters, 3, strides=stride, padding="same", use_bias=False, name=f"{prefix}_conv1"
+            )(y)
+            y = layers.BatchNormalization(momentum=0.9, name=f"{prefix}_bn2")(y)
+            y = layers.ReLU(name=f"{prefix}_relu2")(y)
+            y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv2")(y)
+            x = layers.Add(name=f"{prefix}_add")([shortcut, y])
+    x = layers.BatchNormalization(momentum=0.9, name="final_bn")(x)
+    return layers.ReLU(name="final_relu")(x)
+
+
+# The models built here from the config alone (no keras.applications backbone).
+OWN_BUILDERS = {"small_cnn": small_cnn, "resnet": resnet}
+
+
 def head(features, model_cfg, num_classes: int):
     """Global pooling, dropout, an optional hidden layer, softmax (kept float32)."""
     pooling = {"avg": layers.GlobalAveragePooling2D, "max": layers.GlobalMaxPooling2D}
@@ -120,7 +156,7 @@ def set_drop_connect(backbone: keras.Model, rate: float) -> None:
 
 
 def backbone_of(model: keras.Model) -> keras.Model | None:
-    """The pretrained backbone nested in a model built here, or None (small_cnn)."""
+    """The pretrained backbone nested in a model built here, or None (small_cnn, resnet)."""
     return next((layer for layer in model.layers if isinstance(layer, keras.Model)), None)
 
 
@@ -148,5 +184,5 @@ def build_model(
         features = keras_backbone(model_cfg, size, name)(x)  # it rescales pixels itself
     else:
         x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
-        features = small_cnn(x, model_cfg)
+        features = OWN_BUILDERS[model_cfg.name](x, model_cfg)
     return keras.Model(inputs, head(features, model_cfg, num_classes), name=name)
