@@ -126,6 +126,68 @@ def per_seed(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _one_teacher(a: dict, b: dict) -> bool:
+    """Two rows of one labeled split and teacher: their digests where both kept them, else the
+    same machine, budget, seed and teacher accuracy (the older rows)."""
+    if a["budget"] != b["budget"] or a["seed"] != b["seed"] or row_machine(a) != row_machine(b):
+        return False
+    if a.get("teacher_digest") and b.get("teacher_digest"):
+        return a["teacher_digest"] == b["teacher_digest"]
+    return a["teacher"] == b["teacher"]
+
+
+def paired_arms(rows: list[dict]) -> list[tuple[dict, dict, list[str]]]:
+    """(base, arm, what the arm adds): every row whose overrides are another row's plus some,
+    on one teacher and at the same rounds; the base is the closest such row (most overrides
+    in common). Accuracy at equal steps and wall time compare within a pair: same machine,
+    same teacher, same pseudo-labels."""
+    pairs = []
+    for arm in rows:
+        bases = [
+            b for b in rows
+            if b is not arm and _one_teacher(b, arm) and b["setting"] == arm["setting"]
+            and b.get("rounds", 1) == arm.get("rounds", 1)
+            and len(b["overrides"]) < len(arm["overrides"])
+            and all(o in arm["overrides"] for o in b["overrides"])
+        ]  # fmt: skip
+        if bases:
+            base = max(bases, key=lambda b: len(b["overrides"]))
+            pairs.append((base, arm, [o for o in arm["overrides"] if o not in base["overrides"]]))
+    return sorted(pairs, key=lambda p: (row_machine(p[1]), p[1]["budget"], p[1]["seed"]))
+
+
+def _part_seconds(row: dict) -> float:
+    """The seconds of what an arm changes: its student and baseline (teacher and labels shared)."""
+    return row["student_seconds"] + row["baseline_seconds"]
+
+
+def arms_table(rows: list[dict]) -> str:
+    """One line per paired arm: what it changed, its student and baseline against its base's,
+    and the wall minutes of the student and baseline as a ratio to the base's."""
+    lines = [
+        "| labels/class | seed | machine | compute of the base | the arm adds | student "
+        "(base → arm) | baseline (base → arm) | gain (base → arm) | student + baseline minutes, "
+        "ratio to the base | CPU shared |",
+        "|---" * 10 + "|",
+    ]
+    for base, arm, added in paired_arms(rows):
+        timed = all(r["baseline_seconds"] for r in (base, arm))  # 0: another row's baseline
+        ratio = _part_seconds(arm) / _part_seconds(base) if timed else None
+        flags = [r.get("cpu_shared") for r in (base, arm)]
+        shared = "yes" if any(flags) else "no" if None not in flags else "not measured"
+        lines.append(
+            f"| {arm['budget']} | {arm['seed']} | {row_machine(arm)} | {_compute(base)} | "
+            f"{' '.join(f'`{o}`' for o in added)} | "
+            f"{100 * base['student']:.2f} → {100 * arm['student']:.2f} "
+            f"(**{100 * (arm['student'] - base['student']):+.2f}**) | "
+            f"{100 * base['baseline']:.2f} → {100 * arm['baseline']:.2f} | "
+            f"{base['gain']:+.2f} → {arm['gain']:+.2f} | "
+            f"{'–' if ratio is None else f'{ratio:.2f}x'} | "
+            f"{shared} |"
+        )
+    return "\n".join(lines)
+
+
 def render(payload: dict) -> str:
     rows = payload.get("rows", [])
     if not rows:
@@ -139,6 +201,15 @@ def render(payload: dict) -> str:
         "",
         per_seed(rows),
     ]
+    if paired_arms(rows):
+        parts += [
+            "",
+            "Arms paired on one teacher (one machine, seed and pseudo-label set; each row "
+            "against the run whose overrides it extends: one seed each, so a hint, not a "
+            "table; minutes compare within a pair only, and only where neither shared its CPU):",
+            "",
+            arms_table(rows),
+        ]
     if any(r.get("student_test_curve") for r in rows):
         parts += [
             "",

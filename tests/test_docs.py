@@ -160,6 +160,47 @@ def test_the_arms_table_pairs_arms_on_one_teacher(monkeypatch):
     ]
 
 
+def test_the_gain_arms_table_pairs_a_recipe_with_the_run_it_extends(monkeypatch):
+    """docs/gain.md's arms: a row is paired with the row of the same teacher (digests, or the
+    same accuracy on one machine for older rows) whose overrides it extends, the closest one;
+    another seed, machine or teacher is not a pair, and minutes compare only where both rows
+    trained their own baseline."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from gain_tables import arms_table, paired_arms
+
+    def row(overrides, student, seed=0, digest="t0", cpu="X", baseline_seconds=60.0, **extra):
+        return {
+            "budget": 50, "seed": seed, "setting": "consistency", "overrides": overrides,
+            "teacher": 0.82, "teacher_digest": digest, "cpu": cpu, "student": student,
+            "baseline": 0.78, "gain": 100 * (student - 0.82), "student_steps": 1254,
+            "rounds": 2, "student_seconds": 240.0, "baseline_seconds": baseline_seconds,
+            **extra,
+        }  # fmt: skip
+
+    base = row(["e=3"], 0.8471, cpu_shared=False)
+    wide = row(["e=3", "w=48"], 0.8500, cpu_shared=False)
+    wide_lr = row(["e=3", "w=48", "lr=2"], 0.8400, student_seconds=480.0)
+    rows = [
+        base, wide, wide_lr,
+        row(["e=3", "lr=2"], 0.86, seed=1),  # no base of seed 1
+        row(["e=3", "lr=2"], 0.86, digest="t1"),  # another teacher
+        row(["e=3", "lr=2"], 0.86, cpu="Y", digest=None),  # another machine
+        row(["e=3", "r=7"], 0.85, baseline_seconds=0.0),  # a reused baseline: no timing
+    ]  # fmt: skip
+    pairs = [(b["overrides"], a["overrides"], added) for b, a, added in paired_arms(rows)]
+    assert pairs == [
+        (["e=3"], ["e=3", "w=48"], ["w=48"]),
+        (["e=3", "w=48"], ["e=3", "w=48", "lr=2"], ["lr=2"]),  # the closest base
+        (["e=3"], ["e=3", "r=7"], ["r=7"]),
+    ]
+    lines = arms_table(rows).splitlines()[2:]
+    assert lines[0].endswith(
+        "| `w=48` | 84.71 → 85.00 (**+0.29**) | 78.00 → 78.00 | +2.71 → +3.00 | 1.00x | no |"
+    )
+    assert "| 1.80x | not measured |" in lines[1]  # (480 + 60) / (240 + 60)
+    assert "| – | not measured |" in lines[2]
+
+
 def test_the_summary_keeps_autos_decisions_apart(monkeypatch):
     """`auto` left out every flagged image under one line and the far ones under the next: its
     rows average only with rows where it did the same."""
