@@ -38,9 +38,10 @@ fashion-mnist:
 	  else echo "Fashion-MNIST IDX files not in $(FASHION_MNIST): 'sudo apt-get install dataset-fashion-mnist'," \
 	            "or the ingest stage will try Keras's download." >&2; fi; fi
 
-# The demo profile (conf/experiment/demo.yaml: fewer student steps, so it ends in about 9-10 minutes
-# on 2 Zen 4 cores, estimated; 16 min 14 s measured on 2 vCPUs of an Intel Xeon: docs/speed.md) is recorded in conf/project.yaml first; `pseudolabel compose '~experiment'`
-# takes it out, and `dvc repro` then runs the full recipe (what docs/gain.md measures).
+# The demo profile (conf/experiment/demo.yaml: fewer student steps at twice the learning rate, so
+# it ends in about 9-10 minutes on 2 Zen 4 cores, estimated; 16 min 14 s measured on 2 vCPUs of an
+# Intel Xeon: docs/speed.md) is recorded in conf/project.yaml first; `pseudolabel compose
+# '~experiment'` takes it out, and `dvc repro` then runs the full recipe (what docs/gain.md measures).
 demo: setup-core fashion-mnist
 	pseudolabel compose +experiment=demo
 	time dvc repro
