@@ -429,9 +429,10 @@ def _seconds_rows(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def seconds_figure(rows: list[dict], path: Path) -> bool:
-    """Test accuracy against wall minutes a seed, students and their labeled-only baselines,
-    per machine: what a recipe buys per second, not per step (issue 31). A baseline's minutes
-    include the labeling it does not need (the rows keep one sum for the shared part)."""
+    """Test accuracy against wall minutes a seed, students, their labeled-only baselines and
+    their teachers, per machine: what a recipe buys per second, not per step (issue 31). A
+    baseline's minutes include the labeling it does not need (the rows keep one sum for the
+    shared part)."""
     by_machine = _seconds_rows(rows)
     if not by_machine:
         return False

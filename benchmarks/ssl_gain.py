@@ -202,8 +202,7 @@ def code_version(code: tuple[str, ...] = ("benchmarks/ssl_gain.py",)) -> str | N
 
 # A part's seconds are a timing only when nothing else ran: at least this share of the machine's
 # CPU time used by other processes marks its row `cpu_shared` (the docs read its minutes as upper
-# bounds). The training itself leaves TensorFlow's spare cycles idle, so other work takes its
-# cores rather than idle ones.
+# bounds).
 CPU_SHARED = 0.10
 
 
