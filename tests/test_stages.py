@@ -1,6 +1,7 @@
 """The six stages on digits, run in order by the `pipeline` fixture; then their outputs."""
 
 import json
+import shutil
 
 import keras
 import mlflow
@@ -235,6 +236,35 @@ def test_lineage_survives_a_teacher_run_missing_from_the_store(tracking_uri):
         mlflow.set_tags({**tags, "stage": "train_student"})
     chain = dict(tracking.lineage(run.info.run_id))
     assert chain["teacher run"].startswith("0" * 32) and "not in" in chain["teacher run"]
+
+
+def test_a_folder_dvc_has_hashed_is_not_read_again_for_the_lineage_tag(tmp_path, monkeypatch):
+    """dvc_hash gives what `dvc add` records; inside the project it takes the files' md5s from
+    DVC's state instead of reading them again, outside any project it reads every file."""
+    import dvc_data.hashfile.build as build
+    import yaml
+    from dvc.repo import Repo
+
+    project = tmp_path / "project"
+    folder = project / "images"
+    (folder / "a").mkdir(parents=True)
+    for i in range(5):
+        (folder / "a" / f"{i}.png").write_bytes(bytes([i]) * (100 + i))
+    outside = shutil.copytree(folder, tmp_path / "elsewhere")
+    read: list[str] = []
+    hash_files = build._hash_files
+
+    def counting(small_files, large_files, *args, **kwargs):
+        read.extend(path for path, _ in [*small_files, *large_files])
+        return hash_files(small_files, large_files, *args, **kwargs)
+
+    monkeypatch.setattr(build, "_hash_files", counting)
+    with Repo.init(project, no_scm=True) as repo:
+        repo.add(str(folder))
+    recorded = yaml.safe_load((project / "images.dvc").read_text())["outs"][0]["md5"]
+    read.clear()
+    assert tracking.dvc_hash(folder) == recorded and read == []
+    assert tracking.dvc_hash(outside) == recorded and len(read) == 5
 
 
 def test_publish_metrics_writes_the_json_and_logs_the_same_numbers(tmp_path, tracking_uri):

@@ -469,7 +469,12 @@ UNLABELED_TAG = "unlabeled_data_md5"
 
 
 def dvc_hash(path: Path) -> str:
-    """The hash DVC records in dvc.lock for `path`: a file's md5, a folder's `<md5>.dir`."""
+    """The hash DVC records in dvc.lock for `path`: a file's md5, a folder's `<md5>.dir`.
+
+    A folder's files are looked up in the DVC project's state first (the table of inode, mtime
+    and size to md5 that `dvc repro` fills as it checks a stage's deps and saves its outs), so a
+    folder DVC has just hashed costs a stat per file, not a read of it: the lineage tags of a
+    stage whose deps are 59,800 images. Outside a DVC project every file is read."""
     if Path(path).is_file():
         return md5(Path(path))
     from dvc_data.hashfile.build import build
@@ -477,9 +482,31 @@ def dvc_hash(path: Path) -> str:
     from dvc_objects.fs.local import LocalFileSystem
     from dvc_objects.fs.memory import MemoryFileSystem
 
-    staging = HashFileDB(MemoryFileSystem(), "/staging")
-    _, _, tree = build(staging, str(Path(path).resolve()), LocalFileSystem(), "md5")
+    folder = str(Path(path).resolve())
+    with _dvc_state(folder) as state:
+        staging = HashFileDB(MemoryFileSystem(), "/staging", state=state)
+        _, _, tree = build(staging, folder, LocalFileSystem(), "md5")
     return tree.hash_info.value
+
+
+@contextmanager
+def _dvc_state(folder: str) -> Iterator[Any]:
+    """The state of the DVC project that holds `folder` (closed after use), or DVC's no-op
+    state where there is none or it cannot be opened: then the hash is computed in full."""
+    from dvc_data.hashfile.state import StateNoop
+
+    try:
+        from dvc.repo import Repo
+
+        repo = Repo(Repo.find_root(folder))
+    except Exception as exc:  # not a DVC project, or one this DVC cannot read: hash in full
+        log.debug("no DVC state for %s (%s: %s)", folder, type(exc).__name__, exc)
+        yield StateNoop()
+        return
+    try:
+        yield repo.state
+    finally:
+        repo.close()
 
 
 def lineage_tags(cfg, paths, teacher_run_id: str | None) -> dict[str, Any]:
