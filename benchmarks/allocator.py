@@ -138,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(HERE))
         import doc_block
 
-        result = json.loads(RESULTS.read_text(encoding="utf-8"))
-        command = "python benchmarks/allocator.py --render"
-        fresh = doc_block.write_or_check(DOC, START, END, render(result), args.check, command)
-        return 0 if fresh else 1
+        return doc_block.from_json(RESULTS, DOC, START, END, render, args.check)
     variants = ["glibc"] + [v for v in args.variants if v != "glibc"]  # the ratios' base
     variants = [v for v in variants if v != "tcmalloc" or Path(TCMALLOC).is_file()]
     runs: dict[str, list[dict]] = {v: [] for v in variants}

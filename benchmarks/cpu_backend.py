@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render or args.check:
         import doc_block
 
-        result = json.loads(RESULTS.read_text(encoding="utf-8"))
-        command = "python benchmarks/cpu_backend.py --render"
-        fresh = doc_block.write_or_check(DOC, START, END, render(result), args.check, command)
-        return 0 if fresh else 1
+        return doc_block.from_json(RESULTS, DOC, START, END, render, args.check)
     if args.shared is None:  # build (or reuse) seed 0's shared part of the default recipe
         from ssl_gain import shared_part
 

@@ -3,7 +3,9 @@ committed benchmark JSON, or checked against it (tests/test_docs.py runs each sc
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -24,3 +26,13 @@ def write_or_check(page: Path, start: str, end: str, body: str, check: bool, com
         return new == doc
     page.write_text(new, encoding="utf-8")
     return True
+
+
+def from_json(
+    results: Path, page: Path, start: str, end: str, render: Callable[[dict], str], check: bool
+) -> int:
+    """A script's `--render` / `--check`: its block of `page` is `render` of the committed
+    `results` JSON. The exit code: 0 written or up to date, 1 stale."""
+    body = render(json.loads(results.read_text(encoding="utf-8")))
+    command = f"python benchmarks/{Path(sys.argv[0]).name} --render"
+    return 0 if write_or_check(page, start, end, body, check, command) else 1
