@@ -240,10 +240,15 @@ def test_lineage_survives_a_teacher_run_missing_from_the_store(tracking_uri):
 
 def test_a_folder_dvc_has_hashed_is_not_read_again_for_the_lineage_tag(tmp_path, monkeypatch):
     """dvc_hash gives what `dvc add` records; inside the project it takes the files' md5s from
-    DVC's state instead of reading them again, outside any project it reads every file."""
+    DVC's state instead of reading them again, outside any project (or when the state fails)
+    it reads every file."""
+    import contextlib
+    import sqlite3
+
     import dvc_data.hashfile.build as build
     import yaml
     from dvc.repo import Repo
+    from dvc_data.hashfile.state import StateNoop
 
     project = tmp_path / "project"
     folder = project / "images"
@@ -265,6 +270,14 @@ def test_a_folder_dvc_has_hashed_is_not_read_again_for_the_lineage_tag(tmp_path,
     read.clear()
     assert tracking.dvc_hash(folder) == recorded and read == []
     assert tracking.dvc_hash(outside) == recorded and len(read) == 5
+
+    class Locked(StateNoop):  # a state that fails (its database locked by another process)
+        def get_many(self, *args, **kwargs):
+            raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(tracking, "_dvc_state", lambda _: contextlib.nullcontext(Locked()))
+    read.clear()
+    assert tracking.dvc_hash(folder) == recorded and len(read) == 5  # read instead
 
 
 def test_publish_metrics_writes_the_json_and_logs_the_same_numbers(tmp_path, tracking_uri):

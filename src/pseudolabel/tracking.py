@@ -479,14 +479,21 @@ def dvc_hash(path: Path) -> str:
         return md5(Path(path))
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
+    from dvc_data.hashfile.state import StateNoop
     from dvc_objects.fs.local import LocalFileSystem
     from dvc_objects.fs.memory import MemoryFileSystem
 
-    folder = str(Path(path).resolve())
-    with _dvc_state(folder) as state:
+    def tree_hash(state) -> str:
         staging = HashFileDB(MemoryFileSystem(), "/staging", state=state)
-        _, _, tree = build(staging, folder, LocalFileSystem(), "md5")
-    return tree.hash_info.value
+        return build(staging, folder, LocalFileSystem(), "md5")[2].hash_info.value
+
+    folder = str(Path(path).resolve())
+    try:
+        with _dvc_state(folder) as state:
+            return tree_hash(state)
+    except Exception as exc:  # the state only saves reading (e.g. its database is locked)
+        log.debug("DVC state not usable for %s (%s: %s)", folder, type(exc).__name__, exc)
+        return tree_hash(StateNoop())
 
 
 @contextmanager
