@@ -111,13 +111,14 @@ def test_fallback_descriptions_are_only_for_uncommented_fields():
         "soak.py",
         "allocator.py",
         "cpu_backend.py",
+        "dvc_bookkeeping.py",
     ],
 )
 def test_the_docs_tables_are_generated_from_the_committed_benchmark_json(script):
     """docs/gain.md's, docs/messy.md's, docs/team.md's, docs/failure-modes.md's and
     docs/speed.md's generated blocks are these scripts' output on the committed benchmark JSON
     (ssl_gain.json; ood_scores, messy_pools and ood_in_pool.json; serving_load.json;
-    soak.json; allocator.json, cpu_backend.json)."""
+    soak.json; allocator.json, cpu_backend.json, dvc_bookkeeping.json)."""
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--check"],
         capture_output=True,
