@@ -16,7 +16,8 @@ without reflinks, `hardlink` what its large-data guide suggests):
   DVC's state, which the `dvc add` filled: what the stages do since 2026-12-07.
 
 Wall seconds and CPU seconds (user + system, from getrusage of the DVC processes or of this
-one). The page cache is warm for all but the first `dvc add`'s reads. Writes --out (JSON).
+one). Each repository's copy has just been written, so every read hits the page cache (a
+folder written long before costs the reading hash more). Writes --out (JSON).
 """
 
 from __future__ import annotations

@@ -474,7 +474,8 @@ def dvc_hash(path: Path) -> str:
     A folder's files are looked up in the DVC project's state first (the table of inode, mtime
     and size to md5 that `dvc repro` fills as it checks a stage's deps and saves its outs), so a
     folder DVC has just hashed costs a stat per file, not a read of it: the lineage tags of a
-    stage whose deps are 59,800 images. Outside a DVC project every file is read."""
+    stage whose deps are 59,800 images. Outside a DVC project, or when the state fails (its
+    sqlite table locked by another process), every file is read."""
     if Path(path).is_file():
         return md5(Path(path))
     from dvc_data.hashfile.build import build
