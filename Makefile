@@ -53,7 +53,7 @@ demo: setup-core fashion-mnist
 # pytest's exit status 5 (no tests collected) is a failure, not a pass.
 TEST_WORKERS ?= 2
 define run_pytest
-	@rc=0; pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(1) $(PYTEST_ARGS) \
+	@rc=0; pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(1) $(PYTEST_ARGS) \
 	  || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi; \
 	exit $$rc

@@ -49,12 +49,13 @@ CONF_DIR = REPO / "conf"
 TRAINING_FIXTURES = {"pipeline"}
 
 
-# pytest-xdist (`make test` runs `-n 2 --dist loadgroup --no-loadscope-reorder`): each module is
-# one group, run on one worker, so a module-scoped fixture (test_dvc_pipeline's ten-minute `ran`)
-# runs once; the two modules on the session's Ray cluster share a group, so one cluster serves
-# both. Groups go out in collection order, longest first (`--durations` of `pytest -m slow` on
-# 2 vCPUs: about 11, 13, 9, 6, 6 and 5 minutes), so that no worker is left with a long one at the
-# end while the other idles.
+# pytest-xdist (`make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`): each module runs
+# on one worker, so a module-scoped fixture (test_dvc_pipeline's ten-minute `ran`) runs once, and
+# the two modules on the session's Ray cluster go to the same worker, so one cluster serves both
+# (xdist's own `loadgroup` would do this with marks, but with pytest 9.2 its group suffix no
+# longer reaches the node ids, and every test became its own group). Modules go out in
+# collection order, longest first (`--durations` of `pytest -m slow` on 2 vCPUs: about 11, 13,
+# 9, 6, 6 and 5 minutes), so that no worker is left with a long one while the other idles.
 SHARED_GROUPS = {"test_ray": "ray_cluster", "test_sweep": "ray_cluster"}
 LONGEST_FIRST = [
     "test_dvc_pipeline",
@@ -66,23 +67,35 @@ LONGEST_FIRST = [
 ]
 
 
-def _group(item) -> str:
-    module = item.module.__name__.rpartition(".")[2] if item.module else item.nodeid
+def _group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
     return SHARED_GROUPS.get(module, module)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
     def rank(item) -> int:
-        group = _group(item)
+        group = _group(item.nodeid)
         return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
 
-    items.sort(key=rank)  # stable: each group keeps its own order
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a plain `pytest` lacks
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the modules of SHARED_GROUPS as one file."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return ModuleGroups(config, log)
 
 
 @pytest.fixture(scope="session")
