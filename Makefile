@@ -49,13 +49,20 @@ demo: setup-core fashion-mnist
 
 # Two pytest-xdist workers: most of a test's time is single-threaded (starting TensorFlow, DVC
 # and MLflow in each stage process), so two cores finish the suite sooner side by side; each
-# module stays on one worker (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
+# module stays on one worker (tests/conftest.py). TEST_WORKERS=0 runs it in one process. Tests
+# marked `serial` (they measure the machine's CPU use) then run alone, in one process.
+# $(1): a marker expression selecting the tests, or nothing for all of them.
 # pytest's exit status 5 (no tests collected) is a failure, not a pass.
 TEST_WORKERS ?= 2
 define run_pytest
-	@rc=0; pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(1) $(PYTEST_ARGS) \
-	  || rc=$$?; \
+	@rc=0; sel='$(1)'; \
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	  -m "not serial$${sel:+ and ($$sel)}" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi; \
+	if [ $$rc -eq 0 ]; then \
+	  pytest -m "serial$${sel:+ and ($$sel)}" $(PYTEST_ARGS) || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then rc=0; fi; \
+	fi; \
 	exit $$rc
 endef
 
@@ -69,7 +76,7 @@ test: setup test-services
 
 test-fast: setup
 	ruff check
-	$(call run_pytest,-m "not slow")
+	$(call run_pytest,not slow)
 
 # The documentation site (mkdocs.yml, docs/): built into site/, or served with live reload.
 docs: setup

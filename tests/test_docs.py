@@ -383,6 +383,7 @@ def test_benchmark_pairing_guard(monkeypatch):
     assert pairing_problems([row(2, 0.7998), row(2, 0.7974, overrides=other)]) == []
 
 
+@pytest.mark.serial  # the other xdist worker's CPU time would read as another process's
 def test_benchmark_rows_say_when_another_process_shared_the_cpu(monkeypatch):
     """ssl_gain's seconds are a timing only on a CPU nothing else used (issue 31: recipes
     compared at equal seconds): a row measures the share of the machine's CPU time other
