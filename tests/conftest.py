@@ -54,8 +54,8 @@ TRAINING_FIXTURES = {"pipeline"}
 # the two modules on the session's Ray cluster go to the same worker, so one cluster serves both
 # (xdist's own `loadgroup` would do this with marks, but with pytest 9.2 its group suffix no
 # longer reaches the node ids, and every test became its own group). Modules go out in
-# collection order, longest first (`--durations` of `pytest -m slow` on 2 vCPUs: about 11, 13,
-# 9, 6, 6 and 5 minutes), so that no worker is left with a long one while the other idles.
+# collection order, longest first (`--durations` of `pytest -m slow` on 2 vCPUs: about 11, 12,
+# 8, 6, 4 and 2 minutes), so that no worker is left with a long one while the other idles.
 SHARED_GROUPS = {"test_ray": "ray_cluster", "test_sweep": "ray_cluster"}
 LONGEST_FIRST = [
     "test_dvc_pipeline",
