@@ -532,7 +532,9 @@ def mark_default(row: dict) -> dict:
     return row
 
 
-NOT_READ_BY_BASELINE = ("pseudo_label.ood.",)  # which unlabeled images the student sees
+# Keys the labeled-only baseline never reads: which unlabeled images the student sees, and
+# which of its own targets count (the baseline has no unlabeled term).
+NOT_READ_BY_BASELINE = ("pseudo_label.ood.", "student.consistency.mask")
 
 
 def baseline_peer(rows, budget, seed, setting, compute, overrides) -> dict | None:
@@ -725,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse-baseline",
         action="store_true",
-        help="take the baseline of a row in --out that differs only in pseudo_label.ood.* "
+        help="take the baseline of a row in --out that differs only in pseudo_label.ood.* or "
+        "student.consistency.mask* "
         "overrides (which the labeled-only baseline never reads) instead of training it again, "
         "if that row's teacher is the one this run trained (same machine and kernels)",
     )

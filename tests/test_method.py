@@ -80,6 +80,33 @@ def test_remember_confident_updates_only_the_confident_images():
     np.testing.assert_array_equal(out, [1, -1, 0, -1, 0])
 
 
+def test_batch_variance_is_the_unbiased_sample_variance():
+    # [0.2, 0.4, 0.9]: mean 0.5, squared deviations 0.09 + 0.01 + 0.16 = 0.26, / (3 - 1)
+    assert float(method.batch_variance(tf.constant([0.2, 0.4, 0.9]))) == pytest.approx(0.13)
+    assert float(method.batch_variance(tf.constant([0.7]))) == 0.0  # one image: no spread
+
+
+def test_softmatch_weights_are_one_above_the_mean_and_gaussian_below():
+    # mu 0.8, var 0.04, n_sigma 2: exp(-(conf - mu)^2 / (2 * 0.04 / 4)) = exp(-d^2 / 0.02)
+    confidence = tf.constant([0.95, 0.8, 0.7, 0.5])
+    out = _np(method.softmatch_weights(confidence, tf.constant(0.8), tf.constant(0.04)))
+    expected = [1.0, 1.0, math.exp(-0.01 / 0.02), math.exp(-0.09 / 0.02)]
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    # one standard deviation / n_sigma below the mean: exp(-1/2)
+    below = tf.constant([0.8 - 0.1])  # sigma 0.2, / n_sigma 2 = 0.1
+    out = float(method.softmatch_weights(below, tf.constant(0.8), tf.constant(0.04))[0])
+    assert out == pytest.approx(math.exp(-0.5), rel=1e-5)
+
+
+def test_freematch_thresholds_scale_the_global_one_by_maxnorm():
+    # tau_t 0.9, running mean prediction [0.5, 0.3, 0.2]: MaxNorm [1, 0.6, 0.4]
+    out = _np(method.freematch_class_thresholds(tf.constant(0.9), tf.constant([0.5, 0.3, 0.2])))
+    np.testing.assert_allclose(out, [0.9, 0.54, 0.36], rtol=1e-6)
+    # the papers' start, a uniform mean at 1 / classes: every class's threshold is tau_t
+    out = _np(method.freematch_class_thresholds(tf.constant(0.25), tf.fill([4], 0.25)))
+    np.testing.assert_allclose(out, [0.25] * 4)
+
+
 def test_masked_cross_entropy_counts_masked_images_as_zero():
     probs = tf.constant([[0.8, 0.2], [0.25, 0.75], [0.5, 0.5]])
     pseudo = tf.constant([0, 1, 0])
@@ -103,10 +130,10 @@ def test_teacher_weight_decays_to_zero_by_the_last_step():
     assert [float(method.teacher_weight(s, 100.0, 2.0, False)) for s in steps] == [2.0] * 4
 
 
-def test_one_train_step_updates_the_shells_state_as_the_functions_say():
-    """ConsistencyModel's train_step on hand-made batches (no views, plain SGD at learning rate
-    0): the running class distribution, the FlexMatch memory and the pseudo-label precision
-    follow the formulas, computed here in numpy from the classifier's own predictions."""
+def _one_step(mask: str, momentum: float = 0.9):
+    """One ConsistencyModel train_step on hand-made batches (no views, plain SGD at learning
+    rate 0, distribution alignment on): the model, its history and, in numpy, the prior, the
+    running class distribution and the aligned weak predictions it saw."""
     from types import SimpleNamespace
 
     import keras
@@ -119,7 +146,8 @@ def test_one_train_step_updates_the_shells_state_as_the_functions_say():
     classifier = keras.Model(inputs, keras.layers.Softmax()(logits))
     settings = SimpleNamespace(
         threshold=0.5, flexible=True, weight=1.0, teacher_weight=1.0, teacher_decay=False,
-        distribution_alignment=True, alignment_momentum=0.9, rampup=0.0,
+        distribution_alignment=True, alignment_momentum=0.9, rampup=0.0, mask=mask,
+        mask_momentum=momentum,
     )  # fmt: skip
     prior = np.array([1.0, 1.0, 2.0])
     model = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, total_steps=1)
@@ -129,24 +157,73 @@ def test_one_train_step_updates_the_shells_state_as_the_functions_say():
     y_l = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
     x_u = rng.integers(0, 256, (8, 2, 2, 1)).astype(np.uint8)
     teacher = np.full((8, 3), 1 / 3, np.float32)
-    truth = np.array([0, 1, 2, 0, 1, 2, -1, -1], np.int32)
-    index = np.arange(8, dtype=np.int32)
-    batch = ((x_l, y_l), (x_u, teacher, np.ones(8, np.float32), truth, index))
+    batch = (
+        (x_l, y_l),
+        (x_u, teacher, np.ones(8, np.float32), TRUTH, np.arange(8, dtype=np.int32)),
+    )
     data = tf.data.Dataset.from_tensors(batch)
     p_weak = np.asarray(classifier(x_u.astype(np.float32), training=False), np.float64)
     history = model.fit(data, epochs=1, verbose=0).history
-
     prior = prior / prior.sum()
     p_model = 0.9 * prior + 0.1 * p_weak.mean(0)  # the running mean, started at the prior
-    np.testing.assert_allclose(np.asarray(model.p_model.value), p_model, rtol=1e-5)
     aligned = p_weak * prior / p_model
     aligned /= aligned.sum(1, keepdims=True)
+    return model, history, p_model, aligned
+
+
+TRUTH = np.array([0, 1, 2, 0, 1, 2, -1, -1], np.int32)  # the unlabeled images' (-1: unknown)
+
+
+def test_one_train_step_updates_the_shells_state_as_the_functions_say():
+    """FlexMatch (mask: threshold): the running class distribution, the FlexMatch memory and
+    the pseudo-label precision follow the formulas, computed here in numpy from the
+    classifier's own predictions."""
+    model, history, p_model, aligned = _one_step("threshold")
+    np.testing.assert_allclose(np.asarray(model.p_model.value), p_model, rtol=1e-5)
     confident = aligned.max(1) > 0.5
     expected = np.where(confident, aligned.argmax(1), -1)
     np.testing.assert_array_equal(np.asarray(model.selected.value), expected)
     # FlexMatch's thresholds before the step: nothing selected yet, so all 0 (the warm-up):
     # every image is masked in, and the precision counts the images whose truth is known.
     pseudo = aligned.argmax(1)
-    known = truth >= 0
+    known = TRUTH >= 0
     assert history["mask_rate"][0] == pytest.approx(1.0)
-    assert history["pseudo_precision"][0] == pytest.approx((pseudo == truth)[known].mean())
+    assert history["pseudo_precision"][0] == pytest.approx((pseudo == TRUTH)[known].mean())
+
+
+def test_one_softmatch_step_weighs_each_target_by_the_running_statistics():
+    """SoftMatch: the running mean and variance of the aligned top confidence move from the
+    papers' start (1 / classes, 1) by one batch, and the mask rate is the mean of the weights
+    those give; the FlexMatch memory is left alone."""
+    model, history, _, aligned = _one_step("softmatch", momentum=0.5)
+    confidence = aligned.max(1)
+    mean = 0.5 / 3 + 0.5 * confidence.mean()
+    variance = 0.5 * 1.0 + 0.5 * confidence.var(ddof=1)
+    stats = np.asarray(model.confidence_stats.value)
+    np.testing.assert_allclose(stats, [mean, variance], rtol=1e-5)
+    weights = np.exp(-(np.minimum(confidence - mean, 0.0) ** 2) / (2 * variance / 4))
+    assert history["mask_rate"][0] == pytest.approx(weights.mean(), rel=1e-5)
+    assert history["mean_threshold"][0] == pytest.approx(mean, rel=1e-5)
+    np.testing.assert_array_equal(np.asarray(model.selected.value), [-1] * 8)
+    known = TRUTH >= 0
+    right = (aligned.argmax(1) == TRUTH)[known]
+    expected = (weights[known] * right).sum() / weights[known].sum()
+    assert history["pseudo_precision"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_one_freematch_step_masks_by_self_adaptive_thresholds():
+    """FreeMatch: the global threshold (running top confidence) and the running mean
+    prediction move from 1 / classes by one batch (momentum 0.2, so that the thresholds reach
+    into the batch); an image counts where its confidence reaches global * MaxNorm(mean)[its
+    class]."""
+    model, history, _, aligned = _one_step("freematch", momentum=0.2)
+    confidence = aligned.max(1)
+    tau = 0.2 / 3 + 0.8 * confidence.mean()
+    class_mean = 0.2 / 3 + 0.8 * aligned.mean(0)
+    np.testing.assert_allclose(np.asarray(model.confidence_stats.value)[0], tau, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.class_mean.value), class_mean, rtol=1e-5)
+    limits = (tau * class_mean / class_mean.max())[aligned.argmax(1)]
+    mask = confidence >= limits
+    assert 0 < mask.sum() < 8  # the hand-made batch is split: the test can tell
+    assert history["mask_rate"][0] == pytest.approx(mask.mean())
+    assert history["mean_threshold"][0] == pytest.approx(limits.mean(), rel=1e-5)

@@ -246,6 +246,14 @@ class ConsistencyConfig:
     threshold: float = MISSING
     # FlexMatch: scale the threshold per class by how well the class is learnt so far.
     flexible: bool = MISSING
+    # What decides which targets count: "threshold" (the two keys above: FixMatch's tau, or
+    # FlexMatch's per-class thresholds), "softmatch" (every target, weighted by its confidence
+    # against the running mean confidence: a Gaussian below it, 1 above) or "freematch"
+    # (self-adaptive thresholds: the running mean confidence, scaled per class by the running
+    # mean prediction). The last two ignore threshold and flexible.
+    mask: str = MISSING
+    # Momentum of SoftMatch's and FreeMatch's running statistics, [0, 1) (the papers': 0.999).
+    mask_momentum: float = MISSING
     # Weight of the online term (it rises linearly from 0 over the first `rampup` share of
     # the steps) and of the teacher's probabilities (the CSV) as targets of the strong view.
     weight: float = MISSING
@@ -578,6 +586,7 @@ def _check_augment(augment: DictConfig, key: str, fail) -> None:
 
 
 ALIGNMENT_TARGETS = ("labeled", "pool", "auto")
+MASKS = ("threshold", "softmatch", "freematch")
 
 
 def _check_consistency(cons: DictConfig, fail) -> None:
@@ -587,6 +596,10 @@ def _check_consistency(cons: DictConfig, fail) -> None:
     for share in ("threshold", "rampup"):
         if not 0.0 <= cons[share] <= 1.0:
             fail(f"{key}.{share}", cons[share], "use a value in [0, 1]")
+    if cons.mask not in MASKS:
+        fail(f"{key}.mask", cons.mask, "use threshold, softmatch or freematch")
+    if not 0.0 <= cons.mask_momentum < 1.0:
+        fail(f"{key}.mask_momentum", cons.mask_momentum, "use a momentum in [0, 1)")
     if cons.alignment_target not in ALIGNMENT_TARGETS:
         fail(f"{key}.alignment_target", cons.alignment_target, "use labeled, pool or auto")
     if not 0.0 <= cons.alignment_momentum < 1.0:

@@ -11,9 +11,10 @@ AdaMatch example) sees a batch of B labeled images and mu*B unlabeled ones and m
 where p~ is the student's own prediction on a weak view (no gradient), aligned to the labeled
 class distribution (ReMixMatch's distribution alignment), and mask keeps the images whose p~
 reaches the confidence threshold, per class scaled by how well that class is learnt (FlexMatch's
-curriculum). w_u ramps up from 0 over the first steps; w_t can decay to 0 as the student outgrows
-the teacher. The evaluated model keeps the optimiser's moving average of the weights (EMA,
-`train.ema`).
+curriculum; `mask: threshold`), or weighs each image by its confidence against the running
+mean (SoftMatch) or against self-adaptive thresholds (FreeMatch). w_u ramps up from 0 over the
+first steps; w_t can decay to 0 as the student outgrows the teacher. The evaluated model keeps
+the optimiser's moving average of the weights (EMA, `train.ema`).
 
 Each piece of that loss is a function of src/pseudolabel/method.py (its docstring maps every
 student.consistency key to one); this module holds the data streams and the keras.Model shell
@@ -197,6 +198,8 @@ class ConsistencyModel(keras.Model):
         self.teacher_decay = bool(settings.teacher_decay)
         self.align = bool(settings.distribution_alignment)
         self.momentum = float(settings.alignment_momentum)
+        self.mask = str(settings.mask)  # threshold (FixMatch/FlexMatch), softmatch, freematch
+        self.mask_momentum = float(settings.mask_momentum)
         self.rampup_steps = max(1.0, float(settings.rampup) * total_steps)
         self.total_steps = float(max(1, total_steps))
         self.num_classes = num_classes
@@ -218,6 +221,24 @@ class ConsistencyModel(keras.Model):
             trainable=False,
             aggregation="only_first_replica",
             name="selected",
+        )
+        # SoftMatch's running mean and variance of the top confidence, FreeMatch's running top
+        # confidence (its global threshold) and mean prediction, started as the papers do: at
+        # 1 / classes, a variance of 1, the uniform distribution.
+        uniform = np.full(num_classes, 1.0 / num_classes, np.float32)
+        self.confidence_stats = self.add_weight(
+            shape=(2,),
+            initializer=keras.initializers.Constant([1.0 / num_classes, 1.0]),
+            trainable=False,
+            aggregation="only_first_replica",
+            name="confidence_stats",
+        )
+        self.class_mean = self.add_weight(
+            shape=(num_classes,),
+            initializer=keras.initializers.Constant(uniform),
+            trainable=False,
+            aggregation="only_first_replica",
+            name="class_mean",
         )
         names = ("loss", "accuracy", "loss_labeled", "loss_unlabeled", "loss_teacher")
         names += ("mask_rate", "pseudo_precision", "unlabeled_weight", "mean_threshold")
@@ -259,33 +280,70 @@ class ConsistencyModel(keras.Model):
         """Per-image cross-entropy of probability targets."""
         return keras.losses.categorical_crossentropy(targets, probs)
 
+    @staticmethod
+    def _batch_mean(values: tf.Tensor) -> tf.Tensor:
+        """The mean over the global batch's first axis, the same on every replica."""
+        if _replicas() == 1:  # (one replica: the very same ops as always, bit for bit)
+            return tf.reduce_mean(values, 0)
+        total = _across_replicas(tf.reduce_sum(values, 0))
+        return total / _across_replicas(tf.cast(tf.shape(values)[0], values.dtype))
+
+    def _adaptive_mask(self, confidence: tf.Tensor, p_weak: tf.Tensor, pseudo: tf.Tensor):
+        """SoftMatch's weights or FreeMatch's thresholds from their running statistics,
+        updated with this batch first (as USB does); returns the mask and the thresholds to
+        report (SoftMatch: its running mean, below which the weights fall)."""
+        m = self.mask_momentum
+        stats = self.confidence_stats.value
+        mean = method.running_mean(stats[0], self._batch_mean(confidence), m)
+        if self.mask == "softmatch":
+            if _replicas() == 1:
+                spread = method.batch_variance(confidence)
+            else:  # the global batch's unbiased variance from its sums
+                n = _across_replicas(tf.cast(tf.size(confidence), confidence.dtype))
+                total = _across_replicas(tf.reduce_sum(confidence))
+                squares = _across_replicas(tf.reduce_sum(tf.square(confidence)))
+                spread = (squares - total * total / n) / tf.maximum(n - 1.0, 1.0)
+            variance = method.running_mean(stats[1], spread, m)
+            self.confidence_stats.assign(tf.stack([mean, variance]))
+            weights = method.softmatch_weights(confidence, mean, variance)
+            return weights, tf.fill(tf.shape(confidence), mean)
+        class_mean = method.running_mean(self.class_mean.value, self._batch_mean(p_weak), m)
+        self.confidence_stats.assign(tf.stack([mean, stats[1]]))
+        self.class_mean.assign(class_mean)
+        limits = tf.gather(method.freematch_class_thresholds(mean, class_mean), pseudo)
+        return tf.cast(confidence >= limits, tf.float32), limits
+
+    def _thresholds(self, confidence: tf.Tensor, pseudo: tf.Tensor, index: tf.Tensor):
+        """Each image's threshold: FlexMatch's of its class (remembering this batch's
+        confident images first), or FixMatch's one tau."""
+        if not self.flexible:
+            return method.fixed_thresholds(confidence, self.threshold)
+        per_class = method.flexmatch_class_thresholds(
+            self.selected.value, self.threshold, self.num_classes
+        )
+        limits = tf.gather(per_class, pseudo)
+        # Every replica's confident images (each sees its share of the batch) land on all.
+        sure = tf.cast(confidence > self.threshold, tf.int32)  # all_gather takes no bool
+        seen, classes, sure = _gathered(index, pseudo, sure)
+        self.selected.assign(
+            method.remember_confident(self.selected.value, seen, classes, sure > 0)
+        )
+        return limits
+
     def _masked_pseudo_loss(self, p_weak, p_strong, truth, index):
-        """FixMatch/FlexMatch on the aligned weak prediction (src/pseudolabel/method.py);
-        returns the loss and the mask."""
+        """FixMatch/FlexMatch (or SoftMatch, FreeMatch) on the aligned weak prediction
+        (src/pseudolabel/method.py); returns the loss and the mask."""
         if self.align:  # the mean over the global batch, the same on every replica
-            if _replicas() == 1:  # (one replica: the very same ops as always, bit for bit)
-                mean = tf.reduce_mean(p_weak, 0)
-            else:
-                total = _across_replicas(tf.reduce_sum(p_weak, 0))
-                mean = total / _across_replicas(tf.cast(tf.shape(p_weak)[0], p_weak.dtype))
+            mean = self._batch_mean(p_weak)
             self.p_model.assign(method.running_mean(self.p_model.value, mean, self.momentum))
             p_weak = method.aligned(p_weak, self.prior, self.p_model.value)
         confidence = tf.reduce_max(p_weak, -1)
         pseudo = tf.argmax(p_weak, -1, output_type=tf.int32)
-        if self.flexible:
-            per_class = method.flexmatch_class_thresholds(
-                self.selected.value, self.threshold, self.num_classes
-            )
-            limits = tf.gather(per_class, pseudo)
-            # Every replica's confident images (each sees its share of the batch) land on all.
-            sure = tf.cast(confidence > self.threshold, tf.int32)  # all_gather takes no bool
-            seen, classes, sure = _gathered(index, pseudo, sure)
-            self.selected.assign(
-                method.remember_confident(self.selected.value, seen, classes, sure > 0)
-            )
+        if self.mask in ("softmatch", "freematch"):
+            mask, limits = self._adaptive_mask(confidence, p_weak, pseudo)
         else:
-            limits = method.fixed_thresholds(confidence, self.threshold)
-        mask = tf.cast(confidence >= limits, tf.float32)
+            limits = self._thresholds(confidence, pseudo, index)
+            mask = tf.cast(confidence >= limits, tf.float32)
         loss = method.masked_cross_entropy(pseudo, p_strong, mask, self.num_classes)
         known = tf.cast(truth >= 0, tf.float32) * mask
         correct = tf.cast(tf.equal(pseudo, truth), tf.float32)

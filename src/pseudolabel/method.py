@@ -4,13 +4,15 @@
 their state (the running class distribution, each unlabeled image's last confident class) in
 its variables. Each function takes plain tensors and numbers, has no state of its own, and is
 tested on hand-made tensors against values worked out from the papers' formulas
-(tests/test_method.py). A new method (the out-of-distribution mask of docs/messy.md, SoftMatch's
-or FreeMatch's thresholds) is one more function here and one call in the shell.
+(tests/test_method.py). A new method (SoftMatch's weights and FreeMatch's thresholds were
+the last) is one more function here and one call in the shell.
 
 | conf key (student.consistency.*) | function |
 |---|---|
 | `threshold` (FixMatch's tau) | `fixed_thresholds` |
 | `flexible` (FlexMatch) | `flexmatch_class_thresholds`, `remember_confident` |
+| `mask: softmatch`, `mask_momentum` | `running_mean`, `batch_variance`, `softmatch_weights` |
+| `mask: freematch`, `mask_momentum` | `running_mean`, `freematch_class_thresholds` |
 | `distribution_alignment`, `alignment_momentum` | `running_mean`, `aligned` |
 | `weight`, `rampup` | `rampup` |
 | `teacher_weight`, `teacher_decay` | `teacher_weight` |
@@ -71,11 +73,39 @@ def remember_confident(
     )
 
 
+def batch_variance(values: tf.Tensor) -> tf.Tensor:
+    """The unbiased variance of a batch of numbers (n / (n - 1) times the mean squared
+    deviation; 0 for a batch of one), as SoftMatch's running estimate takes it."""
+    n = tf.cast(tf.size(values), values.dtype)
+    mean = tf.reduce_mean(values)
+    return tf.reduce_sum(tf.square(values - mean)) / tf.maximum(n - 1.0, 1.0)
+
+
+def softmatch_weights(
+    confidence: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor, n_sigma: float = 2.0
+) -> tf.Tensor:
+    """SoftMatch's sample weights (Chen et al. 2023, eq. 9, as USB computes them): 1 for an
+    image whose confidence reaches the running mean confidence mu, below it a Gaussian of the
+    shortfall, exp(-(conf - mu)^2 / (2 var / n_sigma^2)): nothing is cut, the doubtful count
+    less. `mean` and `variance` are the running estimates of the batches' confidences."""
+    shortfall = tf.minimum(confidence - mean, 0.0)
+    return tf.exp(-tf.square(shortfall) / (2.0 * variance / n_sigma**2))
+
+
+def freematch_class_thresholds(global_threshold: tf.Tensor, class_mean: tf.Tensor) -> tf.Tensor:
+    """FreeMatch's self-adaptive thresholds (Wang et al. 2023, eqs. 5-6): the global tau_t
+    (the running mean of the batches' top confidence) scaled per class by MaxNorm of the
+    running mean prediction p~_t(c): tau_t * p~_t(c) / max_c p~_t(c). They rise as the
+    model grows sure, whatever the size of the unlabeled folder."""
+    return global_threshold * class_mean / tf.reduce_max(class_mean)
+
+
 def masked_cross_entropy(
     pseudo: tf.Tensor, probs: tf.Tensor, mask: tf.Tensor, num_classes: int
 ) -> tf.Tensor:
-    """FixMatch's unlabeled loss: the mean over the batch (masked images count as 0) of the
-    cross-entropy of the hard pseudo-label `pseudo` and the strong view's `probs`."""
+    """FixMatch's unlabeled loss: the mean over the batch (masked images count as 0; a float
+    mask weighs each image, SoftMatch's) of the cross-entropy of the hard pseudo-label `pseudo`
+    and the strong view's `probs`."""
     ce = keras.losses.categorical_crossentropy(tf.one_hot(pseudo, num_classes), probs)
     return tf.reduce_mean(mask * ce)
 
