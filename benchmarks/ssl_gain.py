@@ -365,18 +365,15 @@ def run_setting(
         row[f"{part}_images"] = _images(metrics)
         if curves:
             row[f"{part}_test_curve"] = callback[0].curve
-    history = pd.read_csv(run.history("student"))
-    if "pseudo_precision" in history:
-        last = history.iloc[-1]
-        row["online_pseudo_precision_last_epoch"] = round(float(last["pseudo_precision"]), 4)
-        row["mask_rate_last_epoch"] = round(float(last["mask_rate"]), 4)
+    online = _online_last_epoch(run.history("student"))
+    row.update(online)  # round 1's (every row has it)
     if cfg.pseudo_label.rounds > 1:  # Noisy Student: each round's student relabels for the next
         row["rounds"] = cfg.pseudo_label.rounds
         row["student_by_round"] = [row["student"]]
         for number in range(2, cfg.pseudo_label.rounds + 1):
             print(f"[{label}] {setting} x{compute}: round {number}", flush=True)
             start = time.perf_counter()
-            metrics = stages.run_round(cfg, run, number)
+            metrics = stages.run_round(cfg, run, number, truth=lookup)
             row["student_seconds"] += round(time.perf_counter() - start, 1)
             row["student_steps"] += metrics["steps"]
             row["student_images"] = {
@@ -384,9 +381,24 @@ def run_setting(
             }
             accuracy = _test_accuracy(run.round(number).model("student"), shared.test)
             row["student_by_round"].append(accuracy)
+            for key, value in _online_last_epoch(run.round(number).history("student")).items():
+                row.setdefault(f"{key}_by_round", [online.get(key)]).append(value)
         row["student"] = row["student_by_round"][-1]
     row.update(use.shares())  # the baseline's and the student's part
     return row
+
+
+def _online_last_epoch(history_csv: Path) -> dict:
+    """A consistency student's last epoch: the share of its online targets that are right and
+    its mask rate (the mean weight, for SoftMatch's), from its history (plots/train/)."""
+    history = pd.read_csv(history_csv)
+    if "pseudo_precision" not in history:
+        return {}
+    last = history.iloc[-1]
+    return {
+        "online_pseudo_precision_last_epoch": round(float(last["pseudo_precision"]), 4),
+        "mask_rate_last_epoch": round(float(last["mask_rate"]), 4),
+    }
 
 
 def _images(metrics: dict) -> dict:

@@ -308,3 +308,30 @@ def test_a_benchmark_run_folder_sees_what_the_student_reads(tmp_path):
     assert run.merged.resolve() == shared.merged.resolve()
     labeling = json.loads(run.first_round_labeling_metrics.read_text())
     assert labeling["class_mix"]["skewed"] is True
+
+
+def test_a_mask_arm_reuses_the_baseline_of_its_recipe_without_the_mask(tmp_path):
+    """ssl_gain.baseline_peer: the labeled-only baseline never reads student.consistency.mask*
+    (it has no unlabeled term), so an arm that only changes them takes the baseline of the row
+    without them; any other student key still trains its own. And _online_last_epoch reads a
+    student's last epoch of its history (what every row records, per round since rounds
+    relabel with truth too)."""
+    import ssl_gain
+
+    recipe = ["student.train.epochs=3"]
+    row = {"budget": 50, "seed": 0, "setting": "consistency", "compute": 1, "overrides": recipe}
+    mask = ["student.consistency.mask=softmatch", "student.consistency.mask_momentum=0.99"]
+    peer = ssl_gain.baseline_peer([row], 50, 0, "consistency", 1, [*recipe, *mask])
+    assert peer is not None and peer["setting"] == "consistency student.train.epochs=3"
+    other = [*recipe, "student.consistency.ratio=7"]
+    assert ssl_gain.baseline_peer([row], 50, 0, "consistency", 1, other) is None
+    assert ssl_gain.baseline_peer([row], 50, 1, "consistency", 1, [*recipe, *mask]) is None
+
+    history = tmp_path / "student.csv"
+    history.write_text("epoch,mask_rate,pseudo_precision\n0,1.0,0.75\n1,0.8512,0.90068\n")
+    assert ssl_gain._online_last_epoch(history) == {
+        "online_pseudo_precision_last_epoch": 0.9007,
+        "mask_rate_last_epoch": 0.8512,
+    }
+    history.write_text("epoch,loss\n0,1.0\n")  # a labeled-only history: nothing to read
+    assert ssl_gain._online_last_epoch(history) == {}

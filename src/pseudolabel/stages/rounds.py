@@ -20,8 +20,9 @@ from pseudolabel.stages.train import train_student
 log = logging.getLogger(__name__)
 
 
-def run_round(cfg, paths: Paths = Paths(), number: int = 2) -> dict[str, Any]:
-    """Round `number` (2..pseudo_label.rounds) of self-training; returns its student metrics."""
+def run_round(cfg, paths: Paths = Paths(), number: int = 2, truth=None) -> dict[str, Any]:
+    """Round `number` (2..pseudo_label.rounds) of self-training; returns its student metrics.
+    `truth` is train_student's (benchmarks: the online targets' precision)."""
     total = cfg.pseudo_label.rounds
     if not 2 <= number <= total:
         raise PseudoLabelError(
@@ -37,7 +38,7 @@ def run_round(cfg, paths: Paths = Paths(), number: int = 2) -> dict[str, Any]:
     log.info("round %d of %d: teacher %s", number, total, here.model("teacher"))
     pseudo_label(cfg, here)
     merge(cfg, here)
-    return train_student(cfg, here)
+    return train_student(cfg, here, truth=truth)
 
 
 def later_rounds(cfg, paths: Paths = Paths()) -> list[dict[str, Any]]:
