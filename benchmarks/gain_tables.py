@@ -101,8 +101,8 @@ def per_seed(rows: list[dict]) -> str:
     lines = [
         "| labels/class | seed | setting | compute | overrides | teacher | baseline | student | "
         "gain | student's live weights after the last epoch | best labeled-only | "
-        "teacher's pseudo-label precision | online precision, last epoch | "
-        "mask rate, last epoch | student steps | code |",
+        "teacher's pseudo-label precision | online precision, last epoch (round 1) | "
+        "mask rate, last epoch (round 1) | student steps | code |",
         "|---" * 16 + "|",
     ]
     key = ("budget", "seed", "setting", "compute")
