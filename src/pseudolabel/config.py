@@ -250,7 +250,9 @@ class ConsistencyConfig:
     # FlexMatch's per-class thresholds), "softmatch" (every target, weighted by its confidence
     # against the running mean confidence: a Gaussian below it, 1 above) or "freematch"
     # (self-adaptive thresholds: the running mean confidence, scaled per class by the running
-    # mean prediction). The last two ignore threshold and flexible.
+    # mean prediction). The last two ignore threshold and flexible; all three read the aligned
+    # prediction where distribution_alignment is on (it stands in for SoftMatch's uniform
+    # alignment; FreeMatch's fairness term is not implemented).
     mask: str = MISSING
     # Momentum of SoftMatch's and FreeMatch's running statistics, [0, 1) (the papers': 0.999).
     mask_momentum: float = MISSING
