@@ -130,10 +130,13 @@ def test_teacher_weight_decays_to_zero_by_the_last_step():
     assert [float(method.teacher_weight(s, 100.0, 2.0, False)) for s in steps] == [2.0] * 4
 
 
+TRUTH = np.array([0, 1, 2, 0, 1, 2, -1, -1], np.int32)  # the unlabeled images' (-1: unknown)
+
+
 def _one_step(mask: str, momentum: float = 0.9):
     """One ConsistencyModel train_step on hand-made batches (no views, plain SGD at learning
-    rate 0, distribution alignment on): the model, its history and, in numpy, the prior, the
-    running class distribution and the aligned weak predictions it saw."""
+    rate 0, distribution alignment on): the model, its history and, in numpy, the running class
+    distribution and the aligned weak predictions it saw."""
     from types import SimpleNamespace
 
     import keras
@@ -169,9 +172,6 @@ def _one_step(mask: str, momentum: float = 0.9):
     aligned = p_weak * prior / p_model
     aligned /= aligned.sum(1, keepdims=True)
     return model, history, p_model, aligned
-
-
-TRUTH = np.array([0, 1, 2, 0, 1, 2, -1, -1], np.int32)  # the unlabeled images' (-1: unknown)
 
 
 def test_one_train_step_updates_the_shells_state_as_the_functions_say():
