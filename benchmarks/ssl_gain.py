@@ -544,9 +544,13 @@ def mark_default(row: dict) -> dict:
     return row
 
 
-# Keys the labeled-only baseline never reads: which unlabeled images the student sees, and
-# which of its own targets count (the baseline has no unlabeled term).
-NOT_READ_BY_BASELINE = ("pseudo_label.ood.", "student.consistency.mask")
+# Keys the labeled-only baseline never reads: which unlabeled images the student sees, which
+# of its own targets count and whose prediction makes them (the baseline has no unlabeled term).
+NOT_READ_BY_BASELINE = (
+    "pseudo_label.ood.",
+    "student.consistency.mask",
+    "student.consistency.target_ema",
+)
 
 
 def baseline_peer(rows, budget, seed, setting, compute, overrides) -> dict | None:

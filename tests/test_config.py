@@ -49,10 +49,11 @@ def test_threshold_out_of_range_is_rejected(threshold):
         compose([f"pseudo_label.threshold={threshold}"])
 
 
-@pytest.mark.parametrize("momentum", [1.0, -0.5])
-def test_alignment_momentum_out_of_range_is_rejected(momentum):
-    with pytest.raises(PseudoLabelError, match="student.consistency.alignment_momentum"):
-        compose([f"student.consistency.alignment_momentum={momentum}"])
+@pytest.mark.parametrize("momentum", [1.0, -0.5, float("nan")])
+@pytest.mark.parametrize("key", ["alignment_momentum", "mask_momentum", "target_ema"])
+def test_a_consistency_momentum_out_of_range_is_rejected(key, momentum):
+    with pytest.raises(PseudoLabelError, match=f"student.consistency.{key}"):
+        compose([f"student.consistency.{key}={momentum}"])
 
 
 @pytest.mark.parametrize("value", ["sometimes", "1", "0.1"])

@@ -150,7 +150,7 @@ def _one_step(mask: str, momentum: float = 0.9):
     settings = SimpleNamespace(
         threshold=0.5, flexible=True, weight=1.0, teacher_weight=1.0, teacher_decay=False,
         distribution_alignment=True, alignment_momentum=0.9, rampup=0.0, mask=mask,
-        mask_momentum=momentum,
+        mask_momentum=momentum, target_ema=0.0,
     )  # fmt: skip
     prior = np.array([1.0, 1.0, 2.0])
     model = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, total_steps=1)
@@ -227,3 +227,86 @@ def test_one_freematch_step_masks_by_self_adaptive_thresholds():
     assert 0 < mask.sum() < 8  # the hand-made batch is split: the test can tell
     assert history["mask_rate"][0] == pytest.approx(mask.mean())
     assert history["mean_threshold"][0] == pytest.approx(limits.mean(), rel=1e-5)
+
+
+def test_targets_come_from_the_weights_moving_average_with_target_ema():
+    """target_ema (Mean Teacher's targets): the first step sets the average to the classifier's
+    weights; the next moves it towards the weights the first step left, by the momentum, and
+    predicts the targets with it. The second step's unlabeled loss is the cross-entropy of
+    those targets and the current weights' prediction, computed here in numpy."""
+    from types import SimpleNamespace
+
+    import keras
+
+    from pseudolabel import consistency
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((2, 2, 1))
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs)))
+    classifier = keras.Model(inputs, keras.layers.Softmax()(logits))
+    settings = SimpleNamespace(
+        threshold=0.0, flexible=False, weight=1.0, teacher_weight=0.0, teacher_decay=False,
+        distribution_alignment=False, alignment_momentum=0.9, rampup=0.0, mask="threshold",
+        mask_momentum=0.9, target_ema=0.5,
+    )  # fmt: skip
+    prior = np.ones(3)
+    model = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, total_steps=2)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=2.0))
+    rng = np.random.default_rng(1)
+    x_l = rng.integers(0, 256, (4, 2, 2, 1)).astype(np.uint8)
+    y_l = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
+    x_u = rng.integers(0, 256, (8, 2, 2, 1)).astype(np.uint8)
+    teacher = np.full((8, 3), 1 / 3, np.float32)
+    batch = (
+        (x_l, y_l),
+        (x_u, teacher, np.ones(8, np.float32), TRUTH, np.arange(8, dtype=np.int32)),
+    )
+    data = tf.data.Dataset.from_tensors(batch)
+    start = [np.asarray(w) for w in classifier.get_weights()]
+    model.fit(data, epochs=1, verbose=0)
+    for average, weight in zip(model.target_weights, start, strict=True):
+        np.testing.assert_allclose(np.asarray(average.value), weight, rtol=1e-6)
+    after = [np.asarray(w) for w in classifier.get_weights()]
+    history = model.fit(data, epochs=1, verbose=0).history
+    mean = [0.5 * a + 0.5 * b for a, b in zip(start, after, strict=True)]
+    for average, expected in zip(model.target_weights, mean, strict=True):
+        np.testing.assert_allclose(np.asarray(average.value), expected, rtol=1e-5, atol=1e-7)
+    images = x_u.astype(np.float32)
+
+    def predict(weights):
+        model = keras.models.clone_model(classifier)
+        model.set_weights(weights)
+        return np.asarray(model(images), np.float64)
+
+    current = predict(after)  # the weights the second step started from
+    targets = predict(mean).argmax(1)
+    assert (targets != current.argmax(1)).any()  # the two kinds of target differ: it can tell
+    expected = -np.log(current[np.arange(8), targets]).mean()
+    assert history["loss_unlabeled"][0] == pytest.approx(expected, rel=1e-5)
+    assert history["mask_rate"][0] == pytest.approx(1.0)
+
+
+def test_the_baseline_keeps_no_target_average():
+    """Without unlabeled images (the labeled-only baseline) or with target_ema 0 there are no
+    targets to make: no average is kept, so its variables (and resume states) are unchanged."""
+    from types import SimpleNamespace
+
+    import keras
+
+    from pseudolabel import consistency
+
+    inputs = keras.Input((2, 2, 1))
+    classifier = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    settings = SimpleNamespace(
+        threshold=0.5, flexible=True, weight=1.0, teacher_weight=1.0, teacher_decay=False,
+        distribution_alignment=True, alignment_momentum=0.9, rampup=0.0, mask="threshold",
+        mask_momentum=0.9, target_ema=0.99,
+    )  # fmt: skip
+    prior = np.ones(3)
+    baseline = consistency.ConsistencyModel(classifier, [], [], settings, 3, 0, prior, 1)
+    assert baseline.target_weights == []
+    student = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, 1)
+    assert len(student.target_weights) == len(classifier.trainable_variables) == 2
+    settings.target_ema = 0.0
+    plain = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, 1)
+    assert len(plain.variables) == len(student.variables) - 2

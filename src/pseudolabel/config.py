@@ -256,6 +256,11 @@ class ConsistencyConfig:
     mask: str = MISSING
     # Momentum of SoftMatch's and FreeMatch's running statistics, [0, 1) (the papers': 0.999).
     mask_momentum: float = MISSING
+    # Whose weak-view prediction becomes the targets: 0, the student's current weights
+    # (FixMatch's); a momentum in (0, 1), an exponential moving average of those weights with
+    # that momentum (Mean Teacher's targets, steadier than one step's weights; train.ema is
+    # the average that is evaluated and saved, this one only makes targets).
+    target_ema: float = MISSING
     # Weight of the online term (it rises linearly from 0 over the first `rampup` share of
     # the steps) and of the teacher's probabilities (the CSV) as targets of the strong view.
     weight: float = MISSING
@@ -602,6 +607,8 @@ def _check_consistency(cons: DictConfig, fail) -> None:
         fail(f"{key}.mask", cons.mask, "use threshold, softmatch or freematch")
     if not 0.0 <= cons.mask_momentum < 1.0:
         fail(f"{key}.mask_momentum", cons.mask_momentum, "use a momentum in [0, 1)")
+    if not 0.0 <= cons.target_ema < 1.0:
+        fail(f"{key}.target_ema", cons.target_ema, "use a momentum in [0, 1), 0: off")
     if cons.alignment_target not in ALIGNMENT_TARGETS:
         fail(f"{key}.alignment_target", cons.alignment_target, "use labeled, pool or auto")
     if not 0.0 <= cons.alignment_momentum < 1.0:

@@ -8,9 +8,10 @@ AdaMatch example) sees a batch of B labeled images and mu*B unlabeled ones and m
   + w_t(t) * CE(teacher(x_u), f(strong(x_u)))                    the teacher's soft targets
   + w_u(t) * mask * CE(argmax p~, f(strong(x_u)))                FixMatch / FlexMatch
 
-where p~ is the student's own prediction on a weak view (no gradient), aligned to the labeled
-class distribution (ReMixMatch's distribution alignment), and mask keeps the images whose p~
-reaches the confidence threshold, per class scaled by how well that class is learnt (FlexMatch's
+where p~ is the student's own prediction on a weak view (no gradient; or, with `target_ema`,
+that of a moving average of its weights: Mean Teacher's targets), aligned to the labeled class
+distribution (ReMixMatch's distribution alignment), and mask keeps the images whose p~ reaches
+the confidence threshold, per class scaled by how well that class is learnt (FlexMatch's
 curriculum; `mask: threshold`), or weighs each image by its confidence against the running
 mean (SoftMatch) or against self-adaptive thresholds (FreeMatch). w_u ramps up from 0 over the
 first steps; w_t can decay to 0 as the student outgrows the teacher. The evaluated model keeps
@@ -200,6 +201,7 @@ class ConsistencyModel(keras.Model):
         self.momentum = float(settings.alignment_momentum)
         self.mask = str(settings.mask)  # threshold (FixMatch/FlexMatch), softmatch, freematch
         self.mask_momentum = float(settings.mask_momentum)
+        self.target_ema = float(settings.target_ema)
         self.rampup_steps = max(1.0, float(settings.rampup) * total_steps)
         self.total_steps = float(max(1, total_steps))
         self.num_classes = num_classes
@@ -240,6 +242,22 @@ class ConsistencyModel(keras.Model):
             aggregation="only_first_replica",
             name="class_mean",
         )
+        # target_ema: the moving average of the classifier's weights whose weak-view prediction
+        # makes the targets (Mean Teacher's), one variable per trainable weight; none for the
+        # labeled-only baseline (no unlabeled images) or with target_ema 0.
+        self.target_weights = []
+        if self.target_ema and num_unlabeled:
+            self.target_weights = [
+                self.add_weight(
+                    shape=variable.shape,
+                    initializer="zeros",
+                    dtype=variable.dtype,
+                    trainable=False,
+                    aggregation="only_first_replica",
+                    name=f"target_{i}",
+                )
+                for i, variable in enumerate(classifier.trainable_variables)
+            ]
         names = ("loss", "accuracy", "loss_labeled", "loss_unlabeled", "loss_teacher")
         names += ("mask_rate", "pseudo_precision", "unlabeled_weight", "mean_threshold")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
@@ -330,6 +348,23 @@ class ConsistencyModel(keras.Model):
         )
         return limits
 
+    def _weak_prediction(self, images: tf.Tensor) -> tf.Tensor:
+        """The prediction the targets come from, in inference mode (no dropout noise,
+        BatchNorm's moving statistics): the classifier's current weights, or (target_ema)
+        their moving average, first moved towards the weights the last step left (at the
+        first step: set to them), then called through Keras's stateless_call."""
+        if not self.target_weights:
+            return self.classifier(images, training=False)
+        first = tf.equal(self.optimizer.iterations, 0)
+        momentum = tf.where(first, 0.0, self.target_ema)
+        live = self.classifier.trainable_variables
+        for average, variable in zip(self.target_weights, live, strict=True):
+            average.assign(method.running_mean(average.value, variable.value, momentum))
+        weights = [average.value for average in self.target_weights]
+        fixed = [variable.value for variable in self.classifier.non_trainable_variables]
+        probs, _ = self.classifier.stateless_call(weights, fixed, images, training=False)
+        return probs
+
     def _masked_pseudo_loss(self, p_weak, p_strong, truth, index):
         """FixMatch/FlexMatch (or SoftMatch, FreeMatch) on the aligned weak prediction
         (src/pseudolabel/method.py); returns the loss and the mask."""
@@ -361,9 +396,8 @@ class ConsistencyModel(keras.Model):
         smoothed = y_l * (1.0 - self.smoothing) + self.smoothing / self.num_classes
         batch = [self._view(self.weak, x_l)]
         if x_u is not None:
-            # The targets: the student's prediction on a weak view, in inference mode (no
-            # dropout noise, BatchNorm's moving statistics) and outside the gradient.
-            p_weak = self.classifier(self._view(self.weak, x_u), training=False)
+            # The targets: a prediction on a weak view, outside the gradient.
+            p_weak = self._weak_prediction(self._view(self.weak, x_u))
             batch.append(self._view(self.strong, x_u, STRONG_SLICES))
         with tf.GradientTape() as tape:
             probs = self.classifier(tf.concat(batch, 0), training=True)

@@ -13,6 +13,7 @@ the last) is one more function here and one call in the shell.
 | `flexible` (FlexMatch) | `flexmatch_class_thresholds`, `remember_confident` |
 | `mask: softmatch`, `mask_momentum` | `running_mean`, `batch_variance`, `softmatch_weights` |
 | `mask: freematch`, `mask_momentum` | `running_mean`, `freematch_class_thresholds` |
+| `target_ema` (Mean Teacher's targets) | `running_mean` |
 | `distribution_alignment`, `alignment_momentum` | `running_mean`, `aligned` |
 | `weight`, `rampup` | `rampup` |
 | `teacher_weight`, `teacher_decay` | `teacher_weight` |
