@@ -22,6 +22,12 @@ def test_running_mean_is_an_exponential_moving_average():
     np.testing.assert_allclose(_np(method.running_mean(mean, batch, 0.0)), [1.0, 0.0])
 
 
+def test_mean_teacher_momentum_warms_up_from_0_to_the_momentum():
+    steps = tf.constant([0.0, 1.0, 3.0, 99.0, 1000.0])
+    out = _np(method.mean_teacher_momentum(steps, 0.99))
+    np.testing.assert_allclose(out, [0.0, 0.5, 0.75, 0.99, 0.99], rtol=1e-6)
+
+
 def test_alignment_undoes_a_model_biased_to_one_class():
     # The model predicts class 0 twice as often as the labeled prior says: p * prior / mean.
     prior = tf.constant([0.5, 0.5])
@@ -231,9 +237,10 @@ def test_one_freematch_step_masks_by_self_adaptive_thresholds():
 
 def test_targets_come_from_the_weights_moving_average_with_target_ema():
     """target_ema (Mean Teacher's targets): the first step sets the average to the classifier's
-    weights; the next moves it towards the weights the first step left, by the momentum, and
-    predicts the targets with it. The second step's unlabeled loss is the cross-entropy of
-    those targets and the current weights' prediction, computed here in numpy."""
+    weights; the next moves it half-way towards the weights the first step left (the warm-up:
+    the plain mean of the two, below target_ema 0.9) and predicts the targets with it. The
+    second step's unlabeled loss is the cross-entropy of those targets and the current weights'
+    prediction, computed here in numpy."""
     from types import SimpleNamespace
 
     import keras
@@ -247,7 +254,7 @@ def test_targets_come_from_the_weights_moving_average_with_target_ema():
     settings = SimpleNamespace(
         threshold=0.0, flexible=False, weight=1.0, teacher_weight=0.0, teacher_decay=False,
         distribution_alignment=False, alignment_momentum=0.9, rampup=0.0, mask="threshold",
-        mask_momentum=0.9, target_ema=0.5,
+        mask_momentum=0.9, target_ema=0.9,
     )  # fmt: skip
     prior = np.ones(3)
     model = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, total_steps=2)

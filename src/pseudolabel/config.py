@@ -258,8 +258,9 @@ class ConsistencyConfig:
     mask_momentum: float = MISSING
     # Whose weak-view prediction becomes the targets: 0, the student's current weights
     # (FixMatch's); a momentum in (0, 1), an exponential moving average of those weights with
-    # that momentum (Mean Teacher's targets, steadier than one step's weights; train.ema is
-    # the average that is evaluated and saved, this one only makes targets).
+    # that momentum, warmed up as Mean Teacher's (Mean Teacher's targets, steadier than one
+    # step's weights; train.ema is the average that is evaluated and saved, this one only
+    # makes targets).
     target_ema: float = MISSING
     # Weight of the online term (it rises linearly from 0 over the first `rampup` share of
     # the steps) and of the teacher's probabilities (the CSV) as targets of the strong view.

@@ -351,12 +351,15 @@ class ConsistencyModel(keras.Model):
     def _weak_prediction(self, images: tf.Tensor) -> tf.Tensor:
         """The prediction the targets come from, in inference mode (no dropout noise,
         BatchNorm's moving statistics): the classifier's current weights, or (target_ema)
-        their moving average, first moved towards the weights the last step left (at the
-        first step: set to them), then called through Keras's stateless_call."""
+        their moving average, first moved towards the weights the last step left, then
+        called through Keras's stateless_call. The momentum warms up as Mean Teacher's does,
+        min(target_ema, 1 - 1 / (t + 1)) at step t: the plain mean of the weights so far until
+        that reaches target_ema, so the first step's weights (a head not yet trained) fade
+        as 1 / (t + 1), not as target_ema ** t."""
         if not self.target_weights:
             return self.classifier(images, training=False)
-        first = tf.equal(self.optimizer.iterations, 0)
-        momentum = tf.where(first, 0.0, self.target_ema)
+        step = tf.cast(self.optimizer.iterations, tf.float32)
+        momentum = method.mean_teacher_momentum(step, self.target_ema)
         live = self.classifier.trainable_variables
         for average, variable in zip(self.target_weights, live, strict=True):
             average.assign(method.running_mean(average.value, variable.value, momentum))

@@ -13,7 +13,7 @@ the last) is one more function here and one call in the shell.
 | `flexible` (FlexMatch) | `flexmatch_class_thresholds`, `remember_confident` |
 | `mask: softmatch`, `mask_momentum` | `running_mean`, `batch_variance`, `softmatch_weights` |
 | `mask: freematch`, `mask_momentum` | `running_mean`, `freematch_class_thresholds` |
-| `target_ema` (Mean Teacher's targets) | `running_mean` |
+| `target_ema` (Mean Teacher's targets) | `mean_teacher_momentum`, `running_mean` |
 | `distribution_alignment`, `alignment_momentum` | `running_mean`, `aligned` |
 | `weight`, `rampup` | `rampup` |
 | `teacher_weight`, `teacher_decay` | `teacher_weight` |
@@ -29,6 +29,14 @@ import tensorflow as tf
 def running_mean(mean: tf.Tensor, batch_mean: tf.Tensor, momentum: float) -> tf.Tensor:
     """An exponential moving average's next value: momentum * mean + (1 - momentum) * batch."""
     return momentum * mean + (1.0 - momentum) * batch_mean
+
+
+def mean_teacher_momentum(step: tf.Tensor, momentum: float) -> tf.Tensor:
+    """The weight average's momentum at step `step` (0 first), warmed up as Mean Teacher's
+    (Tarvainen and Valpola 2017, their code): min(momentum, 1 - 1 / (step + 1)). 0 at the first
+    step (the average is set to the weights), then the plain mean of the weights so far until
+    that reaches `momentum`."""
+    return tf.minimum(momentum, 1.0 - 1.0 / (step + 1.0))
 
 
 def aligned(probs: tf.Tensor, prior: tf.Tensor, model_mean: tf.Tensor) -> tf.Tensor:
