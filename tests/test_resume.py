@@ -181,14 +181,17 @@ def test_teacher_killed_or_preempted_resumes_to_the_uninterrupted_model(tmp_path
 
 def test_consistency_student_preempted_mid_epoch_resumes_to_the_same_model(tmp_path, pipeline):
     """The consistency student draws endless streams: its state (FlexMatch's memory, the
-    alignment's running mean, the optimizer, the augmentations' seeds) is restored and the
-    resume skips the streams by the batches the done epochs drew. A SIGTERM mid-epoch stops at
-    the next step and the resume redoes that epoch from its start."""
-    whole = _project(tmp_path / "whole", pipeline, STUDENT, upto_merge=True)
+    alignment's running mean, the weight average its targets come from (target_ema, on here:
+    without it the state is the same less the average), the optimizer, the augmentations'
+    seeds) is restored and the resume skips the streams by the batches the done epochs drew.
+    A SIGTERM mid-epoch stops at the next step and the resume redoes that epoch from its
+    start."""
+    student = [*STUDENT, "student.consistency.target_ema=0.9"]
+    whole = _project(tmp_path / "whole", pipeline, student, upto_merge=True)
     _run(whole, "train_student")
     reference = _weights(whole.model("student"))
 
-    preempted = _project(tmp_path / "preempted", pipeline, STUDENT, upto_merge=True)
+    preempted = _project(tmp_path / "preempted", pipeline, student, upto_merge=True)
     status, out = _interrupt(preempted, "train_student", "student", signal.SIGTERM, 1)
     assert status == 143, out[-3000:]
     saved = _state(preempted, "student")
