@@ -139,29 +139,33 @@ def test_teacher_weight_decays_to_zero_by_the_last_step():
 TRUTH = np.array([0, 1, 2, 0, 1, 2, -1, -1], np.int32)  # the unlabeled images' (-1: unknown)
 
 
-def _one_step(mask: str, momentum: float = 0.9):
-    """One ConsistencyModel train_step on hand-made batches (no views, plain SGD at learning
-    rate 0, distribution alignment on): the model, its history and, in numpy, the running class
-    distribution and the aligned weak predictions it saw."""
+# The shell's settings in the step tests (student.consistency's keys), each test changing some.
+SETTINGS = dict(
+    threshold=0.5, flexible=True, weight=1.0, teacher_weight=1.0, teacher_decay=False,
+    distribution_alignment=True, alignment_momentum=0.9, rampup=0.0, mask="threshold",
+    mask_momentum=0.9, target_ema=0.0,
+)  # fmt: skip
+
+
+def _shell(seed: int, learning_rate: float, prior, total_steps: int = 1, **settings):
+    """A ConsistencyModel around a one-layer classifier (no views, plain SGD) with SETTINGS
+    changed by `settings`, and a dataset of one hand-made batch: 4 labeled images, 8 unlabeled
+    ones (their truth: TRUTH); returns the model, the dataset and the unlabeled images."""
     from types import SimpleNamespace
 
     import keras
 
     from pseudolabel import consistency
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((2, 2, 1))
     logits = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs)))
     classifier = keras.Model(inputs, keras.layers.Softmax()(logits))
-    settings = SimpleNamespace(
-        threshold=0.5, flexible=True, weight=1.0, teacher_weight=1.0, teacher_decay=False,
-        distribution_alignment=True, alignment_momentum=0.9, rampup=0.0, mask=mask,
-        mask_momentum=momentum, target_ema=0.0,
-    )  # fmt: skip
-    prior = np.array([1.0, 1.0, 2.0])
-    model = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, total_steps=1)
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
-    rng = np.random.default_rng(0)
+    model = consistency.ConsistencyModel(
+        classifier, [], [], SimpleNamespace(**{**SETTINGS, **settings}), 3, 8, prior, total_steps
+    )
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=learning_rate))
+    rng = np.random.default_rng(seed)
     x_l = rng.integers(0, 256, (4, 2, 2, 1)).astype(np.uint8)
     y_l = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
     x_u = rng.integers(0, 256, (8, 2, 2, 1)).astype(np.uint8)
@@ -170,7 +174,16 @@ def _one_step(mask: str, momentum: float = 0.9):
         (x_l, y_l),
         (x_u, teacher, np.ones(8, np.float32), TRUTH, np.arange(8, dtype=np.int32)),
     )
-    data = tf.data.Dataset.from_tensors(batch)
+    return model, tf.data.Dataset.from_tensors(batch), x_u
+
+
+def _one_step(mask: str, momentum: float = 0.9):
+    """One ConsistencyModel train_step on hand-made batches (no views, plain SGD at learning
+    rate 0, distribution alignment on): the model, its history and, in numpy, the running class
+    distribution and the aligned weak predictions it saw."""
+    prior = np.array([1.0, 1.0, 2.0])
+    model, data, x_u = _shell(0, 0.0, prior, mask=mask, mask_momentum=momentum)
+    classifier = model.classifier
     p_weak = np.asarray(classifier(x_u.astype(np.float32), training=False), np.float64)
     history = model.fit(data, epochs=1, verbose=0).history
     prior = prior / prior.sum()
@@ -241,34 +254,13 @@ def test_targets_come_from_the_weights_moving_average_with_target_ema():
     the plain mean of the two, below target_ema 0.9) and predicts the targets with it. The
     second step's unlabeled loss is the cross-entropy of those targets and the current weights'
     prediction, computed here in numpy."""
-    from types import SimpleNamespace
-
     import keras
 
-    from pseudolabel import consistency
-
-    keras.utils.set_random_seed(1)
-    inputs = keras.Input((2, 2, 1))
-    logits = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs)))
-    classifier = keras.Model(inputs, keras.layers.Softmax()(logits))
-    settings = SimpleNamespace(
-        threshold=0.0, flexible=False, weight=1.0, teacher_weight=0.0, teacher_decay=False,
-        distribution_alignment=False, alignment_momentum=0.9, rampup=0.0, mask="threshold",
-        mask_momentum=0.9, target_ema=0.9,
+    model, data, x_u = _shell(
+        1, 2.0, np.ones(3), total_steps=2, threshold=0.0, flexible=False, teacher_weight=0.0,
+        distribution_alignment=False, target_ema=0.9,
     )  # fmt: skip
-    prior = np.ones(3)
-    model = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, total_steps=2)
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=2.0))
-    rng = np.random.default_rng(1)
-    x_l = rng.integers(0, 256, (4, 2, 2, 1)).astype(np.uint8)
-    y_l = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
-    x_u = rng.integers(0, 256, (8, 2, 2, 1)).astype(np.uint8)
-    teacher = np.full((8, 3), 1 / 3, np.float32)
-    batch = (
-        (x_l, y_l),
-        (x_u, teacher, np.ones(8, np.float32), TRUTH, np.arange(8, dtype=np.int32)),
-    )
-    data = tf.data.Dataset.from_tensors(batch)
+    classifier = model.classifier
     start = [np.asarray(w) for w in classifier.get_weights()]
     model.fit(data, epochs=1, verbose=0)
     for average, weight in zip(model.target_weights, start, strict=True):
@@ -304,11 +296,7 @@ def test_the_baseline_keeps_no_target_average():
 
     inputs = keras.Input((2, 2, 1))
     classifier = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
-    settings = SimpleNamespace(
-        threshold=0.5, flexible=True, weight=1.0, teacher_weight=1.0, teacher_decay=False,
-        distribution_alignment=True, alignment_momentum=0.9, rampup=0.0, mask="threshold",
-        mask_momentum=0.9, target_ema=0.99,
-    )  # fmt: skip
+    settings = SimpleNamespace(**{**SETTINGS, "target_ema": 0.99})
     prior = np.ones(3)
     baseline = consistency.ConsistencyModel(classifier, [], [], settings, 3, 0, prior, 1)
     assert baseline.target_weights == []
