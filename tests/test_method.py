@@ -273,9 +273,9 @@ def test_targets_come_from_the_weights_moving_average_with_target_ema():
     images = x_u.astype(np.float32)
 
     def predict(weights):
-        model = keras.models.clone_model(classifier)
-        model.set_weights(weights)
-        return np.asarray(model(images), np.float64)
+        copy = keras.models.clone_model(classifier)
+        copy.set_weights(weights)
+        return np.asarray(copy(images), np.float64)
 
     current = predict(after)  # the weights the second step started from
     targets = predict(mean).argmax(1)
