@@ -13,6 +13,7 @@ import pytest
 from pseudolabel import tracking
 from pseudolabel.config import compose
 from pseudolabel.data import sources
+from pseudolabel.models import io as model_io
 from pseudolabel.paths import Paths
 from pseudolabel.stages import STAGES
 
@@ -187,3 +188,30 @@ def test_the_student_aligns_to_the_mix_its_config_names(consistency_run, pipelin
         override = f"student.consistency.alignment_target={target}"
         metrics = STAGES["train_student"](compose(["+experiment=smoke", override]), copy)
         assert metrics["alignment"] == aimed
+
+
+def test_the_student_warms_up_on_unlabeled_rotations(consistency_run, pipeline, tmp_path):
+    """consistency.warmup_steps: the student first learns to tell the unlabeled images' quarter
+    turns (RotNet's pretext, beside the labeled loss) for that many steps, then trains as
+    before. The warm-up is logged (warmup_* in MLflow) and counted (warmup_steps, the images it
+    trained on); the rotation head is dropped (the saved student is the plain classifier);
+    the training after it keeps its epochs and steps."""
+    cfg, paths, _ = consistency_run
+    top = lambda folder, names: ["data"] if Path(folder) == paths.root else []  # noqa: E731
+    shutil.copytree(paths.root, tmp_path, dirs_exist_ok=True, ignore=top)
+    shutil.copytree(paths.merged, tmp_path / paths.merged.relative_to(paths.root))
+    warmed = Paths(tmp_path, data_root=pipeline.root)
+    steps = 30
+    overrides = [f"student.consistency.warmup_steps={steps}"]
+    metrics = STAGES["train_student"](compose(["+experiment=smoke", *overrides]), warmed)
+    alone = json.loads((paths.metrics / "student.json").read_text())
+    assert alone["warmup_steps"] == 0 and metrics["warmup_steps"] == steps
+    assert metrics["steps"] == alone["steps"] and metrics["params"] == alone["params"]
+    per_step = alone["images_trained"] / alone["steps"]
+    assert metrics["images_trained"] == (alone["steps"] + steps) * per_step
+    assert len(pd.read_csv(warmed.history("student"))) == cfg.student.train.epochs
+    logged = _run(warmed, "student").data.metrics
+    assert logged["warmup_rotation_accuracy"] > 0.4  # it learnt the turns (chance: 0.25)
+    assert 0.0 < logged["warmup_loss_rotation"] < logged["warmup_loss"]
+    student, _ = model_io.load(warmed.model("student"))
+    assert "rotation" not in [layer.name for layer in student.layers]

@@ -262,6 +262,13 @@ class ConsistencyConfig:
     # step's weights; train.ema is the average that is evaluated and saved, this one only
     # makes targets).
     target_ema: float = MISSING
+    # A short self-supervised warm-up before the consistency training (0 steps: none): this
+    # many steps on the same batches, learning to tell each unlabeled image's rotation (0, 90,
+    # 180, 270 degrees: RotNet's pretext task; 0 and 180 for images that are not square) with
+    # a head that is dropped after, beside the labeled loss (S4L), the rotation loss weighted
+    # by warmup_weight (consistency.RotationWarmup). Not run by the labeled-only baseline.
+    warmup_steps: int = MISSING
+    warmup_weight: float = MISSING
     # Weight of the online term (it rises linearly from 0 over the first `rampup` share of
     # the steps) and of the teacher's probabilities (the CSV) as targets of the strong view.
     weight: float = MISSING
@@ -614,7 +621,9 @@ def _check_consistency(cons: DictConfig, fail) -> None:
         fail(f"{key}.alignment_target", cons.alignment_target, "use labeled, pool or auto")
     if not 0.0 <= cons.alignment_momentum < 1.0:
         fail(f"{key}.alignment_momentum", cons.alignment_momentum, "use a momentum in [0, 1)")
-    for weight in ("weight", "teacher_weight"):
+    if cons.warmup_steps < 0:
+        fail(f"{key}.warmup_steps", cons.warmup_steps, "use >= 0 steps (0: no warm-up)")
+    for weight in ("weight", "teacher_weight", "warmup_weight"):
         if not (math.isfinite(cons[weight]) and cons[weight] >= 0.0):
             fail(f"{key}.{weight}", cons[weight], "use a weight >= 0")
     _check_augment(cons.weak, f"{key}.weak", fail)

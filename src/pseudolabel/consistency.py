@@ -15,7 +15,9 @@ the confidence threshold, per class scaled by how well that class is learnt (Fle
 curriculum; `mask: threshold`), or weighs each image by its confidence against the running
 mean (SoftMatch) or against self-adaptive thresholds (FreeMatch). w_u ramps up from 0 over the
 first steps; w_t can decay to 0 as the student outgrows the teacher. The evaluated model keeps
-the optimiser's moving average of the weights (EMA, `train.ema`).
+the optimiser's moving average of the weights (EMA, `train.ema`). With `warmup_steps` the
+training starts with a short self-supervised warm-up (RotationWarmup: the unlabeled images'
+rotations beside the labeled loss).
 
 Each piece of that loss is a function of src/pseudolabel/method.py (its docstring maps every
 student.consistency key to one); this module holds the data streams and the keras.Model shell
@@ -441,3 +443,85 @@ class ConsistencyModel(keras.Model):
         hits = tf.cast(tf.equal(tf.argmax(probs, -1), tf.argmax(y, -1)), tf.float32)
         self.trackers["accuracy"].update_state(hits)
         return {name: self.trackers[name].result() for name in ("loss", "accuracy")}
+
+
+class RotationWarmup(keras.Model):
+    """consistency.warmup_steps: a short self-supervised warm-up of `classifier` before its
+    consistency training, on the same streams (B labeled and mu*B unlabeled images a step):
+
+        CE(y, f(weak(x_l)))  +  warmup_weight * CE(k, g(rot_k(weak(x_u))))
+
+    rot_k turns each unlabeled image by k quarter turns (method.rotations) and g is a 4-way
+    head on the classifier's features (the input of its `predictions` layer): RotNet's pretext
+    task (Gidaris et al. 2018) on the unlabeled images, beside the labeled loss as in S4L
+    (Zhai et al. 2019), so the features learn the unlabeled images' shapes without forgetting
+    the classes. Only the classifier's weights go on: the head exists while warming up."""
+
+    def __init__(
+        self,
+        classifier: keras.Model,
+        weak: Sequence[keras.Layer],
+        weight: float,
+        num_classes: int,
+        turns: int = 4,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(name=f"{classifier.name}_warmup", **kwargs)
+        self.classifier = classifier
+        self.weak = list(weak)
+        self.weight = float(weight)
+        self.num_classes = num_classes
+        self.turns = turns
+        self.smoothing = label_smoothing
+        self.predictions = classifier.get_layer("predictions")
+        self.features = keras.Model(classifier.inputs, self.predictions.input)
+        self.rotation = keras.layers.Dense(
+            turns, activation="softmax", dtype="float32", name="rotation"
+        )
+        self.rotation.build(self.predictions.input.shape)
+        names = ("loss", "accuracy", "loss_labeled", "loss_rotation", "rotation_accuracy")
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """Only the optimizer (and Keras's options): the losses are this model's own."""
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def build(self, input_shape=None):
+        """Nothing to build: the classifier and the head are built."""
+        self.built = True
+
+    def call(self, inputs, training=False):
+        if isinstance(inputs, (tuple, list)):  # a training batch's x (symbolic build): images
+            inputs = inputs[0]
+        return self.classifier(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def train_step(self, data):
+        (x_l, y_l), (x_u, *_) = data
+        n_l = tf.shape(x_l)[0]
+        smoothed = y_l * (1.0 - self.smoothing) + self.smoothing / self.num_classes
+        turned, k = method.rotations(ConsistencyModel._view(self.weak, x_u), self.turns)
+        images = tf.concat([ConsistencyModel._view(self.weak, x_l), turned], 0)
+        with tf.GradientTape() as tape:
+            features = self.features(images, training=True)
+            p_l = self.predictions(features[:n_l])
+            p_r = self.rotation(features[n_l:])
+            loss_l = tf.reduce_mean(keras.losses.categorical_crossentropy(smoothed, p_l))
+            loss_r = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(k, p_r))
+            loss = loss_l + self.weight * loss_r
+            loss += sum(self.classifier.losses) if self.classifier.losses else 0.0
+            share = loss / _replicas() if _replicas() > 1 else loss
+            scaled = self.optimizer.scale_loss(share)
+        variables = self.classifier.trainable_variables + self.rotation.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        hits = tf.cast(tf.equal(tf.argmax(p_l, -1), tf.argmax(y_l, -1)), tf.float32)
+        turned_right = tf.cast(tf.equal(tf.argmax(p_r, -1, output_type=tf.int32), k), tf.float32)
+        for name, value in (("loss", loss), ("loss_labeled", loss_l), ("loss_rotation", loss_r)):
+            self.trackers[name].update_state(value)
+        self.trackers["accuracy"].update_state(hits)
+        self.trackers["rotation_accuracy"].update_state(turned_right)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}

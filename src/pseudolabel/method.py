@@ -17,6 +17,7 @@ the last) is one more function here and one call in the shell.
 | `distribution_alignment`, `alignment_momentum` | `running_mean`, `aligned` |
 | `weight`, `rampup` | `rampup` |
 | `teacher_weight`, `teacher_decay` | `teacher_weight` |
+| `warmup_steps`, `warmup_weight` (the rotation warm-up) | `rotations` |
 | (the loss) | `masked_cross_entropy` |
 """
 
@@ -130,3 +131,19 @@ def teacher_weight(step: tf.Tensor, total_steps: float, weight: float, decay: bo
     if not decay:
         return weight
     return weight * tf.maximum(0.0, 1.0 - step / total_steps)
+
+
+def rotations(images: tf.Tensor, turns: int = 4) -> tuple[tf.Tensor, tf.Tensor]:
+    """RotNet's pretext batch (Gidaris et al. 2018): image i of `images` (N, H, W, C) turned
+    counter-clockwise by k = i mod `turns` steps of 360 / `turns` degrees; returns the turned
+    images and each one's k (its class in the pretext task). `turns` 4 (quarter turns) for
+    square images, 2 (0 and 180 degrees, which keep the shape) for the others. The batches
+    are shuffled, so each k falls on random images."""
+    if turns not in (2, 4):
+        raise ValueError(f"turns={turns}: use 4 (square images) or 2")
+    k = tf.range(tf.shape(images)[0]) % turns
+    out = images
+    for turn in range(1, turns):
+        where = tf.reshape(tf.equal(k, turn), (-1, 1, 1, 1))
+        out = tf.where(where, tf.image.rot90(images, turn * 4 // turns), out)
+    return out, k

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,11 @@ def _train(
     data/unlabeled -> class name, benchmarks only) adds the online pseudo-labels' precision to
     the logged metrics."""
     job = _job(cfg, role, train_dir, paths)
+    warmup_ds = None
     if job.online:
-        job, train_ds, model, steps = _consistency_setup(job, train_dir, unlabeled, truth, steps)
+        job, train_ds, warmup_ds, model, steps = _consistency_setup(
+            job, train_dir, unlabeled, truth, steps
+        )
     else:
         train_ds, model, steps = _supervised_setup(job, train_dir, steps)
     classifier = model.classifier if job.online else model  # what is saved
@@ -170,6 +174,8 @@ def _train(
         # The metrics not sent yet are part of the state.
         state.extra = {"run_id": run.info.run_id, "pending": outbox.pending}
         outbox.flush()  # an interrupted run's kept metrics
+        if warmup_ds is not None and not saved:  # (a resumed run's weights are past it)
+            outbox.log(_rotation_warmup(job, model, warmup_ds), 0)
         history = _fit(job, model, train_ds, steps, [_EpochLogger(outbox), *callbacks], state)
         if job.online:  # the consistency wrapper only trained it
             classifier.compile(loss="categorical_crossentropy", metrics=["accuracy"])
@@ -210,6 +216,11 @@ class _Job:
         batch = self.role_cfg.train.batch_size
         unlabeled = self.role_cfg.consistency.ratio * batch if self.unlabeled_images else 0
         return batch + unlabeled, unlabeled
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of the rotation warm-up before the training (a student with unlabeled images)."""
+        return self.role_cfg.consistency.warmup_steps if self.unlabeled_images else 0
 
     @property
     def name(self) -> str:
@@ -267,10 +278,7 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
             train_labels=np.array([index[label] for label in rows["label"]], np.int64),
         )
     batch = job.role_cfg.train.batch_size
-    labeled = consistency.labeled_stream(
-        job.train_files, job.train_labels, n, job.size, job.channels, batch, cfg.seed
-    )
-    unlabeled_ds, n_unlabeled = None, 0
+    parts, n_unlabeled = None, 0
     prior = labeled_prior(job.train_labels, n)
     if unlabeled:
         parts = _unlabeled_targets(paths, job.class_names, truth, cfg.pseudo_label.ood)
@@ -282,17 +290,61 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
             if cons.alignment_target != "labeled":
                 prior, aimed = _pool_prior(paths, job.class_names, prior, cons.alignment_target)
         job = replace(job, unlabeled_images=n_unlabeled, alignment=aimed)
-        per_step = job.role_cfg.consistency.ratio * batch
-        unlabeled_ds = consistency.unlabeled_stream(
-            *parts, job.size, job.channels, per_step, cfg.seed
+
+    def stream(seed: int) -> tf.data.Dataset:
+        labeled = consistency.labeled_stream(
+            job.train_files, job.train_labels, n, job.size, job.channels, batch, seed
         )
+        if parts is None:
+            return consistency.training_stream(labeled, None)
+        per_step = job.role_cfg.consistency.ratio * batch
+        unlabeled_ds = consistency.unlabeled_stream(*parts, job.size, job.channels, per_step, seed)
+        return consistency.training_stream(labeled, unlabeled_ds)
+
     steps = steps or consistency_steps(job.role_cfg, n_unlabeled)
-    train_ds = consistency.training_stream(labeled, unlabeled_ds)
+    # The warm-up draws from streams of its own, so the training's draw what they would
+    # without it (and what a resumed training, which skips the warm-up, redraws).
+    warmup = parts is not None and job.role_cfg.consistency.warmup_steps > 0
+    warmup_ds = stream(cfg.seed + WARMUP_SEED) if warmup else None
     with fitting.precision(job.role_cfg.train.mixed_precision):
         model = _consistency_model(
             job.role_cfg, job.class_names, prior, job.size, job.channels, steps, n_unlabeled
         )
-    return job, train_ds, model, steps
+    return job, stream(cfg.seed), warmup_ds, model, steps
+
+
+# The warm-up's streams are seeded with the run's seed plus this (the training's: the seed, and
+# the seed + 1 for the unlabeled images).
+WARMUP_SEED = 10
+
+
+def _rotation_warmup(job: _Job, model: consistency.ConsistencyModel, stream) -> dict[str, float]:
+    """student.consistency.warmup_steps: the self-supervised warm-up (consistency.RotationWarmup)
+    of the classifier that `model` trains, from the weights it starts with (the teacher's, where
+    init_from_teacher), at train.learning_rate, with train's optimizer and weight decay but no
+    weight average (its end would swap the average in). Returns its last metrics (warmup_*)."""
+    cons, train_cfg = job.role_cfg.consistency, job.role_cfg.train
+    square = job.size[0] == job.size[1]
+    with fitting.precision(train_cfg.mixed_precision):
+        warmup = consistency.RotationWarmup(
+            model.classifier,
+            model.weak,
+            cons.warmup_weight,
+            len(job.class_names),
+            turns=4 if square else 2,
+            label_smoothing=train_cfg.label_smoothing,
+        )
+    warmup.compile(optimizer=fitting.make_optimizer(OmegaConf.merge(train_cfg, {"ema": 0.0}),
+                                                    train_cfg.learning_rate))  # fmt: skip
+    log.info(
+        "%s: a rotation warm-up of %d steps on the unlabeled images before the consistency "
+        "training",
+        job.name,
+        cons.warmup_steps,
+    )
+    verbose = 1 if sys.stdout.isatty() else 2  # (as the training's fit)
+    history = warmup.fit(stream, steps_per_epoch=cons.warmup_steps, shuffle=False, verbose=verbose)
+    return {f"warmup_{name}": values[-1] for name, values in history.history.items()}
 
 
 def labeled_prior(train_labels: np.ndarray, n: int) -> np.ndarray:
@@ -593,11 +645,15 @@ def _save_and_publish(
         "val_loss": float(val_loss),
         "epochs": len(history.epoch),
         "steps": int(len(history.epoch) * steps),
+        "warmup_steps": job.warmup_steps,  # the rotation warm-up's, before those
         "train_images": len(job.train_files),
         "unlabeled_images": job.unlabeled_images,
         "alignment": job.alignment,  # the mix alignment aimed at (None: none, or no pool)
         # images through the network (at most: an epoch's last labeled batch may be short)
-        "images_trained": int(len(history.epoch) * steps * job.images_per_step[0]),
+        # (the warm-up's steps train on the same batches, its unlabeled images turned)
+        "images_trained": int(
+            (len(history.epoch) * steps + job.warmup_steps) * job.images_per_step[0]
+        ),
         "images_forward_only": int(len(history.epoch) * steps * job.images_per_step[1]),
         "params": int(model.count_params()),
     }
