@@ -550,6 +550,7 @@ NOT_READ_BY_BASELINE = (
     "pseudo_label.ood.",
     "student.consistency.mask",
     "student.consistency.target_ema",
+    "student.consistency.warmup_",  # (the baseline has no unlabeled images to warm up on)
 )
 
 
