@@ -56,6 +56,15 @@ def test_a_consistency_momentum_out_of_range_is_rejected(key, momentum):
         compose([f"student.consistency.{key}={momentum}"])
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["warmup_steps=-1", "warmup_weight=-0.5", "warmup_weight=nan", "warmup_weight=inf"],
+)
+def test_a_negative_warmup_is_rejected(override):
+    with pytest.raises(PseudoLabelError, match=f"student.consistency.{override.split('=')[0]}"):
+        compose([f"student.consistency.{override}"])
+
+
 @pytest.mark.parametrize("value", ["sometimes", "1", "0.1"])
 def test_ood_exclude_is_true_false_far_or_auto(value):
     with pytest.raises(PseudoLabelError, match="pseudo_label.ood.exclude"):

@@ -305,3 +305,70 @@ def test_the_baseline_keeps_no_target_average():
     settings.target_ema = 0.0
     plain = consistency.ConsistencyModel(classifier, [], [], settings, 3, 8, prior, 1)
     assert len(plain.variables) == len(student.variables) - 2
+
+
+def test_rotations_turn_image_i_by_i_mod_turns_steps():
+    """RotNet's pretext batch: image i turned counter-clockwise by (i mod 4) quarter turns, its
+    class that count; with 2 turns (images that are not square) by 0 or 180 degrees."""
+    image = np.arange(4, dtype=np.float32).reshape(2, 2, 1)  # [[0, 1], [2, 3]]
+    images = tf.constant(np.stack([image] * 6))
+    turned, k = method.rotations(images)
+    assert k.numpy().tolist() == [0, 1, 2, 3, 0, 1]
+    quarter = [[1, 3], [0, 2]]  # [[0, 1], [2, 3]] a quarter turn counter-clockwise
+    expected = [[[0, 1], [2, 3]], quarter, [[3, 2], [1, 0]], [[2, 0], [3, 1]]]
+    got = turned.numpy()[..., 0].tolist()
+    assert got == [*expected, expected[0], expected[1]]
+    tall = tf.constant(np.arange(2 * 6, dtype=np.float32).reshape(2, 3, 2, 1))
+    turned, k = method.rotations(tall, turns=2)
+    assert k.numpy().tolist() == [0, 1]
+    np.testing.assert_array_equal(turned[0], tall[0])
+    np.testing.assert_array_equal(turned[1], tall[1, ::-1, ::-1])
+    with pytest.raises(ValueError, match="turns=3"):
+        method.rotations(tall, turns=3)
+
+
+def test_one_rotation_warmup_step_is_the_labeled_plus_the_weighted_rotation_loss():
+    """consistency.RotationWarmup: one step's loss is the labeled cross-entropy plus
+    warmup_weight times the cross-entropy of each unlabeled image's quarter turns, recomputed
+    here in numpy from the classifier's features and the rotation head; a step at a learning
+    rate trains the classifier and the head, and the head is not the classifier's."""
+    import keras
+
+    from pseudolabel import consistency
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2, 2, 1))
+    features = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    outputs = keras.layers.Dense(3, activation="softmax", name="predictions")(features)
+    classifier = keras.Model(inputs, outputs)
+    warmup = consistency.RotationWarmup(classifier, [], 0.5, 3)
+    warmup.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
+    rng = np.random.default_rng(0)
+    x_l = rng.integers(0, 256, (4, 2, 2, 1)).astype(np.uint8)
+    y_l = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
+    x_u = rng.integers(0, 256, (8, 2, 2, 1)).astype(np.uint8)
+    batch = ((x_l, y_l), (x_u, np.full((8, 3), 1 / 3, np.float32)))
+    data = tf.data.Dataset.from_tensors(batch)
+    history = warmup.fit(data, epochs=1, verbose=0).history
+
+    p_l = np.asarray(classifier(x_l.astype(np.float32)), np.float64)
+    labeled = -np.log((p_l * y_l).sum(1)).mean()
+    turned, k = method.rotations(tf.constant(x_u, tf.float32))
+    flat = turned.numpy().reshape(8, 4) / 255.0
+    w, b = (np.asarray(v, np.float64) for v in warmup.rotation.weights)
+    logits = flat @ w + b
+    p_r = np.exp(logits - logits.max(1, keepdims=True))
+    p_r /= p_r.sum(1, keepdims=True)
+    rotation = -np.log(p_r[np.arange(8), k.numpy()]).mean()
+    assert history["loss_labeled"][0] == pytest.approx(labeled, rel=1e-5)
+    assert history["loss_rotation"][0] == pytest.approx(rotation, rel=1e-5)
+    assert history["loss"][0] == pytest.approx(labeled + 0.5 * rotation, rel=1e-5)
+    turned_right = (p_r.argmax(1) == k.numpy()).mean()
+    assert history["rotation_accuracy"][0] == pytest.approx(turned_right)
+
+    before = [np.array(v) for v in classifier.weights + warmup.rotation.weights]
+    warmup.optimizer.learning_rate.assign(0.1)
+    warmup.fit(data, epochs=1, verbose=0)
+    after = classifier.weights + warmup.rotation.weights
+    assert all(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+    assert len(classifier.weights) == 2  # the head is the warm-up's, not the classifier's

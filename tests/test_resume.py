@@ -185,8 +185,13 @@ def test_consistency_student_preempted_mid_epoch_resumes_to_the_same_model(tmp_p
     without it the state is the same less the average), the optimizer, the augmentations'
     seeds) is restored and the resume skips the streams by the batches the done epochs drew.
     A SIGTERM mid-epoch stops at the next step and the resume redoes that epoch from its
-    start."""
-    student = [*STUDENT, "student.consistency.target_ema=0.9"]
+    start. The rotation warm-up (warmup_steps, on here) ran before the first epoch: the resume
+    skips it, its streams being the warm-up's own."""
+    student = [
+        *STUDENT,
+        "student.consistency.target_ema=0.9",
+        "student.consistency.warmup_steps=20",
+    ]
     whole = _project(tmp_path / "whole", pipeline, student, upto_merge=True)
     _run(whole, "train_student")
     reference = _weights(whole.model("student"))
