@@ -361,7 +361,7 @@ def run_setting(
             metrics = stages.train_student(cfg, run, truth=lookup, callbacks=callbacks)
         row[f"{part}_seconds"] = round(time.perf_counter() - start, 1)
         row[part] = _test_accuracy(run.model(part), shared.test)
-        row[f"{part}_steps"] = metrics["steps"]
+        row[f"{part}_steps"] = _steps(metrics)
         row[f"{part}_images"] = _images(metrics)
         if curves:
             row[f"{part}_test_curve"] = callback[0].curve
@@ -375,7 +375,7 @@ def run_setting(
             start = time.perf_counter()
             metrics = stages.run_round(cfg, run, number, truth=lookup)
             row["student_seconds"] += round(time.perf_counter() - start, 1)
-            row["student_steps"] += metrics["steps"]
+            row["student_steps"] += _steps(metrics)
             row["student_images"] = {
                 k: v + row["student_images"][k] for k, v in _images(metrics).items()
             }
@@ -399,6 +399,12 @@ def _online_last_epoch(history_csv: Path) -> dict:
         "online_pseudo_precision_last_epoch": round(float(last["pseudo_precision"]), 4),
         "mask_rate_last_epoch": round(float(last["mask_rate"]), 4),
     }
+
+
+def _steps(metrics: dict) -> int:
+    """Optimiser steps of one training (the stage's metrics): a rotation warm-up's
+    (student.consistency.warmup_steps) count, being compute like the training's."""
+    return metrics["steps"] + metrics.get("warmup_steps", 0)
 
 
 def _images(metrics: dict) -> dict:
