@@ -171,7 +171,35 @@ def _gathered(*values: tf.Tensor) -> tuple[tf.Tensor, ...]:
     )
 
 
-class ConsistencyModel(keras.Model):
+class _Shell(keras.Model):
+    """What the two training wrappers of `classifier` share: their own losses and metrics
+    (`self.trackers`), built layers, and the classifier as what they call and predict with."""
+
+    classifier: keras.Model
+    trackers: dict[str, keras.metrics.Mean]
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """Only the optimizer (and Keras's options) are kept: the losses and the metrics are
+        this model's own (train_step, test_step). A compiled loss or metric would be built by
+        Keras's symbolic build under a strategy, on the training batch's structure."""
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def build(self, input_shape=None):
+        """Nothing to build: the classifier is built (and the warm-up's head with it), the
+        views build when first called."""
+        self.built = True
+
+    def call(self, inputs, training=False):
+        if isinstance(inputs, (tuple, list)):  # a training batch's x (symbolic build): images
+            inputs = inputs[0]
+        return self.classifier(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+
+class ConsistencyModel(_Shell):
     """Trains `classifier` (raw pixels -> probabilities) with the loss of the module docstring.
 
     Without unlabeled batches (`training_stream(labeled, None)`) it is the labeled-only
@@ -263,25 +291,6 @@ class ConsistencyModel(keras.Model):
         names = ("loss", "accuracy", "loss_labeled", "loss_unlabeled", "loss_teacher")
         names += ("mask_rate", "pseudo_precision", "unlabeled_weight", "mean_threshold")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
-        """Only the optimizer (and Keras's options) are kept: the losses and the metrics are
-        this model's own (train_step, test_step). A compiled loss or metric would be built by
-        Keras's symbolic build under a strategy, on the training batch's structure."""
-        super().compile(optimizer=optimizer, **kwargs)
-
-    def build(self, input_shape=None):
-        """Nothing to build: the classifier is built, the views build when first called."""
-        self.built = True
-
-    def call(self, inputs, training=False):
-        if isinstance(inputs, (tuple, list)):  # a training batch's x (symbolic build): images
-            inputs = inputs[0]
-        return self.classifier(inputs, training=training)
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
 
     @staticmethod
     def _view(layers_: Sequence[keras.Layer], images: tf.Tensor, slices: int = 1) -> tf.Tensor:
@@ -445,7 +454,7 @@ class ConsistencyModel(keras.Model):
         return {name: self.trackers[name].result() for name in ("loss", "accuracy")}
 
 
-class RotationWarmup(keras.Model):
+class RotationWarmup(_Shell):
     """consistency.warmup_steps: a short self-supervised warm-up of `classifier` before its
     consistency training, on the same streams (B labeled and mu*B unlabeled images a step):
 
@@ -482,23 +491,6 @@ class RotationWarmup(keras.Model):
         self.rotation.build(self.predictions.input.shape)
         names = ("loss", "accuracy", "loss_labeled", "loss_rotation", "rotation_accuracy")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
-        """Only the optimizer (and Keras's options): the losses are this model's own."""
-        super().compile(optimizer=optimizer, **kwargs)
-
-    def build(self, input_shape=None):
-        """Nothing to build: the classifier and the head are built."""
-        self.built = True
-
-    def call(self, inputs, training=False):
-        if isinstance(inputs, (tuple, list)):  # a training batch's x (symbolic build): images
-            inputs = inputs[0]
-        return self.classifier(inputs, training=training)
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
 
     def train_step(self, data):
         (x_l, y_l), (x_u, *_) = data
