@@ -198,6 +198,27 @@ class _Shell(keras.Model):
     def metrics(self):
         return list(self.trackers.values())
 
+    @staticmethod
+    def _view(layers_: Sequence[keras.Layer], images: tf.Tensor, slices: int = 1) -> tf.Tensor:
+        x = tf.cast(images, tf.float32)
+        if not layers_:
+            return x
+        parts = tf.split(x, slices) if slices > 1 else [x]
+        out = []
+        for part in parts:
+            for layer in layers_:
+                part = layer(part, training=True)
+            out.append(part)
+        return tf.concat(out, 0) if len(out) > 1 else out[0]
+
+    def _total_and_scaled(self, loss: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The step's loss with the classifier's own (regularisers), and what this replica
+        takes the gradient of: replicas' gradients are summed, so each gives its share (one
+        replica: undivided), scaled by the optimizer (mixed precision's loss scale)."""
+        loss += sum(self.classifier.losses) if self.classifier.losses else 0.0
+        share = loss / _replicas() if _replicas() > 1 else loss
+        return loss, self.optimizer.scale_loss(share)
+
 
 class ConsistencyModel(_Shell):
     """Trains `classifier` (raw pixels -> probabilities) with the loss of the module docstring.
@@ -291,19 +312,6 @@ class ConsistencyModel(_Shell):
         names = ("loss", "accuracy", "loss_labeled", "loss_unlabeled", "loss_teacher")
         names += ("mask_rate", "pseudo_precision", "unlabeled_weight", "mean_threshold")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-
-    @staticmethod
-    def _view(layers_: Sequence[keras.Layer], images: tf.Tensor, slices: int = 1) -> tf.Tensor:
-        x = tf.cast(images, tf.float32)
-        if not layers_:
-            return x
-        parts = tf.split(x, slices) if slices > 1 else [x]
-        out = []
-        for part in parts:
-            for layer in layers_:
-                part = layer(part, training=True)
-            out.append(part)
-        return tf.concat(out, 0) if len(out) > 1 else out[0]
 
     def _ce(self, targets: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
         """Per-image cross-entropy of probability targets."""
@@ -427,10 +435,7 @@ class ConsistencyModel(_Shell):
                 )
                 loss_t = tf.reduce_mean(accepted * self._ce(teacher, p_strong))
                 loss = loss + w_u * loss_u + w_t * loss_t
-            loss += sum(self.classifier.losses) if self.classifier.losses else 0.0
-            # Replicas' gradients are summed: each gives its share (one replica: undivided).
-            share = loss / _replicas() if _replicas() > 1 else loss
-            scaled = self.optimizer.scale_loss(share)
+            loss, scaled = self._total_and_scaled(loss)
         variables = self.classifier.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self.trackers["loss"].update_state(loss)
@@ -496,8 +501,8 @@ class RotationWarmup(_Shell):
         (x_l, y_l), (x_u, *_) = data
         n_l = tf.shape(x_l)[0]
         smoothed = y_l * (1.0 - self.smoothing) + self.smoothing / self.num_classes
-        turned, k = method.rotations(ConsistencyModel._view(self.weak, x_u), self.turns)
-        images = tf.concat([ConsistencyModel._view(self.weak, x_l), turned], 0)
+        turned, k = method.rotations(self._view(self.weak, x_u), self.turns)
+        images = tf.concat([self._view(self.weak, x_l), turned], 0)
         with tf.GradientTape() as tape:
             features = self.features(images, training=True)
             p_l = self.predictions(features[:n_l])
@@ -505,9 +510,7 @@ class RotationWarmup(_Shell):
             loss_l = tf.reduce_mean(keras.losses.categorical_crossentropy(smoothed, p_l))
             loss_r = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(k, p_r))
             loss = loss_l + self.weight * loss_r
-            loss += sum(self.classifier.losses) if self.classifier.losses else 0.0
-            share = loss / _replicas() if _replicas() > 1 else loss
-            scaled = self.optimizer.scale_loss(share)
+            loss, scaled = self._total_and_scaled(loss)
         variables = self.classifier.trainable_variables + self.rotation.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         hits = tf.cast(tf.equal(tf.argmax(p_l, -1), tf.argmax(y_l, -1)), tf.float32)

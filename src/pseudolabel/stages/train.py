@@ -304,8 +304,7 @@ def _consistency_setup(job: _Job, train_dir: Path, unlabeled: bool, truth, steps
     steps = steps or consistency_steps(job.role_cfg, n_unlabeled)
     # The warm-up draws from streams of its own, so the training's draw what they would
     # without it (and what a resumed training, which skips the warm-up, redraws).
-    warmup = parts is not None and job.role_cfg.consistency.warmup_steps > 0
-    warmup_ds = stream(cfg.seed + WARMUP_SEED) if warmup else None
+    warmup_ds = stream(cfg.seed + WARMUP_SEED) if job.warmup_steps else None
     with fitting.precision(job.role_cfg.train.mixed_precision):
         model = _consistency_model(
             job.role_cfg, job.class_names, prior, job.size, job.channels, steps, n_unlabeled
